@@ -1,0 +1,1 @@
+"""Attention dispatch and fused GPU kernels, each beside a plain PyTorch reference."""
