@@ -259,11 +259,14 @@ def _pack_epoch(lengths, perm, capacity, R, group_tokens, min_group_items, swap_
         # ---- pad the last partial step with empty bins
         n_steps = (keep_n + R - 1) // R
         tot_bins = n_steps * R
-        # sort kept bins by sq (then tokens) so consecutive R bins are alike
-        ksq = np.empty(keep_n, np.int64)
-        for t in range(keep_n):
+        # sort the full steps' bins by sq so consecutive R bins are alike; in the last group the
+        # keep_n % R least-full bins (the epoch's tail) form the final, partial step
+        full_n = (keep_n // R) * R
+        ksq = np.empty(full_n, np.int64)
+        for t in range(full_n):
             ksq[t] = bsq[kept[t]]
-        kept = kept[np.argsort(ksq, kind="mergesort")]
+        head_part = kept[:full_n][np.argsort(ksq, kind="mergesort")]
+        kept = np.concatenate((head_part, kept[full_n:]))
         # materialise bins as lists of item indices
         blist = []
         tok_l = np.zeros(tot_bins, np.int64)
@@ -316,8 +319,10 @@ def _pack_epoch(lengths, perm, capacity, R, group_tokens, min_group_items, swap_
                 tok_l[e] = L
                 sq_l[e] = L * L
         # ---- per step: balance by swaps, then emit in shuffled step order / rank order
-        skeys = shuffle_keys[key_pos:key_pos + n_steps]
+        skeys = shuffle_keys[key_pos:key_pos + n_steps].copy()
         key_pos += n_steps
+        if tot_bins > keep_n:
+            skeys[n_steps - 1] = 2.0  # the partial step (with empty or split bins) stays last
         step_order = np.argsort(skeys, kind="mergesort")
         for si in range(n_steps):
             s = step_order[si]
