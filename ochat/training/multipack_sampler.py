@@ -13,18 +13,22 @@ torch.distributed rank/world size when those are not given and it is initialised
 Algorithm (per epoch; every rank computes the same full plan, then takes its share):
   1. Shuffle all indices with a PCG64 generator seeded by (seed, epoch): deterministic on any
      machine, a different order each epoch.
-  2. Walk the shuffled order in groups of about 16 steps' worth of tokens (16 * R * C).
-     Each group, plus the sequences carried over from the previous group, is packed into bins
-     of capacity C with best-fit-decreasing (O(n log C): bins are indexed by remaining room).
-  3. The fullest floor(B / R) * R bins of the group are kept; the sequences of the other,
-     least-full bins are carried into the next group. The last group keeps everything, so no
-     sequence is dropped; its last step may hold fewer than R bins, and then multi-sequence
-     bins are split so a rank is left empty only when that step has fewer sequences than ranks.
-  4. Kept bins are sorted by their attention cost sum(len^2) and cut into steps of R
-     consecutive bins, so the ranks of a step have nearly equal sum(len^2) (and nearly equal
-     tokens, since bins are nearly full): the slowest rank sets the step time. A few
-     capacity-respecting item swaps then narrow each step's sum(len^2) range further.
-     Step order within a group and the bin -> rank assignment are then shuffled.
+  2. Walk the shuffled order in groups of about 16 steps' worth of tokens (16 * R * C), plus
+     the sequences carried over from the previous group.
+  3. Best-fit-decreasing (O(n log C): bins indexed by remaining room) gives the group's bin
+     count; B = that count (or floor(tokens / C)), rounded down to a multiple of R.
+  4. The group is re-dealt into exactly B bins: sequences longer than a threshold go LPT-style
+     (longest first, to the least-loaded bin), so every bin gets the same mix of long sequences
+     and nearly equal sum(len^2); shorter ones go best-fit to top the bins up to C. The
+     threshold starts at C/128 and doubles until the bins are within 0.05% of full. Sequences
+     that do not fit are carried into the next group; nothing is dropped.
+  5. Bins sorted by sum(len^2), R consecutive bins make a step (ranks of a step have nearly
+     equal attention cost and tokens: the slowest rank sets the step time); a few
+     capacity-respecting swaps polish each step. Step order and bin -> rank are shuffled.
+  6. The last group uses ceil(bins / R) * R bins (fewer than R empty bins, only when it has
+     fewer sequences than bins, all in the last step); if that does not fit, plain BFD bins
+     are used and the last step's multi-sequence bins are split so a rank is left empty only
+     when that step has fewer sequences than ranks.
 
 Steps per epoch land within a fraction of a percent of the lower bound ceil(sum(len) / (R*C))
 on realistic data; see bench/sampler.py and bench/RESULTS.md.
@@ -40,6 +44,7 @@ import numpy as np
 __all__ = ["MultipackDistributedBatchSampler", "pack_epoch", "plan_stats"]
 
 _GROUP_STEPS = 16  # steps' worth of tokens per packing group
+_SMALL_DIV = 128  # first try: sequences shorter than C / 128 top bins up best-fit, longer go LPT
 _MIN_GROUP_ITEMS = 4096  # at least this many sequences per group (matters for small R * C)
 
 
@@ -167,7 +172,82 @@ def _balance_step(bins_items, bins_tok, bins_sq, lens, capacity, max_rounds):
 
 
 @numba.njit(cache=True)
-def _pack_epoch(lengths, perm, capacity, R, group_tokens, min_group_items, swap_rounds, shuffle_keys):
+def _lpt_bf(ls, B, capacity, small, tree, size, head, nxt):
+    """Fill B bins with items `ls` (sorted decreasing); -1 = did not fit (carried).
+
+    Items >= `small` go LPT-style to the least-loaded bin (ties: lowest id; a min-heap of
+    (load, id)), which gives every bin the same mix of long sequences, hence nearly equal
+    sum(len^2). The remaining short items go best-fit (smallest room that fits, via the
+    room-indexed segment tree) to top the bins up to the budget.
+    """
+    load = np.zeros(B, np.int64)
+    hid = np.arange(B)
+    out = np.empty(ls.shape[0], np.int64)
+    j = 0
+    while j < ls.shape[0] and ls[j] >= small:
+        L = ls[j]
+        if load[0] + L > capacity:
+            out[j] = -1
+            j += 1
+            continue
+        out[j] = hid[0]
+        load[0] += L
+        i = 0
+        while True:  # sift down
+            a = 2 * i + 1
+            if a >= B:
+                break
+            c = a
+            b2 = a + 1
+            if b2 < B and (load[b2] < load[a] or (load[b2] == load[a] and hid[b2] < hid[a])):
+                c = b2
+            if load[c] < load[i] or (load[c] == load[i] and hid[c] < hid[i]):
+                load[i], load[c] = load[c], load[i]
+                hid[i], hid[c] = hid[c], hid[i]
+                i = c
+            else:
+                break
+        j += 1
+    if j == ls.shape[0]:
+        return out
+    # best-fit phase: bins on stacks by room (ids pushed in decreasing order -> pops lowest)
+    room = np.empty(B, np.int64)
+    for k in range(B):
+        room[hid[k]] = capacity - load[k]
+    for b in range(B - 1, -1, -1):
+        r = room[b]
+        if r > 0:
+            nxt[b] = head[r]
+            head[r] = b
+            _seg_add(tree, size, r, 1)
+    while j < ls.shape[0]:
+        L = ls[j]
+        r = _seg_find_first(tree, size, L)
+        if r < 0:
+            out[j] = -1
+        else:
+            b = head[r]
+            head[r] = nxt[b]
+            _seg_add(tree, size, r, -1)
+            out[j] = b
+            nr = r - L
+            room[b] = nr
+            if nr > 0:
+                nxt[b] = head[nr]
+                head[nr] = b
+                _seg_add(tree, size, nr, 1)
+        j += 1
+    for b in range(B):  # clean the structures: every bin with room is on exactly one stack
+        r = room[b]
+        if r > 0:
+            _seg_add(tree, size, r, -1)
+            head[r] = -1
+    return out
+
+
+@numba.njit(cache=True)
+def _pack_epoch(lengths, perm, capacity, R, group_tokens, min_group_items, swap_rounds, shuffle_keys, drop_last,
+                small):
     """Pack a whole epoch. Returns (indices, bin_offsets): bin k = step k // R, rank k % R.
 
     shuffle_keys: float64 random keys, used to shuffle steps within a group and bins within a
@@ -216,113 +296,94 @@ def _pack_epoch(lengths, perm, capacity, R, group_tokens, min_group_items, swap_
         for j in range(gs.shape[0]):
             ls[j] = lengths[gs[j]]
         nb = _bfd(ls, capacity, tree, size, head, nxt, bin_of, bin_room)
-        # ---- bins as CSR
-        cnt = np.zeros(nb + 1, np.int64)
-        for j in range(gs.shape[0]):
-            cnt[bin_of[j] + 1] += 1
-        for b in range(nb):
-            cnt[b + 1] += cnt[b]
-        fill = cnt[:-1].copy()
-        items = np.empty(gs.shape[0], np.int64)
-        for j in range(gs.shape[0]):
-            b = bin_of[j]
-            items[fill[b]] = gs[j]
-            fill[b] += 1
-        btok = np.zeros(nb, np.int64)
-        bsq = np.zeros(nb, np.int64)
-        for b in range(nb):
-            for j in range(cnt[b], cnt[b + 1]):
-                L = lengths[items[j]]
-                btok[b] += L
-                bsq[b] += L * L
-        # ---- keep the fullest multiple of R bins; carry the rest (unless last group)
-        if last:
-            keep_n = nb
+        # ---- main path: LPT into B bins (B from the token total / the BFD bin count), so every
+        # bin of the group gets the same mix of long sequences and nearly the same fill;
+        # sequences that do not fit are carried to the next group.
+        if last and not drop_last:
+            B = ((nb + R - 1) // R) * R
         else:
-            keep_n = (nb // R) * R
-        by_fill = np.argsort(-btok, kind="mergesort")
-        kept = by_fill[:keep_n]
-        n_carry = 0
-        for t in range(keep_n, nb):
-            b = by_fill[t]
-            n_carry += cnt[b + 1] - cnt[b]
-        new_carry = np.empty(n_carry, np.int64)
-        c = 0
-        for t in range(keep_n, nb):
-            b = by_fill[t]
-            for j in range(cnt[b], cnt[b + 1]):
-                new_carry[c] = items[j]
-                c += 1
-        carry = new_carry
-        if keep_n == 0:
+            B = (min(nb, tok // capacity) // R) * R
+        if B == 0 and not last:
+            carry = g
             continue
-        # ---- pad the last partial step with empty bins
-        n_steps = (keep_n + R - 1) // R
-        tot_bins = n_steps * R
-        # sort the full steps' bins by sq so consecutive R bins are alike; in the last group the
-        # keep_n % R least-full bins (the epoch's tail) form the final, partial step
-        full_n = (keep_n // R) * R
-        ksq = np.empty(full_n, np.int64)
-        for t in range(full_n):
-            ksq[t] = bsq[kept[t]]
-        head_part = kept[:full_n][np.argsort(ksq, kind="mergesort")]
-        kept = np.concatenate((head_part, kept[full_n:]))
-        # materialise bins as lists of item indices
-        blist = []
-        tok_l = np.zeros(tot_bins, np.int64)
-        sq_l = np.zeros(tot_bins, np.int64)
-        for t in range(tot_bins):
-            if t < keep_n:
-                b = kept[t]
+        if B == 0:
+            break  # drop_last and less than one full step left
+        # try LPT/best-fit splits from most-LPT (best balance) to most-best-fit (tightest fill);
+        # take the first that keeps within `slack` of the ideal token count, else the fullest
+        ideal = min(tok, B * capacity)
+        slack = (B * capacity) // 2000
+        best_kept = -1
+        lpt_of = np.empty(0, np.int64)
+        n_over = 0
+        div = small
+        while True:
+            thr = max(1, capacity // div)
+            cand = _lpt_bf(ls, B, capacity, thr, tree, size, head, nxt)
+            kept_tok = 0
+            c_over = 0
+            for j in range(ls.shape[0]):
+                if cand[j] >= 0:
+                    kept_tok += ls[j]
+                else:
+                    c_over += 1
+            if kept_tok > best_kept:
+                best_kept = kept_tok
+                lpt_of = cand
+                n_over = c_over
+            if kept_tok >= ideal - slack or div <= 4:
+                break
+            div //= 2
+        if not (last and not drop_last and n_over > 0):
+            cnt = np.zeros(B + 1, np.int64)
+            new_carry = np.empty(n_over, np.int64)
+            c = 0
+            for j in range(gs.shape[0]):
+                if lpt_of[j] >= 0:
+                    cnt[lpt_of[j] + 1] += 1
+                else:
+                    new_carry[c] = gs[j]
+                    c += 1
+            carry = new_carry if not last else np.empty(0, np.int64)
+            for b in range(B):
+                cnt[b + 1] += cnt[b]
+            fill = cnt[:-1].copy()
+            items = np.empty(gs.shape[0] - n_over, np.int64)
+            btok = np.zeros(B, np.int64)
+            bsq = np.zeros(B, np.int64)
+            for j in range(gs.shape[0]):
+                b = lpt_of[j]
+                if b >= 0:
+                    items[fill[b]] = gs[j]
+                    fill[b] += 1
+                    btok[b] += ls[j]
+                    bsq[b] += ls[j] * ls[j]
+            # steps = R consecutive bins in decreasing sum(len^2) (empty bins, only possible in
+            # the last group and then fewer than R of them, sort to the end: the last step)
+            negsq = np.empty(B, np.int64)
+            for b in range(B):
+                negsq[b] = -bsq[b] * 4 - (1 if cnt[b + 1] > cnt[b] else 0)
+            by_sq = np.argsort(negsq, kind="mergesort")
+            n_steps = B // R
+            blist = []
+            tok_l = np.zeros(B, np.int64)
+            sq_l = np.zeros(B, np.int64)
+            has_empty = False
+            for t in range(B):
+                b = by_sq[t]
                 blist.append(items[cnt[b]:cnt[b + 1]].copy())
                 tok_l[t] = btok[b]
                 sq_l[t] = bsq[b]
-            else:
-                blist.append(np.empty(0, np.int64))
-        # ---- last partial step: split multi-item bins into empty ones
-        if tot_bins > keep_n:
-            s0 = (n_steps - 1) * R
-            while True:
-                e = -1
-                for t in range(s0, tot_bins):
-                    if blist[t].shape[0] == 0:
-                        e = t
-                        break
-                if e < 0:
-                    break
-                # the bin with the most items gives away its largest item
-                m = -1
-                for t in range(s0, tot_bins):
-                    if blist[t].shape[0] > 1 and (m < 0 or blist[t].shape[0] > blist[m].shape[0]):
-                        m = t
-                if m < 0:
-                    break
-                arr = blist[m]
-                k_best = 0
-                for k in range(arr.shape[0]):
-                    if lengths[arr[k]] > lengths[arr[k_best]]:
-                        k_best = k
-                moved = arr[k_best]
-                rest = np.empty(arr.shape[0] - 1, np.int64)
-                c = 0
-                for k in range(arr.shape[0]):
-                    if k != k_best:
-                        rest[c] = arr[k]
-                        c += 1
-                blist[m] = rest
-                one = np.empty(1, np.int64)
-                one[0] = moved
-                blist[e] = one
-                L = lengths[moved]
-                tok_l[m] -= L
-                sq_l[m] -= L * L
-                tok_l[e] = L
-                sq_l[e] = L * L
+                if cnt[b + 1] == cnt[b]:
+                    has_empty = True
+            partial = has_empty
+        else:
+            blist, tok_l, sq_l, n_steps, partial, carry = _bfd_path(
+                gs, ls, nb, bin_of, lengths, R, last)
         # ---- per step: balance by swaps, then emit in shuffled step order / rank order
         skeys = shuffle_keys[key_pos:key_pos + n_steps].copy()
         key_pos += n_steps
-        if tot_bins > keep_n:
-            skeys[n_steps - 1] = 2.0  # the partial step (with empty or split bins) stays last
+        if partial:
+            skeys[n_steps - 1] = 2.0  # the step with empty packs stays last
         step_order = np.argsort(skeys, kind="mergesort")
         for si in range(n_steps):
             s = step_order[si]
@@ -341,7 +402,113 @@ def _pack_epoch(lengths, perm, capacity, R, group_tokens, min_group_items, swap_
                     n_out += 1
                 n_bins_out += 1
                 out_off[n_bins_out] = n_out
-    return out_idx, out_off[: n_bins_out + 1]
+    return out_idx[:n_out], out_off[: n_bins_out + 1]
+
+
+@numba.njit(cache=True)
+def _bfd_path(gs, ls, nb, bin_of, lengths, R, last):
+    """Fallback (the last group when LPT does not fit): BFD bins; the tail step's bins split."""
+    # ---- bins as CSR
+    cnt = np.zeros(nb + 1, np.int64)
+    for j in range(gs.shape[0]):
+        cnt[bin_of[j] + 1] += 1
+    for b in range(nb):
+        cnt[b + 1] += cnt[b]
+    fill = cnt[:-1].copy()
+    items = np.empty(gs.shape[0], np.int64)
+    for j in range(gs.shape[0]):
+        b = bin_of[j]
+        items[fill[b]] = gs[j]
+        fill[b] += 1
+    btok = np.zeros(nb, np.int64)
+    bsq = np.zeros(nb, np.int64)
+    for b in range(nb):
+        for j in range(cnt[b], cnt[b + 1]):
+            L = lengths[items[j]]
+            btok[b] += L
+            bsq[b] += L * L
+    # ---- keep the fullest multiple of R bins; carry the rest (unless last group)
+    if last:
+        keep_n = nb
+    else:
+        keep_n = (nb // R) * R
+    by_fill = np.argsort(-btok, kind="mergesort")
+    kept = by_fill[:keep_n]
+    n_carry = 0
+    for t in range(keep_n, nb):
+        b = by_fill[t]
+        n_carry += cnt[b + 1] - cnt[b]
+    new_carry = np.empty(n_carry, np.int64)
+    c = 0
+    for t in range(keep_n, nb):
+        b = by_fill[t]
+        for j in range(cnt[b], cnt[b + 1]):
+            new_carry[c] = items[j]
+            c += 1
+    carry = new_carry
+    # ---- pad the last partial step with empty bins
+    n_steps = (keep_n + R - 1) // R
+    tot_bins = n_steps * R
+    # sort the full steps' bins by sq so consecutive R bins are alike; in the last group the
+    # keep_n % R least-full bins (the epoch's tail) form the final, partial step
+    full_n = (keep_n // R) * R
+    ksq = np.empty(full_n, np.int64)
+    for t in range(full_n):
+        ksq[t] = bsq[kept[t]]
+    head_part = kept[:full_n][np.argsort(ksq, kind="mergesort")]
+    kept = np.concatenate((head_part, kept[full_n:]))
+    # materialise bins as lists of item indices
+    blist = []
+    tok_l = np.zeros(tot_bins, np.int64)
+    sq_l = np.zeros(tot_bins, np.int64)
+    for t in range(tot_bins):
+        if t < keep_n:
+            b = kept[t]
+            blist.append(items[cnt[b]:cnt[b + 1]].copy())
+            tok_l[t] = btok[b]
+            sq_l[t] = bsq[b]
+        else:
+            blist.append(np.empty(0, np.int64))
+    # ---- last partial step: split multi-item bins into empty ones
+    if tot_bins > keep_n:
+        s0 = (n_steps - 1) * R
+        while True:
+            e = -1
+            for t in range(s0, tot_bins):
+                if blist[t].shape[0] == 0:
+                    e = t
+                    break
+            if e < 0:
+                break
+            # the bin with the most items gives away its largest item
+            m = -1
+            for t in range(s0, tot_bins):
+                if blist[t].shape[0] > 1 and (m < 0 or blist[t].shape[0] > blist[m].shape[0]):
+                    m = t
+            if m < 0:
+                break
+            arr = blist[m]
+            k_best = 0
+            for k in range(arr.shape[0]):
+                if lengths[arr[k]] > lengths[arr[k_best]]:
+                    k_best = k
+            moved = arr[k_best]
+            rest = np.empty(arr.shape[0] - 1, np.int64)
+            c = 0
+            for k in range(arr.shape[0]):
+                if k != k_best:
+                    rest[c] = arr[k]
+                    c += 1
+            blist[m] = rest
+            one = np.empty(1, np.int64)
+            one[0] = moved
+            blist[e] = one
+            L = lengths[moved]
+            tok_l[m] -= L
+            sq_l[m] -= L * L
+            tok_l[e] = L
+            sq_l[e] = L * L
+    return blist, tok_l, sq_l, n_steps, tot_bins > keep_n, carry
 
 
 @numba.njit(cache=True)
@@ -365,7 +532,7 @@ def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
 
 
 def pack_epoch(lengths: np.ndarray, batch_max_length: int, num_replicas: int, seed: int = 0, epoch: int = 0,
-               swap_rounds: int = 64) -> tuple[np.ndarray, np.ndarray]:
+               drop_last: bool = False, swap_rounds: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Full plan of one epoch: (indices, offsets), pack of (step s, rank r) =
     indices[offsets[s*R + r] : offsets[s*R + r + 1]]. Lengths must be validated already."""
     lengths = np.ascontiguousarray(lengths, dtype=np.int64)
@@ -380,7 +547,8 @@ def pack_epoch(lengths: np.ndarray, batch_max_length: int, num_replicas: int, se
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(1, np.int64)
     group_tokens = _GROUP_STEPS * R * C
-    return _pack_epoch(lengths, perm, C, R, group_tokens, _MIN_GROUP_ITEMS, int(swap_rounds), keys)
+    return _pack_epoch(lengths, perm, C, R, group_tokens, _MIN_GROUP_ITEMS, int(swap_rounds), keys, bool(drop_last),
+                       _SMALL_DIV)
 
 
 def plan_stats(lengths: np.ndarray, indices: np.ndarray, offsets: np.ndarray, batch_max_length: int,
@@ -425,8 +593,9 @@ class MultipackDistributedBatchSampler:
         num_replicas, rank: default to torch.distributed's world size / rank when it is
             initialised, else 1 / 0.
         seed: shuffling seed; the plan is a pure function of (lengths, C, seed, epoch, R).
-        drop_last: drop the epoch's last step when it is not full (fewer than R non-empty
-            packs or under half the mean fill). Off by default: every index appears exactly once.
+        drop_last: like the original multipack sampler, drop the epoch's tail that does not
+            fill whole steps (the last group keeps only full-budget steps). Off by default:
+            every index appears exactly once.
         quadratic_weight: b/a of the modeled cost a*tokens + b*sum(len^2) used by stats()
             (2e-5 ~ a 7B Llama: 6*layers*hidden / (6*params)).
 
@@ -477,16 +646,8 @@ class MultipackDistributedBatchSampler:
         epoch = self.epoch if epoch is None else int(epoch)
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1], self._cache[2]
-        idx, off = pack_epoch(self.lengths, self.batch_max_length, self.num_replicas, self.seed, epoch)
-        if self.drop_last and off.shape[0] > 1:
-            R = self.num_replicas
-            S = (off.shape[0] - 1) // R
-            last = off[(S - 1) * R:]
-            last_tok = np.array([self.lengths[idx[last[r]:last[r + 1]]].sum() for r in range(R)])
-            mean_fill = self.lengths.sum() / max(1, S * R)
-            if (last_tok == 0).any() or last_tok.mean() < 0.5 * mean_fill:
-                off = off[: (S - 1) * R + 1]
-                idx = idx[: off[-1]]
+        idx, off = pack_epoch(self.lengths, self.batch_max_length, self.num_replicas, self.seed, epoch,
+                              self.drop_last)
         self._cache = (epoch, idx, off)
         return idx, off
 

@@ -123,7 +123,7 @@ def test_drop_last_only_drops_tail():
     L = np.full(1001, 100)
     s = Sampler(L, 1000, num_replicas=2, rank=0, drop_last=True)
     st_ = s.stats()
-    assert st_["num_batches"] == 50 and st_["dropped_sequences"] == 1
+    assert st_["num_batches"] == 50 and st_["dropped_sequences"] == 1 and st_["empty_packs"] == 0
     assert Sampler(L, 1000, num_replicas=2, rank=0).stats()["dropped_sequences"] == 0
 
 
