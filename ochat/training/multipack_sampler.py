@@ -184,7 +184,7 @@ def _lpt_bf(ls, B, capacity, small, tree, size, head, nxt):
     hid = np.arange(B)
     out = np.empty(ls.shape[0], np.int64)
     j = 0
-    while j < ls.shape[0] and ls[j] >= small:
+    while j < ls.shape[0] and (ls[j] >= small or j < B):  # the B longest: one per bin
         L = ls[j]
         if load[0] + L > capacity:
             out[j] = -1
@@ -259,7 +259,7 @@ def _pack_epoch(lengths, perm, capacity, R, group_tokens, min_group_items, swap_
         size *= 2
     tree = np.zeros(2 * size, np.int64)
     head = np.full(capacity + 1, -1, np.int64)
-    maxn = n + 1
+    maxn = n + R + 1  # bins (BFD: <= n; LPT groups: <= n + R - 1)
     nxt = np.empty(maxn, np.int64)
     bin_of = np.empty(maxn, np.int64)
     bin_room = np.empty(maxn, np.int64)

@@ -166,3 +166,44 @@ def test_readme_snippet_runs():
     assert blocks, "no python block in the sampler README section"
     ns: dict = {}
     exec(compile(blocks[0], "README-sampler", "exec"), ns)
+
+
+def _check_plan(s, n, exact=True):
+    plan = s.all_rank_batches()
+    R = s.num_replicas
+    L = s.lengths
+    flat = np.concatenate([np.asarray(b, dtype=np.int64) for st_ in plan for b in st_] or [np.zeros(0, np.int64)])
+    if exact:
+        assert np.array_equal(np.sort(flat), np.arange(n))
+    else:
+        assert len(np.unique(flat)) == len(flat)
+    for si, st_ in enumerate(plan):
+        assert len(st_) == R
+        for b in st_:
+            assert L[b].sum() <= s.batch_max_length
+        if any(len(b) == 0 for b in st_):
+            assert si == len(plan) - 1 and sum(len(b) for b in st_) < R
+    return plan
+
+
+@pytest.mark.parametrize("dist", ["uniform", "capped", "bimodal", "tiny"])
+@pytest.mark.parametrize("R", [1, 3, 16])
+def test_many_groups_exactly_once(dist, R):
+    """Large enough for many packing groups (carry between groups, the last-group paths)."""
+    rng = np.random.default_rng(hash((dist, R)) % 2**32)
+    cap = 1024
+    n = 30_000
+    L = {
+        "uniform": rng.integers(1, cap + 1, n),
+        "capped": np.clip(np.exp(rng.normal(np.log(cap), 1.2, n)), 1, cap).astype(np.int64),
+        "bimodal": np.where(rng.random(n) < 0.5, cap, rng.integers(1, 40, n)),
+        "tiny": rng.integers(1, 4, n),
+    }[dist]
+    s = Sampler(L, 4 * cap, num_replicas=R, rank=0, seed=3)
+    _check_plan(s, n)
+    st_ = s.stats()
+    assert st_["num_batches"] <= st_["lower_bound_batches"] * 1.02 + 1
+    d = Sampler(L, 4 * cap, num_replicas=R, rank=0, seed=3, drop_last=True)
+    plan = _check_plan(d, n, exact=False)
+    assert all(len(b) > 0 for st_ in plan for b in st_)
+    assert d.stats()["dropped_sequences"] <= R * 4 * cap  # at most about one step's worth
