@@ -20,7 +20,8 @@ Algorithm (per epoch; every rank computes the same full plan, then takes its sha
   4. The group is re-dealt into exactly B bins: sequences longer than a threshold go LPT-style
      (longest first, to the least-loaded bin), so every bin gets the same mix of long sequences
      and nearly equal sum(len^2); shorter ones go best-fit to top the bins up to C. The
-     threshold starts at C/128 and doubles until the bins are within 0.05% of full. Sequences
+     threshold starts above C (pure LPT), then C/128, doubling until the bins are within
+     0.05% of full. Sequences
      that do not fit are carried into the next group; nothing is dropped.
   5. Bins sorted by sum(len^2), R consecutive bins make a step (ranks of a step have nearly
      equal attention cost and tokens: the slowest rank sets the step time); a few
@@ -315,9 +316,9 @@ def _pack_epoch(lengths, perm, capacity, R, group_tokens, min_group_items, swap_
         best_kept = -1
         lpt_of = np.empty(0, np.int64)
         n_over = 0
-        div = small
+        div = 0  # first pure LPT (balances best; fits when the bins have spare room), then C/small...
         while True:
-            thr = max(1, capacity // div)
+            thr = 1 if div == 0 else max(1, capacity // div)
             cand = _lpt_bf(ls, B, capacity, thr, tree, size, head, nxt)
             kept_tok = 0
             c_over = 0
@@ -330,9 +331,9 @@ def _pack_epoch(lengths, perm, capacity, R, group_tokens, min_group_items, swap_
                 best_kept = kept_tok
                 lpt_of = cand
                 n_over = c_over
-            if kept_tok >= ideal - slack or div <= 4:
+            if kept_tok >= ideal - slack or div == 4:
                 break
-            div //= 2
+            div = small if div == 0 else div // 2
         if not (last and not drop_last and n_over > 0):
             cnt = np.zeros(B + 1, np.int64)
             new_carry = np.empty(n_over, np.int64)

@@ -207,3 +207,11 @@ def test_many_groups_exactly_once(dist, R):
     plan = _check_plan(d, n, exact=False)
     assert all(len(b) > 0 for st_ in plan for b in st_)
     assert d.stats()["dropped_sequences"] <= R * 4 * cap  # at most about one step's worth
+
+
+def test_spare_capacity_is_spread_over_ranks():
+    """A last (or only) step with room to spare: ranks get nearly equal work, not one full pack."""
+    L = np.random.default_rng(2).integers(20, 120, 500)
+    st_ = Sampler(L, 32768, num_replicas=8, rank=0).stats()
+    assert st_["num_batches"] == 1 and st_["empty_packs"] == 0
+    assert st_["balance_mean"] < 1.05
