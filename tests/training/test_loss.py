@@ -1,0 +1,52 @@
+"""The step's gradient equals grad(sum w*CE)/sum w however the targets are split (math level)."""
+import torch
+
+from ochat.training.loss import loss_scale
+
+
+def _sums(w_head, x, labels, weights):
+    ce = torch.nn.functional.cross_entropy(x @ w_head.t(), labels, reduction="none")
+    return (weights * ce).sum()
+
+
+def _simulated_deepspeed_grad(w0, splits, world, accum):
+    """splits[r][m] = (x, labels, weights) for rank r, micro-step m. Mimics DeepSpeed: backward
+    divides by accum, gradients are averaged over ranks."""
+    total_w = sum(s[2].sum() for rank in splits for s in rank).item()  # the all-reduced step weight
+    grads = []
+    for rank in splits:
+        w = w0.clone().requires_grad_(True)
+        for x, y, wt in rank:
+            (_sums(w, x, y, wt) * loss_scale(total_w, world, accum) / accum).backward()
+        grads.append(w.grad)
+    return torch.stack(grads).mean(0)
+
+
+def test_gradient_invariant_to_packing_ranks_and_micro_steps():
+    torch.manual_seed(0)
+    V, H, N = 11, 5, 24
+    w0 = torch.randn(V, H, dtype=torch.float64)
+    x, y = torch.randn(N, H, dtype=torch.float64), torch.randint(0, V, (N,))
+    wt = torch.rand(N, dtype=torch.float64) * (torch.rand(N) > 0.3)
+    w = w0.clone().requires_grad_(True)
+    (_sums(w, x, y, wt) / wt.sum()).backward()
+    want = w.grad
+
+    def part(a, b):
+        return (x[a:b], y[a:b], wt[a:b])
+
+    layouts = [
+        ([[part(0, N)]], 1, 1),
+        ([[part(0, 7)], [part(7, N)]], 2, 1),  # unequal packs over two ranks
+        ([[part(0, 3), part(3, N)]], 1, 2),  # two micro-steps on one rank
+        ([[part(0, 5), part(5, 6)], [part(6, 20), part(20, N)], [part(N, N), part(N, N)], [part(0, 0), part(0, 0)]], 4, 2),
+    ]
+    for splits, world, accum in layouts:
+        got = _simulated_deepspeed_grad(w0, splits, world, accum)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_zero_weight_step():
+    assert loss_scale(0.0, 2, 4) == 0.0
+    assert loss_scale(8.0, 2, 4) == 1.0
+    assert loss_scale(8.0, 2, 4, ds_scales_by_grad_accum=False) == 0.25
