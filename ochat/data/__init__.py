@@ -1,0 +1,9 @@
+"""ochat.data: input formats, templates applied, the pre-tokenization CLI and the reader.
+
+    python -m ochat.data.generate_dataset --out-dir data/sample   # bundled tokenizer + sample
+    ds = ochat.data.open_dataset("data/sample"); tokens, weights = ds[0]
+"""
+from ochat.data.reader import TokenizedDataset, open_dataset
+from ochat.data.tokenizer import Tokenizer, load_tokenizer
+
+__all__ = ["TokenizedDataset", "Tokenizer", "load_tokenizer", "open_dataset"]
