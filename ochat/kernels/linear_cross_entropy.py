@@ -1,12 +1,30 @@
 """Weighted linear cross-entropy: hidden states x lm_head -> sums for the weighted loss.
 
+Fused path (Liger-style): the tokens are processed in chunks, so the `[tokens, vocab]` logits
+are never held whole. For each chunk the forward computes the logits with one matmul, a Triton
+kernel (CUDA) or a few PyTorch ops (CPU) turns them in place into `w * (softmax - onehot)` while
+computing log-sum-exp, loss and argmax, then `grad_hidden[chunk] = g @ W` and `grad_W += g.T @ h`
+(float32 accumulator). Backward only scales the stored gradients by grad_output. On the CPU path
+weight-0 rows are dropped before the matmul; on CUDA the model passes only target rows
+(`target_index`, computed by the collate on the CPU: no host sync), and weight-0 rows that still
+arrive get zero loss and zero gradient.
+
 The trainer's loss is `sum(w * CE) / sum(w)` over all target tokens of a whole optimizer step
 (all ranks and micro-steps), so this returns sums, never a mean: the caller normalises.
 """
+import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from ochat.kernels.fused import fused_enabled
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the chunked PyTorch path still works
+    triton = None
 
 
 class LossSums(NamedTuple):
@@ -39,8 +57,174 @@ def weighted_linear_cross_entropy_reference(
     )
 
 
+_CHUNK_ELEMENTS = 64 * 1024 * 1024  # logits elements per chunk (128 MiB in bf16)
+
+
+def _chunk_rows(n: int, vocab: int) -> int:
+    rows = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    rows = 1 << int(math.log2(rows))  # a power of two keeps matmul shapes friendly
+    return max(1, min(n, rows))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _ce_chunk_kernel(
+        logits_ptr, stride, labels_ptr, weights_ptr, loss_ptr, correct_ptr, V,
+        BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    ):
+        """One row of logits: loss = w * (lse - x[label]), argmax == label, and in place g = w * (softmax - onehot)."""
+        row = tl.program_id(0).to(tl.int64)
+        ptr = logits_ptr + row * stride
+        w = tl.load(weights_ptr + row).to(tl.float32)
+        label = tl.load(labels_ptr + row).to(tl.int32)
+        is_t = w > 0
+        label = tl.where(is_t, label, 0)
+        m = float("-inf")
+        s = 0.0
+        best = float("-inf")
+        best_idx = 0
+        for off in range(0, V, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            x = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            bmax = tl.max(x, 0)
+            bidx = tl.min(tl.where(x == bmax, cols, V), 0)
+            take = bmax > best
+            best_idx = tl.where(take, bidx, best_idx)
+            best = tl.where(take, bmax, best)
+            m_new = tl.maximum(m, bmax)
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            m = m_new
+        lse = m + tl.log(s)
+        x_label = tl.load(ptr + label).to(tl.float32)
+        tl.store(loss_ptr + row, tl.where(is_t, w * (lse - x_label), 0.0))
+        tl.store(correct_ptr + row, tl.where(is_t & (best_idx == label), 1.0, 0.0))
+        if WRITE_GRAD:
+            for off in range(0, V, BLOCK):
+                cols = off + tl.arange(0, BLOCK)
+                mask = cols < V
+                x = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                g = tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)
+                g = tl.where(is_t, g * w, 0.0)
+                tl.store(ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _chunk_triton(logits, labels, weights, write_grad):
+    """In place on logits [C, V] (contiguous); returns per-row weighted loss and correct flags (float32)."""
+    c, v = logits.shape
+    loss = torch.empty(c, dtype=torch.float32, device=logits.device)
+    correct = torch.empty(c, dtype=torch.float32, device=logits.device)
+    block = min(8192, triton.next_power_of_2(v))
+    _ce_chunk_kernel[(c,)](
+        logits, logits.stride(0), labels, weights, loss, correct, v,
+        BLOCK=block, WRITE_GRAD=write_grad, num_warps=8 if block >= 4096 else 4,
+    )
+    return loss, correct
+
+
+def _chunk_torch(logits, labels, weights, write_grad):
+    """Same as the Triton kernel in PyTorch: float32 math, gradient written into logits in place."""
+    x = logits.float()
+    is_t = weights > 0
+    safe = torch.where(is_t, labels, torch.zeros_like(labels))
+    lse = torch.logsumexp(x, dim=-1)
+    x_label = x.gather(1, safe[:, None]).squeeze(1)
+    w = weights.float()
+    loss = torch.where(is_t, w * (lse - x_label), torch.zeros_like(lse))
+    correct = ((x.argmax(-1) == safe) & is_t).float()
+    if write_grad:
+        g = torch.exp(x - lse[:, None])
+        g[torch.arange(len(safe), device=g.device), safe] -= 1.0
+        g *= torch.where(is_t, w, torch.zeros_like(w))[:, None]
+        logits.copy_(g)
+    return loss, correct
+
+
+def _fused_forward(hidden, weight, labels, label_weights, need_grad_h, need_grad_w, use_triton):
+    """Chunked loss sums, plus gradients of sum(w * CE) w.r.t. hidden and weight (or None)."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    write_grad = need_grad_h or need_grad_w
+    grad_h = torch.zeros_like(hidden) if need_grad_h else None
+    grad_w32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad_w else None
+    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    correct_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    rows = _chunk_rows(n, v)
+    chunk_fn = _chunk_triton if use_triton else _chunk_torch
+    for start in range(0, n, rows):
+        h_c = hidden[start:start + rows]
+        logits = h_c @ weight.t()  # [C, V] in the input dtype (float32 accumulation inside the matmul)
+        loss, correct = chunk_fn(logits, labels[start:start + rows], label_weights[start:start + rows], write_grad)
+        loss_sum += loss.sum()
+        correct_sum += correct.sum()
+        if need_grad_h:
+            torch.mm(logits, weight, out=grad_h[start:start + rows])
+        if need_grad_w:
+            if grad_w32.dtype == logits.dtype:
+                grad_w32.addmm_(logits.t(), h_c)
+            else:
+                grad_w32 += logits.t() @ h_c
+        del logits
+    grad_w = None
+    if need_grad_w:
+        grad_w = grad_w32 if weight.dtype == torch.float32 else grad_w32.to(weight.dtype)
+    return loss_sum, correct_sum, grad_h, grad_w
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, label_weights, use_triton):
+        loss, correct, grad_h, grad_w = _fused_forward(
+            hidden, weight, labels, label_weights,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1], use_triton,
+        )
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = grad_w * grad_loss.to(grad_w.dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def weighted_linear_cross_entropy_fused(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor,
+    use_triton: bool | None = None,
+) -> LossSums:
+    """Chunked, memory-bounded version of the reference (Triton on CUDA unless use_triton=False)."""
+    if use_triton is None:
+        use_triton = triton is not None and hidden.is_cuda
+    labels = labels.contiguous()
+    label_weights = label_weights.contiguous()
+    is_target = label_weights > 0
+    if not hidden.is_cuda:
+        # No device to keep busy: drop weight-0 rows before the matmul (costs a host sync on CUDA).
+        keep = is_target.nonzero().squeeze(1)
+        hidden, labels, label_weights = hidden[keep], labels[keep], label_weights[keep]
+    hidden = hidden.contiguous()
+    if not torch.is_grad_enabled():
+        hidden, lm_head_weight = hidden.detach(), lm_head_weight.detach()
+    loss, correct = _FusedLinearCE.apply(hidden, lm_head_weight, labels, label_weights, use_triton)
+    return LossSums(
+        weighted_loss=loss,
+        weight=label_weights.float().sum(),
+        correct=correct,
+        targets=is_target.sum().float(),
+    )
+
+
 def weighted_linear_cross_entropy(
     hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor
 ) -> LossSums:
-    """Weighted CE sums of `hidden @ lm_head_weight.T` against labels; the fastest implementation available."""
+    """Weighted CE sums of `hidden @ lm_head_weight.T` against labels; the fastest implementation available.
+
+    Fused and chunked (never the full logits) unless switched off (`ochat.kernels.fused`), then the reference.
+    """
+    if fused_enabled("linear_ce"):
+        return weighted_linear_cross_entropy_fused(hidden, lm_head_weight, labels, label_weights)
     return weighted_linear_cross_entropy_reference(hidden, lm_head_weight, labels, label_weights)
