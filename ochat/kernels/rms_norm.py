@@ -1,9 +1,18 @@
 """RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`, computed in float32 and cast back (as Llama does).
 
 `rms_norm` is the entry point the model calls; `rms_norm_reference` is the plain PyTorch
-definition that tests compare fused kernels against.
+definition that tests compare fused kernels against. On CUDA (unless switched off through
+`ochat.kernels.fused`) a Triton kernel computes forward and backward in one pass each.
 """
 import torch
+
+from ochat.kernels.fused import fused_enabled
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -13,6 +22,81 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * normed.to(x.dtype)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, N, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / N + eps)
+        normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)  # cast back first, as Llama does
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * N + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(rstd_ptr + row, rstd)
+
+    @triton.jit
+    def _rms_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, M, N, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """Each program handles ROWS rows and writes one row of partial dw sums."""
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(ROWS):
+            row = (pid * ROWS + i).to(tl.int64)
+            if row < M:
+                x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(dy_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+                rstd = tl.load(rstd_ptr + row)
+                n = x * rstd
+                dw += dy * n.to(x_ptr.dtype.element_ty).to(tl.float32)
+                dn = dy * w
+                dx = rstd * (dn - n * (tl.sum(dn * n, 0) / N))
+                tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dw_ptr + pid * N + cols, dw, mask=mask)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        m, n = x2.shape
+        out_dtype = torch.promote_types(x.dtype, weight.dtype)
+        y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+        rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+        block = triton.next_power_of_2(n)
+        if m:
+            _rms_fwd_kernel[(m,)](x2, weight, y, rstd, n, eps, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.shape = shape
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        m, n = x2.shape
+        dy2 = dy.reshape(m, n).contiguous()
+        dx = torch.empty_like(x2)
+        rows = 16 if x2.is_cuda else 4
+        grid = max(1, triton.cdiv(m, rows))
+        dw_part = torch.zeros((grid, n), dtype=torch.float32, device=x2.device)
+        block = triton.next_power_of_2(n)
+        if m:
+            _rms_bwd_kernel[(grid,)](dy2, x2, weight, rstd, dx, dw_part, m, n, ROWS=rows, BLOCK=block,
+                                     num_warps=8 if block >= 2048 else 4)
+        return dx.view(ctx.shape), dw_part.sum(0).to(weight.dtype), None
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Fused Triton RMSNorm (forward and backward); same result as the reference."""
+    return _RMSNormFn.apply(x, weight, eps)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension; the fastest implementation available for x's device."""
+    if x.is_cuda and triton is not None and fused_enabled("rms_norm"):
+        return rms_norm_triton(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
