@@ -67,22 +67,27 @@ def test_cli_output_matches_template(tmp_path):
 
 
 MEASURE = r"""
-import sys, time
+import sys
 import numpy as np, pyarrow
 from ochat.data import TokenizedDataset
-def rss():
+def status(key):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
-before = rss()
+rss0, anon0 = status("VmRSS"), status("RssAnon")
 ds = TokenizedDataset(sys.argv[1])
 total = int(ds.lengths.sum())
-acc = 0
+for i in (0, len(ds) // 2, len(ds) - 1):
+    t, w = ds[i]
+    assert int(t[-1]) >= 0 and w.shape == t.shape
+rss1 = status("VmRSS")
+# touching more items maps file pages (shared, clean, reclaimable: counted in VmRSS, not RssAnon);
+# private memory must stay flat
 for i in range(0, len(ds), max(1, len(ds) // 50)):
     t, w = ds[i]
-    acc += int(t[-1]) + int(w.shape[0])
-after = rss()
-print(total, len(ds), after - before)
+    int(t[-1]) + int(w[-1])
+anon1 = status("RssAnon")
+print(total, len(ds), rss1 - rss0, anon1 - anon0)
 """
 
 
@@ -102,6 +107,7 @@ def test_open_100m_tokens_rss(tmp_path):
     r = subprocess.run([sys.executable, "-c", MEASURE, str(path)], capture_output=True, text=True,
                        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=60)
     assert r.returncode == 0, r.stderr
-    total, n, grew = map(int, r.stdout.split())
+    total, n, grew, anon = map(int, r.stdout.split())
     assert total == rows * per == 100_000_000 and n == rows
-    assert grew < 100 * 2**20, f"RSS grew by {grew / 2**20:.1f} MB"
+    assert grew < 100 * 2**20, f"RSS grew by {grew / 2**20:.1f} MB on open + lengths + 3 items"
+    assert anon < 20 * 2**20, f"private (anonymous) memory grew by {anon / 2**20:.1f} MB after 50 items"
