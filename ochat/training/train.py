@@ -25,6 +25,28 @@ from ochat.training.schedule import lr_at
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
 EXIT_AT_STEP = "OCHAT_TEST_EXIT_AT_STEP"  # tests: os._exit after this optimizer step (a hard kill)
+VIRTUAL_RANKS = "OCHAT_TEST_VIRTUAL_RANKS"  # tests: one rank plays V ranks' packs as V micro-steps
+
+
+class _VirtualRanks:
+    """Tests: the packs that V ranks would get, interleaved as micro-steps of one rank (needs grad-accum V)."""
+
+    def __init__(self, samplers):
+        self.samplers = samplers
+
+    def set_epoch(self, e):
+        for s in self.samplers:
+            s.set_epoch(e)
+
+    def num_batches(self):
+        return sum(s.num_batches() for s in self.samplers)
+
+    def __iter__(self):
+        for packs in zip(*self.samplers):
+            yield from packs
+
+    def stats(self):
+        return self.samplers[0].stats()
 
 
 class TrainError(Exception):
@@ -107,8 +129,15 @@ def train(cfg: TrainConfig):
     if longest > batch_max_len:
         raise TrainError(f"the dataset has a conversation of {longest} tokens, longer than --batch-max-len "
                          f"{batch_max_len}: raise --batch-max-len or re-tokenize with a lower --max-length")
-    sampler = MultipackDistributedBatchSampler(train_ds.lengths, batch_max_len, num_replicas=world, rank=rank, seed=cfg.seed)
     G = cfg.grad_accum
+    virtual = int(os.environ.get(VIRTUAL_RANKS, "0") or 0)
+    if virtual:
+        assert world == 1 and G == virtual, f"{VIRTUAL_RANKS} needs one rank and --grad-accum {virtual}"
+        sampler = _VirtualRanks([MultipackDistributedBatchSampler(train_ds.lengths, batch_max_len, num_replicas=virtual,
+                                                                  rank=r, seed=cfg.seed) for r in range(virtual)])
+    else:
+        sampler = MultipackDistributedBatchSampler(train_ds.lengths, batch_max_len, num_replicas=world, rank=rank,
+                                                   seed=cfg.seed)
     steps_per_epoch = []
     for e in range(cfg.epochs):
         sampler.set_epoch(e)
@@ -206,6 +235,7 @@ def train(cfg: TrainConfig):
             w_sum = stats[:1].clone()
             dist.all_reduce(w_sum)
             scale = loss_scale(float(w_sum), world, G)
+            lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.lr  # the rate this step uses
             for b in micro:
                 out = forward(b)
                 engine.backward(out.weighted_loss * scale)
@@ -224,16 +254,15 @@ def train(cfg: TrainConfig):
             tokens_seen += tok
             tps = tok / dt
             mfu = (flops_fn(float(stats[4]), float(stats[5])) / world / dt / peak) if peak else float("nan")
-            lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.lr
             gnorm = engine.get_global_grad_norm()
             gnorm = float(gnorm) if gnorm is not None else float("nan")
             eta = (time.time() - t_start) / max(global_step - (start_step if start_epoch == epoch else 0), 1) * (total_steps - global_step)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s_gpu=f"{tps:.0f}", mfu=f"{mfu:.1%}", eta=f"{eta/60:.1f}m")
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s_gpu=f"{tps:.0f}", mfu=_pct(mfu), eta=f"{eta/60:.1f}m")
                 bar.update(1)
             elif rank == 0 and (global_step % cfg.log_every == 0 or global_step == 1):
                 print(f"[ochat] epoch {epoch} step {global_step}/{total_steps} loss {loss:.4f} lr {lr:.3e} "
-                      f"grad_norm {gnorm:.3f} tokens/s/gpu {tps:.0f} mfu {mfu:.1%} eta {eta/60:.1f}m", flush=True)
+                      f"grad_norm {gnorm:.3f} tokens/s/gpu {tps:.0f} mfu {_pct(mfu)} eta {eta/60:.1f}m", flush=True)
             if wandb is not None:
                 wandb.log({"train/loss": loss, "train/token_accuracy": float(stats[2] / max(stats[3], 1)), "train/lr": lr,
                            "train/grad_norm": gnorm, "train/tokens_per_s_per_gpu": tps, "train/mfu": mfu,
@@ -268,6 +297,10 @@ def train(cfg: TrainConfig):
         wandb.finish()
     log(f"done: {global_step} steps in {time.time() - t_start:.1f}s; checkpoint {last_good}")
     dist.barrier()
+
+
+def _pct(x):
+    return "n/a" if not math.isfinite(x) else f"{x:.1%}"
 
 
 def _check_tokenizer(cfg, meta, model_type, load_tokenizer):
