@@ -1,0 +1,174 @@
+"""PackedCausalLM against transformers, per conversation (CPU, float32): logits, every gradient, loss sums."""
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from ochat.kernels.attention import varlen_attention_sdpa
+from ochat.kernels.linear_cross_entropy import weighted_linear_cross_entropy_reference
+from ochat.training import model as model_mod
+from ochat.training.model import PackedCausalLM
+from ochat.training.model_config import ModelConfig
+
+LENGTHS = [7, 1, 64, 23, 40]  # includes length 1 and the tiny config's context limit (64)
+
+VARIANTS = {
+    "llama2": dict(),
+    "llama3_rope_scaling": dict(rope_theta=500000.0, rope_scaling=tuple(sorted(dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16).items()))),
+    "mistral_window": dict(model_type="mistral", sliding_window=8),
+    "qwen2_bias": dict(model_type="qwen2", qkv_bias=True, rope_theta=1e6),
+    "tied": dict(tie_word_embeddings=True),
+}
+HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def make_pair(name, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig.debug(**VARIANTS[name])
+    ours = PackedCausalLM(cfg, attn_impl="sdpa")
+    with torch.no_grad():  # non-trivial norms and biases
+        for n, p in ours.named_parameters():
+            if n.endswith("layernorm.weight") or n.endswith("norm.weight") or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf_config())
+    hf_cfg._attn_implementation = "eager"
+    hf = getattr(transformers, HF_CLASSES[cfg.model_type])(hf_cfg).float()
+    missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and all("inv_freq" in m for m in missing), (missing, unexpected)
+    if cfg.tie_word_embeddings:
+        assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    return cfg, ours, hf
+
+
+def make_pack(cfg, lengths=LENGTHS, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in lengths]
+    ids = torch.cat(seqs)
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    return seqs, ids, pos, cu, max(lengths)
+
+
+def assert_close(a, b, rtol=1e-5, what=""):
+    err = (a - b).abs().max().item()
+    scale = b.abs().max().item()
+    assert err <= rtol * max(scale, 1e-6) + 1e-7, f"{what}: max abs err {err:.3g} vs scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_logits_and_grads_match_transformers_per_conversation(name):
+    cfg, ours, hf = make_pair(name)
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    proj = torch.randn(len(ids), cfg.vocab_size, generator=torch.Generator().manual_seed(2))
+
+    logits = ours(ids, pos, cu, mx)
+    (logits * proj).sum().backward()
+
+    offs = cu.tolist()
+    for i, s in enumerate(seqs):
+        ref = hf(input_ids=s[None]).logits[0]
+        assert_close(logits[offs[i]:offs[i + 1]].detach(), ref.detach(), what=f"{name} logits of conversation {i}")
+        (ref * proj[offs[i]:offs[i + 1]]).sum().backward()  # accumulates over conversations
+    hf_params = dict(hf.named_parameters())
+    for n, p in ours.named_parameters():
+        assert_close(p.grad, hf_params[n].grad, what=f"{name} grad {n}")
+
+
+def test_perturbing_one_conversation_leaves_the_others_bit_identical():
+    cfg, ours, _ = make_pair("llama2")
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    with torch.no_grad():
+        a = ours(ids, pos, cu, mx)
+        ids2 = ids.clone()
+        s, e = cu[1].item(), cu[2].item()  # conversation 1 ... and conversation 3
+        ids2[s:e] = (ids2[s:e] + 1) % cfg.vocab_size
+        ids2[cu[3]:cu[4]] = (ids2[cu[3]:cu[4]] + 5) % cfg.vocab_size
+        b = ours(ids2, pos, cu, mx)
+    for i in (0, 2, 4):
+        assert torch.equal(a[cu[i]:cu[i + 1]], b[cu[i]:cu[i + 1]])
+    assert not torch.equal(a[cu[3]:cu[4]], b[cu[3]:cu[4]])
+
+
+def test_a_leaky_attention_fails_the_comparison(monkeypatch):
+    """The equivalence test above would catch attention across boundaries."""
+    cfg, ours, hf = make_pair("llama2")
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    monkeypatch.setattr(model_mod, "varlen_attention",
+                        lambda q, k, v, cu_seqlens, max_seqlen, window=None, backend=None:
+                        varlen_attention_sdpa(q, k, v, cu_seqlens, window=window, leak=True))
+    with torch.no_grad():
+        logits = ours(ids, pos, cu, mx)
+        ref = hf(input_ids=seqs[2][None]).logits[0]
+    with pytest.raises(AssertionError):
+        assert_close(logits[cu[2]:cu[3]], ref)
+
+
+@pytest.mark.parametrize("name", ["llama2", "tied"])
+@pytest.mark.parametrize("use_target_index", [False, True])
+def test_loss_sums_match_plain_cross_entropy_of_transformers_logits(name, use_target_index):
+    cfg, ours, hf = make_pair(name)
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, cfg.vocab_size, (len(ids),), generator=g)
+    weights = (torch.rand(len(ids), generator=g) < 0.6).float() * torch.where(torch.rand(len(ids), generator=g) < 0.5, 1.0, 0.1)
+    kw = {}
+    if use_target_index:
+        kw["target_index"] = (weights > 0).nonzero().squeeze(1)
+    sums = ours(ids, pos, cu, mx, labels=labels, label_weights=weights, **kw)
+    sums.weighted_loss.backward()
+
+    ref_logits = torch.cat([hf(input_ids=s[None]).logits[0] for s in seqs])
+    ce = F.cross_entropy(ref_logits, labels, reduction="none")
+    ref_loss = (weights * ce).sum()
+    ref_loss.backward()
+    assert_close(sums.weighted_loss.detach(), ref_loss.detach(), what="weighted loss")
+    assert sums.weight.item() == pytest.approx(weights.sum().item())
+    assert sums.targets.item() == (weights > 0).sum().item()
+    correct = ((ref_logits.argmax(-1) == labels) & (weights > 0)).sum().item()
+    assert sums.correct.item() == correct
+    hf_params = dict(hf.named_parameters())
+    for n, p in ours.named_parameters():
+        assert_close(p.grad, hf_params[n].grad, rtol=1e-4, what=f"grad {n}")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    cfg, ours, _ = make_pair("llama2")
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    labels = torch.roll(ids, -1)
+    w = torch.ones(len(ids))
+    ours.train()
+    ours(ids, pos, cu, mx, labels=labels, label_weights=w).weighted_loss.backward()
+    g1 = {n: p.grad.clone() for n, p in ours.named_parameters()}
+    ours.zero_grad()
+    ours.gradient_checkpointing_enable()
+    ours(ids, pos, cu, mx, labels=labels, label_weights=w).weighted_loss.backward()
+    for n, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, g1[n], rtol=1e-6, atol=1e-7)
+
+
+def test_config_counts_parameters_and_flops():
+    for name in VARIANTS:
+        cfg, ours, _ = make_pair(name)
+        n = sum(p.numel() for p in ours.parameters())  # shared tied parameter counted once
+        assert cfg.num_params() == n
+    big = ModelConfig.tinyllama_1b()
+    assert abs(big.num_params() - 1.1e9) < 0.01e9
+    f1, f2 = big.flops_per_token(1000), big.flops_per_token(2000)
+    assert f2 - f1 == pytest.approx(6 * 22 * 2048 * 1000)
+
+
+def test_llama3_scaling_and_window_reach_transformers():
+    cfg, ours, hf = make_pair("llama3_rope_scaling")
+    inv = model_mod.rope_inv_freq(cfg)
+    assert not torch.allclose(inv, model_mod.rope_inv_freq(ModelConfig.debug(rope_theta=500000.0)))
+    torch.testing.assert_close(hf.model.rotary_emb.inv_freq.float(), inv)
+    cfg, ours, hf = make_pair("mistral_window")
+    assert hf.config.sliding_window == 8
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    with torch.no_grad():
+        a = ours(ids, pos, cu, mx)
+        ours.model.layers[0].self_attn.window = None
+        b = ours(ids, pos, cu, mx)
+    assert not torch.allclose(a[cu[2]:cu[3]], b[cu[2]:cu[3]])  # the window changes the long conversation
