@@ -1,0 +1,492 @@
+"""Side-by-side training throughput: ochat vs transformers baselines, one process, one GPU.
+
+    python bench/throughput.py --out $OUT            # full run (1.1B Llama shape, bf16)
+    python bench/throughput.py --tiny --steps 2      # smoke test of the harness (CPU or GPU, tiny model)
+
+Same conversations for every configuration: heavy-tailed synthetic lengths (log-normal, capped at
+4,096, about half of each conversation a weight-1 target) plus the bundled ShareGPT sample tokenized by
+ochat.data; packed into 16k-token packs by the multipack sampler; one optimizer step per pack.
+Configurations (activation checkpointing on and off for each):
+  ochat          PackedCausalLM, defaults (and with each fused kernel switched off, checkpointing off)
+  hf_padded      LlamaForCausalLM, SDPA, the pack's conversations padded to the longest, split into
+                 micro-batches of <= pack tokens (gradient accumulation, same optimizer step)
+  hf_flex        packed row, restarting position_ids, flex_attention with a document BlockMask
+                 (isolation checked on the spot, with and without the explicit mask)
+  hf_varlen      packed row, torch varlen_attn registered through AttentionInterface, cu_seq_lens_q/k
+                 and max_length_q/k passed to the model forward (TRL padding-free style)
+All: bf16 parameters, fused torch AdamW (lr 1e-5), real (non-padding) tokens counted. MFU = model FLOPs
+(6 x matmul params per token + causal attention 6 x layers x hidden x sum(len^2)) / 790 TFLOP/s.
+Writes throughput.json and throughput.md into --out.
+"""
+import argparse
+import gc
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PEAK_FLOPS = 790e12
+SHAPE_1B = dict(num_hidden_layers=22, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32002, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                rope_theta=10000.0, tie_word_embeddings=False)
+SHAPE_TINY = dict(SHAPE_1B, num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512)
+
+
+# ----------------------------------------------------------------------------- data
+def make_conversations(n_synth, vocab, cap, seed=0):
+    """List of (tokens int32, weights float32): heavy-tailed synthetic + the bundled sample."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(mean=6.3, sigma=1.0, size=n_synth), 16, cap).astype(np.int64)
+    convs = []
+    for n in lengths:
+        toks = rng.integers(3, vocab, size=n, dtype=np.int32)
+        w = np.zeros(n, np.float32)
+        w[int(n * rng.uniform(0.3, 0.7)):] = 1.0  # answer: the second part
+        convs.append((toks, w))
+    sample = 0
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            subprocess.run([sys.executable, "-m", "ochat.data.generate_dataset", "--model-type", "openchat_v3.2",
+                            "--tokenizer", str(ROOT / "ochat/assets/llama2-tokenizer.model"), "--in-files",
+                            str(ROOT / "ochat/assets/sharegpt_sample.json"), "--out-dir", d],
+                           check=True, capture_output=True, cwd=ROOT)
+            from ochat.data import open_dataset
+
+            ds = open_dataset(d)
+            for i in range(len(ds)):
+                t, w = ds[i]
+                convs.append((np.minimum(np.array(t), vocab - 1).astype(np.int32), np.array(w, np.float32)))
+                sample += 1
+    except Exception as e:  # noqa: BLE001
+        print(f"[data] bundled sample not tokenized ({type(e).__name__}: {e}); synthetic only")
+    return convs, sample
+
+
+def make_packs(convs, pack_tokens, steps, seed=0):
+    lengths = np.array([len(t) for t, _ in convs])
+    try:
+        from ochat.training.multipack_sampler import MultipackDistributedBatchSampler
+
+        sampler = MultipackDistributedBatchSampler(lengths, pack_tokens, num_replicas=1, rank=0, seed=seed)
+        sampler.set_epoch(0)
+        packs = [b for b in sampler if len(b)]
+    except Exception as e:  # noqa: BLE001
+        print(f"[data] multipack sampler unavailable ({e}); greedy packing")
+        packs, cur, tot = [], [], 0
+        for i in np.random.default_rng(seed).permutation(len(convs)):
+            if tot + lengths[i] > pack_tokens and cur:
+                packs.append(cur)
+                cur, tot = [], 0
+            cur.append(int(i))
+            tot += lengths[i]
+    return [[convs[i] for i in p] for p in packs[:steps]]
+
+
+def collate(items):
+    from ochat.training.batching import collate_pack
+
+    return collate_pack(items)
+
+
+def model_flops(shape, packs):
+    h, L, V = shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]
+    hd = h // shape["num_attention_heads"]
+    kv = shape["num_key_value_heads"] * hd
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * shape["intermediate_size"]
+    matmul_params = L * per_layer + h * V
+    tokens = sum(len(t) for p in packs for t, _ in p)
+    sq = sum(len(t) ** 2 for p in packs for t, _ in p)
+    return 6 * matmul_params * tokens + 6 * L * h * sq
+
+
+# ----------------------------------------------------------------------------- transformers baselines
+_VARLEN_GQA = None
+
+
+def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention interface -> torch varlen_attn (causal); query [1, Hq, T, D]."""
+    global _VARLEN_GQA
+    from torch.nn.attention.varlen import varlen_attn
+
+    if _VARLEN_GQA is None:
+        _VARLEN_GQA = "enable_gqa" in inspect.signature(varlen_attn).parameters
+    q = query[0].transpose(0, 1)
+    k = key[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)
+    extra = {}
+    if k.shape[1] != q.shape[1]:
+        if _VARLEN_GQA:
+            extra["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    out = varlen_attn(q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"],
+                      kwargs["max_length_k"], scale=scaling, window_size=(-1, 0), **extra)
+    return out.unsqueeze(0), None
+
+
+def _register_varlen():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    AttentionInterface.register("ochat_varlen", _varlen_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("ochat_varlen", flash_attention_mask)
+
+
+def build_hf(shape, attn, device, ckpt):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**shape, attn_implementation=attn)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.config.use_cache = False
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def _doc_block_mask(cu, total, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc = torch.zeros(total, dtype=torch.int32, device=device)
+    doc[cu[1:-1].long()] = 1
+    doc = doc.cumsum(0)
+
+    def mask_mod(b, h, q, kv):
+        return (doc[q] == doc[kv]) & (q >= kv)
+
+    return create_block_mask(mask_mod, None, None, total, total, device=device)
+
+
+def hf_step_fn(kind, model, device, pack_tokens):
+    """Returns step(items) -> runs forward+backward of one pack (may be several micro-batches)."""
+
+    def labels_of(b):
+        lab = torch.where(b["label_weights"] > 0, b["labels"], torch.full_like(b["labels"], -100))
+        # HF shifts labels itself: label at t is the token at t (so shift ours right by one)
+        out = torch.full_like(lab, -100)
+        out[1:] = lab[:-1]
+        return out
+
+    if kind == "padded":
+        def step(items):
+            items = sorted(items, key=lambda x: -len(x[0]))
+            n_targets = sum(int((w[1:] > 0).sum()) for _, w in items)
+            groups, cur = [], []
+            for it in items:  # longest first: padded size = len(cur[0]) * count
+                if cur and len(cur[0][0]) * (len(cur) + 1) > pack_tokens:
+                    groups.append(cur)
+                    cur = []
+                cur.append(it)
+            groups.append(cur)
+            for g in groups:
+                lmax = len(g[0][0])
+                ids = torch.zeros(len(g), lmax, dtype=torch.long)
+                mask = torch.zeros(len(g), lmax, dtype=torch.long)
+                lab = torch.full((len(g), lmax), -100, dtype=torch.long)
+                for r, (t, w) in enumerate(g):
+                    t = torch.from_numpy(np.asarray(t, np.int64))
+                    ids[r, :len(t)] = t
+                    mask[r, :len(t)] = 1
+                    lab[r, :len(t)] = torch.where(torch.from_numpy(np.asarray(w)) > 0, t, torch.full_like(t, -100))
+                nt = int((lab[:, 1:] != -100).sum())
+                out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=lab.to(device))
+                (out.loss * (nt / max(n_targets, 1))).backward()
+        return step
+
+    def step(items):
+        b = collate(items)
+        total = len(b["input_ids"])
+        ids, pos, lab = b["input_ids"], b["position_ids"], labels_of(b)
+        kw = {}
+        if kind == "flex":  # fixed length (no recompiles): pad the row with a separate dummy document
+            pad = pack_tokens - total
+            cu = b["cu_seqlens"].long()
+            if pad > 0:
+                ids = torch.cat([ids, torch.zeros(pad, dtype=torch.long)])
+                pos = torch.cat([pos, torch.arange(pad)])
+                lab = torch.cat([lab, torch.full((pad,), -100, dtype=torch.long)])
+                cu = torch.cat([cu, torch.tensor([pack_tokens])])
+            kw["attention_mask"] = _doc_block_mask(cu.to(device), len(ids), device)
+        else:
+            cu = b["cu_seqlens"].to(device, non_blocking=True)
+            kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=b["max_seqlen"], max_length_k=b["max_seqlen"])
+        out = model(input_ids=ids[None].to(device), position_ids=pos[None].to(device), labels=lab[None].to(device), **kw)
+        out.loss.backward()
+    return step
+
+
+def check_isolation(kind, model, device, shape):
+    """Logits of the second sequence packed after a first == the same sequence alone (max abs diff)."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(3, shape["vocab_size"], (100,), generator=g)
+    bseq = torch.randint(3, shape["vocab_size"], (80,), generator=g)
+    ids = torch.cat([a, bseq])[None].to(device)
+    pos = torch.cat([torch.arange(100), torch.arange(80)])[None].to(device)
+    cu = torch.tensor([0, 100, 180], dtype=torch.int32, device=device)
+    res = {}
+    with torch.no_grad():
+        if kind == "flex":
+            alone = model(input_ids=bseq[None].to(device)).logits[0].float()
+            packed = model(input_ids=ids, position_ids=pos).logits[0, 100:].float()
+            res["position_ids_only"] = (packed - alone).abs().max().item()
+            m = _doc_block_mask(cu.long(), 180, device)
+            packed = model(input_ids=ids, position_ids=pos, attention_mask=m).logits[0, 100:].float()
+            res["block_mask"] = (packed - alone).abs().max().item()
+        else:
+            kw = dict(cu_seq_lens_q=cu[:2] - 0, cu_seq_lens_k=cu[:2] - 0, max_length_q=100, max_length_k=100)
+            one = torch.tensor([0, 80], dtype=torch.int32, device=device)
+            alone = model(input_ids=bseq[None].to(device), position_ids=torch.arange(80)[None].to(device),
+                          cu_seq_lens_q=one, cu_seq_lens_k=one, max_length_q=80, max_length_k=80).logits[0].float()
+            packed = model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=100,
+                           max_length_k=100).logits[0, 100:].float()
+            res["varlen"] = (packed - alone).abs().max().item()
+            del kw
+    res["logit_scale"] = alone.abs().max().item()
+    return res
+
+
+# ----------------------------------------------------------------------------- ochat
+def build_ochat(shape, device, ckpt):
+    from ochat.training.model import PackedCausalLM
+    from ochat.training.model_config import ModelConfig
+
+    hf = dict(shape, model_type="llama", architectures=["LlamaForCausalLM"], torch_dtype="bfloat16",
+              hidden_act="silu", attention_bias=False, head_dim=shape["hidden_size"] // shape["num_attention_heads"])
+    cfg = ModelConfig.from_hf_config(hf)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = PackedCausalLM(cfg).to(torch.bfloat16)
+    if ckpt:
+        model.gradient_checkpointing_enable()
+    model.train()
+    return model
+
+
+def ochat_step_fn(model, device):
+    def step(items):
+        b = collate(items)
+        d = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
+        kw = dict(labels=d["labels"], label_weights=d["label_weights"])
+        if "target_index" in inspect.signature(model.forward).parameters:
+            kw["target_index"] = d["target_index"]
+        sums = model(d["input_ids"], d["position_ids"], d["cu_seqlens"], d["max_seqlen"], **kw)
+        (sums.weighted_loss / sums.weight.clamp_min(1.0)).backward()
+    return step
+
+
+# ----------------------------------------------------------------------------- harness
+def run_config(name, build, make_step, packs, warmup, device, shape):
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model = build()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=(device == "cuda"))
+    step = make_step(model)
+
+    def one(items):
+        step(items)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for items in packs[:warmup]:
+        one(items)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for items in packs[warmup:]:
+        one(items)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    timed = packs[warmup:]
+    tokens = sum(len(t) for p in timed for t, _ in p)
+    res = dict(name=name, steps=len(timed), tokens=tokens, seconds=dt, tokens_per_s=tokens / dt,
+               mfu=model_flops(shape, timed) / dt / PEAK_FLOPS,
+               peak_gb=(torch.cuda.max_memory_allocated() / 2**30) if device == "cuda" else None)
+    print(f"[run] {name:28s} {res['tokens_per_s']:9.0f} tok/s  MFU {100 * res['mfu']:5.1f}%  "
+          f"peak {res['peak_gb'] or 0:6.1f} GB  ({dt:.1f} s)", flush=True)
+    return res, model, opt, one
+
+
+def free(*objs):
+    for o in objs:
+        del o
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def loss_memory(device, n=32768, h=2048, v=32002):
+    """Peak extra memory of loss forward+backward: reference (full logits) vs fused, bf16."""
+    from ochat.kernels import linear_cross_entropy as lce
+
+    out = {}
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(n, h, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
+    weight = (torch.randn(v, h, device=device, dtype=torch.bfloat16, generator=g) / h**0.5).requires_grad_()
+    labels = torch.randint(0, v, (n,), device=device, generator=g)
+    w = (torch.rand(n, device=device, generator=g) > 0.5).float()
+    for name, fn in (("reference", lce.weighted_linear_cross_entropy_reference),
+                     ("fused", lce.weighted_linear_cross_entropy_fused)):
+        hidden.grad = weight.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        s = fn(hidden, weight, labels, w)
+        s.weighted_loss.backward()
+        torch.cuda.synchronize()
+        out[name] = dict(peak_extra_gb=(torch.cuda.max_memory_allocated() - base) / 2**30,
+                         seconds=time.perf_counter() - t0, loss=s.weighted_loss.item())
+        del s
+    out["ratio"] = out["fused"]["peak_extra_gb"] / out["reference"]["peak_extra_gb"]
+    print(f"[loss-mem] 32k x 32k bf16: reference {out['reference']['peak_extra_gb']:.2f} GB, fused "
+          f"{out['fused']['peak_extra_gb']:.2f} GB (ratio {out['ratio']:.3f})", flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per configuration")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--pack-tokens", type=int, default=16384)
+    ap.add_argument("--conversations", type=int, default=1500)
+    ap.add_argument("--configs", default="ochat,hf_varlen,hf_flex,hf_padded,ablations")
+    ap.add_argument("--ckpt", default="off,on")
+    ap.add_argument("--tiny", action="store_true", help="tiny model (harness smoke test)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler table of one ochat step")
+    ap.add_argument("--loss-memory", action="store_true", help="measure the fused loss's peak memory")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    args = ap.parse_args()
+    unknown_cfg = set(args.configs.split(",")) - {"ochat", "hf_varlen", "hf_flex", "hf_padded", "ablations"}
+    if unknown_cfg:
+        ap.error(f"unknown configs {unknown_cfg}")
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = SHAPE_TINY if args.tiny else SHAPE_1B
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import transformers
+
+    info = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__,
+                transformers=transformers.__version__,
+                device=torch.cuda.get_device_name() if device == "cuda" else "cpu", shape=shape,
+                pack_tokens=args.pack_tokens, steps=args.steps, warmup=args.warmup)
+    print(json.dumps(info), flush=True)
+    convs, n_sample = make_conversations(args.conversations, shape["vocab_size"], 4096)
+    packs = make_packs(convs, args.pack_tokens, args.steps + args.warmup)
+    timed = packs[args.warmup:]
+    lens = [len(t) for p in timed for t, _ in p]
+    info.update(conversations=len(convs), sample_conversations=n_sample, timed_tokens=sum(lens),
+                timed_conversations=len(lens), mean_len=float(np.mean(lens)), max_len=int(max(lens)),
+                tokens_per_pack=float(sum(lens) / len(timed)))
+    print(f"[data] {len(convs)} conversations ({n_sample} from the sample), timed: {len(timed)} packs, "
+          f"{sum(lens)} tokens, mean len {np.mean(lens):.0f}, max {max(lens)}", flush=True)
+
+    results, extra = [], {}
+    cfgs = args.configs.split(",")
+    if "hf_varlen" in cfgs:
+        _register_varlen()
+    from ochat.kernels.fused import set_fused
+
+    for ckpt in [c == "on" for c in args.ckpt.split(",")]:
+        tag = "ckpt" if ckpt else "no-ckpt"
+        runs = []
+        if "ochat" in cfgs:
+            runs.append((f"ochat {tag}", lambda: build_ochat(shape, device, ckpt), lambda m: ochat_step_fn(m, device), None))
+        if "ablations" in cfgs and not ckpt:
+            for k in ("linear_ce", "rms_norm", "rope"):
+                runs.append((f"ochat -{k} {tag}", lambda: build_ochat(shape, device, ckpt),
+                             lambda m: ochat_step_fn(m, device), k))
+        for key, attn, kind in (("hf_varlen", "ochat_varlen", "varlen"), ("hf_flex", "flex_attention", "flex"),
+                                ("hf_padded", "sdpa", "padded")):
+            if key in cfgs:
+                runs.append((f"{key} {tag}", lambda a=attn: build_hf(shape, a, device, ckpt),
+                             lambda m, k=kind: hf_step_fn(k, m, device, args.pack_tokens), (kind,)))
+        for name, build, mk, opt_arg in runs:
+            off = opt_arg if isinstance(opt_arg, str) else None
+            if off:
+                set_fused(off, False)
+            try:
+                res, model, opt, one = run_config(name, build, mk, packs, args.warmup, device, shape)
+                res["ckpt"] = ckpt
+                if isinstance(opt_arg, tuple) and opt_arg[0] in ("varlen", "flex") and not ckpt:
+                    res["isolation"] = check_isolation(opt_arg[0], model, device, shape)
+                    print(f"[isolation] {name}: {res['isolation']}", flush=True)
+                if args.profile and name == "ochat no-ckpt" and device == "cuda":
+                    from torch.profiler import ProfilerActivity, profile
+
+                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                        one(packs[-1])
+                        torch.cuda.synchronize()
+                    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+                    (out_dir / "profile_ochat.txt").write_text(table)
+                    print(table[:6000], flush=True)
+                results.append(res)
+                free(model, opt, one)
+                del model, opt, one
+            except Exception as e:  # noqa: BLE001
+                import traceback
+
+                traceback.print_exc()
+                print(f"[run] {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                results.append(dict(name=name, ckpt=ckpt, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            finally:
+                if off:
+                    set_fused(off, True)
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+
+    if args.loss_memory and device == "cuda":
+        try:
+            extra["loss_memory"] = loss_memory(device)
+        except Exception as e:  # noqa: BLE001
+            extra["loss_memory"] = dict(error=str(e)[:300])
+            print(f"[loss-mem] FAILED {e}", flush=True)
+
+    # ratios: ochat (defaults) vs each baseline at the same checkpointing setting
+    by = {r["name"]: r for r in results if "tokens_per_s" in r}
+    lines = [f"# Throughput ({info['device']}, {info['date']}, torch {info['torch']}, transformers {info['transformers']})",
+             "", f"{info['timed_conversations']} conversations in {len(timed)} packs of <= {args.pack_tokens} tokens "
+             f"({info['timed_tokens']} real tokens, mean length {info['mean_len']:.0f}, max {info['max_len']}); "
+             f"{args.warmup} warm-up steps.", "",
+             "| configuration | tokens/s | MFU | peak GB | ochat / this |", "| --- | --- | --- | --- | --- |"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error'][:80]} | | | |")
+            continue
+        mine = by.get("ochat " + ("ckpt" if r["ckpt"] else "no-ckpt"))
+        ratio = f"{mine['tokens_per_s'] / r['tokens_per_s']:.2f}x" if mine else "-"
+        lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
+                     f"{r['peak_gb'] or 0:.1f} | {ratio} |")
+    if "loss_memory" in extra and "ratio" in extra["loss_memory"]:
+        lm = extra["loss_memory"]
+        lines += ["", f"Loss of 32k tokens x 32k vocab (bf16, fwd+bwd): reference {lm['reference']['peak_extra_gb']:.2f} GB "
+                  f"({lm['reference']['seconds']:.2f} s), fused {lm['fused']['peak_extra_gb']:.2f} GB "
+                  f"({lm['fused']['seconds']:.2f} s): ratio {lm['ratio']:.3f}"]
+    md = "\n".join(lines)
+    print(md, flush=True)
+    (out_dir / "throughput.md").write_text(md + "\n")
+    (out_dir / "throughput.json").write_text(json.dumps(dict(info=info, results=results, **extra), indent=1))
+
+
+if __name__ == "__main__":
+    main()
