@@ -1,0 +1,116 @@
+"""Loading and saving against transformers (round trip, shards, .bin, dtype) and add_tokens."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import transformers
+
+from ochat.assets import __file__ as _assets_init
+from ochat.training.add_tokens import main as add_tokens_main
+from ochat.training.model import PackedCausalLM
+from ochat.training.model_config import ModelConfig
+from tests.training.test_model import HF_CLASSES, VARIANTS, make_pack
+
+TOKENIZER_MODEL = os.path.join(os.path.dirname(_assets_init), "llama2-tokenizer.model")
+
+
+def hf_model(name, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig.debug(**VARIANTS[name])
+    hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf_config())
+    return cfg, getattr(transformers, HF_CLASSES[cfg.model_type])(hf_cfg).float().eval()
+
+
+def packed_vs_hf(ours, hf, cfg):
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    with torch.no_grad():
+        logits = ours(ids, pos, cu, mx)
+        ref = torch.cat([hf(input_ids=s[None]).logits[0] for s in seqs])
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama2", "mistral_window", "qwen2_bias", "tied", "llama3_rope_scaling"])
+def test_round_trip_transformers_to_ours_to_transformers(tmp_path, name):
+    cfg, hf = hf_model(name)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = PackedCausalLM.from_pretrained(tmp_path / "hf", attn_impl="sdpa")
+    assert ours.config == cfg or ours.config.to_hf_config()["vocab_size"] == cfg.vocab_size
+    packed_vs_hf(ours, hf, ours.config)
+    ours.save_pretrained(tmp_path / "ours")
+    hf_cfg = transformers.AutoConfig.from_pretrained(tmp_path / "ours")
+    assert type(hf_cfg).__name__ == type(hf.config).__name__
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").float().eval()
+    assert type(hf2) is type(hf)
+    ids = torch.randint(0, cfg.vocab_size, (1, 50))
+    with torch.no_grad():
+        assert torch.equal(hf2(input_ids=ids).logits, hf(input_ids=ids).logits)
+
+
+def test_sharded_bin_and_dtype(tmp_path):
+    cfg, hf = hf_model("llama2")
+    hf.save_pretrained(tmp_path / "bin", safe_serialization=False, max_shard_size="100KB") \
+        if "safe_serialization" in hf.save_pretrained.__code__.co_varnames else None
+    src = tmp_path / "bin"
+    if not src.exists():  # transformers without .bin saving: write a sharded .bin by hand
+        os.makedirs(src)
+        sd = hf.state_dict()
+        keys = list(sd)
+        half = len(keys) // 2
+        wm = {}
+        for i, part in enumerate((keys[:half], keys[half:])):
+            name = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+            torch.save({k: sd[k] for k in part}, src / name)
+            wm.update({k: name for k in part})
+        (src / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": wm}))
+        hf.config.save_pretrained(src)
+    ours = PackedCausalLM.from_pretrained(src, attn_impl="sdpa")
+    packed_vs_hf(ours, hf, ours.config)
+    ours.save_pretrained(tmp_path / "sharded", max_shard_bytes=50_000)
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    half = PackedCausalLM.from_pretrained(tmp_path / "sharded", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    assert all(p.device.type == "cpu" for p in half.parameters())
+    for (n, a), (_, b) in zip(half.state_dict().items(), ours.state_dict().items()):
+        assert torch.equal(a, b.to(torch.bfloat16)), n
+
+
+def llama2_tokenizer(folder):
+    """A Hugging Face tokenizer folder built from the bundled Llama 2 SentencePiece model."""
+    os.makedirs(folder)
+    shutil.copyfile(TOKENIZER_MODEL, os.path.join(folder, "tokenizer.model"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>", "add_bos_token": True, "legacy": True}, f)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert len(tok) == 32000
+    return tok
+
+
+@pytest.mark.parametrize("name", ["llama2", "tied"])
+def test_add_tokens_cli(tmp_path, name):
+    cfg, hf = hf_model(name)
+    # a tiny model whose vocab is the Llama 2 tokenizer's (32000): resize the random model to it
+    hf.resize_token_embeddings(32000, mean_resizing=False)
+    hf.save_pretrained(tmp_path / "in")
+    tok = llama2_tokenizer(tmp_path / "tok")
+    tok.save_pretrained(tmp_path / "in")
+    add_tokens_main(["--model-path", str(tmp_path / "in"), "--out-dir", str(tmp_path / "out"),
+                     "--tokens", "<|end_of_turn|>"])
+    tok2 = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    eot = tok2.convert_tokens_to_ids("<|end_of_turn|>")
+    assert eot == 32000
+    assert tok2.encode("Hi<|end_of_turn|>", add_special_tokens=False)[-1] == eot
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").float()
+    emb = hf2.get_input_embeddings().weight
+    old = hf.get_input_embeddings().weight
+    assert emb.shape[0] == 32001
+    torch.testing.assert_close(emb[:32000], old)
+    torch.testing.assert_close(emb[32000], old.mean(0))
+    head = hf2.get_output_embeddings().weight
+    torch.testing.assert_close(head[32000], hf.get_output_embeddings().weight.mean(0))
+    assert hf2.config.tie_word_embeddings == cfg.tie_word_embeddings
+    # running it again adds nothing
+    add_tokens_main(["--model-path", str(tmp_path / "out"), "--out-dir", str(tmp_path / "out2")])
+    assert PackedCausalLM.from_pretrained(tmp_path / "out2").config.vocab_size == 32001
