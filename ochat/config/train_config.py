@@ -49,6 +49,7 @@ class TrainConfig:
     log_every: int = 10  # steps between plain log lines when stdout is not a terminal
     max_steps: Optional[int] = None  # stop after this many optimizer steps (benchmarks, tests)
     skip_self_check: bool = False
+    no_save: bool = False  # benchmarks: write no checkpoint at all
     local_rank: int = -1  # set by the deepspeed launcher
 
     def to_json(self):
@@ -64,6 +65,11 @@ _HELP = {
     "deepspeed_config": "zero2 (default), zero3, zero3_offload, or a DeepSpeed JSON file",
     "resume": "continue from save-path/ds_state exactly where the last run stopped",
     "max_steps": "stop after this many optimizer steps",
+    "no_save": "write no checkpoint (benchmarks)",
+    "skip_self_check": "skip the packed-vs-per-conversation logits check before the first step",
+    "dtype": "auto (bf16 on GPU, float32 on CPU), bf16 or float32",
+    "attn_impl": "attention backend: auto, flash, varlen, sdpa, ... (see ochat.kernels.attention)",
+    "log_every": "steps between plain log lines when stdout is not a terminal",
 }
 
 

@@ -281,7 +281,7 @@ def train(cfg: TrainConfig):
             log(f"epoch {epoch} eval/loss {ev:.4f}")
             if wandb is not None:
                 wandb.log({"eval/loss": ev}, step=global_step)
-        if last_epoch or (cfg.save_every and (epoch + 1) % cfg.save_every == 0):
+        if not cfg.no_save and (last_epoch or (cfg.save_every and (epoch + 1) % cfg.save_every == 0)):
             name = "final" if last_epoch else f"ep_{epoch}"
             path = os.path.join(cfg.save_path, name)
             save_hf_checkpoint(engine, model.config.to_hf_config(), tokenizer, cfg, path, model_path=cfg.model_path,
@@ -295,7 +295,8 @@ def train(cfg: TrainConfig):
             break
     if wandb is not None:
         wandb.finish()
-    log(f"done: {global_step} steps in {time.time() - t_start:.1f}s; checkpoint {last_good}")
+    peak_mem = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if cuda else ""
+    log(f"done: {global_step} steps in {time.time() - t_start:.1f}s; checkpoint {last_good}{peak_mem}")
     dist.barrier()
 
 
