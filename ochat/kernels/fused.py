@@ -1,12 +1,12 @@
 """On/off switches for the fused kernels (so benchmarks can measure what each one buys).
 
-Names: "rms_norm", "rope", "linear_ce". All are on by default; a fused kernel runs only on CUDA
+Names: "rms_norm", "rope", "swiglu", "linear_ce". All are on by default; a fused kernel runs only on CUDA
 tensors (elsewhere the PyTorch path runs). Turn one off with `set_fused("rope", False)` or, for a
-whole process, `OCHAT_DISABLE_FUSED=rms_norm,rope,linear_ce` (or `all`).
+whole process, `OCHAT_DISABLE_FUSED=rms_norm,rope,swiglu,linear_ce` (or `all`).
 """
 import os
 
-NAMES = ("rms_norm", "rope", "linear_ce")
+NAMES = ("rms_norm", "rope", "swiglu", "linear_ce")
 _disabled = {n.strip() for n in os.environ.get("OCHAT_DISABLE_FUSED", "").split(",") if n.strip()}
 if "all" in _disabled:
     _disabled = set(NAMES)
@@ -23,10 +23,3 @@ def set_fused(name: str, enabled: bool) -> None:
 def fused_enabled(name: str) -> bool:
     return _enabled[name]
 
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

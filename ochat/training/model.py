@@ -20,13 +20,13 @@ import os
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ochat.kernels.attention import resolve_backend, varlen_attention
 from ochat.kernels.linear_cross_entropy import LossSums, weighted_linear_cross_entropy
 from ochat.kernels.rms_norm import rms_norm
 from ochat.kernels.rope import apply_rotary
+from ochat.kernels.swiglu import swiglu
 from ochat.training.model_config import ModelConfig
 
 
@@ -89,7 +89,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
