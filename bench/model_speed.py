@@ -118,7 +118,7 @@ def main():
     batches = [ochat_batch(p, cfg.vocab_size, dev) for p in packs]
     model.train()
     for ckpt in (True, False):
-        model.gradient_checkpointing = ckpt
+        model.gradient_checkpointing_enable(1.0 if ckpt else 0.0)
         results.append(run(f"ochat packed ({backend}), ckpt {'on' if ckpt else 'off'}", model, batches, ochat_step,
                            args.warmup, args.steps, cfg, lambda b: (b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).tolist()))
     sd = {k: v for k, v in model.state_dict().items()}

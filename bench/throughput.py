@@ -287,7 +287,7 @@ def build_ochat(shape, device, ckpt):
     with torch.device(device):
         model = PackedCausalLM(cfg).to(torch.bfloat16)
     if ckpt:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(float(ckpt))  # True = every layer; a float = that fraction of them
     model.train()
     return model
 

