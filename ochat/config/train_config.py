@@ -37,6 +37,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 42
     save_every: Optional[int] = None  # epochs; None = only at the end
+    save_state_every: Optional[int] = None  # optimizer steps between mid-epoch DeepSpeed states; None = with save_every
     eval_every: Optional[int] = 1  # epochs; 0/None = never
     gradient_checkpointing: bool = False
     attn_impl: str = "auto"
@@ -64,6 +65,8 @@ _HELP = {
     "batch_size_per_gpu": "OpenChat's spelling: batch-max-len = this x context length",
     "deepspeed_config": "zero2 (default), zero3, zero3_offload, or a DeepSpeed JSON file",
     "resume": "continue from save-path/ds_state exactly where the last run stopped",
+    "save_state_every": "also write the DeepSpeed resume state (not a Hugging Face checkpoint) every N optimizer "
+                        "steps, so --resume can continue mid-epoch; the newest 2 states are kept",
     "max_steps": "stop after this many optimizer steps",
     "no_save": "write no checkpoint (benchmarks)",
     "skip_self_check": "skip the packed-vs-per-conversation logits check before the first step",
@@ -109,6 +112,8 @@ def parse_args(argv=None) -> TrainConfig:
         raise SystemExit("ochat.training.train: error: give --batch-max-len or --batch-size-per-gpu, not both")
     if cfg.grad_accum < 1 or cfg.epochs < 1:
         raise SystemExit("ochat.training.train: error: --grad-accum and --epochs must be >= 1")
+    if cfg.save_state_every is not None and cfg.save_state_every < 1:
+        raise SystemExit("ochat.training.train: error: --save-state-every must be >= 1")
     if cfg.wandb_mode not in ("online", "offline", "disabled"):
         raise SystemExit("ochat.training.train: error: --wandb-mode must be online, offline or disabled")
     return cfg

@@ -7,6 +7,7 @@ never leaves a half checkpoint. Under ZeRO-3 the weights are gathered to rank 0 
 import json
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -102,23 +103,61 @@ def save_hf_checkpoint(engine, hf_config: dict, tokenizer, train_config, path, *
 
 
 def rng_state():
+    """Global RNG states; CUDA: the current device's only (each rank drives one GPU; rank 0's state is saved)."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older states: every visible device's, as seen from rank 0
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
-def save_state(engine, save_path, *, epoch, step_in_epoch, global_step, sampler_epoch):
-    """DeepSpeed state (weights, optimizer, scheduler) + client state, under save_path/ds_state."""
+KEEP_STATES = 2  # DeepSpeed tags kept under ds_state (full fp32 weights + optimizer each): the newest ones
+_TAG = re.compile(r"step(\d+)$")
+
+
+def save_state(engine, save_path, *, epoch, step_in_epoch, global_step, sampler_epoch, keep=KEEP_STATES):
+    """DeepSpeed state (weights, optimizer, scheduler) + client state as tag `step<global_step>` under
+    save_path/ds_state (collective: every rank calls). `latest` is pointed at the new tag only once every
+    rank has written it, then rank 0 deletes all but the newest `keep` step* tags."""
+    d = os.path.join(save_path, "ds_state")
+    tag = f"step{global_step}"
     client = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
               "sampler_epoch": sampler_epoch, "rng": rng_state()}
-    engine.save_checkpoint(os.path.join(save_path, "ds_state"), tag=f"step{global_step}", client_state=client)
+    # save_latest=False: DeepSpeed writes `latest` on rank 0 before the other ranks are known to be done;
+    # save_checkpoint ends with a barrier, so past it the tag is complete on every rank
+    engine.save_checkpoint(d, tag=tag, client_state=client, save_latest=False)
+    if _rank() == 0:
+        tmp = os.path.join(d, "latest.tmp")
+        with open(tmp, "w") as fh:
+            fh.write(tag)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, os.path.join(d, "latest"))  # atomic: a kill leaves the old or the new tag named
+        _prune_states(d, tag, keep)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _prune_states(d, newest, keep):
+    """Keep `newest` and the keep - 1 highest-numbered step* tags below it; delete the other step* folders
+    (higher-numbered ones too: stale states of an earlier run in this folder, which `latest` no longer names)."""
+    n = int(_TAG.match(newest).group(1))
+    older = sorted((int(m.group(1)), name) for name in os.listdir(d)
+                   if (m := _TAG.match(name)) and name != newest and os.path.isdir(os.path.join(d, name)))
+    below = [name for step, name in older if step < n]
+    kept = set(below[max(len(below) - (keep - 1), 0):])
+    for _, name in older:
+        if name not in kept:
+            shutil.rmtree(os.path.join(d, name), ignore_errors=True)
 
 
 def load_state(engine, save_path):

@@ -7,7 +7,7 @@ Reads top to bottom: parse -> init distributed -> data -> model -> DeepSpeed -> 
 Loss of one optimizer step = sum(w * CE) over the targets of all ranks and micro-steps / sum(w)
 (ochat.training.loss). On a CPU (tests, the demo) it runs on gloo ranks in float32.
 """
-import inspect
+import dataclasses
 import math
 import os
 import sys
@@ -23,7 +23,10 @@ from ochat.training.checkpoint import load_state, save_hf_checkpoint, save_state
 from ochat.training.loss import loss_scale
 from ochat.training.schedule import lr_at
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
+# MFU denominators, dense bf16 FLOP/s. H100/H200/H800: 790 TFLOP/s, the measured ceiling of a bf16 8192^3 matmul
+# on the project's H100/H200 machines (the 989 datasheet figure is not reached in practice), the same basis as
+# bench/. A100/A800: 312 TFLOP/s, the datasheet figure (not measured here).
+PEAK_FLOPS = {"H100": 790e12, "H200": 790e12, "H800": 790e12, "A100": 312e12, "A800": 312e12}
 EXIT_AT_STEP = "OCHAT_TEST_EXIT_AT_STEP"  # tests: os._exit after this optimizer step (a hard kill)
 VIRTUAL_RANKS = "OCHAT_TEST_VIRTUAL_RANKS"  # tests: one rank plays V ranks' packs as V micro-steps
 
@@ -184,25 +187,26 @@ def train(cfg: TrainConfig):
         if client is None:
             raise TrainError(f"--resume: no DeepSpeed state under {cfg.save_path}/ds_state")
         start_epoch, start_step, global_step = client["epoch"], client["step_in_epoch"], client["global_step"]
-        log(f"resumed at epoch {start_epoch}, step {global_step}")
-
-    fwd_params = inspect.signature(model.forward).parameters
-    use_target_index = "target_index" in fwd_params
+        log(f"resumed at epoch {start_epoch} step-in-epoch {start_step} (global step {global_step})")
+    resumed_steps = global_step
 
     def forward(batch):
-        kw = dict(labels=batch["labels"].to(device, non_blocking=True),
-                  label_weights=batch["label_weights"].to(device, non_blocking=True))
-        if use_target_index:
-            kw["target_index"] = batch["target_index"].to(device, non_blocking=True)
         return engine(batch["input_ids"].to(device, non_blocking=True), batch["position_ids"].to(device, non_blocking=True),
-                      batch["cu_seqlens"].to(device, non_blocking=True), batch["max_seqlen"], **kw)
+                      batch["cu_seqlens"].to(device, non_blocking=True), batch["max_seqlen"],
+                      labels=batch["labels"].to(device, non_blocking=True),
+                      label_weights=batch["label_weights"].to(device, non_blocking=True),
+                      target_index=batch["target_index"].to(device, non_blocking=True))
+
+    def saves_at_epoch_end(epoch, done):
+        """Whether the end of this epoch writes a checkpoint (HF folder + DeepSpeed state)."""
+        every = bool(cfg.save_every and (epoch + 1) % cfg.save_every == 0)
+        return not cfg.no_save and (done or epoch == cfg.epochs - 1 or every)
 
     # ---------------------------------------------------------------- self-check
     if not cfg.skip_self_check:
         _self_check(engine, vocab, device, bf16)
 
     # ---------------------------------------------------------------- loop
-    flops_fn = _flops_per_token(model.config)
     peak = next((v for k, v in PEAK_FLOPS.items() if cuda and k in torch.cuda.get_device_name(device)), None)
     wandb = _init_wandb(cfg, rank)
     filler = int(tokenizer.eot_id)
@@ -216,8 +220,10 @@ def train(cfg: TrainConfig):
         packs = list(sampler)
         packs += [[]] * (-len(packs) % G)  # every optimizer step has exactly G micro-steps on every rank
         first = start_step if epoch == start_epoch else 0
+        # its own generator: creating the loader must not draw from the global RNG (exact RNG state on resume)
         loader = torch.utils.data.DataLoader(PackDataset(train_ds, packs[first * G:], filler), batch_size=None,
-                                             shuffle=False, num_workers=1, pin_memory=cuda, prefetch_factor=2 * G)
+                                             shuffle=False, num_workers=1, pin_memory=cuda, prefetch_factor=2 * G,
+                                             generator=torch.Generator().manual_seed(cfg.seed + epoch))
         it = iter(loader)
         n_steps = len(packs) // G
         bar = None
@@ -253,10 +259,10 @@ def train(cfg: TrainConfig):
             tok = float(stats[4]) / world
             tokens_seen += tok
             tps = tok / dt
-            mfu = (flops_fn(float(stats[4]), float(stats[5])) / world / dt / peak) if peak else float("nan")
+            mfu = (_step_flops(model.config, float(stats[4]), float(stats[5])) / world / dt / peak) if peak else float("nan")
             gnorm = engine.get_global_grad_norm()
             gnorm = float(gnorm) if gnorm is not None else float("nan")
-            eta = (time.time() - t_start) / max(global_step - (start_step if start_epoch == epoch else 0), 1) * (total_steps - global_step)
+            eta = (time.time() - t_start) / max(global_step - resumed_steps, 1) * (total_steps - global_step)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s_gpu=f"{tps:.0f}", mfu=_pct(mfu), eta=f"{eta/60:.1f}m")
                 bar.update(1)
@@ -267,10 +273,17 @@ def train(cfg: TrainConfig):
                 wandb.log({"train/loss": loss, "train/token_accuracy": float(stats[2] / max(stats[3], 1)), "train/lr": lr,
                            "train/grad_norm": gnorm, "train/tokens_per_s_per_gpu": tps, "train/mfu": mfu,
                            "train/packing_efficiency": sampler.stats().get("efficiency"), "epoch": epoch}, step=global_step)
-            if exit_at and global_step == exit_at:
-                os._exit(17)  # tests: a hard kill, no cleanup
             if cfg.max_steps and global_step >= cfg.max_steps:
                 done = True
+            if (cfg.save_state_every and not cfg.no_save and global_step % cfg.save_state_every == 0
+                    and not ((done or step + 1 == n_steps) and saves_at_epoch_end(epoch, done))):
+                # mid-epoch resume point (collective); skipped where the epoch's own save follows at once
+                save_state(engine, cfg.save_path, epoch=epoch, step_in_epoch=step + 1, global_step=global_step,
+                           sampler_epoch=epoch)
+                log(f"saved DeepSpeed state at epoch {epoch} step-in-epoch {step + 1} (global step {global_step})")
+            if exit_at and global_step == exit_at:
+                os._exit(17)  # tests: a hard kill, no cleanup
+            if done:
                 break
         if bar is not None:
             bar.close()
@@ -281,7 +294,7 @@ def train(cfg: TrainConfig):
             log(f"epoch {epoch} eval/loss {ev:.4f}")
             if wandb is not None:
                 wandb.log({"eval/loss": ev}, step=global_step)
-        if not cfg.no_save and (last_epoch or (cfg.save_every and (epoch + 1) % cfg.save_every == 0)):
+        if saves_at_epoch_end(epoch, done):
             name = "final" if last_epoch else f"ep_{epoch}"
             path = os.path.join(cfg.save_path, name)
             save_hf_checkpoint(engine, model.config.to_hf_config(), tokenizer, cfg, path, model_path=cfg.model_path,
@@ -364,29 +377,16 @@ def _evaluate(engine, eval_ds, batch_max_len, world, rank, filler, forward):
     return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
 
 
-def _flops_per_token(config):
-    """Training FLOPs of a step from (tokens, sum of squared sequence lengths)."""
-    n = config.num_params() if hasattr(config, "num_params") else 0
-    layers, hidden = getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0)
-
-    def flops(tokens, sum_len_sq):
-        if hasattr(config, "flops_per_token"):
-            try:
-                return config.flops_per_token(sum_len_sq / max(tokens, 1)) * tokens
-            except Exception:
-                pass
-        # 6 N per token + causal attention: 6 * layers * hidden * sum(len^2) (QK^T and AV, fwd+bwd, halved)
-        return 6 * n * tokens + 6 * layers * hidden * sum_len_sq
-
-    return flops
+def _step_flops(config, tokens, sum_len_sq):
+    """Training FLOPs of a step (all ranks) from its token count and sum of squared sequence lengths."""
+    return config.flops_per_token(sum_len_sq / max(tokens, 1)) * tokens
 
 
 def _init_wandb(cfg, rank):
     if rank != 0 or not cfg.wandb_project or cfg.wandb_mode == "disabled":
         return None
     import wandb
-    wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, mode=cfg.wandb_mode, config=vars(cfg) if False else
-               __import__("dataclasses").asdict(cfg))
+    wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, mode=cfg.wandb_mode, config=dataclasses.asdict(cfg))
     return wandb
 
 

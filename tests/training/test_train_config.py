@@ -14,6 +14,16 @@ def test_dash_and_underscore_spellings():
     assert a == b and a.lr_min_ratio == 0.2 and a.batch_max_len == 4096 and a.resume
 
 
+def test_save_state_every():
+    assert parse_args(BASE).save_state_every is None
+    assert parse_args(BASE + ["--save-state-every", "500"]).save_state_every == 500
+    assert parse_args(BASE + ["--save_state_every", "500"]) == parse_args(BASE + ["--save-state-every", "500"])
+    for bad in (["--save-state-every", "0"], ["--save-state-every", "x"], ["--save-state-every"]):
+        with pytest.raises(SystemExit) as e:
+            parse_args(BASE + bad)
+        assert e.value.code != 0
+
+
 def test_defaults_match_the_issue():
     c = parse_args(BASE)
     assert (c.epochs, c.lr, c.lr_min_ratio, c.weight_decay, c.beta1, c.beta2, c.eps) == (5, 2e-5, 0.1, 0.1, 0.9, 0.95, 1e-5)

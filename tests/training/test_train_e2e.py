@@ -2,8 +2,8 @@
 
 One module-wide set of runs (a ZeRO-2 2-rank run is the reference for several tests):
 loss falls, the checkpoint loads in transformers and generates; 2 ranks x 1 micro-step equals
-1 rank x 2 micro-steps over the same packs; a run killed hard and resumed ends bit-for-bit equal;
-ZeRO-3 trains and saves a gathered checkpoint.
+1 rank x 2 micro-steps over the same packs; a run killed hard mid-epoch and resumed from its
+--save-state-every state ends bit-for-bit equal; ZeRO-3 trains and saves a gathered checkpoint.
 """
 import os
 import re
@@ -88,15 +88,41 @@ def test_two_ranks_equal_one_rank_with_two_micro_steps(setup, zero2_run):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def step_tags(out):
+    return sorted(d for d in os.listdir(os.path.join(out, "ds_state")) if d.startswith("step"))
+
+
 def test_resume_after_a_hard_kill_is_bit_for_bit(setup, zero2_run):
     root, data, model = setup
     out = str(root / "killed")
-    n_steps = len(losses(zero2_run[1]))
-    r = deepspeed_train(2, model, data, out, env={"OCHAT_TEST_EXIT_AT_STEP": str(n_steps - 2)})
-    assert r.returncode != 0 and not os.path.exists(os.path.join(out, "final"))
-    r = deepspeed_train(2, model, data, out, "--resume")
+    every = 3
+    epoch_of = [int(e) for e in re.findall(r"epoch (\d+) step \d+/\d+ loss", zero2_run[1])]  # per global step
+    n_steps = len(epoch_of)
+    ends = {g for g in range(1, n_steps + 1) if g == n_steps or epoch_of[g] != epoch_of[g - 1]}  # epoch-end steps
+
+    def newest_state(k):  # global step of the newest DeepSpeed state after step k (mid-epoch or epoch end)
+        return max([g for g in range(every, k + 1, every)] + [g for g in ends if g <= k], default=0)
+
+    # the latest kill that is mid-epoch, after a mid-epoch state, with steps to redo after it
+    kill = max(k for k in range(1, n_steps - 1) if k not in ends and k % every and newest_state(k) not in ends | {0})
+    state = newest_state(kill)
+    epoch = epoch_of[state - 1]
+    in_epoch = state - sum(1 for e in epoch_of if e < epoch)
+    assert 0 < in_epoch < epoch_of.count(epoch) and kill > state, (epoch_of, kill, state)
+
+    r = deepspeed_train(2, model, data, out, "--save-state-every", str(every), env={"OCHAT_TEST_EXIT_AT_STEP": str(kill)})
+    assert r.returncode != 0 and not os.path.exists(os.path.join(out, "final")), r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"saved DeepSpeed state at epoch {epoch} step-in-epoch {in_epoch} (global step {state})" in r.stdout
+    with open(os.path.join(out, "ds_state", "latest")) as fh:
+        assert fh.read().strip() == f"step{state}"
+    assert len(step_tags(out)) <= 2 and f"step{state}" in step_tags(out), step_tags(out)
+
+    r = deepspeed_train(2, model, data, out, "--resume", "--save-state-every", str(every))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resumed at epoch {epoch} step-in-epoch {in_epoch} (global step {state})" in r.stdout, r.stdout[-3000:]
+    assert len(step_tags(out)) <= 2 and f"step{n_steps}" in step_tags(out), step_tags(out)
     a, b = weights(os.path.join(zero2_run[0], "final")), weights(os.path.join(out, "final"))
+    assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
