@@ -39,7 +39,7 @@ class TrainConfig:
     save_every: Optional[int] = None  # epochs; None = only at the end
     save_state_every: Optional[int] = None  # optimizer steps between mid-epoch DeepSpeed states; None = with save_every
     eval_every: Optional[int] = 1  # epochs; 0/None = never
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: float = 0.0  # fraction of decoder layers recomputed; the bare flag means 1.0 (all)
     attn_impl: str = "auto"
     dtype: str = "auto"  # auto = bf16 on GPU, float32 on CPU
     deepspeed_config: str = "zero2"  # zero2 | zero3 | zero3_offload | a JSON file
@@ -73,7 +73,11 @@ _HELP = {
     "dtype": "auto (bf16 on GPU, float32 on CPU), bf16 or float32",
     "attn_impl": "attention backend: auto, flash, varlen, sdpa, ... (see ochat.kernels.attention)",
     "log_every": "steps between plain log lines when stdout is not a terminal",
+    "gradient_checkpointing": "recompute activations in the backward: alone, every decoder layer; with a fraction "
+                              "(e.g. 0.5), that share of the layers, evenly spread (less recompute, more memory)",
 }
+# argparse settings that differ from the field's type: `--gradient-checkpointing` alone means 1.0
+_ARG_OVERRIDES = {"gradient_checkpointing": dict(type=float, nargs="?", const=1.0)}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,7 +94,9 @@ def build_parser():
         if "_" in f.name:
             names.append("--" + f.name)
         required = f.default is dataclasses.MISSING
-        typ = f.type if isinstance(f.type, type) else None
+        if f.name in _ARG_OVERRIDES:
+            p.add_argument(*names, dest=f.name, default=f.default, help=_HELP.get(f.name), **_ARG_OVERRIDES[f.name])
+            continue
         if f.type in (bool, "bool"):
             p.add_argument(*names, dest=f.name, action="store_true", help=_HELP.get(f.name))
             continue
@@ -114,6 +120,8 @@ def parse_args(argv=None) -> TrainConfig:
         raise SystemExit("ochat.training.train: error: --grad-accum and --epochs must be >= 1")
     if cfg.save_state_every is not None and cfg.save_state_every < 1:
         raise SystemExit("ochat.training.train: error: --save-state-every must be >= 1")
+    if not 0.0 <= cfg.gradient_checkpointing <= 1.0:
+        raise SystemExit("ochat.training.train: error: --gradient-checkpointing takes a fraction of the layers in [0, 1]")
     if cfg.wandb_mode not in ("online", "offline", "disabled"):
         raise SystemExit("ochat.training.train: error: --wandb-mode must be online, offline or disabled")
     return cfg

@@ -124,14 +124,14 @@ KEEP_STATES = 2  # DeepSpeed tags kept under ds_state (full fp32 weights + optim
 _TAG = re.compile(r"step(\d+)$")
 
 
-def save_state(engine, save_path, *, epoch, step_in_epoch, global_step, sampler_epoch, keep=KEEP_STATES):
+def save_state(engine, save_path, *, epoch, step_in_epoch, global_step, keep=KEEP_STATES):
     """DeepSpeed state (weights, optimizer, scheduler) + client state as tag `step<global_step>` under
     save_path/ds_state (collective: every rank calls). `latest` is pointed at the new tag only once every
     rank has written it, then rank 0 deletes all but the newest `keep` step* tags."""
     d = os.path.join(save_path, "ds_state")
     tag = f"step{global_step}"
-    client = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-              "sampler_epoch": sampler_epoch, "rng": rng_state()}
+    # (epoch, step_in_epoch) is the sampler's position: its packs are a pure function of seed and epoch
+    client = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "rng": rng_state()}
     # save_latest=False: DeepSpeed writes `latest` on rank 0 before the other ranks are known to be done;
     # save_checkpoint ends with a barrier, so past it the tag is complete on every rank
     engine.save_checkpoint(d, tag=tag, client_state=client, save_latest=False)
@@ -158,6 +158,16 @@ def _prune_states(d, newest, keep):
     for _, name in older:
         if name not in kept:
             shutil.rmtree(os.path.join(d, name), ignore_errors=True)
+
+
+def latest_hf_checkpoint(save_path) -> str | None:
+    """The newest complete Hugging Face checkpoint folder (final/, else the highest ep_N/) under save_path."""
+    if not os.path.isdir(save_path):
+        return None
+    epochs = [int(m.group(1)) for n in os.listdir(save_path) if (m := re.fullmatch(r"ep_(\d+)", n))]
+    if os.path.isdir(os.path.join(save_path, "final")):
+        return os.path.join(save_path, "final")
+    return os.path.join(save_path, f"ep_{max(epochs)}") if epochs else None
 
 
 def load_state(engine, save_path):

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from ochat.config.train_config import TrainConfig, load_deepspeed_config, parse_args
 from ochat.training.batching import collate_pack
-from ochat.training.checkpoint import load_state, save_hf_checkpoint, save_state
+from ochat.training.checkpoint import latest_hf_checkpoint, load_state, save_hf_checkpoint, save_state
 from ochat.training.loss import loss_scale
 from ochat.training.schedule import lr_at
 
@@ -162,7 +162,7 @@ def train(cfg: TrainConfig):
         raise TrainError(f"the model's vocabulary ({vocab}) lacks the end-of-turn token {model_type.eot_token!r} "
                          f"(id {tokenizer.eot_id}): add it first with `python -m ochat.training.add_tokens`")
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(cfg.gradient_checkpointing)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms and biases: no weight decay
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -212,8 +212,8 @@ def train(cfg: TrainConfig):
     filler = int(tokenizer.eot_id)
     exit_at = int(os.environ.get(EXIT_AT_STEP, "0") or 0)
     show_bar = rank == 0 and sys.stdout.isatty()
-    t_start, tokens_seen = time.time(), 0
-    last_good = None
+    t_start = time.time()
+    last_good = latest_hf_checkpoint(cfg.save_path) if cfg.resume else None
     done = False
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
@@ -257,7 +257,6 @@ def train(cfg: TrainConfig):
                                  f"Last good checkpoint: {last_good or 'none'}. Try a lower --lr.")
             dt = max(time.time() - t0, 1e-9)
             tok = float(stats[4]) / world
-            tokens_seen += tok
             tps = tok / dt
             mfu = (_step_flops(model.config, float(stats[4]), float(stats[5])) / world / dt / peak) if peak else float("nan")
             gnorm = engine.get_global_grad_norm()
@@ -278,8 +277,7 @@ def train(cfg: TrainConfig):
             if (cfg.save_state_every and not cfg.no_save and global_step % cfg.save_state_every == 0
                     and not ((done or step + 1 == n_steps) and saves_at_epoch_end(epoch, done))):
                 # mid-epoch resume point (collective); skipped where the epoch's own save follows at once
-                save_state(engine, cfg.save_path, epoch=epoch, step_in_epoch=step + 1, global_step=global_step,
-                           sampler_epoch=epoch)
+                save_state(engine, cfg.save_path, epoch=epoch, step_in_epoch=step + 1, global_step=global_step)
                 log(f"saved DeepSpeed state at epoch {epoch} step-in-epoch {step + 1} (global step {global_step})")
             if exit_at and global_step == exit_at:
                 os._exit(17)  # tests: a hard kill, no cleanup
@@ -299,9 +297,8 @@ def train(cfg: TrainConfig):
             path = os.path.join(cfg.save_path, name)
             save_hf_checkpoint(engine, model.config.to_hf_config(), tokenizer, cfg, path, model_path=cfg.model_path,
                                eot_token=model_type.eot_token, eot_id=int(tokenizer.eot_id), bos_id=int(tokenizer.bos_id))
-            finished = epoch + 1 if not done else epoch
             save_state(engine, cfg.save_path, epoch=epoch + 1 if not done else epoch,
-                       step_in_epoch=0 if not done else step + 1, global_step=global_step, sampler_epoch=finished)
+                       step_in_epoch=0 if not done else step + 1, global_step=global_step)
             last_good = path
             log(f"saved {path}")
         if done:

@@ -24,6 +24,15 @@ def test_save_state_every():
         assert e.value.code != 0
 
 
+def test_gradient_checkpointing_flag_alone_or_with_a_fraction():
+    assert parse_args(BASE).gradient_checkpointing == 0.0
+    assert parse_args(BASE + ["--gradient-checkpointing"]).gradient_checkpointing == 1.0
+    assert parse_args(BASE + ["--gradient_checkpointing", "0.5", "--resume"]).gradient_checkpointing == 0.5
+    assert parse_args(BASE + ["--gradient-checkpointing", "--resume"]).resume
+    with pytest.raises(SystemExit):
+        parse_args(BASE + ["--gradient-checkpointing", "1.5"])
+
+
 def test_defaults_match_the_issue():
     c = parse_args(BASE)
     assert (c.epochs, c.lr, c.lr_min_ratio, c.weight_decay, c.beta1, c.beta2, c.eps) == (5, 2e-5, 0.1, 0.1, 0.9, 0.95, 1e-5)
