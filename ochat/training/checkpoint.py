@@ -2,7 +2,8 @@
 
 HF checkpoint = safetensors weights + config.json + tokenizer (end-of-turn token as eos) +
 generation_config.json + training_args.json. It is written to `<dir>.tmp` and renamed, so a crash
-never leaves a half checkpoint. Under ZeRO-3 the weights are gathered to rank 0 first.
+never leaves a half checkpoint. Under ZeRO-3 the weights are gathered to rank 0 first, and the
+starting checkpoint is loaded into an already partitioned model (`load_partitioned`).
 """
 import json
 import os
@@ -17,6 +18,29 @@ import torch.distributed as dist
 
 def _rank():
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def load_partitioned(path, ds_config: dict, attn_impl: str = "auto"):
+    """ZeRO-3: a PackedCausalLM built already partitioned over the ranks (`deepspeed.zero.Init`) and filled
+    one parameter at a time (rank 0 reads it from the checkpoint, DeepSpeed keeps each rank's shard), so no
+    rank ever holds the whole model: what lets a 70B model start on GPUs that cannot hold it whole.
+    Collective: every rank calls it."""
+    import deepspeed
+
+    from ochat.training.model import CheckpointReader, PackedCausalLM
+    from ochat.training.model_config import ModelConfig
+
+    config = ModelConfig.from_hf_config(path)
+    reader = CheckpointReader(path)
+    # dtype from ds_config (bf16 or float32); an explicit dtype= is ignored on accelerators without fp16 (DeepSpeed 0.19)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = PackedCausalLM(config, attn_impl=attn_impl)
+    params = dict(model.named_parameters())
+    for name in reader.check_names(model):  # the same names in the same order on every rank (each gather is collective)
+        with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+            if _rank() == 0:
+                params[name].data.copy_(reader.get(name))
+    return model
 
 
 def _full_state_dict(engine):

@@ -219,24 +219,14 @@ class PackedCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", attn_impl="auto") -> "PackedCausalLM":
         """Load a HF checkpoint folder (safetensors or .bin, single or sharded) without a second copy:
-        the module is built on the meta device and the loaded tensors are assigned in place."""
+        the module is built on the meta device and each tensor, read from the file, is assigned in place."""
         config = ModelConfig.from_hf_config(path)
         with torch.device("meta"):
             model = cls(config, attn_impl=attn_impl)
-        sd = {}
-        for f in _weight_files(path):
-            for k, t in _load_file(f).items():
-                if k.endswith("rotary_emb.inv_freq"):
-                    continue
-                sd[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-        if config.tie_word_embeddings:
-            sd.pop("lm_head.weight", None)
-        elif "lm_head.weight" not in sd:
-            raise ValueError(f"{path}: lm_head.weight missing and tie_word_embeddings is false")
-        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-        missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
-        if missing or unexpected:
-            raise ValueError(f"{path}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+        reader = CheckpointReader(path)
+        names = reader.check_names(model)
+        sd = {n: reader.get(n).to(device=device, dtype=dtype) for n in names}
+        model.load_state_dict(sd, strict=False, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model
@@ -275,6 +265,50 @@ class PackedCausalLM(nn.Module):
             json.dump(hf, f, indent=2)
 
 
+class CheckpointReader:
+    """Tensors of a Hugging Face checkpoint folder, read one at a time by name (safetensors lazily;
+    .bin files memory-mapped), so no caller needs the whole state dict in memory."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self._where: dict[str, str] = {}
+        self._bin: dict[str, dict] = {}
+        for f in _weight_files(self.path):
+            if f.endswith(".safetensors"):
+                from safetensors import safe_open
+                with safe_open(f, framework="pt") as fh:
+                    keys = list(fh.keys())
+            else:
+                self._bin[f] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                keys = list(self._bin[f])
+            self._where.update((k, f) for k in keys if not k.endswith("rotary_emb.inv_freq"))
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def check_names(self, model: nn.Module) -> list[str]:
+        """The model's parameter names (a tied lm_head counted once), after checking that the checkpoint
+        has each of them and nothing else; raises ValueError naming the differences."""
+        wanted = [n for n, _ in model.named_parameters()]  # deduplicated: a tied lm_head.weight is not listed
+        have = self.names()
+        if model.config.tie_word_embeddings:
+            have.discard("lm_head.weight")
+        elif "lm_head.weight" not in have:
+            raise ValueError(f"{self.path}: lm_head.weight missing and tie_word_embeddings is false")
+        missing, unexpected = sorted(set(wanted) - have), sorted(have - set(wanted))
+        if missing or unexpected:
+            raise ValueError(f"{self.path}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+        return wanted
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self._where[name]
+        if f in self._bin:
+            return self._bin[f][name]
+        from safetensors import safe_open
+        with safe_open(f, framework="pt") as fh:
+            return fh.get_tensor(name)
+
+
 def _weight_files(path) -> list[str]:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         p = os.path.join(path, index)
@@ -287,10 +321,3 @@ def _weight_files(path) -> list[str]:
         if files:
             return files
     raise FileNotFoundError(f"no safetensors or .bin weights in {path}")
-
-
-def _load_file(f: str) -> dict:
-    if f.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(f)
-    return torch.load(f, map_location="cpu", weights_only=True, mmap=True)

@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from ochat.config.train_config import TrainConfig, load_deepspeed_config, parse_args
 from ochat.training.batching import collate_pack
-from ochat.training.checkpoint import latest_hf_checkpoint, load_state, save_hf_checkpoint, save_state
+from ochat.training.checkpoint import (latest_hf_checkpoint, load_partitioned, load_state, save_hf_checkpoint,
+                                      save_state)
 from ochat.training.loss import loss_scale
 from ochat.training.schedule import lr_at
 
@@ -153,9 +154,15 @@ def train(cfg: TrainConfig):
         f"x {batch_max_len} tokens; {total_steps} steps ({warmup} warmup)")
 
     # ---------------------------------------------------------------- model
+    ds_config = load_deepspeed_config(cfg.deepspeed_config, grad_accum=G, grad_clip=cfg.grad_clip, bf16=bf16)
+    zero = ds_config.get("zero_optimization", {})
     try:
-        model = PackedCausalLM.from_pretrained(cfg.model_path, dtype=torch.float32, device=device, attn_impl=cfg.attn_impl)
-    except (OSError, FileNotFoundError) as e:
+        if zero.get("stage") == 3:  # partitioned from the start: no rank holds the whole model
+            model = load_partitioned(cfg.model_path, ds_config, cfg.attn_impl)
+        else:  # float32 here; DeepSpeed keeps the fp32 master copy and casts the module to bf16
+            model = PackedCausalLM.from_pretrained(cfg.model_path, dtype=torch.float32, device=device,
+                                                   attn_impl=cfg.attn_impl)
+    except (OSError, ValueError) as e:
         raise TrainError(f"cannot load the model from {cfg.model_path}: {e}")
     vocab = model.config.vocab_size
     if tokenizer.eot_id >= vocab or meta["vocab_size"] > vocab:
@@ -163,13 +170,11 @@ def train(cfg: TrainConfig):
                          f"(id {tokenizer.eot_id}): add it first with `python -m ochat.training.add_tokens`")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(cfg.gradient_checkpointing)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms and biases: no weight decay
+    decay = [p for p in model.parameters() if _is_matrix(p)]
+    no_decay = [p for p in model.parameters() if not _is_matrix(p)]  # norms and biases: no weight decay
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     # ---------------------------------------------------------------- DeepSpeed
-    ds_config = load_deepspeed_config(cfg.deepspeed_config, grad_accum=G, grad_clip=cfg.grad_clip, bf16=bf16)
-    zero = ds_config.get("zero_optimization", {})
     if zero.get("offload_optimizer", {}).get("device") == "cpu":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         optimizer = DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, adamw_mode=True)
@@ -308,6 +313,11 @@ def train(cfg: TrainConfig):
     peak_mem = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if cuda else ""
     log(f"done: {global_step} steps in {time.time() - t_start:.1f}s; checkpoint {last_good}{peak_mem}")
     dist.barrier()
+
+
+def _is_matrix(p: torch.nn.Parameter) -> bool:
+    """2-D or more (a ZeRO-3 partition is flat: its full shape is ds_shape)."""
+    return len(getattr(p, "ds_shape", p.shape)) >= 2
 
 
 def _pct(x):
