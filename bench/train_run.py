@@ -1,8 +1,9 @@
-"""Trainer benchmark: the real `deepspeed --module ochat.training.train` on the 1.1B LLaMA shape.
+"""Trainer benchmark: the real `deepspeed --module ochat.training.train` on the 1.1B (or 7B) LLaMA shape.
 
     python bench/train_run.py --work-dir /tmp/bench --steps 300 [--num-gpus 1] [--batch-max-len 16384]
+    python bench/train_run.py --shape 7b --num-gpus 2 --steps 40 -- --deepspeed-config zero3 --gradient-checkpointing
 
-Makes a random-init 1.1B LLaMA (22 layers, hidden 2048, intermediate 5632, GQA 32/4, vocab 32002)
+Makes a random-init 1.1B LLaMA (22 layers, hidden 2048, intermediate 5632, GQA 32/4, vocab 32002; or Llama 2 7B)
 and a synthetic pre-tokenized dataset with heavy-tailed conversation lengths (log-normal, 32..4096
 tokens) whose tokens follow per-conversation arithmetic progressions (learnable, so the loss falls),
 then trains with ZeRO-2, bf16, and reports tokens/s/GPU, MFU, peak memory and the loss curve.
@@ -45,7 +46,13 @@ def make_dataset(out_dir, n, seed=0, vocab=32000, eot=32000, max_len=4096):
     return meta
 
 
-def make_model(out_dir):
+SHAPES = {  # random-init model shapes (vocab 32002: Llama 2 + OpenChat's tokens)
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
+}
+
+
+def make_model(out_dir, shape):
     import torch
     from ochat.config import get_model_type
     from ochat.data import load_tokenizer
@@ -53,7 +60,8 @@ def make_model(out_dir):
     from ochat.training.model import PackedCausalLM
     from ochat.training.model_config import ModelConfig
     torch.manual_seed(0)
-    m = PackedCausalLM.from_config(ModelConfig.tinyllama_1b(32002), dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu")
+    config = ModelConfig(vocab_size=32002, max_position_embeddings=4096, rms_norm_eps=1e-5, **SHAPES[shape])
+    m = PackedCausalLM.from_config(config, dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu")
     m.reset_parameters()
     m.save_pretrained(out_dir)
     load_tokenizer(bundled_tokenizer(), get_model_type("openchat_v3.2")).save_hf(out_dir)
@@ -63,16 +71,18 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--work-dir", default="/tmp/ochat_bench")
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     p.add_argument("--num-gpus", type=int, default=1)
     p.add_argument("--batch-max-len", type=int, default=16384)
     p.add_argument("--conversations", type=int, default=8000)
     p.add_argument("--out", default=None, help="folder for log + summary json")
     p.add_argument("extra", nargs="*", help="more trainer flags after --")
     a = p.parse_args()
-    data, model = os.path.join(a.work_dir, "data"), os.path.join(a.work_dir, "model")
+    data, model = os.path.join(a.work_dir, "data"), os.path.join(a.work_dir, f"model_{a.shape}")
     meta = make_dataset(data, a.conversations)
     print("dataset", json.dumps(meta["length_stats"]), flush=True)
-    make_model(model)
+    if not os.path.exists(os.path.join(model, "config.json")):  # a second run in the same work dir reuses it
+        make_model(model, a.shape)
     cmd = ["deepspeed", "--num_gpus", str(a.num_gpus), "--module", "ochat.training.train", "--model-path", model,
            "--data-path", data, "--save-path", os.path.join(a.work_dir, "out"), "--epochs", "1", "--max-steps", str(a.steps),
            "--batch-max-len", str(a.batch_max_len), "--lr", "3e-4", "--lr-warmup-steps", "20", "--log-every", "10",

@@ -156,6 +156,7 @@ def train(cfg: TrainConfig):
     # ---------------------------------------------------------------- model
     ds_config = load_deepspeed_config(cfg.deepspeed_config, grad_accum=G, grad_clip=cfg.grad_clip, bf16=bf16)
     zero = ds_config.get("zero_optimization", {})
+    t_load = time.time()
     try:
         if zero.get("stage") == 3:  # partitioned from the start: no rank holds the whole model
             model = load_partitioned(cfg.model_path, ds_config, cfg.attn_impl)
@@ -164,6 +165,8 @@ def train(cfg: TrainConfig):
                                                    attn_impl=cfg.attn_impl)
     except (OSError, ValueError) as e:
         raise TrainError(f"cannot load the model from {cfg.model_path}: {e}")
+    log(f"model: {model.config.num_params() / 1e9:.2f}B parameters from {cfg.model_path} in {time.time() - t_load:.1f}s"
+        + (" (partitioned over the ranks: ZeRO-3)" if zero.get("stage") == 3 else ""))
     vocab = model.config.vocab_size
     if tokenizer.eot_id >= vocab or meta["vocab_size"] > vocab:
         raise TrainError(f"the model's vocabulary ({vocab}) lacks the end-of-turn token {model_type.eot_token!r} "
