@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 WORKER = r'''
-import json, sys
+import json, os, sys
 import deepspeed, torch
 import torch.distributed as dist
 from safetensors.torch import load_file
@@ -42,6 +42,10 @@ for name, p in params:
 with open(f"{out}.{dist.get_rank()}", "w") as fh:
     json.dump({"local": local, "total": total, "mismatched": mismatched, "n": len(params),
                "tied": model.lm_head.weight is model.model.embed_tokens.weight}, fh)
+dist.barrier()
+# Skip interpreter teardown: gloo's thread may still free the last all-gather's tensors, and taking the GIL
+# while Python finalizes aborts the process ("terminate called without an active exception").
+os._exit(0)
 '''
 
 
