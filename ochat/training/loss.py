@@ -10,17 +10,23 @@ S_m * loss_scale(W, R, G) with loss_scale = R * G / W gives, after both averagin
 
 which does not depend on how conversations are packed, split over ranks or over micro-steps.
 """
+import torch
 
 
-def loss_scale(step_weight_sum, world_size, grad_accum, ds_scales_by_grad_accum=True):
+def loss_scale(step_weight_sum: torch.Tensor | float, world_size: int, grad_accum: int,
+               ds_scales_by_grad_accum: bool = True) -> torch.Tensor:
     """Factor to multiply a micro-step's `weighted_loss` sum by before `engine.backward`.
 
     step_weight_sum: W, the sum of target weights over the whole step (all ranks, all micro-steps).
+        A tensor stays where it is: the trainer passes the all-reduced W on the GPU, so nothing is
+        read back to the host before the step's forward passes.
     world_size: R, ranks that DeepSpeed averages gradients over.
     grad_accum: G, micro-steps per optimizer step.
     ds_scales_by_grad_accum: whether backward divides the loss by G (DeepSpeed does by default).
+
+    Returns R * G / W (a float64 tensor like W), or 0 when W is 0: a step with no targets has zero
+    gradients and still runs its collectives.
     """
-    if step_weight_sum <= 0:
-        return 0.0  # a step with no targets: zero gradients, the step still runs its collectives
+    w = torch.as_tensor(step_weight_sum, dtype=torch.float64)
     g = grad_accum if ds_scales_by_grad_accum else 1
-    return float(world_size) * g / float(step_weight_sum)
+    return torch.where(w > 0, float(world_size * g) / w, torch.zeros_like(w))

@@ -246,9 +246,9 @@ def train(cfg: TrainConfig):
                                   sum(b["input_ids"].numel() for b in micro),
                                   sum(float((b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).double().pow(2).sum()) for b in micro)],
                                  dtype=torch.float64, device=device)
-            w_sum = stats[:1].clone()
+            w_sum = stats[0].clone()
             dist.all_reduce(w_sum)
-            scale = loss_scale(float(w_sum), world, G)
+            scale = loss_scale(w_sum, world, G).float()  # on the device: no host sync before the forward passes
             lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.lr  # the rate this step uses
             for b in micro:
                 out = forward(b)

@@ -46,7 +46,18 @@ def test_gradient_invariant_to_packing_ranks_and_micro_steps():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_zero_weight_step():
-    assert loss_scale(0.0, 2, 4) == 0.0
-    assert loss_scale(8.0, 2, 4) == 1.0
-    assert loss_scale(8.0, 2, 4, ds_scales_by_grad_accum=False) == 0.25
+def test_scale_values_and_zero_weight_step():
+    assert loss_scale(0.0, 2, 4).item() == 0.0
+    assert loss_scale(8.0, 2, 4).item() == 1.0
+    assert loss_scale(8.0, 2, 4, ds_scales_by_grad_accum=False).item() == 0.25
+
+
+def test_scale_of_a_tensor_stays_a_tensor_and_is_finite_at_zero():
+    w = torch.tensor(0.0, dtype=torch.float64)
+    s = loss_scale(w, 8, 2)
+    assert isinstance(s, torch.Tensor) and s.device == w.device and s.dtype == torch.float64
+    assert torch.isfinite(s) and s.item() == 0.0
+    loss = torch.tensor(3.5, requires_grad=True)
+    (loss * s.float()).backward()  # a step without targets: zero gradient, not NaN
+    assert loss.grad.item() == 0.0
+    assert loss_scale(torch.tensor(12.0, dtype=torch.float64), 3, 4).item() == 1.0
