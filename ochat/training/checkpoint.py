@@ -136,12 +136,8 @@ def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
-        if isinstance(cuda, (list, tuple)):  # older states: every visible device's, as seen from rank 0
-            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda)
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 KEEP_STATES = 2  # DeepSpeed tags kept under ds_state (full fp32 weights + optimizer each): the newest ones

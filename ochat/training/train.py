@@ -245,7 +245,7 @@ def train(cfg: TrainConfig):
             stats = torch.tensor([sum(float(b["label_weights"].sum()) for b in micro), 0.0, 0.0, 0.0,
                                   sum(b["input_ids"].numel() for b in micro),
                                   sum(float((b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).double().pow(2).sum()) for b in micro)],
-                                 dtype=torch.float64, device=device)
+                                 dtype=torch.float64, pin_memory=cuda).to(device, non_blocking=True)  # no host wait
             w_sum = stats[0].clone()
             dist.all_reduce(w_sum)
             scale = loss_scale(w_sum, world, G).float()  # on the device: no host sync before the forward passes

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from ochat.config.train_config import load_deepspeed_config
 from ochat.training.checkpoint import load_partitioned
+from ochat.training.train import _is_matrix
 
 path, out = sys.argv[1], sys.argv[2]
 deepspeed.init_distributed(dist_backend="gloo")
@@ -40,6 +41,7 @@ for name, p in params:
             mismatched.append(name)
 with open(f"{out}.{dist.get_rank()}", "w") as fh:
     json.dump({"local": local, "total": total, "mismatched": mismatched, "n": len(params),
+               "matrices": sorted(n for n, p in params if _is_matrix(p)),
                "tied": model.lm_head.weight is model.model.embed_tokens.weight}, fh)
 dist.barrier()
 # Skip interpreter teardown: gloo's thread may still free the last all-gather's tensors, and taking the GIL
@@ -63,5 +65,7 @@ def test_partitioned_load_equals_the_checkpoint(tmp_path, tied):
     for res in ranks:
         assert res["mismatched"] == [] and res["tied"] == tied
         assert res["n"] == len(list(PackedCausalLM(cfg).named_parameters()))
+        # weight decay goes to the same parameters as without ZeRO-3, although each rank's partition is flat
+        assert res["matrices"] == sorted(n for n, p in PackedCausalLM(cfg).named_parameters() if p.ndim >= 2)
         assert res["local"] < 0.6 * res["total"]  # this rank's shard only (about half, rounded up per tensor)
     assert sum(res["local"] for res in ranks) >= ranks[0]["total"]
