@@ -40,6 +40,8 @@ PEAK_FLOPS = 790e12
 SHAPE_1B = dict(num_hidden_layers=22, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32002, max_position_embeddings=4096, rms_norm_eps=1e-5,
                 rope_theta=10000.0, tie_word_embeddings=False)
+SHAPE_7B = dict(SHAPE_1B, num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                num_key_value_heads=32)  # Llama 2 7B (vocab 32002: with OpenChat's tokens)
 SHAPE_TINY = dict(SHAPE_1B, num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=512)
 

@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 
+import throughput  # same folder: the benchmark model shapes
+
 
 def make_dataset(out_dir, n, seed=0, vocab=32000, eot=32000, max_len=4096):
     import pyarrow as pa
@@ -46,10 +48,7 @@ def make_dataset(out_dir, n, seed=0, vocab=32000, eot=32000, max_len=4096):
     return meta
 
 
-SHAPES = {  # random-init model shapes (vocab 32002: Llama 2 + OpenChat's tokens)
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
-}
+SHAPES = {"1b": throughput.SHAPE_1B, "7b": throughput.SHAPE_7B}  # random init, vocab 32002 (Llama 2 + OpenChat's tokens)
 
 
 def make_model(out_dir, shape):
@@ -60,7 +59,7 @@ def make_model(out_dir, shape):
     from ochat.training.model import PackedCausalLM
     from ochat.training.model_config import ModelConfig
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=32002, max_position_embeddings=4096, rms_norm_eps=1e-5, **SHAPES[shape])
+    config = ModelConfig(**SHAPES[shape])
     m = PackedCausalLM.from_config(config, dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu")
     m.reset_parameters()
     m.save_pretrained(out_dir)

@@ -32,8 +32,7 @@ sys.path.insert(0, str(BENCH.parent))
 import throughput  # noqa: E402  (same folder: data, model builders, loss functions, FLOPs)
 
 SHAPES = {
-    "7b": dict(throughput.SHAPE_1B, num_hidden_layers=32, hidden_size=4096, intermediate_size=11008,
-               num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, rms_norm_eps=1e-5),
+    "7b": dict(throughput.SHAPE_7B, vocab_size=32000),  # Llama 2's own vocabulary, as in DESIGN's baseline
     "1b": throughput.SHAPE_1B,
     "tiny": throughput.SHAPE_TINY,
 }
