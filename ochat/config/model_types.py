@@ -20,11 +20,28 @@ Weights: assistant content and its end-of-turn get the condition's weight; every
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 BOS = "bos"
 EOT = "eot"
 TEXT = "text"
+
+
+@dataclass
+class Encoded:
+    """One conversation rendered for training: token ids and the weight of each token as a target."""
+
+    tokens: list[int]
+    weights: list[float]
+    rewritten_turns: int = 0  # assistant turns the template rendered differently from the input (counted in the report)
+
+
+class UnsupportedConversation(ValueError):
+    """A conversation this template cannot render; `reason` is the skip reason the data CLI counts."""
+
+    def __init__(self, reason: str, message: str = ""):
+        super().__init__(message or reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,19 @@ class Template:
         segs = self.segments(messages, condition, system)
         ids = tokenizer.encode_batch([t for k, t, _ in segs if k == TEXT])
         return self.assemble(segs, ids, tokenizer)
+
+    def encode_many(self, conversations: Sequence[Any], tokenizer) -> list["Encoded | UnsupportedConversation"]:
+        """Encode many conversations (objects with .messages, .condition, .system, as `ochat.data.formats`
+        makes them) in one batched tokenizer call; a conversation that cannot be rendered comes back as
+        its UnsupportedConversation instead of raising."""
+        segs_all = [self.segments(c.messages, c.condition, c.system) for c in conversations]
+        ids = tokenizer.encode_batch([t for segs in segs_all for k, t, _ in segs if k == TEXT])
+        out, pos = [], 0
+        for segs in segs_all:
+            n = sum(1 for k, _, _ in segs if k == TEXT)
+            out.append(Encoded(*self.assemble(segs, ids[pos:pos + n], tokenizer)))
+            pos += n
+        return out
 
     def encode_prompt(self, messages, tokenizer, condition=None, system=None):
         """-> tokens for generation, ending with the assistant prefix."""

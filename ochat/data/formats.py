@@ -38,6 +38,7 @@ class Conversation:
     messages: list  # [{"role": "user"|"assistant", "content": str}], alternating, starts with user
     condition: str
     system: str | None
+    tools: list | None = None  # function definitions offered to the model (OpenAI `tools`), for templates that render them
 
 
 def read_records(path) -> list:

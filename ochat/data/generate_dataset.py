@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ochat.config.model_types import TEXT, MODEL_TYPES, get_model_type, with_condition_weights
+from ochat.config.model_types import MODEL_TYPES, get_model_type, with_condition_weights
 from ochat.data import formats
 from ochat.data.formats import InputError
 
@@ -91,19 +91,19 @@ def _init_worker(model_type_name, weights, default_condition, tokenizer_path, ma
 
 
 def _tokenize_chunk(convs):
-    """[(messages, condition, system)] -> (lengths int32, tokens int32, weights float32,
-    status int8 per conversation: 0 kept, 1 truncated, 2 no target after truncation)."""
-    mt, tok, max_len = _W["mt"], _W["tok"], _W["max_length"]
-    tmpl = mt.template
-    segs_all = [tmpl.segments(m, c, s) for m, c, s in convs]
-    texts = [t for segs in segs_all for k, t, _ in segs if k == TEXT]
-    ids = tok.encode_batch(texts)
-    pos = 0
-    lengths, status, toks, ws = [], [], [], []
-    for segs in segs_all:
-        n = sum(1 for k, _, _ in segs if k == TEXT)
-        t, w = tmpl.assemble(segs, ids[pos:pos + n], tok)
-        pos += n
+    """[Conversation] -> (lengths int32, tokens int32, weights float32, status int8 per conversation:
+    0 kept, 1 truncated, 2 no target after truncation, 3 the template could not render it; reasons of status 3)."""
+    from ochat.config.model_types import UnsupportedConversation
+
+    tok, max_len = _W["tok"], _W["max_length"]
+    lengths, status, toks, ws, reasons = [], [], [], [], []
+    for enc in _W["mt"].template.encode_many(convs, tok):
+        if isinstance(enc, UnsupportedConversation):
+            status.append(3)
+            lengths.append(0)
+            reasons.append(enc.reason)
+            continue
+        t, w = enc.tokens, enc.weights
         st = 0
         if len(t) > max_len:
             t, w = t[:max_len], w[:max_len]
@@ -116,7 +116,7 @@ def _tokenize_chunk(convs):
         toks.extend(t)
         ws.extend(w)
     return (np.asarray(lengths, np.int32), np.asarray(toks, np.int32), np.asarray(ws, np.float32),
-            np.asarray(status, np.int8))
+            np.asarray(status, np.int8), reasons)
 
 
 # ----------------------------------------------------------------------------- main
@@ -188,7 +188,7 @@ def run(args) -> dict:
             if isinstance(c, str):
                 skipped[c] += 1
             else:
-                convs.append((c.messages, c.condition, c.system))
+                convs.append(c)
 
     out_dir = Path(args.out_dir)
     tmp = _prepare_out_dir(out_dir, args.overwrite)
@@ -219,10 +219,11 @@ def run(args) -> dict:
             results = pool.imap(_tokenize_chunk, chunks)
         start = 0
         try:
-            for chunk, (lengths, toks, ws, status) in zip(chunks, results):
+            for chunk, (lengths, toks, ws, status, reasons) in zip(chunks, results):
                 truncated += int((status == 1).sum())
                 skipped[formats.NO_TARGET_AFTER_TRUNCATION] += int((status == 2).sum())
-                keep = status != 2
+                skipped.update(reasons)
+                keep = (status == 0) | (status == 1)
                 offsets = np.zeros(len(lengths) + 1, np.int64)
                 np.cumsum(lengths, out=offsets[1:])
                 ev = is_eval[start:start + len(chunk)]
@@ -244,7 +245,7 @@ def run(args) -> dict:
                     tsum[s][0] += float(w_sel.sum())
                     tsum[s][1] += int((w_sel > 0).sum())
                     for i in idx:
-                        cond_counts[s][chunk[i][1]] += 1
+                        cond_counts[s][chunk[i].condition] += 1
                 start += len(chunk)
                 bar.update(len(chunk))
         finally:
