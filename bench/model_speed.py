@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from ochat.training.model import PackedCausalLM
+from ochat.training.metrics import PEAK_FLOPS, step_flops
 from ochat.training.model_config import ModelConfig
 
-PEAK_BF16 = 790e12  # bf16 8192^3 matmul measured on these H100/H200s (the project's MFU basis)
+PEAK_BF16 = PEAK_FLOPS["H100"]  # the H100 and H200 share it
 
 
 def v1_lengths(n, rng):
@@ -76,7 +77,7 @@ def run(name, model, batches, step_fn, warmup, steps, cfg, tokens_of):
         step_fn(model, b)
         lens = tokens_of(b)
         tokens += sum(lens)
-        flops += cfg.flops_per_token(sum(n * n for n in lens) / sum(lens)) * sum(lens)
+        flops += step_flops(cfg, sum(lens), sum(n * n for n in lens))
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     r = dict(config=name, tokens_per_s=tokens / dt, mfu=flops / dt / PEAK_BF16,

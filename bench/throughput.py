@@ -15,7 +15,8 @@ Configurations (activation checkpointing on and off for each):
   hf_varlen      packed row, torch varlen_attn registered through AttentionInterface, cu_seq_lens_q/k
                  and max_length_q/k passed to the model forward (TRL padding-free style)
 All: bf16 parameters, fused torch AdamW (lr 1e-5), real (non-padding) tokens counted. MFU = model FLOPs
-(6 x matmul params per token + causal attention 6 x layers x hidden x sum(len^2)) / 790 TFLOP/s.
+(ModelConfig.flops_per_token: 6 x matmul params per token + causal attention) / the GPU's peak
+(ochat.training.metrics.PEAK_FLOPS: 790 TFLOP/s on H100/H200).
 Writes throughput.json and throughput.md into --out.
 """
 import argparse
@@ -36,14 +37,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PEAK_FLOPS = 790e12
-SHAPE_1B = dict(num_hidden_layers=22, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
-                num_key_value_heads=4, vocab_size=32002, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                rope_theta=10000.0, tie_word_embeddings=False)
-SHAPE_7B = dict(SHAPE_1B, num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                num_key_value_heads=32)  # Llama 2 7B (vocab 32002: with OpenChat's tokens)
-SHAPE_TINY = dict(SHAPE_1B, num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=512)
+from ochat.training.metrics import PEAK_FLOPS, step_flops  # noqa: E402
+from ochat.training.model_config import ModelConfig  # noqa: E402
+
+PEAK = PEAK_FLOPS["H100"]  # the H100 and H200 share it
+SHAPES = {"1b": ModelConfig.tinyllama_1b(), "7b": ModelConfig.llama2_7b(),
+          "tiny": ModelConfig.debug(vocab_size=512, intermediate_size=128, max_position_embeddings=4096)}
 
 
 # ----------------------------------------------------------------------------- data
@@ -102,15 +101,9 @@ def collate(items):
     return collate_pack(items)
 
 
-def model_flops(shape, packs):
-    h, L, V = shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]
-    hd = h // shape["num_attention_heads"]
-    kv = shape["num_key_value_heads"] * hd
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * shape["intermediate_size"]
-    matmul_params = L * per_layer + h * V
-    tokens = sum(len(t) for p in packs for t, _ in p)
-    sq = sum(len(t) ** 2 for p in packs for t, _ in p)
-    return 6 * matmul_params * tokens + 6 * L * h * sq
+def model_flops(config: ModelConfig, packs) -> float:
+    """Training FLOPs of the packs (lists of (tokens, weights) conversations)."""
+    return step_flops(config, sum(len(t) for p in packs for t, _ in p), sum(len(t) ** 2 for p in packs for t, _ in p))
 
 
 # ----------------------------------------------------------------------------- transformers baselines
@@ -147,10 +140,10 @@ def _register_varlen():
     ALL_MASK_ATTENTION_FUNCTIONS.register("ochat_varlen", flash_attention_mask)
 
 
-def build_hf(shape, attn, device, ckpt):
+def build_hf(config: ModelConfig, attn, device, ckpt):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**shape, attn_implementation=attn)
+    cfg = LlamaConfig(**config.to_hf_config(), attn_implementation=attn)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -240,14 +233,14 @@ def hf_step_fn(kind, model, device, pack_tokens):
     return step
 
 
-def check_isolation(kind, model, device, shape):
+def check_isolation(kind, model, device, config: ModelConfig):
     """Max abs change of the second packed conversation's logits when the first conversation changes.
 
     Isolated attention gives 0 (same shapes, same kernels, deterministic forward); a leak gives
     differences of the order of the logits. Flex rows are padded to 256 tokens with a dummy document.
     """
     g = torch.Generator().manual_seed(1)
-    v = shape["vocab_size"]
+    v = config.vocab_size
     a1, a2 = torch.randint(3, v, (100,), generator=g), torch.randint(3, v, (100,), generator=g)
     b = torch.randint(3, v, (80,), generator=g)
     total = 256 if kind == "flex" else 180
@@ -278,16 +271,12 @@ def check_isolation(kind, model, device, shape):
 
 
 # ----------------------------------------------------------------------------- ochat
-def build_ochat(shape, device, ckpt):
+def build_ochat(config: ModelConfig, device, ckpt):
     from ochat.training.model import PackedCausalLM
-    from ochat.training.model_config import ModelConfig
 
-    hf = dict(shape, model_type="llama", architectures=["LlamaForCausalLM"], torch_dtype="bfloat16",
-              hidden_act="silu", attention_bias=False, head_dim=shape["hidden_size"] // shape["num_attention_heads"])
-    cfg = ModelConfig.from_hf_config(hf)
     torch.manual_seed(0)
     with torch.device(device):
-        model = PackedCausalLM(cfg).to(torch.bfloat16)
+        model = PackedCausalLM(config).to(torch.bfloat16)
     if ckpt:
         model.gradient_checkpointing_enable(float(ckpt))  # True = every layer; a float = that fraction of them
     model.train()
@@ -309,7 +298,7 @@ def ochat_step_fn(model, device):
 
 
 # ----------------------------------------------------------------------------- harness
-def run_config(name, build, make_step, packs, warmup, device, shape):
+def run_config(name, build, make_step, packs, warmup, device, config: ModelConfig):
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -336,7 +325,7 @@ def run_config(name, build, make_step, packs, warmup, device, shape):
     timed = packs[warmup:]
     tokens = sum(len(t) for p in timed for t, _ in p)
     res = dict(name=name, steps=len(timed), tokens=tokens, seconds=dt, tokens_per_s=tokens / dt,
-               mfu=model_flops(shape, timed) / dt / PEAK_FLOPS,
+               mfu=model_flops(config, timed) / dt / PEAK,
                peak_gb=(torch.cuda.max_memory_allocated() / 2**30) if device == "cuda" else None)
     print(f"[run] {name:28s} {res['tokens_per_s']:9.0f} tok/s  MFU {100 * res['mfu']:5.1f}%  "
           f"peak {res['peak_gb'] or 0:6.1f} GB  ({dt:.1f} s)", flush=True)
@@ -414,17 +403,17 @@ def main():
         ap.error(f"unknown configs {unknown_cfg}")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shape = SHAPE_TINY if args.tiny else SHAPE_1B
+    config = SHAPES["tiny" if args.tiny else "1b"]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     import transformers
 
     info = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__,
                 transformers=transformers.__version__,
-                device=torch.cuda.get_device_name() if device == "cuda" else "cpu", shape=shape,
+                device=torch.cuda.get_device_name() if device == "cuda" else "cpu", config=config.to_hf_config(),
                 pack_tokens=args.pack_tokens, steps=args.steps, warmup=args.warmup)
     print(json.dumps(info), flush=True)
-    convs, n_sample = make_conversations(args.conversations, shape["vocab_size"], 4096)
+    convs, n_sample = make_conversations(args.conversations, config.vocab_size, 4096)
     packs = make_packs(convs, args.pack_tokens, args.steps + args.warmup)
     timed = packs[args.warmup:]
     lens = [len(t) for p in timed for t, _ in p]
@@ -444,25 +433,25 @@ def main():
         tag = "ckpt" if ckpt else "no-ckpt"
         runs = []
         if "ochat" in cfgs:
-            runs.append((f"ochat {tag}", lambda: build_ochat(shape, device, ckpt), lambda m: ochat_step_fn(m, device), None))
+            runs.append((f"ochat {tag}", lambda: build_ochat(config, device, ckpt), lambda m: ochat_step_fn(m, device), None))
         if "ablations" in cfgs and not ckpt:
             for k in ("linear_ce", "rms_norm", "rope", "swiglu"):
-                runs.append((f"ochat -{k} {tag}", lambda: build_ochat(shape, device, ckpt),
+                runs.append((f"ochat -{k} {tag}", lambda: build_ochat(config, device, ckpt),
                              lambda m: ochat_step_fn(m, device), k))
         for key, attn, kind in (("hf_varlen", "ochat_varlen", "varlen"), ("hf_flex", "flex_attention", "flex"),
                                 ("hf_padded", "sdpa", "padded")):
             if key in cfgs:
-                runs.append((f"{key} {tag}", lambda a=attn: build_hf(shape, a, device, ckpt),
+                runs.append((f"{key} {tag}", lambda a=attn: build_hf(config, a, device, ckpt),
                              lambda m, k=kind: hf_step_fn(k, m, device, args.pack_tokens), (kind,)))
         for name, build, mk, opt_arg in runs:
             off = opt_arg if isinstance(opt_arg, str) else None
             if off:
                 set_fused(off, False)
             try:
-                res, model, opt, one = run_config(name, build, mk, packs, args.warmup, device, shape)
+                res, model, opt, one = run_config(name, build, mk, packs, args.warmup, device, config)
                 res["ckpt"] = ckpt
                 if isinstance(opt_arg, tuple) and opt_arg[0] in ("varlen", "flex") and not ckpt:
-                    res["isolation"] = check_isolation(opt_arg[0], model, device, shape)
+                    res["isolation"] = check_isolation(opt_arg[0], model, device, config)
                     print(f"[isolation] {name}: {res['isolation']}", flush=True)
                 if args.profile and name == "ochat no-ckpt" and device == "cuda":
                     from torch.profiler import ProfilerActivity, profile

@@ -48,22 +48,20 @@ def make_dataset(out_dir, n, seed=0, vocab=32000, eot=32000, max_len=4096):
     return meta
 
 
-SHAPES = {"1b": throughput.SHAPE_1B, "7b": throughput.SHAPE_7B}  # random init, vocab 32002 (Llama 2 + OpenChat's tokens)
+SHAPES = {k: throughput.SHAPES[k] for k in ("1b", "7b")}  # random init, vocab 32002 (Llama 2 + OpenChat's tokens)
 
 
 def make_model(out_dir, shape):
     import torch
+    from ochat.assets import LLAMA2_TOKENIZER
     from ochat.config import get_model_type
     from ochat.data import load_tokenizer
-    from ochat.demo import bundled_tokenizer
     from ochat.training.model import PackedCausalLM
-    from ochat.training.model_config import ModelConfig
     torch.manual_seed(0)
-    config = ModelConfig(**SHAPES[shape])
-    m = PackedCausalLM.from_config(config, dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu")
+    m = PackedCausalLM.from_config(SHAPES[shape], dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu")
     m.reset_parameters()
     m.save_pretrained(out_dir)
-    load_tokenizer(bundled_tokenizer(), get_model_type("openchat_v3.2")).save_hf(out_dir)
+    load_tokenizer(LLAMA2_TOKENIZER, get_model_type("openchat_v3.2")).save_hf(out_dir)
 
 
 def main():
@@ -77,26 +75,26 @@ def main():
     p.add_argument("--out", default=None, help="folder for log + summary json")
     p.add_argument("extra", nargs="*", help="more trainer flags after --")
     a = p.parse_args()
-    data, model = os.path.join(a.work_dir, "data"), os.path.join(a.work_dir, f"model_{a.shape}")
+    data, model, out = (os.path.join(a.work_dir, d) for d in ("data", f"model_{a.shape}", "out"))
     meta = make_dataset(data, a.conversations)
     print("dataset", json.dumps(meta["length_stats"]), flush=True)
     if not os.path.exists(os.path.join(model, "config.json")):  # a second run in the same work dir reuses it
         make_model(model, a.shape)
     cmd = ["deepspeed", "--num_gpus", str(a.num_gpus), "--module", "ochat.training.train", "--model-path", model,
-           "--data-path", data, "--save-path", os.path.join(a.work_dir, "out"), "--epochs", "1", "--max-steps", str(a.steps),
+           "--data-path", data, "--save-path", out, "--epochs", "1", "--max-steps", str(a.steps),
            "--batch-max-len", str(a.batch_max_len), "--lr", "3e-4", "--lr-warmup-steps", "20", "--log-every", "10",
            "--eval-every", "0", "--no-save", *a.extra]
     print(" ".join(cmd), flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     log = proc.stdout + proc.stderr
     print("\n".join(l for l in log.splitlines() if l.startswith("[ochat]") or "rror" in l)[-8000:], flush=True)
-    rows = [(int(s), float(l), float(t), float(m)) for s, l, t, m in
-            re.findall(r"step (\d+)/\d+ loss ([0-9.]+) .*?tokens/s/gpu (\d+) mfu ([0-9.]+)%", log)]
-    steady = [r for r in rows if r[0] > 20]
-    summary = {"returncode": proc.returncode, "steps": rows[-1][0] if rows else 0,
-               "tokens_per_s_per_gpu_mean": float(np.mean([r[2] for r in steady])) if steady else None,
-               "mfu_mean": float(np.mean([r[3] for r in steady])) / 100 if steady else None,
-               "loss_curve": [(r[0], r[1]) for r in rows],
+    metrics_file = os.path.join(out, "metrics.jsonl")
+    rows = [m for m in map(json.loads, open(metrics_file)) if "loss" in m] if os.path.exists(metrics_file) else []
+    steady = [r for r in rows if r["step"] > 20]
+    summary = {"returncode": proc.returncode, "steps": rows[-1]["step"] if rows else 0,
+               "tokens_per_s_per_gpu_mean": float(np.mean([r["tokens_per_s_per_gpu"] for r in steady])) if steady else None,
+               "mfu_mean": float(np.mean([r["mfu"] for r in steady])) if steady and steady[0]["mfu"] else None,
+               "loss_curve": [(r["step"], r["loss"]) for r in rows],
                "peak_memory": (re.findall(r"peak GPU memory ([0-9.]+ GiB)", log) or [None])[-1]}
     print(json.dumps(summary), flush=True)
     if a.out:

@@ -10,7 +10,8 @@ prints one table. Both implementations get the same model shape (random init), t
 rank by the multipack sampler into --pack-tokens per GPU, ochat's shipped DeepSpeed config (zero2 by
 default: bf16, fp32 master weights, gradient clipping 1.0), torch fused AdamW and the same decay groups,
 and activation checkpointing as chosen (`--ckpt on|off`, or for ochat a fraction of the layers, e.g. 0.5):
-  ochat       PackedCausalLM (defaults: fused kernels, loss on target rows only), the trainer's loss scaling
+  ochat       PackedCausalLM (defaults: fused kernels, loss on target rows only), stepped by the trainer's own
+              step (ochat.training.step.train_step)
   hf_varlen   transformers LlamaForCausalLM on a packed row, torch varlen_attn through the attention
               interface with cu_seq_lens (TRL's padding-free mode; the strongest peer)
 Reported per GPU: real tokens/s, MFU (model FLOPs with the causal attention term / 790 TFLOP/s), peak memory.
@@ -31,11 +32,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 import throughput  # noqa: E402  (same folder: data, model builders, loss functions, FLOPs)
 
-SHAPES = {
-    "7b": dict(throughput.SHAPE_7B, vocab_size=32000),  # Llama 2's own vocabulary, as in DESIGN's baseline
-    "1b": throughput.SHAPE_1B,
-    "tiny": throughput.SHAPE_TINY,
-}
+SHAPES = dict(throughput.SHAPES, **{"7b": throughput.ModelConfig.llama2_7b(vocab_size=32000)})  # Llama 2's own vocabulary
 IMPLS = ("ochat", "hf_varlen")
 
 
@@ -44,8 +41,9 @@ def worker(args):
     import torch.distributed as dist
 
     from ochat.config.train_config import load_deepspeed_config
-    from ochat.training.loss import loss_scale
+    from ochat.training.engine import weight_decay_groups
     from ochat.training.multipack_sampler import MultipackDistributedBatchSampler
+    from ochat.training.step import train_step
 
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
@@ -58,9 +56,10 @@ def worker(args):
     if args.impl == "hf_varlen" and ckpt not in (0.0, 1.0):
         raise SystemExit("transformers checkpoints all layers or none: --ckpt on or off")
 
-    convs, _ = throughput.make_conversations(args.conversations, shape["vocab_size"], 4096)
+    convs, _ = throughput.make_conversations(args.conversations, shape.vocab_size, 4096)
     lengths = np.array([len(t) for t, _ in convs])
-    sampler = MultipackDistributedBatchSampler(lengths, args.pack_tokens, num_replicas=world, rank=rank, seed=0)
+    sampler = MultipackDistributedBatchSampler(lengths=lengths, batch_max_length=args.pack_tokens, num_replicas=world,
+                                               rank=rank, seed=0)
     sampler.set_epoch(0)
     packs = [[convs[i] for i in p] for p in list(sampler)[: args.warmup + args.steps]]
     if len(packs) < args.warmup + args.steps:
@@ -74,10 +73,7 @@ def worker(args):
         model = throughput.build_hf(shape, "ochat_varlen", dev, ckpt)
     if not cuda:
         model.float()  # CPU smoke runs: DeepSpeed's bf16 mode is off there
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=1e-5, betas=(0.9, 0.95), eps=1e-5, fused=cuda)
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.1), lr=1e-5, betas=(0.9, 0.95), eps=1e-5, fused=cuda)
     ds_config = load_deepspeed_config(args.zero, grad_accum=1, grad_clip=1.0, bf16=cuda)
     ds_config["zero_allow_untested_optimizer"] = True
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -85,13 +81,10 @@ def worker(args):
     def step(items):
         b = throughput.collate(items)
         if args.impl == "ochat":
-            w_sum = torch.tensor(float(b["label_weights"].sum()), dtype=torch.float64, device=device)
-            dist.all_reduce(w_sum)
-            sums = throughput.ochat_loss_sums(engine, b, device)
-            engine.backward(sums.weighted_loss * loss_scale(w_sum, world, 1).float())
+            train_step(engine, [b], world)
         else:
             engine.backward(throughput.hf_varlen_loss(engine, b, device))
-        engine.step()
+            engine.step()
 
     for items in packs[: args.warmup]:
         step(items)
@@ -117,7 +110,7 @@ def worker(args):
         res = dict(impl=args.impl, shape=args.shape, gpus=world, zero=args.zero, ckpt=ckpt, steps=args.steps,
                    pack_tokens=args.pack_tokens, seconds=seconds, tokens=int(totals[0]),
                    tokens_per_s_per_gpu=float(totals[0]) / seconds / world,
-                   mfu=float(totals[1]) / seconds / world / throughput.PEAK_FLOPS,
+                   mfu=float(totals[1]) / seconds / world / throughput.PEAK,
                    peak_gb=float(peak[0]) if cuda else None,
                    device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))

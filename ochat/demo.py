@@ -1,22 +1,27 @@
 """The golden path on a laptop: pre-tokenize, train a tiny random Llama with DeepSpeed, load, generate.
 
-    python -m ochat.demo [--work-dir runs/demo] [--epochs 3] [--num-gpus 2]
+    python -m ochat.demo [--work-dir runs/demo] [--epochs 3] [--num-gpus 2] [--verbose]
 
 1. `python -m ochat.data.generate_dataset` on the bundled ShareGPT sample and Llama 2 tokenizer.
 2. A tiny random Llama (2 layers, hidden 64, vocabulary 32001 = Llama 2 + <|end_of_turn|>) saved in
    Hugging Face format with the bundled tokenizer.
-3. `deepspeed --num_gpus N --module ochat.training.train` on 2 CPU ranks (gloo, float32), or on the GPUs.
-4. transformers loads the checkpoint and generates a few tokens; the checkpoint's path is printed.
-About 2 minutes on 2 CPU cores.
+3. `deepspeed --num_gpus N --module ochat.training.train` on 2 CPU ranks (gloo, float32), or on the GPUs;
+   only the trainer's own lines are shown (--verbose shows the launcher's too).
+4. transformers loads the checkpoint and generates a few tokens; the next commands to try are printed.
+About a minute on 2 CPU cores (plus about 90 s once per machine, while DeepSpeed compiles its CPU
+communication op).
 """
 import argparse
+import glob
 import os
 import subprocess
 import sys
 
+from ochat.assets import LLAMA2_TOKENIZER
+
 
 def make_tiny_llama(out_dir, *, vocab_size=32001, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, seed=0):
-    """A random LlamaForCausalLM in HF format plus the bundled tokenizer (with <|end_of_turn|>)."""
+    """A random LlamaForCausalLM in HF format plus the bundled tokenizer (with <|end_of_turn|>); returns out_dir."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -28,46 +33,58 @@ def make_tiny_llama(out_dir, *, vocab_size=32001, hidden=64, layers=2, heads=4, 
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     LlamaForCausalLM(config).save_pretrained(out_dir)
-    tok = load_tokenizer(bundled_tokenizer(), get_model_type("openchat_v3.2"))
-    tok.save_hf(out_dir)
+    load_tokenizer(LLAMA2_TOKENIZER, get_model_type("openchat_v3.2")).save_hf(out_dir)
     return out_dir
 
 
-def bundled_tokenizer():
-    return os.path.join(os.path.dirname(__file__), "assets", "llama2-tokenizer.model")
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
 
 
-def launcher_args(num_gpus):
-    """`deepspeed` launcher arguments; on a machine without GPUs it starts CPU ranks."""
-    return ["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(29500 + os.getpid() % 1000)]
+def _train(cmd: list[str], verbose: bool) -> int:
+    """Run the launcher; without --verbose only the trainer's lines (and errors) reach the terminal."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in proc.stdout:
+        if verbose or line.startswith(("[ochat]", "ochat.", "Traceback")) or "Error" in line:
+            print(line, end="", flush=True)
+    return proc.wait()
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m ochat.demo", description=__doc__.split("\n")[0])
     p.add_argument("--work-dir", default="runs/demo")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--num-gpus", type=int, default=None, help="ranks (default: GPUs, or 2 CPU ranks)")
+    p.add_argument("--num-gpus", type=int, default=None, help="ranks (default: the GPUs, or 2 CPU ranks)")
+    p.add_argument("--verbose", action="store_true", help="show the DeepSpeed launcher's output too")
     args = p.parse_args(argv)
     import torch
+    import transformers
 
-    n = args.num_gpus or (torch.cuda.device_count() or 2)
+    transformers.utils.logging.disable_progress_bar()
+    gpus = torch.cuda.device_count()
+    if not gpus:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed then says nothing about not finding a GPU
+    n = args.num_gpus or gpus or 2
     data, model, out = (os.path.join(args.work_dir, d) for d in ("data", "tiny-llama", "out"))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    print(f"[demo] 1/4 pre-tokenizing the bundled sample -> {data}", flush=True)
+    _say(f"1/4 pre-tokenizing the bundled ShareGPT sample -> {data}")
     subprocess.run([sys.executable, "-m", "ochat.data.generate_dataset", "--out-dir", data, "--overwrite", "--quiet"],
-                   check=True, env=env)
-    print(f"[demo] 2/4 a tiny random Llama (vocab 32001) -> {model}", flush=True)
+                   check=True)
+    _say(f"2/4 a tiny random Llama (vocabulary 32001) -> {model}")
     make_tiny_llama(model)
-    print(f"[demo] 3/4 training with DeepSpeed on {n} {'GPU' if torch.cuda.is_available() else 'CPU'} ranks", flush=True)
-    cmd = launcher_args(n) + ["--module", "ochat.training.train", "--model-path", model, "--data-path", data,
-                              "--save-path", out, "--epochs", str(args.epochs), "--batch-max-len", "1024",
-                              "--lr", "3e-3", "--lr-warmup-steps", "2", "--log-every", "5"]
-    r = subprocess.run(cmd, env=env)
-    if r.returncode != 0:
-        raise SystemExit(f"[demo] training failed (exit {r.returncode})")
+    _say(f"3/4 training {args.epochs} epochs with DeepSpeed on {n} {'GPU' if gpus else 'CPU'} ranks -> {out}")
+    if not gpus and not glob.glob(os.path.expanduser("~/.cache/torch_extensions/*/deepspeed_shm_comm*")):
+        _say("    (first run on this machine: DeepSpeed compiles its CPU communication op, about 90 s)")
+    cmd = ["deepspeed", "--num_gpus", str(n), "--master_port", str(29500 + os.getpid() % 1000), "--module",
+           "ochat.training.train", "--model-path", model, "--data-path", data, "--save-path", out, "--overwrite",
+           "--epochs", str(args.epochs), "--batch-max-len", "1024", "--lr", "3e-3", "--lr-warmup-steps", "2",
+           "--log-every", "5"]
+    status = _train(cmd, args.verbose)
+    if status != 0:
+        raise SystemExit(f"[demo] training failed (exit {status}); run again with --verbose for the launcher's output")
     final = os.path.join(out, "final")
-    print(f"[demo] 4/4 loading {final} with transformers and generating", flush=True)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    _say(f"4/4 loading {final} with transformers and generating")
+    from transformers import AutoModelForCausalLM
 
     from ochat.config import get_model_type
     from ochat.data import load_tokenizer
@@ -77,9 +94,17 @@ def main(argv=None):
     prompt = get_model_type("openchat_v3.2").template.encode_prompt(
         [{"role": "user", "content": "What is the capital of France?"}], tok)
     ids = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):]
-    print(f"[demo] generated: {tok.decode(ids.tolist())!r}")
-    print(f"[demo] checkpoint: {os.path.abspath(final)} (AutoTokenizer + AutoModelForCausalLM load it)")
-    AutoTokenizer.from_pretrained(final)
+    _say(f"generated: {tok.decode(ids.tolist())!r} (a tiny random model: fragments at best)")
+    _say(f"checkpoint: {os.path.abspath(final)}")
+    print(f"""
+Next:
+  # chat with the checkpoint (transformers; its tokenizer formats prompts as in training)
+  python -c "from transformers import pipeline; p = pipeline('text-generation', '{final}'); \\
+print(p([{{'role': 'user', 'content': 'Hi'}}], max_new_tokens=20)[0]['generated_text'])"
+  # train a real Hugging Face model on your own conversations
+  python -m ochat.data.generate_dataset --tokenizer MODEL_DIR --in-files my_data.jsonl --out-dir data/mine
+  deepspeed --num_gpus 8 --module ochat.training.train --model-path MODEL_DIR --data-path data/mine --save-path runs/mine
+""", flush=True)
 
 
 if __name__ == "__main__":

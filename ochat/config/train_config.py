@@ -1,138 +1,226 @@
-"""Training configuration: one frozen dataclass, its command line, and its defaults.
+"""Training configuration: one frozen dataclass, its command line, an optional run file, and its checks.
 
-Every flag has a dash spelling (`--model-path`) and OpenChat's underscore spelling (`--model_path`).
-Unknown flags are an error (OpenChat's trainer silently ignored them).
+Each field carries its own help text and the values it accepts (a range or a list of choices), so the
+command line, `--help` (every default shown), the run file and the checks all come from one definition.
+
+    deepspeed --module ochat.training.train --config run.yaml --lr 1e-5     # flags override the file
+
+A run file (YAML or JSON) holds any flag as a key, in either spelling (`batch-max-len` or `batch_max_len`).
+Every flag also has OpenChat's underscore spelling on the command line (`--model_path`). Unknown flags and
+keys are errors (OpenChat's trainer silently ignored them); a value out of range is a one-line error at
+parse time, before anything starts.
 """
+from __future__ import annotations
+
 import argparse
 import dataclasses
 import json
+import math
 import os
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from typing import Optional
 
+from ochat.kernels.attention import BACKENDS as ATTENTION_BACKENDS
+
+PROG = "ochat.training.train"
 DEEPSPEED_CONFIGS = {
     name: os.path.join(os.path.dirname(__file__), "deepspeed", name + ".json")
     for name in ("zero2", "zero3", "zero3_offload")
 }
+DTYPE_CHOICES = ("auto", "bf16", "float32")  # fp16 is refused: bf16 needs no loss scaling and every GPU ochat targets has it
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def _opt(default, help: str, *, choices=None, low=None, high=None, low_open=False, const=None):
+    """A config field: its default, help text and accepted values (low/high bounds, inclusive unless low_open)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, low=low, high=high, low_open=low_open,
+                                                 const=const))
+
+
+def _required(help: str):
+    return field(metadata=dict(help=help))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model_path: str
-    data_path: str
-    save_path: str
-    model_type: Optional[str] = None  # default: meta.json's model_type
-    epochs: int = 5
-    lr: float = 2e-5
-    lr_min_ratio: float = 0.1
-    lr_warmup_steps: Optional[int] = None
-    lr_warmup_ratio: float = 0.05  # used when --lr-warmup-steps is not given
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-5
-    batch_max_len: Optional[int] = None  # tokens per GPU per micro-step; default 8 x context length
-    batch_size_per_gpu: Optional[int] = None  # OpenChat's spelling: batch_max_len = this x context length
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    seed: int = 42
-    save_every: Optional[int] = None  # epochs; None = only at the end
-    save_state_every: Optional[int] = None  # optimizer steps between mid-epoch DeepSpeed states; None = with save_every
-    eval_every: Optional[int] = 1  # epochs; 0/None = never
-    gradient_checkpointing: float = 0.0  # fraction of decoder layers recomputed; the bare flag means 1.0 (all)
-    attn_impl: str = "auto"
-    dtype: str = "auto"  # auto = bf16 on GPU, float32 on CPU
-    deepspeed_config: str = "zero2"  # zero2 | zero3 | zero3_offload | a JSON file
-    resume: bool = False
-    wandb_project: Optional[str] = None
-    wandb_entity: Optional[str] = None
-    wandb_mode: str = "online"  # online | offline | disabled (wandb is used only with --wandb-project)
-    log_every: int = 10  # steps between plain log lines when stdout is not a terminal
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (benchmarks, tests)
-    skip_self_check: bool = False
-    no_save: bool = False  # benchmarks: write no checkpoint at all
-    local_rank: int = -1  # set by the deepspeed launcher
+    model_path: str = _required("Hugging Face checkpoint folder to start from")
+    data_path: str = _required("folder written by `python -m ochat.data.generate_dataset` (train.arrow, eval.arrow, "
+                               "meta.json)")
+    save_path: str = _required("output folder: ep_N/ and final/ Hugging Face checkpoints, ds_state/ for --resume")
+    model_type: Optional[str] = _opt(None, "model type the dataset was made for (checked against its meta.json; "
+                                           "default: the dataset's)")
+    epochs: int = _opt(5, "passes over the training data", low=1)
+    lr: float = _opt(2e-5, "peak learning rate", low=0.0, low_open=True)
+    lr_min_ratio: float = _opt(0.1, "the cosine schedule decays to lr x this", low=0.0, high=1.0)
+    lr_warmup_steps: Optional[int] = _opt(None, "linear warmup steps (default: --lr-warmup-ratio of all steps)", low=0)
+    lr_warmup_ratio: float = _opt(0.05, "warmup as a share of all steps, when --lr-warmup-steps is not given",
+                                  low=0.0, high=1.0)
+    weight_decay: float = _opt(0.1, "AdamW weight decay of the weight matrices (norms and biases get none)", low=0.0)
+    beta1: float = _opt(0.9, "AdamW beta1", low=0.0, high=1.0)
+    beta2: float = _opt(0.95, "AdamW beta2", low=0.0, high=1.0)
+    eps: float = _opt(1e-5, "AdamW epsilon", low=0.0, low_open=True)
+    batch_max_len: Optional[int] = _opt(None, "tokens per GPU per micro-step: the pack size (default: 8 x the model "
+                                              "type's context length)", low=1)
+    batch_size_per_gpu: Optional[int] = _opt(None, "OpenChat's spelling: batch-max-len = this x context length", low=1)
+    grad_accum: int = _opt(1, "micro-steps per optimizer step", low=1)
+    grad_clip: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)", low=0.0)
+    seed: int = _opt(42, "seed of the data order (and of everything random)")
+    save_every: Optional[int] = _opt(None, "also write a checkpoint every N epochs (default: only at the end)", low=1)
+    save_state_every: Optional[int] = _opt(None, "also write the DeepSpeed resume state (not a Hugging Face "
+                                                 "checkpoint) every N optimizer steps, so --resume can continue "
+                                                 "mid-epoch; the newest 2 states are kept", low=1)
+    eval_every: int = _opt(1, "evaluate on eval.arrow every N epochs and after the last (0: never)", low=0)
+    gradient_checkpointing: float = _opt(0.0, "recompute activations in the backward: the bare flag, every decoder "
+                                              "layer; a fraction (e.g. 0.5), that share of the layers, evenly spread "
+                                              "(less recompute, more memory)", low=0.0, high=1.0, const=1.0)
+    attn_impl: str = _opt("auto", "attention backend (auto: the fastest available on the device)",
+                          choices=("auto",) + ATTENTION_BACKENDS)
+    dtype: str = _opt("auto", "auto: bf16 on GPUs, float32 on CPUs (exact tests and resume)", choices=DTYPE_CHOICES)
+    deepspeed_config: str = _opt("zero2", "zero2, zero3, zero3_offload, or a DeepSpeed JSON file")
+    resume: bool = _opt(False, "continue from save-path/ds_state exactly where the last run stopped")
+    overwrite: bool = _opt(False, "replace the previous run in --save-path (its checkpoints, resume states and metrics)")
+    wandb_project: Optional[str] = _opt(None, "log to this Weights & Biases project (files under save-path/wandb)")
+    wandb_entity: Optional[str] = _opt(None, "Weights & Biases entity (team or user)")
+    wandb_mode: Optional[str] = _opt(None, "online or offline logs to --wandb-project (default project: ochat); "
+                                           "default: online when --wandb-project is given, else no logging",
+                                     choices=WANDB_MODES)
+    log_every: int = _opt(10, "steps between plain log lines when stdout is not a terminal", low=1)
+    max_steps: Optional[int] = _opt(None, "stop after this many optimizer steps", low=1)
+    skip_self_check: bool = _opt(False, "skip the packed-vs-per-conversation logits check before the first step")
+    no_save: bool = _opt(False, "write no checkpoint at all (benchmarks)")
+    local_rank: int = _opt(-1, argparse.SUPPRESS)  # set by the deepspeed launcher
 
-    def to_json(self):
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+    def to_json(self) -> str:
+        """The resolved configuration; `--config` reads it back."""
+        return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k != "local_rank"}, indent=2,
+                          sort_keys=True)
+
+    @property
+    def wandb_enabled(self) -> bool:
+        return self.wandb_mode != "disabled" and (self.wandb_project is not None or self.wandb_mode is not None)
 
 
-_HELP = {
-    "model_path": "Hugging Face checkpoint folder to start from",
-    "data_path": "folder written by `python -m ochat.data.generate_dataset` (train.arrow, eval.arrow, meta.json)",
-    "save_path": "output folder: ep_N/ Hugging Face checkpoints, final/, ds_state/ for --resume",
-    "batch_max_len": "tokens per GPU per micro-step (default 8 x context length)",
-    "batch_size_per_gpu": "OpenChat's spelling: batch-max-len = this x context length",
-    "deepspeed_config": "zero2 (default), zero3, zero3_offload, or a DeepSpeed JSON file",
-    "resume": "continue from save-path/ds_state exactly where the last run stopped",
-    "save_state_every": "also write the DeepSpeed resume state (not a Hugging Face checkpoint) every N optimizer "
-                        "steps, so --resume can continue mid-epoch; the newest 2 states are kept",
-    "max_steps": "stop after this many optimizer steps",
-    "no_save": "write no checkpoint (benchmarks)",
-    "skip_self_check": "skip the packed-vs-per-conversation logits check before the first step",
-    "dtype": "auto (bf16 on GPU, float32 on CPU), bf16 or float32",
-    "attn_impl": "attention backend: auto, flash, varlen, sdpa, ... (see ochat.kernels.attention)",
-    "log_every": "steps between plain log lines when stdout is not a terminal",
-    "gradient_checkpointing": "recompute activations in the backward: alone, every decoder layer; with a fraction "
-                              "(e.g. 0.5), that share of the layers, evenly spread (less recompute, more memory)",
-}
-# argparse settings that differ from the field's type: `--gradient-checkpointing` alone means 1.0
-_ARG_OVERRIDES = {"gradient_checkpointing": dict(type=float, nargs="?", const=1.0)}
+class ConfigError(SystemExit):
+    """A bad command line or run file: `ochat.training.train: error: ...`, exit code 2."""
+
+    def __init__(self, message: str):
+        super().__init__(f"{PROG}: error: {message}")
+        self.code = 2
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one clear line, exit 2, no traceback
         self.print_usage()
-        raise SystemExit(f"ochat.training.train: error: {message}")
+        raise ConfigError(message)
 
 
-def build_parser():
-    p = _Parser(prog="deepspeed --module ochat.training.train", allow_abbrev=False,
+def _field_types() -> dict[str, type]:
+    """Each field's value type (int, float, str or bool), Optional unwrapped."""
+    out = {}
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        out[name] = args[0] if args else hint
+    return out
+
+
+def _flags(name: str) -> list[str]:
+    return ["--" + name.replace("_", "-")] + (["--" + name] if "_" in name else [])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The trainer's command line: one flag per TrainConfig field, plus --config."""
+    p = _Parser(prog=f"deepspeed --module {PROG}", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                 description="Packed supervised fine-tuning with DeepSpeed.")
+    p.add_argument("--config", metavar="FILE", help="a YAML or JSON run file: any flag as a key; flags given on the "
+                                                    "command line override it")
+    types = _field_types()
     for f in dataclasses.fields(TrainConfig):
-        names = ["--" + f.name.replace("_", "-")]
-        if "_" in f.name:
-            names.append("--" + f.name)
-        required = f.default is dataclasses.MISSING
-        if f.name in _ARG_OVERRIDES:
-            p.add_argument(*names, dest=f.name, default=f.default, help=_HELP.get(f.name), **_ARG_OVERRIDES[f.name])
+        meta, typ = f.metadata, types[f.name]
+        kw = dict(dest=f.name, help=meta["help"], default=None if f.default is dataclasses.MISSING else f.default)
+        if typ is bool:
+            p.add_argument(*_flags(f.name), action="store_true", **kw)
             continue
-        if f.type in (bool, "bool"):
-            p.add_argument(*names, dest=f.name, action="store_true", help=_HELP.get(f.name))
-            continue
-        if f.type in ("Optional[int]", Optional[int], "int", int):
-            typ = int
-        elif f.type in ("float", float):
-            typ = float
-        else:
-            typ = str
-        p.add_argument(*names, dest=f.name, type=typ, required=required, default=None if required else f.default,
-                       help=_HELP.get(f.name))
+        if meta.get("const") is not None:
+            kw.update(nargs="?", const=meta["const"])
+        p.add_argument(*_flags(f.name), type=typ, choices=meta.get("choices"), **kw)
     return p
 
 
-def parse_args(argv=None) -> TrainConfig:
-    args = build_parser().parse_args(argv)
-    cfg = TrainConfig(**vars(args))
+def _read_run_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The run file's keys as parser defaults, each value converted like its flag (YAML reads 2e-5 as a string)."""
+    import yaml
+
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--config {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+    actions = {a.dest: a for a in parser._actions}
+    types = _field_types()
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in types or name == "local_rank":
+            raise ConfigError(f"--config {path}: unknown key {key!r}")
+        if value is None or types[name] is bool:
+            out[name] = value
+            continue
+        try:
+            out[name] = types[name](value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--config {path}: {key}: {value!r} is not a {types[name].__name__}") from None
+        choices = actions[name].choices
+        if choices and out[name] not in choices:
+            raise ConfigError(f"--config {path}: {key}: {value!r} is not one of {', '.join(choices)}")
+    return out
+
+
+def check(cfg: TrainConfig) -> TrainConfig:
+    """Range and consistency checks; raises ConfigError naming the flag, its value and what it accepts."""
+    for f in dataclasses.fields(TrainConfig):
+        value, meta = getattr(cfg, f.name), f.metadata
+        if f.default is dataclasses.MISSING and value is None:
+            raise ConfigError(f"the following arguments are required: {_flags(f.name)[0]}")
+        if value is None or isinstance(value, (bool, str)):
+            continue
+        low, high = meta.get("low"), meta.get("high")
+        bad = not math.isfinite(value) if isinstance(value, float) else False
+        if low is not None:
+            bad |= value <= low if meta.get("low_open") else value < low
+        if high is not None:
+            bad |= value > high
+        if bad:
+            want = " and ".join(x for x in (
+                (f"> {low}" if meta.get("low_open") else f">= {low}") if low is not None else "",
+                f"<= {high}" if high is not None else "") if x)
+            raise ConfigError(f"{_flags(f.name)[0]} must be a finite number {want} (got {value})")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("give --resume (continue the run in --save-path) or --overwrite (replace it), not both")
     if cfg.batch_max_len is not None and cfg.batch_size_per_gpu is not None:
-        raise SystemExit("ochat.training.train: error: give --batch-max-len or --batch-size-per-gpu, not both")
-    if cfg.grad_accum < 1 or cfg.epochs < 1:
-        raise SystemExit("ochat.training.train: error: --grad-accum and --epochs must be >= 1")
-    if cfg.save_state_every is not None and cfg.save_state_every < 1:
-        raise SystemExit("ochat.training.train: error: --save-state-every must be >= 1")
-    if not 0.0 <= cfg.gradient_checkpointing <= 1.0:
-        raise SystemExit("ochat.training.train: error: --gradient-checkpointing takes a fraction of the layers in [0, 1]")
-    if cfg.wandb_mode not in ("online", "offline", "disabled"):
-        raise SystemExit("ochat.training.train: error: --wandb-mode must be online, offline or disabled")
+        raise ConfigError("give --batch-max-len or --batch-size-per-gpu, not both")
+    if cfg.deepspeed_config not in DEEPSPEED_CONFIGS and not os.path.isfile(cfg.deepspeed_config):
+        raise ConfigError(f"--deepspeed-config {cfg.deepspeed_config!r} is neither one of "
+                          f"{', '.join(DEEPSPEED_CONFIGS)} nor a file")
     return cfg
 
 
-def load_deepspeed_config(name_or_path, *, grad_accum, grad_clip, bf16):
+def parse_args(argv=None) -> TrainConfig:
+    """Command line (and --config run file) -> a checked TrainConfig; bad input exits 2 with one line."""
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        parser.set_defaults(**_read_run_file(first.config, parser))
+    args = vars(parser.parse_args(argv))
+    args.pop("config")
+    return check(TrainConfig(**args))
+
+
+def load_deepspeed_config(name_or_path: str, *, grad_accum: int, grad_clip: float, bf16: bool) -> dict:
     """Read a shipped config by name (zero2, zero3, zero3_offload) or a JSON file; fill its "auto" values."""
     path = DEEPSPEED_CONFIGS.get(name_or_path, name_or_path)
-    if not os.path.isfile(path):
-        raise SystemExit(f"ochat.training.train: error: --deepspeed-config {name_or_path!r} is neither "
-                         f"{', '.join(DEEPSPEED_CONFIGS)} nor a file")
     with open(path) as fh:
         ds = json.load(fh)
     fill = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": grad_accum,

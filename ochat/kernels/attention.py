@@ -88,8 +88,9 @@ def varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen=None, window=None, lea
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, window=None, backend="auto"):
-    """Causal attention within each packed conversation; see the module docstring."""
-    name = resolve_backend(backend, q.device)
+    """Causal attention within each packed conversation; see the module docstring. `backend` is a name that
+    `resolve_backend` returned (the model resolves once per device), or "auto" to resolve here."""
+    name = resolve_backend(backend, q.device) if backend == "auto" else backend
     if name == "flash_attn":
         ws = (-1, -1) if window is None else (window - 1, 0)
         return _fa_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True, window_size=ws)

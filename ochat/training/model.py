@@ -14,10 +14,7 @@ Architecture (parameter names identical to Hugging Face, so state dicts map 1:1)
 """
 from __future__ import annotations
 
-import glob
-import json
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -28,6 +25,7 @@ from ochat.kernels.linear_cross_entropy import LossSums, weighted_linear_cross_e
 from ochat.kernels.rms_norm import rms_norm
 from ochat.kernels.rope import apply_rotary
 from ochat.kernels.swiglu import swiglu
+from ochat.training import hf_weights
 from ochat.training.model_config import ModelConfig
 
 
@@ -140,6 +138,7 @@ class PackedCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.checkpointed_layers: frozenset[int] = frozenset()  # decoder layers recomputed in the backward
         self._inv_freq = {}
+        self._attn_backend: dict[torch.device, str] = {}  # attn_impl resolved once per device
         if self.lm_head.weight.device.type != "meta":
             self.reset_parameters()
 
@@ -183,7 +182,9 @@ class PackedCausalLM(nn.Module):
         """Final-normed hidden states [T, H]."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rope(position_ids, x.dtype)
-        backend = resolve_backend(self.attn_impl, x.device)
+        if x.device not in self._attn_backend:
+            self._attn_backend[x.device] = resolve_backend(self.attn_impl, x.device)
+        backend = self._attn_backend[x.device]
         cu_seqlens = cu_seqlens.to(torch.int32)
         max_seqlen = int(max_seqlen)
         recompute = self.training and torch.is_grad_enabled()
@@ -223,101 +224,8 @@ class PackedCausalLM(nn.Module):
         config = ModelConfig.from_hf_config(path)
         with torch.device("meta"):
             model = cls(config, attn_impl=attn_impl)
-        reader = CheckpointReader(path)
-        names = reader.check_names(model)
-        sd = {n: reader.get(n).to(device=device, dtype=dtype) for n in names}
-        model.load_state_dict(sd, strict=False, assign=True)
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        return model
+        return hf_weights.load_weights(model, path, dtype, device)
 
-    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30):
-        """Write config.json + model.safetensors (sharded with an index above max_shard_bytes)."""
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        sd = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        if self.config.tie_word_embeddings:
-            sd.pop("lm_head.weight", None)
-        shards, cur, size = [], {}, 0
-        for k, v in sd.items():
-            nb = v.numel() * v.element_size()
-            if cur and size + nb > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[k] = v
-            size += nb
-        shards.append(cur)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, s in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(s, os.path.join(path, name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in s})
-            total = sum(v.numel() * v.element_size() for v in sd.values())
-            with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        hf = self.config.to_hf_config()
-        hf["torch_dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2)
-
-
-class CheckpointReader:
-    """Tensors of a Hugging Face checkpoint folder, read one at a time by name (safetensors lazily;
-    .bin files memory-mapped), so no caller needs the whole state dict in memory."""
-
-    def __init__(self, path):
-        self.path = os.fspath(path)
-        self._where: dict[str, str] = {}
-        self._bin: dict[str, dict] = {}
-        for f in _weight_files(self.path):
-            if f.endswith(".safetensors"):
-                from safetensors import safe_open
-                with safe_open(f, framework="pt") as fh:
-                    keys = list(fh.keys())
-            else:
-                self._bin[f] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-                keys = list(self._bin[f])
-            self._where.update((k, f) for k in keys if not k.endswith("rotary_emb.inv_freq"))
-
-    def names(self) -> set[str]:
-        return set(self._where)
-
-    def check_names(self, model: nn.Module) -> list[str]:
-        """The model's parameter names (a tied lm_head counted once), after checking that the checkpoint
-        has each of them and nothing else; raises ValueError naming the differences."""
-        wanted = [n for n, _ in model.named_parameters()]  # deduplicated: a tied lm_head.weight is not listed
-        have = self.names()
-        if model.config.tie_word_embeddings:
-            have.discard("lm_head.weight")
-        elif "lm_head.weight" not in have:
-            raise ValueError(f"{self.path}: lm_head.weight missing and tie_word_embeddings is false")
-        missing, unexpected = sorted(set(wanted) - have), sorted(have - set(wanted))
-        if missing or unexpected:
-            raise ValueError(f"{self.path}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
-        return wanted
-
-    def get(self, name: str) -> torch.Tensor:
-        f = self._where[name]
-        if f in self._bin:
-            return self._bin[f][name]
-        from safetensors import safe_open
-        with safe_open(f, framework="pt") as fh:
-            return fh.get_tensor(name)
-
-
-def _weight_files(path) -> list[str]:
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        p = os.path.join(path, index)
-        if os.path.exists(p):
-            with open(p) as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
-            return [os.path.join(path, n) for n in names]
-    for pattern in ("model.safetensors", "*.safetensors", "pytorch_model.bin", "*.bin"):
-        files = sorted(f for f in glob.glob(os.path.join(path, pattern)) if not f.endswith("training_args.bin"))
-        if files:
-            return files
-    raise FileNotFoundError(f"no safetensors or .bin weights in {path}")
+    def save_pretrained(self, path, max_shard_bytes: int = hf_weights.MAX_SHARD_BYTES):
+        """Write config.json + safetensors that transformers loads (sharded with an index above max_shard_bytes)."""
+        hf_weights.save_weights(path, hf_weights.full_state_dict(self), self.config, max_shard_bytes=max_shard_bytes)

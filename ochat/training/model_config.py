@@ -131,9 +131,16 @@ class ModelConfig:
 
     @classmethod
     def tinyllama_1b(cls, vocab_size: int = 32002) -> "ModelConfig":
-        """The 1.1B LLaMA shape of the benchmarks (TinyLlama: 22 layers, hidden 2048, GQA 32/4)."""
+        """The 1.1B LLaMA shape of the benchmarks (TinyLlama: 22 layers, hidden 2048, GQA 32/4; vocabulary of
+        Llama 2 + OpenChat's two tokens)."""
         return cls(vocab_size=vocab_size, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                    num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+    @classmethod
+    def llama2_7b(cls, vocab_size: int = 32002) -> "ModelConfig":
+        """The Llama 2 7B shape of the benchmarks (32 layers, hidden 4096, 32 heads, no GQA)."""
+        return cls(vocab_size=vocab_size, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
 
     # ---------------------------------------------------------------- counting
     def num_params(self, embeddings: bool = True) -> int:

@@ -7,13 +7,12 @@ import pytest
 import torch
 import transformers
 
-from ochat.assets import __file__ as _assets_init
+from ochat.assets import LLAMA2_TOKENIZER
 from ochat.training.add_tokens import main as add_tokens_main
 from ochat.training.model import PackedCausalLM
 from ochat.training.model_config import ModelConfig
-from tests.training.test_model import HF_CLASSES, VARIANTS, make_pack
+from tests.helpers.models import HF_CLASSES, VARIANTS, make_pack
 
-TOKENIZER_MODEL = os.path.join(os.path.dirname(_assets_init), "llama2-tokenizer.model")
 
 
 def hf_model(name, seed=0):
@@ -79,7 +78,7 @@ def test_sharded_bin_and_dtype(tmp_path):
 def llama2_tokenizer(folder):
     """A Hugging Face tokenizer folder built from the bundled Llama 2 SentencePiece model."""
     os.makedirs(folder)
-    shutil.copyfile(TOKENIZER_MODEL, os.path.join(folder, "tokenizer.model"))
+    shutil.copyfile(LLAMA2_TOKENIZER, os.path.join(folder, "tokenizer.model"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
                    "unk_token": "<unk>", "add_bos_token": True, "legacy": True}, f)

@@ -1,12 +1,13 @@
-"""The trainer's pre-flight self-check refuses packs whose conversations can see each other."""
+"""Pre-flight checks: the self-check refuses packs whose conversations can see each other."""
 import pytest
 import torch
 
 from ochat.kernels.attention import varlen_attention_sdpa
 from ochat.training import model as model_mod
-from ochat.training import train
+from ochat.training import preflight
 from ochat.training.model import PackedCausalLM
 from ochat.training.model_config import ModelConfig
+from ochat.training.runtime import TrainError
 
 
 def tiny_model():
@@ -18,7 +19,7 @@ def tiny_model():
 
 
 def test_isolated_model_passes(capsys):
-    train._self_check(tiny_model(), 128, torch.device("cpu"), bf16=False)
+    preflight.self_check(tiny_model(), 128, torch.device("cpu"), bf16=False)
     assert "self-check passed" in capsys.readouterr().out
 
 
@@ -27,8 +28,8 @@ def test_leaky_attention_is_refused(monkeypatch):
                         lambda q, k, v, cu_seqlens, max_seqlen, window=None, backend=None:
                         varlen_attention_sdpa(q, k, v, cu_seqlens, window=window, leak=True))
     for bf16 in (False, True):  # the isolation comparison does not depend on the dtype's noise
-        with pytest.raises(train.TrainError, match="changed the logits of the others"):
-            train._self_check(tiny_model(), 128, torch.device("cpu"), bf16=bf16)
+        with pytest.raises(TrainError, match="changed the logits of the others"):
+            preflight.self_check(tiny_model(), 128, torch.device("cpu"), bf16=bf16)
 
 
 def test_a_packing_dependent_error_without_a_leak_is_refused(monkeypatch):
@@ -42,5 +43,5 @@ def test_a_packing_dependent_error_without_a_leak_is_refused(monkeypatch):
         return out
 
     monkeypatch.setattr(model_mod, "varlen_attention", wrong_after_first)
-    with pytest.raises(train.TrainError, match="packed logits differ from per-conversation logits"):
-        train._self_check(tiny_model(), 128, torch.device("cpu"), bf16=False)
+    with pytest.raises(TrainError, match="packed logits differ from per-conversation logits"):
+        preflight.self_check(tiny_model(), 128, torch.device("cpu"), bf16=False)

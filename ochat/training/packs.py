@@ -1,0 +1,90 @@
+"""The packs each rank trains on, step by step.
+
+An optimizer step consumes `slots = world_size x grad_accum` packs of at most `batch_max_len` tokens. The
+multipack sampler plans every epoch for that many slots at once; rank r's micro-step m takes slot
+m x world_size + r. So the packs of a step depend only on the number of slots, never on how they are split
+into ranks and micro-steps: 2 ranks x 1 micro-step and 1 rank x 2 micro-steps train exactly the same packs,
+and a run can resume on another GPU count that keeps world_size x grad_accum.
+
+Collation runs in one DataLoader worker, ahead of the step that needs it.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ochat.data.reader import TokenizedDataset
+from ochat.training.batching import collate_pack
+from ochat.training.multipack_sampler import MultipackDistributedBatchSampler, plan_stats
+
+
+class _CollatedPacks(torch.utils.data.Dataset):
+    """Packs (lists of dataset indices) -> collated tensors."""
+
+    def __init__(self, dataset: TokenizedDataset, packs: list[np.ndarray], filler_token: int):
+        self.dataset, self.packs, self.filler = dataset, packs, filler_token
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def __getitem__(self, i: int) -> dict:
+        pack = self.packs[i]
+        if len(pack) == 0:  # an empty slot: one filler token of weight 0, so this rank still joins every collective
+            return collate_pack([(np.array([self.filler], np.int32), np.zeros(1, np.float32))])
+        return collate_pack([self.dataset[int(j)] for j in pack])
+
+
+class PackPlan:
+    """Every epoch's packs for one rank, grouped by optimizer step (each epoch planned once, when first asked)."""
+
+    def __init__(self, dataset: TokenizedDataset, batch_max_len: int, *, world_size: int, rank: int, grad_accum: int,
+                 seed: int, filler_token: int):
+        self.dataset, self.filler = dataset, filler_token
+        self.world_size, self.rank, self.grad_accum = world_size, rank, grad_accum
+        self.slots = world_size * grad_accum
+        self.sampler = MultipackDistributedBatchSampler(lengths=dataset.lengths, batch_max_length=batch_max_len,
+                                                        num_replicas=self.slots, rank=0, seed=seed)
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if epoch not in self._epochs:
+            self._epochs[epoch] = self.sampler.plan(epoch)
+        return self._epochs[epoch]
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return (len(self._plan(epoch)[1]) - 1) // self.slots
+
+    def packing_efficiency(self, epoch: int) -> float:
+        """Real tokens / (steps x slots x batch_max_len) of the epoch's plan."""
+        idx, off = self._plan(epoch)
+        return float(plan_stats(self.dataset.lengths, idx, off, self.sampler.batch_max_length, self.slots)["efficiency"])
+
+    def _this_rank(self, epoch: int, first_step: int) -> list[np.ndarray]:
+        """This rank's packs from `first_step` on, in micro-step order."""
+        idx, off = self._plan(epoch)
+        return [idx[off[s * self.slots + j]:off[s * self.slots + j + 1]]
+                for s in range(first_step, self.steps_in_epoch(epoch))
+                for j in range(self.rank, self.slots, self.world_size)]
+
+    def steps(self, epoch: int, first_step: int = 0, pin_memory: bool = False) -> Iterator[list[dict]]:
+        """The collated micro-batches (grad_accum of them) of each step of `epoch` from `first_step` on."""
+        packs = self._this_rank(epoch, first_step)
+        # its own generator: creating the loader must not draw from the global RNG (exact resume)
+        loader = torch.utils.data.DataLoader(_CollatedPacks(self.dataset, packs, self.filler), batch_size=None,
+                                             shuffle=False, num_workers=1, pin_memory=pin_memory,
+                                             prefetch_factor=2 * self.grad_accum,
+                                             generator=torch.Generator().manual_seed(epoch))
+        it = iter(loader)
+        for _ in range(len(packs) // self.grad_accum):
+            yield [next(it) for _ in range(self.grad_accum)]
+
+
+def eval_packs(dataset: TokenizedDataset, batch_max_len: int, *, world_size: int, rank: int,
+               filler_token: int) -> Iterator[dict]:
+    """The eval split packed for this rank (same token budget as training), collated one pack at a time."""
+    sampler = MultipackDistributedBatchSampler(lengths=dataset.lengths, batch_max_length=batch_max_len,
+                                               num_replicas=world_size, rank=rank, seed=0)
+    data = _CollatedPacks(dataset, [np.asarray(p) for p in sampler], filler_token)
+    return (data[i] for i in range(len(data)))

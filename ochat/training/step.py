@@ -1,0 +1,103 @@
+"""One optimizer step of the DeepSpeed engine over a step's micro-batches: the trainer's step, which the
+benchmarks call too.
+
+Loss of the step = sum(w * CE) over every target of all ranks and micro-steps / sum(w) (ochat.training.loss).
+The step's weight sum is known before its first forward pass (the micro-batches are collated ahead), so
+each micro-step's backward is already scaled right. One value is read back to the host per step: the
+reduced statistics, after the optimizer step.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ochat.kernels.linear_cross_entropy import LossSums
+from ochat.training.loss import loss_scale
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One optimizer step, summed over all ranks and micro-steps."""
+
+    loss: float  # sum(w * CE) / sum(w); 0 for a step without targets
+    weight_sum: float  # sum(w)
+    target_tokens: int  # tokens with w > 0
+    correct: int  # targets whose argmax prediction is the label
+    tokens: int  # tokens in the packs (all ranks)
+    sum_len_sq: float  # sum of squared conversation lengths (the attention FLOPs term)
+    grad_norm: float  # before clipping
+    skipped: bool  # the optimizer skipped the update (a non-finite gradient)
+    lr: float
+    seconds: float
+
+    @property
+    def token_accuracy(self) -> float:
+        return self.correct / max(self.target_tokens, 1)
+
+
+def forward_loss(engine, batch: dict, device: torch.device) -> LossSums:
+    """The loss sums of one collated pack (only the target rows go through the lm_head and the loss)."""
+    return engine(batch["input_ids"].to(device, non_blocking=True), batch["position_ids"].to(device, non_blocking=True),
+                  batch["cu_seqlens"].to(device, non_blocking=True), batch["max_seqlen"],
+                  labels=batch["labels"].to(device, non_blocking=True),
+                  label_weights=batch["label_weights"].to(device, non_blocking=True),
+                  target_index=batch["target_index"].to(device, non_blocking=True))
+
+
+def _pack_counts(micro_batches: list[dict], pin: bool) -> dict[str, torch.Tensor]:
+    """Weight sum, token count and sum of squared lengths of the micro-batches, from their CPU tensors."""
+    seqlens = [(b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).double() for b in micro_batches]
+    values = dict(weight_sum=sum(float(b["label_weights"].sum()) for b in micro_batches),
+                  tokens=float(sum(b["input_ids"].numel() for b in micro_batches)),
+                  sum_len_sq=sum(float(s.pow(2).sum()) for s in seqlens))
+    host = torch.tensor(list(values.values()), dtype=torch.float64, pin_memory=pin)
+    return dict(zip(values, host.unbind()))
+
+
+def train_step(engine, micro_batches: list[dict], world_size: int) -> StepStats:
+    """Forward, backward and the optimizer step over `micro_batches` (this rank's share of one step; their
+    number must equal the engine's gradient accumulation steps); returns the step's stats over all ranks."""
+    t0 = time.perf_counter()
+    device = engine.device
+    counts = {k: v.to(device, non_blocking=True) for k, v in _pack_counts(micro_batches, device.type == "cuda").items()}
+    weight_sum = counts["weight_sum"].clone()
+    dist.all_reduce(weight_sum)
+    scale = loss_scale(weight_sum, world_size, len(micro_batches)).float()  # on the device: no host sync here
+    lr = engine.get_lr()[0]
+    skipped_before = engine.skipped_steps
+    sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("loss_sum", "correct", "target_tokens")}
+    for batch in micro_batches:
+        out = forward_loss(engine, batch, device)
+        engine.backward(out.weighted_loss * scale)
+        engine.step()
+        sums["loss_sum"] += out.weighted_loss.detach().double()
+        sums["correct"] += out.correct.detach().double()
+        sums["target_tokens"] += out.targets.detach().double()
+    reduced = {**counts, **sums}
+    stacked = torch.stack(list(reduced.values()))
+    dist.all_reduce(stacked)
+    total = dict(zip(reduced, stacked.tolist()))  # the step's one read back to the host
+    grad_norm = engine.get_global_grad_norm()
+    return StepStats(loss=total["loss_sum"] / total["weight_sum"] if total["weight_sum"] > 0 else 0.0,
+                     weight_sum=total["weight_sum"], target_tokens=int(total["target_tokens"]),
+                     correct=int(total["correct"]), tokens=int(total["tokens"]), sum_len_sq=total["sum_len_sq"],
+                     grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                     skipped=engine.skipped_steps > skipped_before, lr=lr, seconds=time.perf_counter() - t0)
+
+
+def eval_loss(engine, packs) -> float:
+    """sum(w * CE) / sum(w) over this rank's eval `packs` and every other rank's (collective); nan without targets."""
+    device = engine.device
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # sum(w * CE), sum(w)
+    engine.eval()
+    with torch.no_grad():
+        for batch in packs:
+            out = forward_loss(engine, batch, device)
+            sums += torch.stack([out.weighted_loss.double(), out.weight.double()])
+    engine.train()
+    dist.all_reduce(sums)
+    weighted, weight = sums.tolist()
+    return weighted / weight if weight > 0 else float("nan")

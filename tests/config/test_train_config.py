@@ -1,0 +1,112 @@
+import json
+
+import pytest
+
+from ochat.config.train_config import DEEPSPEED_CONFIGS, TrainConfig, build_parser, load_deepspeed_config, parse_args
+
+BASE = ["--model-path", "m", "--data-path", "d", "--save-path", "s"]
+
+
+def error_of(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    return str(e.value) + capsys.readouterr().err
+
+
+def test_dash_and_underscore_spellings():
+    a = parse_args(BASE + ["--lr-min-ratio", "0.2", "--batch-max-len", "4096", "--grad-accum", "4", "--resume"])
+    b = parse_args(["--model_path", "m", "--data_path", "d", "--save_path", "s", "--lr_min_ratio", "0.2",
+                    "--batch_max_len", "4096", "--grad_accum", "4", "--resume"])
+    assert a == b and a.lr_min_ratio == 0.2 and a.batch_max_len == 4096 and a.resume
+
+
+def test_gradient_checkpointing_flag_alone_or_with_a_fraction():
+    assert parse_args(BASE).gradient_checkpointing == 0.0
+    assert parse_args(BASE + ["--gradient-checkpointing"]).gradient_checkpointing == 1.0
+    assert parse_args(BASE + ["--gradient_checkpointing", "0.5", "--resume"]).gradient_checkpointing == 0.5
+    assert parse_args(BASE + ["--gradient-checkpointing", "--resume"]).resume
+
+
+def test_defaults():
+    c = parse_args(BASE)
+    assert (c.epochs, c.lr, c.lr_min_ratio, c.weight_decay, c.beta1, c.beta2, c.eps) == (5, 2e-5, 0.1, 0.1, 0.9, 0.95, 1e-5)
+    assert c.deepspeed_config == "zero2" and c.grad_clip == 1.0 and c.save_state_every is None
+    assert not c.wandb_enabled
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--bogus", "1"], "unrecognized arguments: --bogus"),
+    (["--epoch", "2"], "unrecognized arguments: --epoch"),
+    (["--lr"], "expected one argument"),
+    (["--batch-max-len", "8", "--batch-size-per-gpu", "2"], "give --batch-max-len or --batch-size-per-gpu, not both"),
+    (["--dtype", "fp16"], "invalid choice: 'fp16' (choose from 'auto', 'bf16', 'float32')"),
+    (["--dtype", "fp8"], "invalid choice: 'fp8'"),
+    (["--attn-impl", "flash"], "invalid choice: 'flash' (choose from 'auto', 'flash_attn', 'torch_varlen', 'sdpa')"),
+    (["--wandb-mode", "off"], "invalid choice: 'off'"),
+    (["--lr", "-1"], "--lr must be a finite number > 0.0 (got -1.0)"),
+    (["--lr", "nan"], "--lr must be a finite number > 0.0 (got nan)"),
+    (["--lr", "inf"], "--lr must be a finite number > 0.0 (got inf)"),
+    (["--epochs", "0"], "--epochs must be a finite number >= 1 (got 0)"),
+    (["--batch-max-len", "0"], "--batch-max-len must be a finite number >= 1 (got 0)"),
+    (["--log-every", "0"], "--log-every must be a finite number >= 1 (got 0)"),
+    (["--save-state-every", "0"], "--save-state-every must be a finite number >= 1 (got 0)"),
+    (["--gradient-checkpointing", "1.5"], "--gradient-checkpointing must be a finite number >= 0.0 and <= 1.0 (got 1.5)"),
+    (["--lr-min-ratio", "2"], "--lr-min-ratio must be a finite number >= 0.0 and <= 1.0 (got 2.0)"),
+    (["--deepspeed-config", "zero4"], "--deepspeed-config 'zero4' is neither one of zero2, zero3, zero3_offload nor a file"),
+])
+def test_bad_values_are_one_line_errors_naming_the_flag(flags, message, capsys):
+    assert message in error_of(BASE + flags, capsys)
+
+
+def test_required_flags(capsys):
+    assert "the following arguments are required: --model-path" in error_of(["--data-path", "d", "--save-path", "s"],
+                                                                             capsys)
+
+
+def test_help_shows_every_default():
+    text = " ".join(build_parser().format_help().split())
+    assert "(default: 2e-05)" in text and "(default: zero2)" in text and "(default: 42)" in text
+    assert "--local-rank" not in text and "--local_rank" not in text
+
+
+def test_run_file_with_flags_overriding_it(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("model-path: m\ndata_path: d\nsave-path: s\nlr: 2e-5\nepochs: 3\ngradient_checkpointing: 0.5\n"
+                   "resume: true\nattn-impl: sdpa\n")
+    c = parse_args(["--config", str(run), "--epochs", "7"])
+    assert (c.model_path, c.lr, c.epochs, c.gradient_checkpointing, c.resume, c.attn_impl) == ("m", 2e-5, 7, 0.5, True,
+                                                                                              "sdpa")
+    assert isinstance(c.lr, float)
+
+
+def test_resolved_config_reads_back_as_a_run_file(tmp_path):
+    c = parse_args(BASE + ["--lr", "1e-4", "--gradient-checkpointing", "--max-steps", "9"])
+    (tmp_path / "train_config.json").write_text(c.to_json())
+    assert parse_args(["--config", str(tmp_path / "train_config.json")]) == c
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr: 1e-4\nbogus: 1\n", "unknown key 'bogus'"),
+    ("lr: fast\n", "lr: 'fast' is not a float"),
+    ("dtype: fp16\n", "dtype: 'fp16' is not one of auto, bf16, float32"),
+    ("- a\n- b\n", "expected a mapping"),
+])
+def test_bad_run_files(tmp_path, capsys, text, message):
+    run = tmp_path / "run.yaml"
+    run.write_text(text)
+    assert message in error_of(BASE + ["--config", str(run)], capsys)
+
+
+def test_every_field_has_help():
+    import dataclasses
+    assert all(f.metadata.get("help") for f in dataclasses.fields(TrainConfig))
+
+
+@pytest.mark.parametrize("name", sorted(DEEPSPEED_CONFIGS))
+def test_shipped_deepspeed_configs(name):
+    ds = load_deepspeed_config(name, grad_accum=3, grad_clip=1.0, bf16=True)
+    assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is True
+    assert ds["train_micro_batch_size_per_gpu"] == 1
+    assert "auto" not in json.dumps(ds)
+    assert ds["zero_optimization"]["stage"] == (2 if name == "zero2" else 3)

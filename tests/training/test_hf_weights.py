@@ -1,0 +1,129 @@
+"""Hugging Face weights in and out, tied and untied: plain round trips, and under ZeRO-3 on two CPU ranks
+(gloo, torch.distributed.run) the partitioned load equals the checkpoint and the export after a training step
+equals the trained weights."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ochat.training import hf_weights
+from ochat.training.engine import weight_decay_groups
+from ochat.training.model import PackedCausalLM
+from ochat.training.model_config import ModelConfig
+from tests.helpers.train import REPO
+
+
+def random_model(tied: bool, seed: int = 3) -> PackedCausalLM:
+    torch.manual_seed(seed)
+    return PackedCausalLM(ModelConfig.debug(tie_word_embeddings=tied))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_then_load_is_exact_and_a_tied_head_is_not_written(tmp_path, tied):
+    model = random_model(tied)
+    hf_weights.save_weights(tmp_path, hf_weights.full_state_dict(model), model.config, eos_token_id=5)
+    on_disk = load_file(tmp_path / "model.safetensors")
+    assert ("lm_head.weight" in on_disk) is not tied
+    assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == 5
+    back = PackedCausalLM.from_pretrained(tmp_path)
+    assert (back.lm_head.weight is back.model.embed_tokens.weight) is tied
+    for (name, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_sharded_save_writes_an_index_that_loads(tmp_path):
+    model = random_model(False)
+    model.save_pretrained(tmp_path, max_shard_bytes=60_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    back = PackedCausalLM.from_pretrained(tmp_path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_with_other_names_is_refused(tmp_path):
+    model = random_model(False)
+    sd = hf_weights.full_state_dict(model)
+    sd["model.extra.weight"] = torch.ones(2)
+    del sd["model.norm.weight"]
+    hf_weights.save_weights(tmp_path, sd, model.config)
+    with pytest.raises(ValueError, match=r"missing keys \['model.norm.weight'\], unexpected keys \['model.extra.weight'\]"):
+        PackedCausalLM.from_pretrained(tmp_path)
+
+
+WORKER = r'''
+import json, os, sys
+import deepspeed, torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from ochat.config.train_config import load_deepspeed_config
+from ochat.training import hf_weights
+from ochat.training.batching import collate_pack
+from ochat.training.engine import weight_decay_groups
+from ochat.training.step import train_step
+
+path, out = sys.argv[1], sys.argv[2]
+deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+ds = load_deepspeed_config("zero3", grad_accum=1, grad_clip=1.0, bf16=False)
+ds["zero_allow_untested_optimizer"] = True
+model = hf_weights.load_partitioned(path, ds)
+params = list(model.named_parameters())
+res = {"local": sum(p.ds_tensor.numel() for _, p in params), "total": sum(p.ds_numel for _, p in params),
+       "n": len(params), "tied": model.lm_head.weight is model.model.embed_tokens.weight,
+       "decayed": sorted(n for n, p in params if any(p is q for q in weight_decay_groups(model, 0.1)[0]["params"]))}
+ref = load_file(path + "/model.safetensors")
+res["load_mismatched"] = []
+for name, p in params:
+    with deepspeed.zero.GatheredParameters([p]):
+        if p.dtype != torch.float32 or not torch.equal(p.data, ref[name]):
+            res["load_mismatched"].append(name)
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(weight_decay_groups(model, 0.1), lr=1e-2),
+                                  config=ds)
+g = torch.Generator().manual_seed(dist.get_rank())
+pack = [(torch.randint(0, 128, (n,), generator=g).int().numpy(), torch.rand(n, generator=g).numpy()) for n in (9, 30)]
+train_step(engine, [collate_pack(pack)], dist.get_world_size())
+exported = hf_weights.full_state_dict(engine.module)
+res["export_mismatched"], res["changed"] = [], 0
+for name, p in engine.module.named_parameters():
+    with deepspeed.zero.GatheredParameters([p]):
+        if dist.get_rank() == 0:
+            res["changed"] += int(not torch.equal(p.data, ref[name]))
+            if not torch.equal(exported[name], p.data.cpu()):
+                res["export_mismatched"].append(name)
+res["exported_names"] = sorted(exported) if exported is not None else None
+with open(f"{out}.{dist.get_rank()}", "w") as fh:
+    json.dump(res, fh)
+dist.barrier()
+# Skip interpreter teardown: gloo's thread may still free the last all-gather's tensors, and taking the GIL
+# while Python finalizes aborts the process ("terminate called without an active exception").
+os._exit(0)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [False, True])
+def test_zero3_load_and_export_equal_the_weights(tmp_path, tied):
+    model = random_model(tied)
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(tmp_path / "worker.py"), str(tmp_path / "ckpt"), str(tmp_path / "res")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"res.{i}").read_text()) for i in range(2)]
+    names = [n for n, _ in model.named_parameters()]
+    for res in ranks:
+        assert res["load_mismatched"] == [] and res["tied"] == tied and res["n"] == len(names)
+        # weight decay goes to the same parameters as without ZeRO-3, although each rank's partition is flat
+        assert res["decayed"] == sorted(n for n, p in model.named_parameters()
+                                        if any(p is q for q in weight_decay_groups(model, 0.1)[0]["params"]))
+        assert res["local"] < 0.6 * res["total"]  # this rank's shard only (about half, rounded up per tensor)
+    assert sum(res["local"] for res in ranks) >= ranks[0]["total"]
+    main = ranks[0]
+    assert main["export_mismatched"] == [] and main["changed"] == len(names)
+    assert main["exported_names"] == sorted(names) and ("lm_head.weight" in main["exported_names"]) is not tied
