@@ -32,6 +32,7 @@ class StepStats:
     skipped: bool  # the optimizer skipped the update (a non-finite gradient)
     lr: float
     seconds: float
+    stop_requested: bool  # some rank was asked to stop (ochat.training.runtime.StopRequest)
 
     @property
     def token_accuracy(self) -> float:
@@ -47,22 +48,24 @@ def forward_loss(engine, batch: dict, device: torch.device) -> LossSums:
                   target_index=batch["target_index"].to(device, non_blocking=True))
 
 
-def _pack_counts(micro_batches: list[dict], pin: bool) -> dict[str, torch.Tensor]:
-    """Weight sum, token count and sum of squared lengths of the micro-batches, from their CPU tensors."""
+def _pack_counts(micro_batches: list[dict], stop: bool, pin: bool) -> dict[str, torch.Tensor]:
+    """Weight sum, token count and sum of squared lengths of the micro-batches (from their CPU tensors), and the
+    stop flag, as one pinned host tensor's named views."""
     seqlens = [(b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).double() for b in micro_batches]
-    values = dict(weight_sum=sum(float(b["label_weights"].sum()) for b in micro_batches),
+    values = dict(weight_sum=sum(float(b["label_weights"].sum()) for b in micro_batches), stop=float(stop),
                   tokens=float(sum(b["input_ids"].numel() for b in micro_batches)),
                   sum_len_sq=sum(float(s.pow(2).sum()) for s in seqlens))
     host = torch.tensor(list(values.values()), dtype=torch.float64, pin_memory=pin)
     return dict(zip(values, host.unbind()))
 
 
-def train_step(engine, micro_batches: list[dict], world_size: int) -> StepStats:
+def train_step(engine, micro_batches: list[dict], world_size: int, stop_requested: bool = False) -> StepStats:
     """Forward, backward and the optimizer step over `micro_batches` (this rank's share of one step; their
-    number must equal the engine's gradient accumulation steps); returns the step's stats over all ranks."""
+    number must equal the engine's gradient accumulation steps); returns the step's stats over all ranks.
+    `stop_requested` (this rank's) travels with the stats, so every rank learns whether any rank must stop."""
     t0 = time.perf_counter()
     device = engine.device
-    counts = {k: v.to(device, non_blocking=True) for k, v in _pack_counts(micro_batches, device.type == "cuda").items()}
+    counts = {k: v.to(device, non_blocking=True) for k, v in _pack_counts(micro_batches, stop_requested, device.type == "cuda").items()}
     weight_sum = counts["weight_sum"].clone()
     dist.all_reduce(weight_sum)
     scale = loss_scale(weight_sum, world_size, len(micro_batches)).float()  # on the device: no host sync here
@@ -85,7 +88,8 @@ def train_step(engine, micro_batches: list[dict], world_size: int) -> StepStats:
                      weight_sum=total["weight_sum"], target_tokens=int(total["target_tokens"]),
                      correct=int(total["correct"]), tokens=int(total["tokens"]), sum_len_sq=total["sum_len_sq"],
                      grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                     skipped=engine.skipped_steps > skipped_before, lr=lr, seconds=time.perf_counter() - t0)
+                     skipped=engine.skipped_steps > skipped_before, lr=lr, seconds=time.perf_counter() - t0,
+                     stop_requested=total["stop"] > 0)
 
 
 def eval_loss(engine, packs) -> float:

@@ -1,4 +1,6 @@
 """Pre-flight checks: the self-check refuses packs whose conversations can see each other."""
+import os
+
 import pytest
 import torch
 
@@ -45,3 +47,51 @@ def test_a_packing_dependent_error_without_a_leak_is_refused(monkeypatch):
     monkeypatch.setattr(model_mod, "varlen_attention", wrong_after_first)
     with pytest.raises(TrainError, match="packed logits differ from per-conversation logits"):
         preflight.self_check(tiny_model(), 128, torch.device("cpu"), bf16=False)
+
+
+def config(tmp_path, **kw):
+    from ochat.config.train_config import TrainConfig
+    return TrainConfig(model_path="m", data_path="d", save_path=str(tmp_path / "run"), **kw)
+
+
+def test_previous_run_outputs_are_ochats_names_only(tmp_path):
+    run = tmp_path / "run"
+    for name in ("ep_0", "ep_12.tmp", "final", "final.old", "ds_state", "src", "ep_x"):
+        (run / name).mkdir(parents=True)
+    for name in ("metrics.jsonl", "notes.txt"):
+        (run / name).write_text("")
+    assert preflight.previous_run_outputs(str(run)) == ["ds_state", "ep_0", "ep_12.tmp", "final", "final.old",
+                                                         "metrics.jsonl"]
+
+
+def test_overwrite_deletes_only_the_previous_runs_outputs(tmp_path):
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(TrainError, match="holds a previous run"):
+        preflight.prepare_save_path(config(tmp_path), is_main=True)
+    preflight.prepare_save_path(config(tmp_path, overwrite=True), is_main=True)
+    assert sorted(os.listdir(run)) == [".ochat.lock", "notes.txt"]
+
+
+def test_resume_removes_leftovers_of_an_interrupted_save(tmp_path):
+    run = tmp_path / "run"
+    for name in ("final.tmp", "ep_1", "ds_state"):
+        (run / name).mkdir(parents=True)
+    preflight.prepare_save_path(config(tmp_path, resume=True), is_main=True)
+    assert sorted(os.listdir(run)) == [".ochat.lock", "ds_state", "ep_1"]
+
+
+def test_two_runs_cannot_write_one_save_path(tmp_path):
+    held = preflight.prepare_save_path(config(tmp_path), is_main=True)
+    with pytest.raises(TrainError, match="is being written by another run"):
+        preflight.prepare_save_path(config(tmp_path), is_main=True)
+    held.close()
+    preflight.prepare_save_path(config(tmp_path), is_main=True).close()
+
+
+def test_disk_space_for_a_checkpoint_and_a_state(tmp_path):
+    preflight.check_disk_space(str(tmp_path), 1_000_000, bf16=True)
+    with pytest.raises(TrainError, match=r"need about .* GiB: free space, choose another folder, or pass --no-save"):
+        preflight.check_disk_space(str(tmp_path), 10**15, bf16=True)
