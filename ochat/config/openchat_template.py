@@ -178,7 +178,9 @@ class OpenChatTemplate:
         BPE; for SentencePiece-style tokenizers " " between text pieces (each piece has its word-start
         marker) and "" or " " after a special token (whether the tokenizer puts a marker there itself)."""
         pieces = ["Hello", "GPT4 Correct User", "a  b", " x"]
-        eot = self.eot_token
+        # the text pieces that content follows (role prefixes ending in text: "GPT4 User:", "\n\n")
+        lefts = {p[-1][1] for p in (self.role_prefix(r, self.default_condition) for r in ROLE_NAMES)
+                 if p[-1][0] == TEXT} or {"User:"}
 
         def alone(text):
             return tokenizer.encode_batch([text])[0]
@@ -187,9 +189,9 @@ class OpenChatTemplate:
             return serving(text, add_special_tokens=False)["input_ids"]
 
         after_special = [j for j in ("", " ") if all(
-            served(eot + j + p) == [tokenizer.eot_id] + alone(p) for p in pieces)]
+            served(self.eot_token + j + p) == [tokenizer.eot_id] + alone(p) for p in pieces)]
         after_text = [j for j in ("", " ") if all(
-            served("User:" + j + p) == alone("User:") + alone(p) for p in pieces)]
+            served(left + j + p) == alone(left) + alone(p) for left in lefts for p in pieces)]
         if not after_special or not after_text:
             raise ValueError(f"{tokenizer.path}: no chat template can reproduce the OpenChat {self.kind} ids with "
                              "this tokenizer (it tokenizes text after special tokens or between pieces differently)")
