@@ -28,6 +28,18 @@ SPECIAL = "special"  # a token given by its text (looked up in the vocabulary, n
 TEXT = "text"        # a piece of text, tokenized on its own without parsing special-token text
 
 LLAMA3_HEADER = ("<|start_header_id|>", "<|end_header_id|>")
+
+# how a text piece is joined to what precedes it in a serving chat template: name -> the Jinja expression
+JOINERS = {
+    "none": "message['content']",
+    "space": "' ' + message['content']",
+    "lead": "('' if message['content'].startswith(' ') else ' ') + message['content']",
+}
+
+
+def join(joiner: str, text: str) -> str:
+    """`text` joined as JOINERS[joiner] does it (in Python)."""
+    return text if joiner == "none" or (joiner == "lead" and text.startswith(" ")) else " " + text
 ROLE_NAMES = {"user": "User", "assistant": "Assistant"}
 
 
@@ -173,10 +185,12 @@ class OpenChatTemplate:
         return self._jinja(after_special, after_text)
 
     def _joiners(self, tokenizer, serving) -> tuple[str, str]:
-        """What must precede a text piece that follows a special token / another text piece so that the
-        serving tokenizer, which sees one string, tokenizes it as `tokenizer` does alone: "" for byte-level
-        BPE; for SentencePiece-style tokenizers " " between text pieces (each piece has its word-start
-        marker) and "" or " " after a special token (whether the tokenizer puts a marker there itself)."""
+        """How a text piece that follows a special token / another text piece must be joined (JOINERS) so that
+        the serving tokenizer, which sees one string, tokenizes it as `tokenizer` does alone: "none" for
+        byte-level BPE; "space" between pieces for SentencePiece-style tokenizers (each piece has its own
+        word-start marker), and after a special token "none" or "space" depending on whether the tokenizer
+        puts a marker there itself; "lead" for `Metaspace` tokenizers, which add no marker to a piece that
+        starts with a space."""
         pieces = ["Hello", "GPT4 Correct User", "a  b", " x"]
         # the text pieces that content follows (role prefixes ending in text: "GPT4 User:", "\n\n")
         lefts = {p[-1][1] for p in (self.role_prefix(r, self.default_condition) for r in ROLE_NAMES)
@@ -188,10 +202,10 @@ class OpenChatTemplate:
         def served(text):
             return serving(text, add_special_tokens=False)["input_ids"]
 
-        after_special = [j for j in ("", " ") if all(
-            served(self.eot_token + j + p) == [tokenizer.eot_id] + alone(p) for p in pieces)]
-        after_text = [j for j in ("", " ") if all(
-            served(left + j + p) == alone(left) + alone(p) for left in lefts for p in pieces)]
+        after_special = [j for j in JOINERS if all(
+            served(self.eot_token + join(j, p)) == [tokenizer.eot_id] + alone(p) for p in pieces)]
+        after_text = [j for j in JOINERS if all(
+            served(left + join(j, p)) == alone(left) + alone(p) for left in lefts for p in pieces)]
         if not after_special or not after_text:
             raise ValueError(f"{tokenizer.path}: no chat template can reproduce the OpenChat {self.kind} ids with "
                              "this tokenizer (it tokenizes text after special tokens or between pieces differently)")
@@ -207,7 +221,7 @@ class OpenChatTemplate:
                 if kind == SPECIAL:
                     out += text
                 elif text:
-                    out += (after_text if prev == TEXT else after_special) + text
+                    out += join(after_text if prev == TEXT else after_special, text)
                 prev = kind if kind == SPECIAL or text else prev
             return out, prev
 
@@ -215,12 +229,11 @@ class OpenChatTemplate:
             return f"{{{{- {json.dumps(text)} }}}}" if text else ""
 
         def turn(prefix):
-            """prefix, the message's content (when not empty) after its joiner, end-of-turn"""
+            """prefix, the message's content (when not empty) joined to it, end-of-turn"""
             head, last = literal(prefix)
-            join = after_text if last == TEXT else after_special
-            content = "{{- message['content'] }}" if not join else \
-                f"{{%- if message['content'] %}}{{{{- {json.dumps(join)} + message['content'] }}}}{{%- endif %}}"
-            return emit(head) + content + emit(self.eot_token)
+            content = JOINERS[after_text if last == TEXT else after_special]
+            return (emit(head) + f"{{%- if message['content'] %}}{{{{- {content} }}}}{{%- endif %}}"
+                    + emit(self.eot_token))
 
         start, _ = literal([(SPECIAL, self.bos_token)] + self.preamble(condition))
         user = turn(self.role_prefix("user", condition))

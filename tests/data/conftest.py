@@ -31,7 +31,7 @@ def sample_texts() -> list[str]:
 @pytest.fixture(scope="session")
 def qwen_dir(tmp_path_factory):
     """A Qwen-style tokenizer folder: byte-level BPE with Qwen2's pre-tokenizer, trained here on the bundled
-    sample (3,000 tokens), with Qwen's special tokens and its non-special added tokens (<think>, <tool_call>...)."""
+    sample, with Qwen's special tokens and its non-special added tokens (<think>, <tool_call>...)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
