@@ -77,13 +77,13 @@ class _Bound:
     """What a chat template needs to know about one tokenizer: found once, in `ChatTemplate.prepare`."""
 
     source: str
-    eot_ids: frozenset
+    eot_id: int
     renders: dict  # tool feature -> whether the template renders it
 
 
 # probes (private-use characters: no template or tokenizer treats them specially)
 _MARK = "\ue000"
-_PROBE_TOOL = {"type": "function", "function": {"name": "ochatProbeTool", "description": "probe",
+_PROBE_TOOL = {"type": "function", "function": {"name": "ochatProbeTool", "description": "ochatProbeDefinition",
                                                 "parameters": {"type": "object", "properties": {}}}}
 _PROBE_CALL = {"role": "assistant", "content": "", "tool_calls": [
     {"type": "function", "id": "ochat0001", "function": {"name": "ochatProbeTool", "arguments": {"q": "ochatProbeArg"}}}]}
@@ -119,7 +119,8 @@ class ChatTemplate:
             prompt = self._render(hf, source, probe[:1], None, True)
             whole = self._render(hf, source, probe, None, False)
         except Exception as e:
-            raise ValueError(f"chat template {self.name}: cannot render a user and an assistant message: {e}") from None
+            raise ValueError(f"chat template {self.name}: cannot render a user and an assistant message: "
+                             f"{e}".splitlines()[0]) from None
         if not whole.startswith(prompt) or _MARK not in whole[len(prompt):]:
             raise ValueError(f"chat template {self.name} cannot be split into per-message spans: the generation "
                              f"prompt is not where the assistant message is rendered")
@@ -129,8 +130,9 @@ class ChatTemplate:
         eot = next((i for i, (a, _) in zip(enc["input_ids"], enc["offset_mapping"]) if a >= mark_end and i in special), None)
         if eot is None:
             raise ValueError(f"chat template {self.name} cannot be split into per-message spans: no special token "
-                             f"closes an assistant message, so a model could not learn to stop")
-        bound = _Bound(source, frozenset([eot]), self._tool_features(hf, source))
+                             "closes an assistant message, so a model could not learn to stop (are the template's "
+                             "special tokens in this vocabulary? python -m ochat.training.add_tokens adds them)")
+        bound = _Bound(source, eot, self._tool_features(hf, source))
         self._bound[tokenizer] = bound
         tokenizer.chat_template = source
         tokenizer.eot_id = eot
@@ -150,7 +152,7 @@ class ChatTemplate:
             text = self._render(hf, source, msgs, [_PROBE_TOOL], False)
         except Exception:
             return dict.fromkeys(TOOL_FEATURES, False)
-        return {"tools": "ochatProbeTool" in text.replace("ochatProbeToolCall", ""),
+        return {"tools": "ochatProbeDefinition" in text,
                 "tool_calls": "ochatProbeArg" in text, "tool_results": "ochatProbeResult" in text}
 
     def _bind(self, tokenizer) -> _Bound:
@@ -181,7 +183,8 @@ class ChatTemplate:
                 "tool_results": any(m.get("role") == "tool" for m in messages)}
         missing = [f for f in TOOL_FEATURES if used[f] and not bound.renders[f]]
         if missing:
-            raise UnsupportedConversation(TOOLS_UNSUPPORTED, f"chat template {self.name} does not render {', '.join(missing)}")
+            raise UnsupportedConversation(TOOLS_UNSUPPORTED,
+                                          f"chat template {self.name} does not render {', '.join(missing)}")
 
     def _render_safely(self, hf, source, messages, tools, generation_prompt) -> str:
         try:
@@ -213,12 +216,12 @@ class ChatTemplate:
     def _weigh(self, bound, messages, whole, starts, enc, weight) -> Encoded:
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         weights = [0.0] * len(ids)
-        rewritten, i, limit = 0, 0, len(ids)
+        rewritten, i = 0, 0
         for n, (k, start) in enumerate(starts):
             while i < len(ids) and offsets[i][1] <= start:
                 i += 1
             j = i
-            while j < len(ids) and ids[j] not in bound.eot_ids:
+            while j < len(ids) and ids[j] != bound.eot_id:
                 j += 1
             next_start = starts[n + 1][1] if n + 1 < len(starts) else None
             if j == len(ids) or (next_start is not None and offsets[j][1] > next_start):
