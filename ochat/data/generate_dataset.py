@@ -61,6 +61,8 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python -m ochat.data.generate_dataset", allow_abbrev=False,
                                 description="Tokenize ShareGPT / OpenAI-messages conversations into Arrow files.")
     p.add_argument("--model-type", default="openchat_v3.2", help=f"one of {', '.join(MODEL_TYPES)} (default: %(default)s)")
+    p.add_argument("--chat-template", default=None, metavar="FILE|NAME",
+                   help="chat_template type: a Jinja file or a bundled preset (chatml, llama3, gemma); default: the tokenizer's own")
     p.add_argument("--tokenizer", default=str(LLAMA2_TOKENIZER),
                    help="SentencePiece .model file or Hugging Face tokenizer dir (default: bundled Llama 2)")
     p.add_argument("--in-files", nargs="+", default=[str(SHAREGPT_SAMPLE)],
@@ -83,10 +85,10 @@ def build_parser():
 _W = {}
 
 
-def _init_worker(model_type_name, weights, default_condition, tokenizer_path, max_length):
+def _init_worker(model_type_name, weights, default_condition, tokenizer_path, max_length, chat_template=None):
     from ochat.data.tokenizer import load_tokenizer
 
-    mt = with_condition_weights(get_model_type(model_type_name), weights, default_condition)
+    mt = with_condition_weights(get_model_type(model_type_name, chat_template), weights, default_condition)
     _W.update(mt=mt, tok=load_tokenizer(tokenizer_path, mt), max_length=max_length)
 
 
@@ -152,7 +154,7 @@ def run(args) -> dict:
 
     t0 = time.time()
     try:
-        base_mt = get_model_type(args.model_type)
+        base_mt = get_model_type(args.model_type, args.chat_template)
     except ValueError as e:
         raise InputError(str(e)) from None
     weights = args.condition_weights or dict(base_mt.condition_weights)
@@ -207,7 +209,7 @@ def run(args) -> dict:
         tsum = {s: [0.0, 0] for s in sinks}
         truncated = 0
         chunks = [convs[i:i + CHUNK] for i in range(0, n, CHUNK)]
-        init = (mt.name, weights, default_condition, args.tokenizer, max_length)
+        init = (mt.name, weights, default_condition, args.tokenizer, max_length, args.chat_template)
         bar = tqdm(total=n, unit="conv", disable=args.quiet or None, file=sys.stderr, desc="tokenize")
         if workers == 1 or len(chunks) <= 1:
             _init_worker(*init)
@@ -272,7 +274,8 @@ def run(args) -> dict:
         args_dict = {k: v for k, v in vars(args).items()}
         meta = {"ochat_dataset": FORMAT_VERSION, "model_type": mt.name, "template": mt.template.kind,
                 "tokenizer": str(args.tokenizer), "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size,
-                "eot_token": mt.eot_token, "eot_token_id": tok.eot_id, "bos_token_id": tok.bos_id,
+                "eot_token": tok.eot_token, "eot_token_id": tok.eot_id, "bos_token_id": tok.bos_id,
+                "chat_template": tok.chat_template,
                 "eos_token_id": tok.eos_id, "max_length": max_length, "condition_weights": weights,
                 "default_condition": default_condition, "report": report,
                 "condition_counts": {s: dict(sorted(c.items())) for s, c in cond_counts.items()},
