@@ -2,8 +2,10 @@
 
     python -m ochat.data.generate_dataset --out-dir data/sample   # bundled tokenizer + sample
     ds = ochat.data.open_dataset("data/sample"); tokens, weights = ds[0]
+    ochat.data.write_dataset("data/synthetic", train=[(tokens, weights), ...], meta={...})
 """
 from ochat.data.reader import TokenizedDataset, open_dataset
+from ochat.data.schema import DatasetFormatError, write_dataset
 from ochat.data.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["TokenizedDataset", "Tokenizer", "load_tokenizer", "open_dataset"]
+__all__ = ["DatasetFormatError", "TokenizedDataset", "Tokenizer", "load_tokenizer", "open_dataset", "write_dataset"]
