@@ -35,8 +35,9 @@ import numpy as np
 
 from ochat.config.model_types import MODEL_TYPES, UnsupportedConversation, get_model_type, with_condition_weights
 from ochat.data import formats, sources
+from ochat.data.progress import Progress
 from ochat.data.schema import DATASET_KIND, SPLITS, SplitWriter, write_meta
-from ochat.data.sources import InputError
+from ochat.data.sources import InputError, one_line
 from ochat.utils.atomic import RefusedOverwrite, atomic_directory
 
 CHUNK = 512  # conversations per tokenizer batch / worker task ...
@@ -211,6 +212,21 @@ def _tokenize_chunk(convs) -> Tokenized:
 # ----------------------------------------------------------------------------- reading
 
 @dataclass
+class Plan:
+    """What a run reads and how, checked before anything is written."""
+
+    mt: object  # the model type, with the run's condition weights
+    weights: dict
+    default_condition: str
+    max_length: int
+    workers: int
+    inputs: list  # InputSpec per --in-files entry
+    opened: list  # sources.Source per input
+    tokenizer: object
+    out_dir: Path
+
+
+@dataclass
 class Chunk:
     """Consecutive input records: the conversations to tokenize, and the records skipped among them."""
 
@@ -238,10 +254,10 @@ class Tally:
     conditions: dict = field(default_factory=lambda: {s: Counter() for s in SPLITS})
 
 
-def _chunks(inputs, opened, mt, weights, default_condition, skip_bad_lines: bool, tally: Tally):
+def _chunks(plan: Plan, skip_bad_lines: bool, tally: Tally):
     """Stream all records into Chunks (normalised conversations and the skipped records among them)."""
     chunk = Chunk()
-    for file_index, (spec, source) in enumerate(zip(inputs, opened)):
+    for file_index, (spec, source) in enumerate(zip(plan.inputs, plan.opened)):
         for position, rec in source:
             tally.records_read += 1
             tally.per_file[file_index] += 1
@@ -254,7 +270,7 @@ def _chunks(inputs, opened, mt, weights, default_condition, skip_bad_lines: bool
                     entry["lines"].append(position)
                 chunk.skips.append((file_index, position, rec.reason, rec.message))
             else:
-                conv = formats.normalize(rec, mt, weights, default_condition, spec.condition)
+                conv = formats.normalize(rec, plan.mt, plan.weights, plan.default_condition, spec.condition)
                 if isinstance(conv, str):
                     chunk.skips.append((file_index, position, conv, None))
                 else:
@@ -311,33 +327,6 @@ def _tokenized(chunks, workers: int, init):
         pool.terminate()
 
 
-# ----------------------------------------------------------------------------- progress
-
-class Progress:
-    """A bar when stderr is a terminal, else a line every `interval` seconds; nothing with `quiet`."""
-
-    def __init__(self, quiet: bool, interval: float):
-        from tqdm import tqdm
-
-        tty = sys.stderr.isatty()
-        self.bar = tqdm(unit=" records", file=sys.stderr, desc="tokenize", disable=quiet or not tty)
-        self.lines = not quiet and not tty
-        self.interval, self.t0 = interval, time.time()
-        self.last = self.t0
-
-    def update(self, tally: Tally, records: int, tokens: int) -> None:
-        self.bar.update(records)
-        now = time.time()
-        if self.lines and now - self.last >= self.interval:
-            self.last = now
-            written = sum(tally.written.values())
-            print(f"{PROG}: {tally.records_read:,} records read, {written:,} written, {tokens / 1e6:.1f}M tokens, "
-                  f"{tokens / (now - self.t0) / 1e3:.0f}k tokens/s, {now - self.t0:.0f} s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 # ----------------------------------------------------------------------------- main
 
 def _check_out_dir(out_dir: Path, paths) -> None:
@@ -354,10 +343,9 @@ def _notify(msg: str) -> None:
     print(f"{PROG}: note: {msg}", file=sys.stderr)
 
 
-def run(args) -> dict:
+def _plan(args) -> Plan:
     from ochat.data.tokenizer import load_tokenizer
 
-    t0 = time.time()
     try:
         base_mt = get_model_type(args.model_type)
     except ValueError as e:
@@ -368,8 +356,6 @@ def run(args) -> dict:
         raise InputError(f"--default-condition {default_condition!r} has no weight in --condition-weights "
                          f"(known: {', '.join(weights)})")
     mt = with_condition_weights(base_mt, weights, default_condition)
-    max_length = args.max_length or mt.context_length
-    workers = args.workers or os.cpu_count() or 1
     inputs = [sources.parse_input_spec(a) for a in args.in_files]
     for spec in inputs:
         if spec.condition is not None and spec.condition not in weights:
@@ -380,59 +366,79 @@ def run(args) -> dict:
     except FileNotFoundError as e:
         raise InputError(str(e)) from None
     except Exception as e:  # a corrupt tokenizer file: one line, not a traceback
-        raise InputError(f"cannot load tokenizer {args.tokenizer}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        raise InputError(f"cannot load tokenizer {args.tokenizer}: {type(e).__name__}: {one_line(e)}") from None
     opened = [sources.open_source(spec.path) for spec in inputs]  # file-level problems stop the run here
     out_dir = Path(args.out_dir)
     _check_out_dir(out_dir, [spec.path for spec in inputs] + [args.tokenizer])
+    return Plan(mt, weights, default_condition, args.max_length or mt.context_length,
+                args.workers or os.cpu_count() or 1, inputs, opened, tok, out_dir)
 
-    tally = Tally(per_file=[0] * len(inputs))
+
+def run(args) -> dict:
+    """Tokenize the inputs into --out-dir; -> the meta.json written. InputError for anything the user must fix."""
+    t0 = time.time()
+    plan = _plan(args)
+    tally = Tally(per_file=[0] * len(plan.inputs))
     try:
-        with atomic_directory(out_dir, DATASET_KIND, overwrite=args.overwrite, notify=_notify) as tmp:
-            writers = {s: SplitWriter(tmp / f"{s}.arrow") for s in SPLITS}
-            progress = Progress(args.quiet, args.progress_interval)
-            try:
-                with open(tmp / "skipped.jsonl", "w") as skip_log:
-                    chunks = _chunks(inputs, opened, mt, weights, default_condition, args.skip_bad_lines, tally)
-                    init = (mt.name, weights, default_condition, args.tokenizer, max_length)
-                    tokens_written = 0
-                    with contextlib.closing(_tokenized(chunks, workers, init)) as results:  # stops the pool
-                        for chunk, result in results:
-                            tokens_written += _write_chunk(chunk, result, writers, skip_log, inputs, opened, tally, args)
-                            progress.update(tally, len(chunk.convs) + len(chunk.skips), tokens_written)
-            finally:
-                progress.close()
-                stats = {s: w.close() for s, w in writers.items()}
-            written = sum(tally.written.values())
-            if written == 0:
+        with atomic_directory(plan.out_dir, DATASET_KIND, overwrite=args.overwrite, notify=_notify) as tmp:
+            stats = _write_splits(plan, args, tmp, tally)
+            if sum(tally.written.values()) == 0:
                 raise InputError("no conversation was written (every record was skipped: "
                                  + ", ".join(f"{k}={v}" for k, v in sorted(tally.skipped.items())) + ")")
-            seconds = time.time() - t0
-            total_tokens = sum(st.get("tokens", 0) for st in stats.values())
-            report = {"records_read": tally.records_read, "written": written,
-                      "written_train": tally.written["train"], "written_eval": tally.written["eval"],
-                      "truncated": tally.truncated, "truncated_tokens_dropped": tally.truncated_tokens_dropped,
-                      "longest_before_truncation": tally.longest_before_truncation,
-                      "skipped": dict(sorted(tally.skipped.items())), "skipped_total": int(sum(tally.skipped.values())),
-                      "bad_lines": tally.bad_lines, "normalised": dict(sorted(tally.changes.items())),
-                      "rewritten_turns": tally.rewritten_turns, "tokens": total_tokens, "seconds": round(seconds, 3),
-                      "tokens_per_second": round(total_tokens / max(seconds, 1e-9), 1)}
-            assert report["written"] + report["skipped_total"] == tally.records_read
-            meta = {"model_type": mt.name, "template": mt.template.kind,
-                    "tokenizer": str(args.tokenizer), "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size,
-                    "eot_token": mt.eot_token, "eot_token_id": tok.eot_id, "bos_token_id": tok.bos_id,
-                    "eos_token_id": tok.eos_id, "max_length": max_length, "condition_weights": weights,
-                    "default_condition": default_condition,
-                    "inputs": [{"file": str(spec.path), "format": src.format, "condition": spec.condition,
-                                "records": n} for spec, src, n in zip(inputs, opened, tally.per_file)],
-                    "report": report,
-                    "condition_counts": {s: dict(sorted(c.items())) for s, c in tally.conditions.items()},
-                    "length_stats": stats, "args": vars(args)}
-            return write_meta(tmp, meta)
+            return write_meta(tmp, _meta(plan, args, tally, stats, time.time() - t0))
     except RefusedOverwrite as e:
         raise InputError(f"--out-dir {e}") from None
+    except OSError as e:  # reading errors are InputErrors already: this is writing (disk full, permissions)
+        raise InputError(f"--out-dir {plan.out_dir}: cannot write: {e.strerror or one_line(e)}") from None
 
 
-def _write_chunk(chunk: Chunk, result: Tokenized, writers, skip_log, inputs, opened, tally: Tally, args) -> int:
+def _write_splits(plan: Plan, args, tmp: Path, tally: Tally) -> dict:
+    """Stream every input through the tokenizer workers into tmp/{train,eval}.arrow and tmp/skipped.jsonl;
+    -> length statistics per split."""
+    writers = {s: SplitWriter(tmp / f"{s}.arrow") for s in SPLITS}
+    progress = Progress(PROG, args.quiet, args.progress_interval)
+    try:
+        with open(tmp / "skipped.jsonl", "w") as skip_log:
+            chunks = _chunks(plan, args.skip_bad_lines, tally)
+            init = (plan.mt.name, plan.weights, plan.default_condition, args.tokenizer, plan.max_length)
+            tokens_written = 0
+            with contextlib.closing(_tokenized(chunks, plan.workers, init)) as results:  # stops the pool
+                for chunk, result in results:
+                    tokens_written += _write_chunk(chunk, result, writers, skip_log, plan, tally, args)
+                    progress.update(len(chunk.convs) + len(chunk.skips), tally.records_read,
+                                    sum(tally.written.values()), tokens_written)
+    finally:
+        progress.close()
+        stats = {s: w.close() for s, w in writers.items()}
+    return stats
+
+
+def _meta(plan: Plan, args, tally: Tally, stats: dict, seconds: float) -> dict:
+    written = sum(tally.written.values())
+    tokens = sum(st.get("tokens", 0) for st in stats.values())
+    report = {"records_read": tally.records_read, "written": written,
+              "written_train": tally.written["train"], "written_eval": tally.written["eval"],
+              "truncated": tally.truncated, "truncated_tokens_dropped": tally.truncated_tokens_dropped,
+              "longest_before_truncation": tally.longest_before_truncation,
+              "skipped": dict(sorted(tally.skipped.items())), "skipped_total": int(sum(tally.skipped.values())),
+              "bad_lines": tally.bad_lines, "normalised": dict(sorted(tally.changes.items())),
+              "rewritten_turns": tally.rewritten_turns, "tokens": tokens, "seconds": round(seconds, 3),
+              "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)}
+    assert report["written"] + report["skipped_total"] == tally.records_read
+    tok = plan.tokenizer
+    return {"model_type": plan.mt.name, "template": plan.mt.template.kind,
+            "tokenizer": str(args.tokenizer), "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size,
+            "eot_token": plan.mt.eot_token, "eot_token_id": tok.eot_id, "bos_token_id": tok.bos_id,
+            "eos_token_id": tok.eos_id, "max_length": plan.max_length, "condition_weights": plan.weights,
+            "default_condition": plan.default_condition,
+            "inputs": [{"file": str(spec.path), "format": src.format, "condition": spec.condition, "records": n}
+                       for spec, src, n in zip(plan.inputs, plan.opened, tally.per_file)],
+            "report": report,
+            "condition_counts": {s: dict(sorted(c.items())) for s, c in tally.conditions.items()},
+            "length_stats": stats, "args": vars(args)}
+
+
+def _write_chunk(chunk: Chunk, result: Tokenized, writers, skip_log, plan: Plan, tally: Tally, args) -> int:
     """Append a tokenized chunk to the splits, log its skipped records in order; -> tokens written."""
     status = result.status
     skips = list(chunk.skips)
@@ -442,7 +448,7 @@ def _write_chunk(chunk: Chunk, result: Tokenized, writers, skip_log, inputs, ope
         skips.append((*chunk.where[i], reason, None))
     for file_index, position, reason, detail in sorted(skips, key=lambda s: s[:2]):
         tally.skipped[reason] += 1
-        entry = {"file": str(inputs[file_index].path), opened[file_index].unit: position, "reason": reason}
+        entry = {"file": str(plan.inputs[file_index].path), plan.opened[file_index].unit: position, "reason": reason}
         skip_log.write(json.dumps(entry | ({"detail": detail} if detail else {}), ensure_ascii=False) + "\n")
 
     truncated = status == TRUNCATED

@@ -71,7 +71,8 @@ def parse_input_spec(arg: str) -> InputSpec:
     return InputSpec(Path(path), condition)
 
 
-def _first_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
@@ -305,7 +306,7 @@ def _hf_datasets_files(folder: Path) -> list[Path]:
     try:
         return [folder / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{state}: cannot read the list of data files: {_first_line(e)}") from None
+        raise InputError(f"{state}: cannot read the list of data files: {one_line(e)}") from None
 
 
 # ----------------------------------------------------------------------------- sources
@@ -330,7 +331,7 @@ class Source:
         try:
             yield from self.read()
         except (*_decompression_errors(), pa.ArrowException) as e:
-            raise InputError(f"{self.path}: cannot read ({self.format}): {_first_line(e)}") from None
+            raise InputError(f"{self.path}: cannot read ({self.format}): {one_line(e)}") from None
 
 
 def _json_text(path: Path) -> Iterator[tuple[int, Any]]:
@@ -357,7 +358,7 @@ def open_source(path) -> Source:
     except InputError:
         raise
     except _decompression_errors() as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
         raise InputError(f"{path}: cannot read: {reason}") from None
     if first == "[":
         return Source(path, "json", lambda: _json_text(path))

@@ -179,3 +179,10 @@ def test_deterministic_across_workers(tmp_path):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
     assert 30 < len(open_dataset(outs[0], "eval")) < 90  # 5% of 1,187 conversations
     assert len((outs[0] / "skipped.jsonl").read_text().splitlines()) == 13
+
+
+def test_unwritable_out_dir_is_one_line(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    r = cli("--out-dir", str(tmp_path / "file.txt" / "out"), "--quiet")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert f"--out-dir {tmp_path / 'file.txt' / 'out'}: cannot write: " in r.stderr
