@@ -93,9 +93,9 @@ def clean_stale_temporaries(target, notify: Callable[[str], None] = lambda msg: 
 def check_replaceable(target, kind: str, overwrite: bool = False) -> None:
     """Raise RefusedOverwrite unless `target` is absent, empty, ochat's own output of `kind`, or `overwrite`."""
     target = Path(target)
-    if not target.exists() and not target.is_symlink():
+    if not target.exists():
         return
-    if not target.is_dir() or target.is_symlink():
+    if not target.is_dir():
         raise RefusedOverwrite(f"{target} exists and is not a directory")
     if overwrite or not any(target.iterdir()):
         return
@@ -158,8 +158,11 @@ def atomic_directory(target, kind: str, *, overwrite: bool = False,
     `kind` names what the folder holds ("dataset", "checkpoint"): an existing non-empty `target` is replaced
     only when ochat wrote it as the same kind, or with `overwrite=True` (else RefusedOverwrite, raised before
     anything is written). Stale temporary folders of earlier killed writes are cleaned first (see
-    `clean_stale_temporaries`); `notify` receives one line per folder removed or left."""
+    `clean_stale_temporaries`); `notify` receives one line per folder removed or left. A `target` that is a
+    symbolic link stays one: the folder it points to is replaced."""
     target = Path(target)
+    if target.is_symlink():
+        target = target.resolve()
     check_replaceable(target, kind, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(target, notify)

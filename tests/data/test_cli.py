@@ -77,6 +77,7 @@ def test_report_counts_every_record(tmp_path, tok):
     full = len(get_model_type("openchat_v3.2").template.encode(
         [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 50}], tok)[0])
     assert r["truncated_tokens_dropped"] == full - 30 and r["longest_before_truncation"] == full
+    assert r["normalised"] == {} and r["rewritten_turns"] == 0 and r["bad_lines"] == {}
     skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert skipped == [{"file": f, "line": n, "reason": reason} for n, reason in [
         (2, "no_assistant"), (3, "no_conversation"), (4, "unknown_role"), (5, "non_string_content"),

@@ -11,8 +11,9 @@ from ochat.utils.atomic import MARKER, RefusedOverwrite, atomic_directory, clean
 
 
 def write(target, text, kind="dataset", **kw):
+    real = target.resolve()  # a symbolic link is written through
     with atomic_directory(target, kind, **kw) as tmp:
-        assert tmp.parent == target.parent and tmp.name.startswith(f".{target.name}.tmp-{os.getpid()}-")
+        assert tmp.parent == real.parent and tmp.name.startswith(f".{real.name}.tmp-{os.getpid()}-")
         assert read_marker(tmp)["kind"] == kind  # recognisable from the start
         (tmp / "data.txt").write_text(text)
         (tmp / "sub").mkdir()
@@ -101,3 +102,13 @@ def test_stale_temporaries(tmp_path):
     dead = fake_temporary(tmp_path, "out", dead_pid())
     write(target, "x", notify=notes.append)
     assert not dead.exists() and (target / "data.txt").exists()
+
+
+def test_symlinked_target_stays_a_link(tmp_path):
+    real = tmp_path / "disk" / "data"
+    real.parent.mkdir()
+    write(real, "one")
+    (tmp_path / "data").symlink_to(real)
+    write(tmp_path / "data", "two")
+    assert (tmp_path / "data").is_symlink() and (real / "data.txt").read_text() == "two"
+    assert listing(real.parent) == ["data"]
