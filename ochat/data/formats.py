@@ -30,6 +30,7 @@ MISPLACED_TOOL = "misplaced_tool"
 UNANSWERED_TOOL_CALL = "unanswered_tool_call"
 UNKNOWN_CONDITION = "unknown_condition"
 MISPLACED_SYSTEM = "misplaced_system"
+INVALID_UNICODE = "invalid_unicode"  # a lone surrogate escape ("\\ud800"): valid JSON, but no text a tokenizer encodes
 NO_ASSISTANT = "no_assistant"
 NO_TARGET_AFTER_TRUNCATION = "no_target_after_truncation"
 
@@ -54,6 +55,19 @@ class Conversation:
 
 class Skip(str):
     """A skip reason (a str) where normalize's helpers otherwise return a value."""
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_surrogate(obj) -> bool:
+    if isinstance(obj, str):
+        return not obj.isascii() and _SURROGATE.search(obj) is not None
+    if isinstance(obj, dict):
+        return any(_has_surrogate(v) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_has_surrogate(v) for v in obj)
+    return False
 
 
 def _get(obj: Mapping, *keys: str) -> Any:
@@ -252,4 +266,6 @@ def normalize(rec, model_type, weights, default_condition, file_condition=None):
         changes.add(DROPPED_TRAILING)
     if not turns:
         return NO_ASSISTANT
+    if _has_surrogate([turns, systems, tools]):
+        return INVALID_UNICODE
     return Conversation(turns, cond, "\n\n".join(systems) if systems else None, tools, tuple(sorted(changes)))

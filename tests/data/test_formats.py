@@ -201,3 +201,11 @@ def test_condition_precedence():
 def test_developer_role_is_system():
     c = norm(msgs(("developer", "D"), ("user", "q"), ("assistant", "a")))
     assert c.system == "D"
+
+
+def test_lone_surrogates_are_skipped():
+    # valid JSON ("\ud800" escape) but no text: tokenizers cannot encode it
+    rec = json.loads('{"conversations": [{"from": "human", "value": "a\\ud800b"}, {"from": "gpt", "value": "ok"}]}')
+    assert norm(rec) == F.INVALID_UNICODE
+    assert norm({**msgs(("user", "q"), ("assistant", "a")), "system": "\udfff"}) == F.INVALID_UNICODE
+    assert norm(msgs(("user", "😀 é"), ("assistant", "a"))).messages[0]["content"] == "😀 é"
