@@ -30,7 +30,7 @@ MISPLACED_TOOL = "misplaced_tool"
 UNANSWERED_TOOL_CALL = "unanswered_tool_call"
 UNKNOWN_CONDITION = "unknown_condition"
 MISPLACED_SYSTEM = "misplaced_system"
-INVALID_UNICODE = "invalid_unicode"  # a lone surrogate escape ("\\ud800"): valid JSON, but no text a tokenizer encodes
+INVALID_UNICODE = "invalid_unicode"  # a lone surrogate escape ("\ud800"): valid JSON, but no text a tokenizer encodes
 NO_ASSISTANT = "no_assistant"
 NO_TARGET_AFTER_TRUNCATION = "no_target_after_truncation"
 

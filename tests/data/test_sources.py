@@ -40,6 +40,8 @@ def test_jsonl_splits_on_newline_only(tmp_path):
     src = S.open_source(tmp_path / "a.jsonl")
     assert src.format == "jsonl" and src.unit == "line"
     assert list(src) == list(enumerate(recs, 1))
+    (tmp_path / "crlf.jsonl").write_bytes(raw.replace(b"\n", b"\r\n"))  # Windows line ends
+    assert read(tmp_path / "crlf.jsonl") == recs
 
 
 def test_json_array_and_single_object(tmp_path):
