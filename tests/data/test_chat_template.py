@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from ochat.assets import SHAREGPT_SAMPLE
+
 from ochat.config import get_model_type
 from ochat.config.model_types import Encoded, UnsupportedConversation
-from ochat.data import formats, load_tokenizer
+from ochat.data import load_tokenizer
+from tests.helpers.data import sample_conversations
 
 HERE = os.path.dirname(__file__)
 
@@ -39,12 +40,6 @@ def tool_conversation(arguments):
                 {"type": "function", "id": "call00001", "function": {"name": "get_weather", "arguments": arguments}}]},
             {"role": "tool", "tool_call_id": "call00001", "name": "get_weather", "content": "{\"temp\": 21}"},
             {"role": "assistant", "content": "It is 21 degrees in Paris."}]
-
-
-def sample_conversations(mt, n=120):
-    recs = formats.read_records(SHAREGPT_SAMPLE)
-    convs = [formats.normalize(r, mt, mt.condition_weights, mt.default_condition) for r in recs]
-    return [c for c in convs if not isinstance(c, str)][:n]
 
 
 def hf_messages(c):

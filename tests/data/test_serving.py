@@ -10,16 +10,11 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from ochat.assets import LLAMA2_TOKENIZER, SHAREGPT_SAMPLE
+from ochat.assets import LLAMA2_TOKENIZER
 from ochat.config import get_model_type
-from ochat.data import formats, load_tokenizer
+from ochat.data import load_tokenizer
 from ochat.data.serving import save_serving_tokenizer
-
-
-def sample_conversations(mt):
-    convs = [formats.normalize(r, mt, mt.condition_weights, mt.default_condition)
-             for r in formats.read_records(SHAREGPT_SAMPLE)]
-    return [c for c in convs if not isinstance(c, str)]
+from tests.helpers.data import sample_conversations
 
 
 def assert_serves_as_trained(tok, mt, out_dir, convs):

@@ -7,11 +7,12 @@ import shutil
 import pytest
 import sentencepiece as spm
 
-from ochat.assets import LLAMA2_TOKENIZER, SHAREGPT_SAMPLE
+from ochat.assets import LLAMA2_TOKENIZER
 from ochat.config import get_model_type
-from ochat.data import formats, load_tokenizer
+from ochat.data import load_tokenizer
 from ochat.data.generate_dataset import main as generate_dataset
 from ochat.data.sentencepiece_hf import sentencepiece_to_hf
+from tests.helpers.data import sample_records
 
 
 def texts_with_whitespace_runs(n, seed=0):
@@ -24,8 +25,7 @@ def texts_with_whitespace_runs(n, seed=0):
 
 def test_sentencepiece_to_hf_equals_sentencepiece(sp):
     hf = sentencepiece_to_hf(LLAMA2_TOKENIZER, {"<|end_of_turn|>": 32000})
-    records = formats.read_records(SHAREGPT_SAMPLE)
-    texts = [m["value"] for r in records for m in r["conversations"]] + texts_with_whitespace_runs(5000)
+    texts = [m["value"] for r in sample_records() for m in r["conversations"]] + texts_with_whitespace_runs(5000)
     got = [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
     bad = [t for t, g, w in zip(texts, got, sp.encode(texts)) if g != w and "<" not in t]
     assert not bad, f"{len(bad)} texts tokenize differently, e.g. {bad[0]!r}"
@@ -63,8 +63,7 @@ def test_tiktoken_model_refused_in_one_line(tmp_path, capsys):
 
 
 def test_unservable_sentencepiece_refused(tmp_path):
-    records = formats.read_records(SHAREGPT_SAMPLE)
-    text = "\n".join(m["value"] for r in records[:200] for m in r["conversations"])
+    text = "\n".join(m["value"] for r in sample_records()[:200] for m in r["conversations"])
     (tmp_path / "corpus.txt").write_text(text)
     spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "uni"),
                                    model_type="unigram", vocab_size=100, hard_vocab_limit=False, minloglevel=2)
