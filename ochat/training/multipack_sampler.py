@@ -49,7 +49,7 @@ from typing import Iterator
 import numba
 import numpy as np
 
-__all__ = ["MultipackDistributedBatchSampler", "pack_epoch", "plan_stats"]
+__all__ = ["MultipackDistributedBatchSampler", "fill_empty_packs", "pack_epoch", "plan_stats"]
 
 _GROUP_STEPS = 16  # steps' worth of tokens per packing group
 _SMALL_DIV = 128  # after pure LPT: sequences shorter than C / 128 top bins up best-fit, longer go LPT
@@ -293,17 +293,23 @@ def _bfd_last_group(gs: np.ndarray, bin_of: np.ndarray, nb: int, lengths: np.nda
     tail = [items[off[b]:off[b + 1]] for b in by_fill[full_n:]]
     if tail:
         tail += [_EMPTY] * (R - len(tail))
-    for e in range(len(tail)):
-        if len(tail[e]):
-            continue
-        m = max(range(len(tail)), key=lambda t: (len(tail[t]), -t))  # most items, first such bin
-        if len(tail[m]) < 2:
-            break
-        k = int(np.argmax(lengths[tail[m]]))  # its longest sequence moves to the empty bin
-        tail[e] = tail[m][k:k + 1]
-        tail[m] = np.delete(tail[m], k)
+        fill_empty_packs(tail, lengths)
     tail_off = head_off[-1] + np.cumsum([0] + [len(t) for t in tail])
     return np.concatenate([head_items, *tail]), np.concatenate([head_off, tail_off[1:]]), bool(tail)
+
+
+def fill_empty_packs(packs: list[np.ndarray], lengths: np.ndarray) -> None:
+    """Give every empty pack one sequence, in place: each empty pack in turn takes the longest
+    sequence of the pack with the most sequences (the first such), while one has two or more."""
+    sizes = np.array([len(p) for p in packs], np.int64)
+    for e in np.flatnonzero(sizes == 0):
+        donor = int(np.argmax(sizes))
+        if sizes[donor] < 2:
+            return
+        k = int(np.argmax(lengths[packs[donor]]))
+        packs[e] = packs[donor][k:k + 1]
+        packs[donor] = np.delete(packs[donor], k)
+        sizes[e], sizes[donor] = 1, sizes[donor] - 1
 
 
 def _lpt_group(ls: np.ndarray, B: int, capacity: int, ideal: int, ws: _Workspace) -> np.ndarray:
@@ -463,12 +469,12 @@ def _check_call(batch_max_length, lengths) -> tuple[int, np.ndarray]:
         raise TypeError(f"{_SIGNATURE}: batch_max_length must be an integer token budget, got "
                         f"{type(batch_max_length).__name__}{hint}; positional arguments follow the original "
                         f"multipack sampler's order, or pass batch_max_length=..., lengths=...") from None
-    lengths = np.asarray(lengths)
-    if lengths.ndim != 1:
+    array = np.asarray(lengths)
+    if array.ndim != 1:
         raise TypeError(f"{_SIGNATURE}: lengths must be a 1-D sequence of token counts, got "
-                        f"{type(lengths).__name__} of shape {lengths.shape}; positional arguments follow the "
+                        f"{type(lengths).__name__} of shape {array.shape}; positional arguments follow the "
                         f"original multipack sampler's order, or pass batch_max_length=..., lengths=...")
-    return budget, lengths
+    return budget, array
 
 
 class MultipackDistributedBatchSampler:
@@ -541,16 +547,17 @@ class MultipackDistributedBatchSampler:
         """Select the epoch whose plan iteration yields (a new shuffle per epoch)."""
         self.epoch = int(epoch)
 
+    def pack(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Compute one epoch's plan, uncached (plan() caches it); the layout of plan()."""
+        return pack_epoch(self.lengths, self.batch_max_length, self.num_replicas, self.seed, epoch, self.drop_last)
+
     def plan(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(indices, offsets) of the whole epoch, all ranks: the pack of (step s, rank r) is
         indices[offsets[s*R + r] : offsets[s*R + r + 1]]. Cached for the latest epoch."""
         epoch = self.epoch if epoch is None else int(epoch)
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1], self._cache[2]
-        idx, off = pack_epoch(self.lengths, self.batch_max_length, self.num_replicas, self.seed, epoch,
-                              self.drop_last)
-        self._cache = (epoch, idx, off)
-        return idx, off
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, *self.pack(epoch))
+        return self._cache[1], self._cache[2]
 
     def all_rank_batches(self, epoch: int | None = None) -> list[list[list[int]]]:
         """The full plan as [step][rank] -> list of indices."""
