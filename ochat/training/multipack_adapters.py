@@ -76,13 +76,19 @@ class HFMultipackBatchSampler(MultipackBatchSampler, BatchRebalanceSampler):
         lengths = [len(ids) for ids in dataset["input_ids"]] if hasattr(dataset, "column_names") else \
             [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
         seed = args.data_seed if args.data_seed is not None else args.seed
-        sampler = cls(batch_max_length, lengths, num_replicas=max(1, args.world_size), rank=args.process_index,
-                      seed=seed, epochs=math.ceil(args.num_train_epochs))
-        if args.max_steps > 0:  # the Trainer runs ceil(max_steps / updates per epoch) epochs
+        epochs = 1 if args.max_steps > 0 else math.ceil(args.num_train_epochs)
+        while True:
+            sampler = cls(batch_max_length, lengths, num_replicas=max(1, args.world_size), rank=args.process_index,
+                          seed=seed, epochs=epochs)
+            if args.max_steps <= 0:
+                return sampler
+            # the Trainer runs ceil(max_steps / updates per epoch) epochs; more epochs can only
+            # raise steps_per_epoch, so this settles in a second round at most
             updates = math.ceil(sampler.steps_per_epoch / args.gradient_accumulation_steps)
-            sampler = cls(batch_max_length, lengths, num_replicas=sampler.num_replicas, rank=sampler.rank,
-                          seed=seed, epochs=math.ceil(args.max_steps / updates))
-        return sampler
+            needed = math.ceil(args.max_steps / updates)
+            if needed <= epochs:
+                return sampler
+            epochs = needed
 
     def pack(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """One epoch's plan with exactly steps_per_epoch steps and no empty pack."""

@@ -55,6 +55,7 @@ _GROUP_STEPS = 16  # steps' worth of tokens per packing group
 _SMALL_DIV = 128  # after pure LPT: sequences shorter than C / 128 top bins up best-fit, longer go LPT
 _MIN_GROUP_ITEMS = 4096  # at least this many sequences per group (matters for small R * C)
 _EMPTY = np.zeros(0, np.int64)
+_EMPTY.flags.writeable = False
 
 
 # ----------------------------------------------------------------------------- kernels

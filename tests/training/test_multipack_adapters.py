@@ -86,6 +86,25 @@ def test_hf_sampler_small_datasets_fill_every_pack_or_say_why():
         assert sorted(i for batches in per_rank for b in batches for i in b) == list(range(len(L)))
 
 
+def test_for_trainer_sizes_every_epoch_the_trainer_runs():
+    from types import SimpleNamespace
+
+    L = np.clip(np.exp(np.random.default_rng(2).normal(np.log(1400), 1.0, 600)), 1, 8192).astype(np.int64)
+    dataset = [{"input_ids": [0] * int(n)} for n in L]
+    for max_steps, num_train_epochs, grad_accum in ((-1, 2.5, 1), (37, 3.0, 2)):
+        args = SimpleNamespace(data_seed=None, seed=3, max_steps=max_steps, num_train_epochs=num_train_epochs,
+                               world_size=2, process_index=1, gradient_accumulation_steps=grad_accum)
+        s = HFMultipackBatchSampler.for_trainer(SimpleNamespace(args=args, train_dataset=dataset), 32768)
+        assert (s.batch_max_length, s.num_replicas, s.rank, s.seed) == (32768, 2, 1, 3)
+        assert s.lengths.tolist() == L.tolist()
+        updates = -(-len(s) // grad_accum)  # the Trainer's count of epochs, from len() of epoch 0
+        trainer_epochs = -(-max_steps // updates) if max_steps > 0 else 3
+        assert trainer_epochs > 1
+        for e in range(trainer_epochs):
+            s.set_epoch(e)
+            assert len(s) == s.steps_per_epoch
+
+
 # ----------------------------------------------------------------------------- real Trainers
 
 
