@@ -261,6 +261,12 @@ def _segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return cs[offsets[1:]] - cs[offsets[:-1]]
 
 
+def _bin_costs(lengths: np.ndarray, items: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, sum of len^2) of every bin of the CSR items/offsets."""
+    item_lengths = lengths[items]
+    return _segment_sums(item_lengths, offsets), _segment_sums(item_lengths ** 2, offsets)
+
+
 def _csr_take(items: np.ndarray, offsets: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The bins `order` (indices into the CSR items/offsets), in that order, as a new CSR."""
     sizes = np.diff(offsets)[order]
@@ -285,8 +291,7 @@ def _bfd_last_group(gs: np.ndarray, bin_of: np.ndarray, nb: int, lengths: np.nda
     are split so a rank is left empty only when that step has fewer sequences than ranks.
     Returns (items, offsets, whether there is such a tail step: it stays the epoch's last)."""
     items, off = _csr_from_bins(gs, bin_of, nb)
-    tok = _segment_sums(lengths[items], off)
-    sq = _segment_sums(lengths[items] ** 2, off)
+    tok, sq = _bin_costs(lengths, items, off)
     by_fill = np.argsort(-tok, kind="stable")
     full_n = (nb // R) * R
     head = by_fill[:full_n][np.argsort(sq[by_fill[:full_n]], kind="stable")]
@@ -367,21 +372,22 @@ def _pack_groups(lengths: np.ndarray, perm: np.ndarray, keys: np.ndarray, C: int
         if last and not drop_last and not fits.all():
             items, offsets, partial = _bfd_last_group(gs, ws.bin_of[:gs.shape[0]], nb, lengths, R)
             carry = _EMPTY
+            tok, sq = _bin_costs(lengths, items, offsets)
         else:
             carry = _EMPTY if last else gs[~fits]
             items, offsets = _csr_from_bins(gs[fits], bin_of[fits], B)
             # steps = R consecutive bins in decreasing sum(len^2) (empty bins, only possible in
             # the last group and then fewer than R of them, sort to the end: the last step)
-            sq = _segment_sums(lengths[items] ** 2, offsets)
+            tok, sq = _bin_costs(lengths, items, offsets)
             nonempty = np.diff(offsets) > 0
-            items, offsets = _csr_take(items, offsets, np.argsort(-4 * sq - nonempty, kind="stable"))
+            by_sq = np.argsort(-4 * sq - nonempty, kind="stable")
+            items, offsets = _csr_take(items, offsets, by_sq)
+            tok, sq = tok[by_sq], sq[by_sq]
             partial = not nonempty.all()  # the step with empty packs stays last
         n_steps = (offsets.shape[0] - 1) // R
         # ---- balance each step by swaps, then emit in shuffled step order / rank order
         if swap_rounds > 0 and R > 1:
-            tok_b = _segment_sums(lengths[items], offsets)
-            sq_b = _segment_sums(lengths[items] ** 2, offsets)
-            _balance_steps(items, offsets, tok_b, sq_b, lengths, R, C, swap_rounds)
+            _balance_steps(items, offsets, tok, sq, lengths, R, C, swap_rounds)
         step_keys = keys[key_pos:key_pos + n_steps].copy()
         key_pos += n_steps
         if partial:
@@ -425,10 +431,8 @@ def plan_stats(lengths: np.ndarray, indices: np.ndarray, offsets: np.ndarray, ba
     """Packing statistics of a plan (see MultipackDistributedBatchSampler.stats)."""
     lengths = np.ascontiguousarray(lengths, dtype=np.int64)
     R = int(num_replicas)
-    packed_lengths = lengths[np.asarray(indices, np.int64)]
-    offsets = np.asarray(offsets, np.int64)
-    tok = _segment_sums(packed_lengths, offsets)
-    sq = _segment_sums(packed_lengths ** 2, offsets)
+    indices = np.asarray(indices, np.int64)
+    tok, sq = _bin_costs(lengths, indices, np.asarray(offsets, np.int64))
     S = tok.shape[0] // R if R else 0
     tok = tok[: S * R].reshape(S, R)
     sq = sq[: S * R].reshape(S, R).astype(np.float64)
@@ -447,8 +451,8 @@ def plan_stats(lengths: np.ndarray, indices: np.ndarray, offsets: np.ndarray, ba
         "efficiency": packed / (S * R * batch_max_length) if S else 0.0,
         "packed_tokens": packed,
         "num_sequences": int(lengths.shape[0]),
-        "packed_sequences": int(packed_lengths.shape[0]),
-        "dropped_sequences": int(lengths.shape[0] - packed_lengths.shape[0]),
+        "packed_sequences": int(indices.shape[0]),
+        "dropped_sequences": int(lengths.shape[0] - indices.shape[0]),
         "l2_lag_mean": float(lag.mean()),
         "l2_lag_max": float(lag.max()),
         "balance_mean": float(balance.mean()),  # modeled max-rank cost / mean-rank cost, per step
