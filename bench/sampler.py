@@ -183,8 +183,10 @@ def sample_lengths(ctx):
     truncated at ctx."""
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=str(ROOT / "ochat/assets/llama2-tokenizer.model"))
-    data = json.loads((ROOT / "ochat/assets/sharegpt_sample.json").read_text())
+    from ochat.assets import LLAMA2_TOKENIZER, SHAREGPT_SAMPLE
+
+    sp = spm.SentencePieceProcessor(model_file=str(LLAMA2_TOKENIZER))
+    data = json.loads(SHAREGPT_SAMPLE.read_text())
     out = []
     for rec in data:
         turns = rec.get("conversations") or rec.get("items") or []

@@ -37,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ochat.assets import LLAMA2_TOKENIZER, SHAREGPT_SAMPLE  # noqa: E402
 from ochat.training.metrics import PEAK_FLOPS, step_flops  # noqa: E402
 from ochat.training.model_config import ModelConfig  # noqa: E402
 
@@ -60,8 +61,7 @@ def make_conversations(n_synth, vocab, cap, seed=0):
     try:
         with tempfile.TemporaryDirectory() as d:
             subprocess.run([sys.executable, "-m", "ochat.data.generate_dataset", "--model-type", "openchat_v3.2",
-                            "--tokenizer", str(ROOT / "ochat/assets/llama2-tokenizer.model"), "--in-files",
-                            str(ROOT / "ochat/assets/sharegpt_sample.json"), "--out-dir", d],
+                            "--tokenizer", str(LLAMA2_TOKENIZER), "--in-files", str(SHAREGPT_SAMPLE), "--out-dir", d],
                            check=True, capture_output=True, cwd=ROOT)
             from ochat.data import open_dataset
 
@@ -80,7 +80,8 @@ def make_packs(convs, pack_tokens, steps, seed=0):
     try:
         from ochat.training.multipack_sampler import MultipackDistributedBatchSampler
 
-        sampler = MultipackDistributedBatchSampler(lengths, pack_tokens, num_replicas=1, rank=0, seed=seed)
+        sampler = MultipackDistributedBatchSampler(lengths=lengths, batch_max_length=pack_tokens, num_replicas=1,
+                                                   rank=0, seed=seed)
         sampler.set_epoch(0)
         packs = [b for b in sampler if len(b)]
     except Exception as e:  # noqa: BLE001

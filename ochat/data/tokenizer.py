@@ -55,13 +55,6 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
-    def save_hf(self, out_dir):
-        """Write the serving folder of this tokenizer (see `ochat.data.serving.save_serving_tokenizer`)."""
-        from ochat.data.serving import save_serving_tokenizer
-
-        save_serving_tokenizer(self, self.model_type, out_dir)
-        return Path(out_dir)
-
 
 class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path):

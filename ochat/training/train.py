@@ -38,7 +38,7 @@ def train(cfg: TrainConfig) -> TrainState:
     # ---------------------------------------------------------------- data
     train_ds, eval_ds = preflight.open_training_data(cfg)
     model_type = preflight.check_model_type(cfg, train_ds.meta)
-    tokenizer = preflight.check_tokenizer(cfg, train_ds.meta, model_type)
+    tokenizer = preflight.check_tokenizer(cfg, train_ds, model_type)
     batch_max_len = cfg.batch_max_len or (cfg.batch_size_per_gpu or 8) * model_type.context_length
     preflight.check_lengths(batch_max_len, train=train_ds, eval=eval_ds)
     plan = PackPlan(train_ds, batch_max_len, world_size=rt.world_size, rank=rt.rank, grad_accum=cfg.grad_accum,
@@ -51,7 +51,7 @@ def train(cfg: TrainConfig) -> TrainState:
     ds_config = load_deepspeed_config(cfg.deepspeed_config, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
                                       bf16=rt.bf16)
     model = load_model(cfg, rt, ds_config)
-    preflight.check_vocabulary(model.config.vocab_size, tokenizer, model_type)
+    preflight.check_vocabulary(model.config.vocab_size, tokenizer)
     if not cfg.no_save:
         preflight.check_disk_space(cfg.save_path, model.config.num_params(), rt.bf16)
     engine = build_engine(cfg, rt, model, ds_config, total_steps=settings.total_steps,

@@ -126,10 +126,12 @@ def test_special_text_stays_text(tok, sp):
     assert tok.decode(toks).count("<|end_of_turn|>") == 4
 
 
-def test_save_hf_roundtrip(tok, tmp_path):
+def test_serving_folder_roundtrip(tok, tmp_path):
     from transformers import AutoTokenizer
 
-    tok.save_hf(tmp_path / "hf")
+    from ochat.data import save_serving_tokenizer
+
+    save_serving_tokenizer(tok, get_model_type("openchat_v3.2"), tmp_path / "hf")
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     assert hf.convert_tokens_to_ids("<|end_of_turn|>") == 32000 and len(hf) == 32001
     assert hf("hello world", add_special_tokens=False).input_ids == tok.encode("hello world")

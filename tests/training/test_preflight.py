@@ -56,12 +56,11 @@ def config(tmp_path, **kw):
 
 def test_previous_run_outputs_are_ochats_names_only(tmp_path):
     run = tmp_path / "run"
-    for name in ("ep_0", "ep_12.tmp", "final", "final.old", "ds_state", "src", "ep_x"):
+    for name in ("ep_0", "ep_12", "final", "ds_state", "src", "ep_x", "final2"):
         (run / name).mkdir(parents=True)
     for name in ("metrics.jsonl", "notes.txt"):
         (run / name).write_text("")
-    assert preflight.previous_run_outputs(str(run)) == ["ds_state", "ep_0", "ep_12.tmp", "final", "final.old",
-                                                         "metrics.jsonl"]
+    assert preflight.previous_run_outputs(str(run)) == ["ds_state", "ep_0", "ep_12", "final", "metrics.jsonl"]
 
 
 def test_overwrite_deletes_only_the_previous_runs_outputs(tmp_path):
@@ -73,14 +72,6 @@ def test_overwrite_deletes_only_the_previous_runs_outputs(tmp_path):
         preflight.prepare_save_path(config(tmp_path), is_main=True)
     preflight.prepare_save_path(config(tmp_path, overwrite=True), is_main=True)
     assert sorted(os.listdir(run)) == [".ochat.lock", "notes.txt"]
-
-
-def test_resume_removes_leftovers_of_an_interrupted_save(tmp_path):
-    run = tmp_path / "run"
-    for name in ("final.tmp", "ep_1", "ds_state"):
-        (run / name).mkdir(parents=True)
-    preflight.prepare_save_path(config(tmp_path, resume=True), is_main=True)
-    assert sorted(os.listdir(run)) == [".ochat.lock", "ds_state", "ep_1"]
 
 
 def test_two_runs_cannot_write_one_save_path(tmp_path):
