@@ -30,21 +30,61 @@ def packed_vs_hf(ours, hf, cfg):
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llama2", "mistral_window", "qwen2_bias", "tied", "llama3_rope_scaling"])
-def test_round_trip_transformers_to_ours_to_transformers(tmp_path, name):
-    cfg, hf = hf_model(name)
+def check_round_trip(tmp_path, hf, cfg=None):
+    """transformers writes -> ochat loads (same logits, per conversation) -> ochat writes -> transformers loads
+    (the same class, identical logits)."""
     hf.save_pretrained(tmp_path / "hf")
     ours = PackedCausalLM.from_pretrained(tmp_path / "hf", attn_impl="sdpa")
-    assert ours.config == cfg or ours.config.to_hf_config()["vocab_size"] == cfg.vocab_size
+    if cfg is not None:
+        assert ours.config == cfg
     packed_vs_hf(ours, hf, ours.config)
     ours.save_pretrained(tmp_path / "ours")
-    hf_cfg = transformers.AutoConfig.from_pretrained(tmp_path / "ours")
-    assert type(hf_cfg).__name__ == type(hf.config).__name__
+    assert ModelConfig.from_hf_config(tmp_path / "ours") == ours.config
     hf2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").float().eval()
-    assert type(hf2) is type(hf)
-    ids = torch.randint(0, cfg.vocab_size, (1, 50))
+    assert type(hf2) is type(hf) and type(hf2.config) is type(hf.config)
+    ids = torch.randint(0, ours.config.vocab_size, (1, 50))
     with torch.no_grad():
         assert torch.equal(hf2(input_ids=ids).logits, hf(input_ids=ids).logits)
+    return ours
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_round_trip_transformers_to_ours_to_transformers(tmp_path, name):
+    cfg, hf = hf_model(name)
+    check_round_trip(tmp_path, hf, cfg)
+
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+NATIVE = {  # transformers' own defaults for everything else (Gemma 2: soft-caps 50 / 30, query_pre_attn_scalar 256)
+    "llama": dict(), "mistral": dict(), "qwen2": dict(), "qwen3": dict(), "olmo2": dict(),
+    "gemma2": dict(head_dim=16), "gemma3_text": dict(head_dim=16, sliding_window=8, sliding_window_pattern=2),
+    "phi3": dict(pad_token_id=0),  # the default pad id (32000) is outside the tiny vocabulary
+}
+
+
+@pytest.mark.parametrize("model_type", list(NATIVE))
+def test_ochat_loads_what_transformers_writes_from_its_own_defaults(tmp_path, model_type):
+    torch.manual_seed(0)
+    hf_cfg = transformers.AutoConfig.for_model(model_type, **TINY, **NATIVE[model_type])
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).float().eval()
+    ours = check_round_trip(tmp_path, hf)
+    assert ours.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    assert ours.config.num_params() == sum(p.numel() for p in hf.parameters())
+
+
+def test_unsupported_architectures_are_refused_in_one_line(tmp_path):
+    for model_type in ("mixtral", "qwen3_moe", "qwen3_next", "gemma3"):
+        hf_cfg = transformers.AutoConfig.for_model(model_type)
+        (tmp_path / "config.json").write_text(hf_cfg.to_json_string())
+        with pytest.raises(ValueError, match=rf"config.json: model_type '{model_type}' not supported "
+                                             rf"\(supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, "
+                                             rf"phi3, olmo2\)$"):
+            PackedCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(model_type="llama", rope_scaling=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=16))))
+    with pytest.raises(ValueError, match="rope type 'yarn' not supported"):
+        PackedCausalLM.from_pretrained(tmp_path)
 
 
 def test_sharded_bin_and_dtype(tmp_path):
