@@ -153,3 +153,66 @@ def test_add_tokens_cli(tmp_path, name):
     # running it again adds nothing
     add_tokens_main(["--model-path", str(tmp_path / "out"), "--out-dir", str(tmp_path / "out2")])
     assert PackedCausalLM.from_pretrained(tmp_path / "out2").config.vocab_size == 32001
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer_dir(tmp_path_factory):
+    """Meta's Llama 3 tokenizer (shipped by llama-models) cut to its first 1,000 BPE ranks, with its 256 special
+    tokens right after them (ids 1000-1255, as 128000-128255 in the full one), as a Hugging Face folder."""
+    pytest.importorskip("llama_models")
+    from pathlib import Path
+
+    import llama_models
+    import tiktoken
+    from llama_models.llama3.tokenizer import Tokenizer
+    from transformers.integrations.tiktoken import convert_tiktoken_to_fast
+
+    full = Tokenizer(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model")
+    ranks = {piece: r for piece, r in full.model._mergeable_ranks.items() if r < LLAMA3_ORDINARY}
+    specials = {name: i - 128000 + LLAMA3_ORDINARY for name, i in full.special_tokens.items()}
+    folder = tmp_path_factory.mktemp("llama3_tokenizer")
+    convert_tiktoken_to_fast(tiktoken.Encoding("llama3_cut", pat_str=full.model._pat_str, mergeable_ranks=ranks,
+                                               special_tokens=specials), folder)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert len(tok) == LLAMA3_ORDINARY + 256 and len(tok.added_tokens_decoder) == 256
+    return folder, tok.convert_tokens_to_ids(LLAMA3_CHAT_TOKENS)
+
+
+LLAMA3_ORDINARY = 1000
+LLAMA3_CHAT_TOKENS = ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+
+
+@pytest.mark.parametrize("tied,dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_add_tokens_init_mean_makes_llama3_reserved_tokens_trainable(tmp_path, llama3_tokenizer_dir, tied, dtype):
+    """A tiny Llama 3-style base model whose special rows are (nearly) zero, as in Llama 3 base: --init-mean sets
+    the chat tokens' embedding and lm_head rows to the mean of the ordinary rows and changes nothing else."""
+    tokenizer_dir, ids = llama3_tokenizer_dir
+    assert ids == [LLAMA3_ORDINARY + 9, LLAMA3_ORDINARY + 6, LLAMA3_ORDINARY + 7]
+    vocab = LLAMA3_ORDINARY + 256
+    torch.manual_seed(0)
+    cfg = ModelConfig.debug(vocab_size=vocab, rope_theta=500000.0, tie_word_embeddings=tied)
+    hf = transformers.LlamaForCausalLM(transformers.AutoConfig.for_model(**cfg.to_hf_config())).to(dtype)
+    with torch.no_grad():
+        for w in (hf.model.embed_tokens.weight, hf.lm_head.weight):
+            w[LLAMA3_ORDINARY:] *= 1e-4  # untrained special tokens
+    shutil.copytree(tokenizer_dir, tmp_path / "in")
+    hf.save_pretrained(tmp_path / "in")
+    add_tokens_main(["--model-path", str(tmp_path / "in"), "--out-dir", str(tmp_path / "out"),
+                     "--init-mean", *LLAMA3_CHAT_TOKENS])
+
+    out = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=dtype)
+    assert out.config.vocab_size == vocab  # nothing added
+    others = torch.ones(vocab, dtype=torch.bool)
+    others[ids] = False
+    for before, after in ((hf.model.embed_tokens.weight, out.model.embed_tokens.weight),
+                          (hf.lm_head.weight, out.lm_head.weight)):
+        assert after.dtype == dtype and after.shape == before.shape
+        assert torch.equal(after[others], before[others])
+        mean = before[:LLAMA3_ORDINARY].float().mean(0).to(dtype)
+        for i in ids:
+            assert torch.equal(after[i], mean)
+    assert (out.lm_head.weight is out.model.embed_tokens.weight) is tied
+    if tied:
+        with pytest.raises(ValueError, match=r"--init-mean tokens \['<\|not_a_token\|>'\] are not in the tokenizer"):
+            add_tokens_main(["--model-path", str(tmp_path / "in"), "--out-dir", str(tmp_path / "bad"),
+                             "--init-mean", "<|not_a_token|>"])
