@@ -113,8 +113,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.d if per_head else self.hq * self.d, c)
             self.k_norm = RMSNorm(self.d if per_head else self.hkv * self.d, c)
         self.window = c.layer_window(layer)
-        self.scale = c.attention_scale
-        self.softcap = c.attn_logit_softcapping
+        # the variants this model has (softmax scale, soft-capping) and nothing else: a Llama's call stays the plain one
+        self.variant = {k: v for k, v in (("scale", c.attention_scale), ("softcap", c.attn_logit_softcapping))
+                        if v is not None}
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend):
         t = x.shape[0]
@@ -130,8 +131,7 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, cos, sin)
-        o = varlen_attention(q, k, v, cu_seqlens, max_seqlen, window=self.window, backend=backend, scale=self.scale,
-                             softcap=self.softcap)
+        o = varlen_attention(q, k, v, cu_seqlens, max_seqlen, window=self.window, backend=backend, **self.variant)
         return self.o_proj(o.reshape(t, self.hq * self.d))
 
 
