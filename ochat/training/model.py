@@ -100,7 +100,8 @@ class Attention(nn.Module):
         arch = c.arch
         self.hq, self.hkv, self.d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         qkv_bias = arch.qkv_bias or c.attention_bias
-        if arch.fused_projections:
+        self.fused = arch.fused_projections
+        if self.fused:
             self.qkv_proj = nn.Linear(c.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=qkv_bias)
         else:
             self.q_proj = nn.Linear(c.hidden_size, self.hq * self.d, bias=qkv_bias)
@@ -119,7 +120,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend):
         t = x.shape[0]
-        if hasattr(self, "qkv_proj"):
+        if self.fused:
             q, k, v = self.qkv_proj(x).split((self.hq * self.d, self.hkv * self.d, self.hkv * self.d), dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -138,7 +139,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        if c.arch.fused_projections:
+        self.fused = c.arch.fused_projections
+        if self.fused:
             self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
         else:
             self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
@@ -147,7 +149,7 @@ class MLP(nn.Module):
         self.act = c.hidden_act
 
     def forward(self, x):
-        if hasattr(self, "gate_up_proj"):
+        if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)

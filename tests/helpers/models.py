@@ -7,7 +7,9 @@ from ochat.training.model_config import ARCHITECTURES, ModelConfig
 
 LENGTHS = [7, 1, 64, 23, 40]  # includes length 1 and the tiny config's context limit (64)
 
-def _rope(**kw):
+
+def rope_pairs(**kw):
+    """A Hugging Face rope dict as ModelConfig.rope_scaling holds it (sorted pairs, lists as tuples)."""
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items()))
 
 
@@ -15,7 +17,7 @@ GEMMA = dict(hidden_act="gelu_pytorch_tanh", head_dim=32, query_pre_attn_scalar=
              layer_types=("sliding_attention", "full_attention"), tie_word_embeddings=True)
 VARIANTS = {
     "llama2": dict(),
-    "llama3_rope_scaling": dict(rope_theta=500000.0, rope_scaling=_rope(
+    "llama3_rope_scaling": dict(rope_theta=500000.0, rope_scaling=rope_pairs(
         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=16)),
     "mistral_window": dict(model_type="mistral", sliding_window=8),
@@ -28,9 +30,9 @@ VARIANTS = {
     "gemma2": dict(model_type="gemma2", attn_logit_softcapping=0.2, final_logit_softcapping=3.0, **GEMMA),
     # as Gemma 2 without soft-capping, plus q/k norms, a local RoPE base and linear scaling on the global layer
     "gemma3": dict(model_type="gemma3_text", rope_theta=1e6, rope_local_base_freq=100.0,
-                   rope_scaling=_rope(rope_type="linear", factor=4.0), **GEMMA),
+                   rope_scaling=rope_pairs(rope_type="linear", factor=4.0), **GEMMA),
     # fused qkv_proj / gate_up_proj, LongRoPE (conversations above 16 tokens take the long factors), partial rotary
-    "phi3_longrope": dict(model_type="phi3", partial_rotary_factor=0.75, rope_scaling=_rope(
+    "phi3_longrope": dict(model_type="phi3", partial_rotary_factor=0.75, rope_scaling=rope_pairs(
         rope_type="longrope", original_max_position_embeddings=16, short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
         long_factor=[1.5, 2.0, 3.0, 4.0, 6.0, 8.0])),
     # norms after attention and MLP only, q/k RMSNorm over the whole projection

@@ -8,6 +8,7 @@ import transformers
 
 from ochat.training.model import PackedCausalLM
 from ochat.training.model_config import ModelConfig
+from tests.helpers.models import rope_pairs
 
 pytestmark = pytest.mark.gpu
 
@@ -22,11 +23,10 @@ GPU_VARIANTS = {
     "qwen3": dict(model_type="qwen3", head_dim=96),
     "gemma2": dict(model_type="gemma2", attn_logit_softcapping=1.0, final_logit_softcapping=5.0, **GEMMA),
     "gemma3": dict(model_type="gemma3_text", rope_theta=1e6, rope_local_base_freq=1e4,
-                   rope_scaling=(("factor", 8.0), ("rope_type", "linear")), **GEMMA),
-    "phi3": dict(model_type="phi3", partial_rotary_factor=0.75, max_position_embeddings=4096, rope_scaling=tuple(sorted(
-        dict(rope_type="longrope", original_max_position_embeddings=512,
-             short_factor=tuple(1.0 + 0.05 * i for i in range(24)), long_factor=tuple(1.0 + 0.5 * i for i in range(24))
-             ).items()))),
+                   rope_scaling=rope_pairs(rope_type="linear", factor=8.0), **GEMMA),
+    "phi3": dict(model_type="phi3", partial_rotary_factor=0.75, max_position_embeddings=4096, rope_scaling=rope_pairs(
+        rope_type="longrope", original_max_position_embeddings=512, short_factor=[1.0 + 0.05 * i for i in range(24)],
+        long_factor=[1.0 + 0.5 * i for i in range(24)])),
     "olmo2": dict(model_type="olmo2"),
 }
 LENGTHS = [1, 300, 1024, 77, 513]  # Phi-3 case: 1024 and 513 are above the original context (long factors)
