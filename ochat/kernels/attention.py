@@ -1,6 +1,9 @@
 """Variable-length causal attention over packed conversations (no attention across boundaries).
 
 Backends, by name:
+- "flash_attn_4": FlashAttention-4 (`pip install flash-attn-4`: `flash_attn.cute.flash_attn_varlen_func`, CuTe DSL
+  kernels compiled at first use of a shape; Hopper (SM90) and newer; sliding windows, softmax scale, soft-capping,
+  GQA without repeating k/v).
 - "flash_attn": `flash_attn.flash_attn_varlen_func` (flash-attn 2, when installed; sliding windows, softmax scale,
   and attention-logit soft-capping from flash-attn 2.6).
 - "torch_varlen": `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA; FlashAttention kernels
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
+BACKENDS = ("flash_attn_4", "flash_attn", "torch_varlen", "sdpa")
 _logged: set = set()
 
 try:
@@ -43,8 +46,23 @@ except Exception:
     _TV_PARAMS = set()
 
 
+_FA4 = {}  # the FlashAttention-4 varlen function, imported at its first use ("fn": None when not installed)
+
+
+def _fa4_varlen():
+    if "fn" not in _FA4:
+        try:
+            from flash_attn.cute import flash_attn_varlen_func
+            _FA4["fn"] = flash_attn_varlen_func
+        except Exception:  # not installed, or its CuTe DSL cannot load here
+            _FA4["fn"] = None
+    return _FA4["fn"]
+
+
 def available(name: str, device) -> bool:
     dev = torch.device(device).type
+    if name == "flash_attn_4":
+        return dev == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 and _fa4_varlen() is not None
     if name == "flash_attn":
         return _fa_varlen is not None and dev == "cuda"
     if name == "torch_varlen":
@@ -86,8 +104,9 @@ def resolve_backend(name: str, device, *, softcap: bool = False, window: bool = 
         candidates = [b for b in BACKENDS if available(b, dev)]
     else:
         if not available(name, dev):
-            raise RuntimeError(f"attention backend {name!r} is not available on {dev} "
-                               f"(flash_attn installed: {_fa_varlen is not None}, torch varlen_attn: {_torch_varlen is not None})")
+            raise RuntimeError(f"attention backend {name!r} is not available on {dev} (flash_attn_4: "
+                               f"{_fa4_varlen() is not None}, flash_attn: {_fa_varlen is not None}, torch varlen_attn: "
+                               f"{_torch_varlen is not None}; flash_attn_4 needs an SM90+ GPU)")
         candidates = [b for b in BACKENDS[BACKENDS.index(name):] if available(b, dev)]
     for chosen in candidates:
         reason = unsupported(chosen, softcap=softcap, window=window, scale=scale)
@@ -141,6 +160,11 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, window=None, backend="auto
     reason = unsupported(name, **needs)
     if reason is not None:
         raise NotImplementedError(f"attention backend {name!r}: {reason}")
+    if name == "flash_attn_4":
+        out = _fa4_varlen()(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                            max_seqlen_k=max_seqlen, softmax_scale=scale, causal=True,
+                            window_size=(None, None) if window is None else (window - 1, 0), softcap=softcap or 0.0)
+        return out[0] if isinstance(out, tuple) else out  # (out, lse) in some releases
     if name == "flash_attn":
         ws = (-1, -1) if window is None else (window - 1, 0)
         kw = {} if softcap is None else {"softcap": softcap}

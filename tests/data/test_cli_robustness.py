@@ -56,7 +56,7 @@ def test_signal_cleans_up(tmp_path, sig, workers):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     proc = start_and_wait_for_temporary(tmp_path, "--in-files", big, "--out-dir", str(out), "--workers", workers, "--quiet")
     proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=30)
+    stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig
     assert stderr.strip() == f"generate_dataset: interrupted by {sig.name}: {out} left as it was, temporary folder removed"
     assert temporaries(tmp_path, "out") == [] and {p.name: p.read_bytes() for p in out.iterdir()} == before

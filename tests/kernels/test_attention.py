@@ -60,7 +60,7 @@ def test_soft_capped_reference_matches_transformers_gemma2_eager_attention():
 
 
 def test_a_backend_that_cannot_run_a_variant_falls_back_with_the_reason_logged_once(monkeypatch, caplog):
-    monkeypatch.setattr(attention, "available", lambda name, device: True)  # as on a GPU with both kernels
+    monkeypatch.setattr(attention, "available", lambda name, device: name != "flash_attn_4")  # a GPU with FA2, torch
     monkeypatch.setattr(attention, "_FA_PARAMS", set())  # a flash-attn without softcap
     monkeypatch.setattr(attention, "_logged", set())
     with caplog.at_level(logging.INFO, logger="ochat.kernels.attention"):
@@ -104,7 +104,7 @@ def test_empty_pack():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["torch_varlen", "flash_attn", "sdpa"])
+@pytest.mark.parametrize("backend", ["flash_attn_4", "torch_varlen", "flash_attn", "sdpa"])
 @pytest.mark.parametrize("window,scale,softcap", [(None, None, None), (64, None, None), (None, 0.1, None),
                                                   (64, 0.1, 2.0)])
 def test_gpu_backend_matches_reference_bf16(backend, window, scale, softcap):
