@@ -25,6 +25,7 @@ from ochat.training.checkpoint import Saves
 from ochat.training.engine import build_engine, load_model
 from ochat.training.metrics import ProgressLog
 from ochat.training.packs import PackPlan, eval_packs
+from ochat.training.recompute import AutoRecompute
 from ochat.training.runtime import StopRequest, Stopped, TrainError, log, setup_runtime
 from ochat.training.state import RunSettings, TrainState, latest_state, load_state
 from ochat.training.step import StepStats, eval_loss, train_step
@@ -59,6 +60,7 @@ def train(cfg: TrainConfig) -> TrainState:
     state = _resume(cfg, engine, settings) if cfg.resume else TrainState()
     if not cfg.skip_self_check:
         preflight.self_check(engine, model.config.vocab_size, rt.device, rt.bf16)
+    recompute = AutoRecompute(model, batch_max_len, rt.device) if cfg.gradient_checkpointing == "auto" else None
     # ---------------------------------------------------------------- loop
     progress = ProgressLog(cfg, model.config, world_size=rt.world_size, device=rt.device,
                            total_steps=settings.total_steps, is_main=rt.is_main, resumed_at=state.global_step)
@@ -71,6 +73,8 @@ def train(cfg: TrainConfig) -> TrainState:
         for micro_batches in plan.steps(epoch, state.step_in_epoch, pin_memory=rt.cuda):
             stats = train_step(engine, micro_batches, rt.world_size, stop.requested())
             skipped_in_row = _stop_if_diverged(stats, state, skipped_in_row, cfg.max_skipped_steps)
+            if recompute is not None:
+                recompute.after_step()
             state.advance(steps)
             eta = (time.time() - t_start) / (state.global_step - first_step) * (settings.total_steps - state.global_step)
             progress.step(epoch, state.global_step, stats, eta, efficiency)
