@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU tests and benchmarks behind bench/RESULTS.md, in stages that each fit a 10-minute command on one GPU.
+#
+#   bash bench/gpu_suite.sh STAGE OUT_DIR
+#
+# Stages (run in this order on one machine; each writes one log per step into OUT_DIR and prints a summary):
+#   fa2    GPU tests; 1.1B throughput against transformers (+ Liger) on FA2, checkpointing off/on, with a
+#          profile; fp8 vs bf16 loss curves (the real trainer, 1.1B, 300 steps each)
+#   fa4    (FlashAttention-4 installed) its GPU tests; 1.1B throughput with FA4 against transformers + Liger
+#          on FA2 and FA4; conversations of 8k-32k tokens; the Llama 2 7B shape with fp8; --gradient-checkpointing auto
+#   long   long single conversations (bench/long_context.py): 32k, 64k, 128k tokens and beyond on one GPU
+set -uo pipefail
+stage=$1
+out=$2
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+
+step() {  # step NAME SECONDS COMMAND...: one logged, time-limited step
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    local status=$?
+    printf '%-24s exit %-3s %4ss  %s\n' "$name" "$status" "$((SECONDS - t0))" "$(grep -v '^\s*$' "$out/$name.log" | tail -1 | cut -c1-150)"
+}
+
+case "$stage" in
+fa2)
+    step gpu_tests 150 python3 -m pytest -m gpu tests -q -p no:cacheprovider
+    step throughput_1b_fa2 170 python3 bench/throughput.py --configs ochat,hf_varlen,hf_liger --steps 6 --profile \
+        --tag _1b_fa2 --out "$out"
+    for recipe in bf16 tensorwise; do
+        extra=()
+        [ "$recipe" != bf16 ] && extra=(-- --fp8 "$recipe")
+        step "fp8_curve_$recipe" 150 python3 bench/train_run.py --work-dir /tmp/fp8run --steps 300 --out "$out/curve_$recipe" \
+            --conversations 6000 "${extra[@]}"
+    done
+    ;;
+fa4)
+    step gpu_tests_fa4 100 python3 -m pytest -m gpu tests/kernels/test_attention.py tests/training/test_model_gpu.py -q \
+        -p no:cacheprovider
+    step throughput_1b_fa4 180 python3 bench/throughput.py --configs ochat,ochat_fa2,hf_liger,hf_liger_fa4 --steps 6 \
+        --tag _1b_fa4 --out "$out"
+    step throughput_long 110 python3 bench/throughput.py --configs ochat,ochat_fa2,hf_liger,hf_liger_fa4 --long \
+        --pack-tokens 32768 --conversations 60 --steps 4 --ckpt off --tag _long --out "$out"
+    step throughput_7b 150 python3 bench/throughput.py --shape 7b --configs ochat,ochat_fp8,hf_liger,hf_liger_fa4 \
+        --ckpt on --steps 4 --conversations 600 --tag _7b --out "$out"
+    ;;
+long)
+    step long_context 480 python3 bench/long_context.py --budget-s 420 --out "$out"
+    step ckpt_auto_7b 100 python3 bench/train_run.py --shape 7b --work-dir /tmp/auto7b --steps 12 --out "$out/auto_7b" \
+        --conversations 400 -- --gradient-checkpointing auto
+    ;;
+*)
+    echo "unknown stage $stage (fa2, fa4, long)" >&2
+    exit 2
+    ;;
+esac
