@@ -7,7 +7,7 @@ import time
 import torch
 
 from ochat.config.train_config import TrainConfig
-from ochat.training import hf_weights
+from ochat.training import hf_weights, memory, sequence_parallel
 from ochat.training.model import PackedCausalLM
 from ochat.training.runtime import Runtime, TrainError, log
 from ochat.training.schedule import lr_at
@@ -31,6 +31,9 @@ def load_model(cfg: TrainConfig, rt: Runtime, ds_config: dict) -> PackedCausalLM
         + (" (partitioned over the ranks: ZeRO-3)" if zero3 else ""))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(cfg.gradient_checkpointing)
+    memory.tile_mlp(model, cfg.tiled_mlp)
+    if cfg.offload_activations:
+        memory.offload_checkpoints(model, ds_config)
     return model
 
 
@@ -48,8 +51,9 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
 
 def build_engine(cfg: TrainConfig, rt: Runtime, model: PackedCausalLM, ds_config: dict, *, total_steps: int,
                  warmup_steps: int):
-    """The DeepSpeed engine: AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded) and the warmup +
-    cosine schedule of ochat.training.schedule."""
+    """The DeepSpeed engine: AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded), the warmup + cosine
+    schedule of ochat.training.schedule, and with --sequence-parallel DeepSpeed's sequence-parallel groups (the
+    model's attention routed over them, ZeRO over all ranks)."""
     import deepspeed
 
     groups = weight_decay_groups(model, cfg.weight_decay)
@@ -64,5 +68,7 @@ def build_engine(cfg: TrainConfig, rt: Runtime, model: PackedCausalLM, ds_config
     def schedule(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, warmup_steps, 1.0, cfg.lr_min_ratio))
 
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    mpu = sequence_parallel.enable(model, cfg.sequence_parallel)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
+                                      mpu=mpu)
     return engine

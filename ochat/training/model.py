@@ -49,6 +49,11 @@ def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def _recompute_in_backward(layer, *inputs):
+    """torch's non-reentrant activation checkpoint of one decoder layer."""
+    return checkpoint(layer, *inputs, use_reentrant=False)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden: int, eps: float):
         super().__init__()
@@ -69,6 +74,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.hkv * self.d, bias=qkv_bias)
         self.o_proj = nn.Linear(self.hq * self.d, c.hidden_size, bias=c.attention_bias)
         self.window = c.sliding_window
+        self.attention_hook = None  # replaces varlen_attention when set (sequence parallelism routes it over ranks)
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend):
         t = x.shape[0]
@@ -76,7 +82,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(t, self.hkv, self.d)  # [T, Hkv, D]
         v = self.v_proj(x).view(t, self.hkv, self.d)
         q, k = apply_rotary(q, k, cos, sin)
-        o = varlen_attention(q, k, v, cu_seqlens, max_seqlen, window=self.window, backend=backend)
+        attend = self.attention_hook or varlen_attention
+        o = attend(q, k, v, cu_seqlens, max_seqlen, window=self.window, backend=backend)
         return self.o_proj(o.reshape(t, self.hq * self.d))
 
 
@@ -137,6 +144,7 @@ class PackedCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.checkpointed_layers: frozenset[int] = frozenset()  # decoder layers recomputed in the backward
+        self.checkpoint_fn = _recompute_in_backward  # (layer, *inputs) -> outputs; offload swaps in DeepSpeed's
         self._inv_freq = {}
         self._attn_backend: dict[torch.device, str] = {}  # attn_impl resolved once per device
         if self.lm_head.weight.device.type != "meta":
@@ -190,7 +198,7 @@ class PackedCausalLM(nn.Module):
         recompute = self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
             if recompute and i in self.checkpointed_layers:
-                x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, backend, use_reentrant=False)
+                x = self.checkpoint_fn(layer, x, cos, sin, cu_seqlens, max_seqlen, backend)
             else:
                 x = layer(x, cos, sin, cu_seqlens, max_seqlen, backend)
         return self.model.norm(x)
