@@ -29,12 +29,17 @@ def load_model(cfg: TrainConfig, rt: Runtime, ds_config: dict) -> PackedCausalLM
         raise TrainError(f"cannot load the model from {cfg.model_path}: {e}") from None
     log(f"model: {model.config.num_params() / 1e9:.2f}B parameters from {cfg.model_path} in {time.time() - t0:.1f}s"
         + (" (partitioned over the ranks: ZeRO-3)" if zero3 else ""))
+    set_memory_features(model, cfg, ds_config)
+    return model
+
+
+def set_memory_features(model: PackedCausalLM, cfg: TrainConfig, ds_config: dict) -> None:
+    """Activation checkpointing, the tiled MLP and activation offload, as cfg asks."""
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(cfg.gradient_checkpointing)
     memory.tile_mlp(model, cfg.tiled_mlp)
     if cfg.offload_activations:
         memory.offload_checkpoints(model, ds_config)
-    return model
 
 
 def _is_matrix(p: torch.nn.Parameter) -> bool:
