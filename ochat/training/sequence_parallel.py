@@ -7,9 +7,10 @@ sequence: DeepSpeed's `DistributedAttention` exchanges q, k and v by all-to-all 
 heads -> all tokens of 1/N of the heads), runs varlen attention with the pack's global `cu_seqlens` (so packed
 conversations stay isolated and the result is exact) and exchanges the output back.
 
-    pack [a a a b b | c c c c]  (2 conversations + a filler of weight 0 to reach a multiple of N = 2... if needed)
-    rank 0: tokens 0-4            rank 1: tokens 5-9
-    labels are shifted on the whole pack first, so the last token of rank 0 predicts the first of rank 1.
+    N = 2, conversations [a a a a] and [b b b b b], one filler f of weight 0 to reach a multiple of N:
+    pack          a a a a b | b b b b f      cu_seqlens [0 4 9 10] on both ranks
+    rank 0 holds  a a a a b                  rank 1 holds b b b b f
+    Labels are shifted on the whole pack first: rank 0's last b predicts rank 1's first b.
 
 Groups follow DeepSpeed's `parallel_state_sp` (the `mpu` that `deepspeed.initialize` takes for Ulysses, whose
 groups `deepspeed.utils.groups` then hands to ZeRO): ranks [i*N, (i+1)*N) form sequence-parallel group i; all
