@@ -93,6 +93,8 @@ class TrainConfig:
     wandb_mode: Optional[str] = _opt(None, "online or offline logs to --wandb-project (default project: ochat); "
                                            "default: online when --wandb-project is given, else no logging",
                                      choices=WANDB_MODES)
+    max_skipped_steps: int = _opt(0, "optimizer updates skipped for a non-finite gradient that are tolerated in a "
+                                     "row before the run stops as diverged", low=0)
     log_every: int = _opt(10, "steps between plain log lines when stdout is not a terminal", low=1)
     max_steps: Optional[int] = _opt(None, "stop after this many optimizer steps", low=1)
     skip_self_check: bool = _opt(False, "skip the packed-vs-per-conversation logits check before the first step")

@@ -14,6 +14,7 @@ Collation runs in one DataLoader worker, ahead of the step that needs it.
 """
 from __future__ import annotations
 
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -22,6 +23,13 @@ import torch
 from ochat.data.reader import TokenizedDataset
 from ochat.training.multipack_sampler import MultipackDistributedBatchSampler, plan_stats
 from ochat.training.sequence_parallel import Layout, collate_shard
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM / SIGINT to their rank, which stops after the current step (a scheduler
+    signals the whole process group: a worker killed by it would fail the step the rank is finishing)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _CollatedPacks(torch.utils.data.Dataset):
@@ -52,6 +60,10 @@ class PackPlan:
                                                         num_replicas=self.slots, rank=0, seed=seed)
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
     def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if epoch not in self._epochs:
             self._epochs[epoch] = self.sampler.plan(epoch)
@@ -78,7 +90,7 @@ class PackPlan:
         # its own generator: creating the loader must not draw from the global RNG (exact resume)
         data = _CollatedPacks(self.dataset, packs, self.filler, self.layout)
         loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=1, pin_memory=pin_memory,
-                                             prefetch_factor=2 * self.grad_accum,
+                                             prefetch_factor=2 * self.grad_accum, worker_init_fn=_ignore_stop_signals,
                                              generator=torch.Generator().manual_seed(epoch))
         it = iter(loader)
         for _ in range(len(packs) // self.grad_accum):

@@ -5,6 +5,7 @@ Every check runs alike on every rank and raises TrainError with one line saying 
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -24,39 +25,63 @@ from ochat.training.model_config import ModelConfig
 from ochat.training.runtime import TrainError, log
 
 
-RUN_OUTPUTS = ("final", "ds_state", "metrics.jsonl")  # with ep_N/: what a run writes under --save-path
+_RUN_OUTPUT = re.compile(r"(ep_\d+|final)(\.tmp|\.old)?|ds_state|metrics\.jsonl")  # what a run writes in --save-path
+_LOCK = ".ochat.lock"
 
 
 def previous_run_outputs(save_path: str) -> list[str]:
-    """The outputs of an earlier run in save_path (ep_N/, final/, ds_state/, metrics.jsonl)."""
+    """The outputs of an earlier run in save_path: ep_N/, final/ (and their leftovers of an interrupted save,
+    NAME.tmp / NAME.old), ds_state/, metrics.jsonl."""
     if not os.path.isdir(save_path):
         return []
-    return sorted(n for n in os.listdir(save_path) if n in RUN_OUTPUTS or re.fullmatch(r"ep_\d+(\.tmp|\.old)?", n)
-                  or n in ("final.tmp", "final.old"))
+    return sorted(n for n in os.listdir(save_path) if _RUN_OUTPUT.fullmatch(n))
 
 
-def prepare_save_path(cfg: TrainConfig, is_main: bool) -> None:
-    """The save path must be a folder this run may write: a previous run there is continued (--resume) or
-    replaced (--overwrite: only its own outputs are deleted), never silently mixed with this one."""
+def _remove(path: str) -> None:
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def prepare_save_path(cfg: TrainConfig, is_main: bool):
+    """The save path must be a folder this run may write, and no other run's: a previous run there is continued
+    (--resume; leftovers of its interrupted saves are removed) or replaced (--overwrite: only its own outputs are
+    deleted), never silently mixed with this one. Rank 0 holds a lock on it for the run; returns the lock's file."""
     if os.path.exists(cfg.save_path) and not os.path.isdir(cfg.save_path):
         raise TrainError(f"--save-path {cfg.save_path} is a file, not a folder")
     previous = previous_run_outputs(cfg.save_path)
     if previous and not (cfg.resume or cfg.overwrite):
         raise TrainError(f"--save-path {cfg.save_path} holds a previous run ({', '.join(previous)}): continue it with "
                          f"--resume, replace it with --overwrite, or choose another folder")
+    lock = None
     if is_main:
         try:
             os.makedirs(cfg.save_path, exist_ok=True)
-            if cfg.overwrite:
-                for name in previous:
-                    path = os.path.join(cfg.save_path, name)
-                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            lock = open(os.path.join(cfg.save_path, _LOCK), "a+")
         except OSError as e:
             raise TrainError(f"--save-path {cfg.save_path}: {e.strerror or e}") from None
-    if not os.access(cfg.save_path, os.W_OK) and is_main:
-        raise TrainError(f"--save-path {cfg.save_path} is not writable")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise TrainError(f"--save-path {cfg.save_path} is being written by another run (it holds "
+                             f"{os.path.join(cfg.save_path, _LOCK)}): wait for it or choose another folder") from None
+        stale = previous if cfg.overwrite else [n for n in previous if n.endswith((".tmp", ".old"))]
+        for name in stale:
+            _remove(os.path.join(cfg.save_path, name))
+        if stale and cfg.resume:
+            log(f"removed the leftovers of an interrupted save: {', '.join(stale)}")
     if dist.is_initialized():
         dist.barrier()  # the other ranks start once rank 0 has made the folder
+    return lock
+
+
+def check_disk_space(save_path: str, num_params: int, bf16: bool) -> None:
+    """Room for one Hugging Face checkpoint (2 or 4 bytes per parameter) plus one resume state (fp32 weights
+    and two Adam moments, 12 bytes per parameter, plus the module's copy)."""
+    per_param = (2 if bf16 else 4) * 2 + 12
+    need, free = num_params * per_param, shutil.disk_usage(save_path).free
+    if free < need:
+        raise TrainError(f"--save-path {save_path} has {free / 2**30:.1f} GiB free, and one checkpoint plus one resume "
+                         f"state of this {num_params / 1e9:.2f}B-parameter model need about {need / 2**30:.1f} GiB: free "
+                         f"space, choose another folder, or pass --no-save")
 
 
 def open_training_data(cfg: TrainConfig) -> tuple[TokenizedDataset, TokenizedDataset | None]:

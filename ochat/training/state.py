@@ -1,14 +1,17 @@
 """Where a run stands (`TrainState`), what fixes its data order and schedule (`RunSettings`), and the
-DeepSpeed resume state that holds both beside the weights, optimizer and LR scheduler.
+resume state: DeepSpeed's (weights, optimizer, LR scheduler) plus `run_state.json` with both of ours.
 
 States are tags `step<global_step>` under `save_path/ds_state`; `latest` names the newest complete one and
-only the newest `KEEP_STATES` are kept. Training draws no random numbers (no dropout; the data order is a pure
-function of the seed and the epoch), so a resumed run needs no RNG state to continue bit for bit.
+only the newest `KEEP_STATES` are kept. run_state.json is read before DeepSpeed loads anything, so a resume
+with other settings is refused before it can fail inside DeepSpeed. Training draws no random numbers (no
+dropout; the data order is a pure function of the seed and the epoch), so a resumed run needs no RNG state
+to continue bit for bit.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -18,6 +21,7 @@ import numpy as np
 import torch.distributed as dist
 
 KEEP_STATES = 2  # each holds full fp32 weights + optimizer: only the newest ones are kept
+RUN_STATE = "run_state.json"
 _TAG = re.compile(r"step(\d+)$")
 
 
@@ -41,11 +45,13 @@ class TrainState:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """What decides which packs each step trains and the learning-rate schedule. A resumed run must have the
-    same; `slots` = ranks x micro-steps, so another split of the same slots resumes exactly."""
+    """What decides which packs each step trains, the learning-rate schedule, and how DeepSpeed partitioned its
+    state. A resumed run must have the same (DeepSpeed cannot re-partition a ZeRO state for another number of
+    ranks; `slots` = ranks x micro-steps decide the packs)."""
 
     dataset: str  # fingerprint: the conversation lengths and the tokenizer
     batch_max_len: int
+    world_size: int
     slots: int
     seed: int
     epochs: int
@@ -74,13 +80,15 @@ def save_state(engine, save_path: str, state: TrainState, settings: RunSettings,
     rank has written it; then older tags beyond the newest KEEP_STATES are deleted."""
     d = os.path.join(save_path, "ds_state")
     tag = f"step{state.global_step}"
-    client = {"train_state": dataclasses.asdict(state), "run_settings": dataclasses.asdict(settings)}
     # save_latest=False: DeepSpeed writes `latest` on rank 0 before the other ranks are known to be done;
     # save_checkpoint ends with a barrier, so past it the tag is complete on every rank
-    engine.save_checkpoint(d, tag=tag, client_state=client, save_latest=False)
+    engine.save_checkpoint(d, tag=tag, save_latest=False)
     if _rank() == 0:
         with open(os.path.join(d, tag, "train_config.json"), "w") as fh:
             fh.write(config_json)
+        with open(os.path.join(d, tag, RUN_STATE), "w") as fh:
+            json.dump({"train_state": dataclasses.asdict(state), "run_settings": dataclasses.asdict(settings)}, fh,
+                      indent=2)
         tmp = os.path.join(d, "latest.tmp")
         with open(tmp, "w") as fh:
             fh.write(tag)
@@ -105,12 +113,19 @@ def _prune_states(d: str, newest: str) -> None:
             shutil.rmtree(os.path.join(d, name), ignore_errors=True)
 
 
-def has_state(save_path: str) -> bool:
-    return os.path.exists(os.path.join(save_path, "ds_state", "latest"))
+def latest_state(save_path: str) -> tuple[TrainState, RunSettings] | None:
+    """The run's state and settings of the newest complete resume state under save_path (None: there is none)."""
+    d = os.path.join(save_path, "ds_state")
+    if not os.path.exists(os.path.join(d, "latest")):
+        return None
+    with open(os.path.join(d, "latest")) as fh:
+        tag = fh.read().strip()
+    with open(os.path.join(d, tag, RUN_STATE)) as fh:
+        saved = json.load(fh)
+    return TrainState(**saved["train_state"]), RunSettings(**saved["run_settings"])
 
 
-def load_state(engine, save_path: str) -> tuple[TrainState, RunSettings]:
-    """Load the latest DeepSpeed state into the engine; returns the run's state and settings at that point."""
-    _, client = engine.load_checkpoint(os.path.join(save_path, "ds_state"), load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
-    return TrainState(**client["train_state"]), RunSettings(**client["run_settings"])
+def load_state(engine, save_path: str) -> None:
+    """Load the newest DeepSpeed state (weights, optimizer, LR scheduler) into the engine."""
+    engine.load_checkpoint(os.path.join(save_path, "ds_state"), load_optimizer_states=True,
+                           load_lr_scheduler_states=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import time
 
@@ -25,15 +26,16 @@ from ochat.training.engine import build_engine, load_model
 from ochat.training.loss import grad_average_ranks
 from ochat.training.metrics import ProgressLog
 from ochat.training.packs import PackPlan, eval_packs
-from ochat.training.runtime import TrainError, log, setup_runtime
-from ochat.training.state import RunSettings, TrainState, has_state, load_state
+from ochat.training.runtime import StopRequest, Stopped, TrainError, log, setup_runtime
+from ochat.training.state import RunSettings, TrainState, latest_state, load_state
 from ochat.training.step import StepStats, eval_loss, train_step
 
 
 def train(cfg: TrainConfig) -> TrainState:
     """The whole job; returns where it stopped."""
     rt = setup_runtime(cfg)
-    preflight.prepare_save_path(cfg, rt.is_main)
+    stop = StopRequest(watch_launcher=rt.launched)
+    save_path_lock = preflight.prepare_save_path(cfg, rt.is_main)  # noqa: F841 (held until the process ends)
     # ---------------------------------------------------------------- data
     train_ds, eval_ds = preflight.open_training_data(cfg)
     model_type = preflight.check_model_type(cfg, train_ds.meta)
@@ -57,6 +59,8 @@ def train(cfg: TrainConfig) -> TrainState:
     average_ranks = grad_average_ranks(ds_config, rt.world_size)  # what DeepSpeed divides the gradients by
     model = load_model(cfg, rt, ds_config)
     preflight.check_vocabulary(model.config.vocab_size, tokenizer, model_type)
+    if not cfg.no_save:
+        preflight.check_disk_space(cfg.save_path, model.config.num_params(), rt.bf16)
     engine = build_engine(cfg, rt, model, ds_config, total_steps=settings.total_steps,
                           warmup_steps=settings.warmup_steps)
     state = _resume(cfg, engine, settings) if cfg.resume else TrainState()
@@ -66,19 +70,21 @@ def train(cfg: TrainConfig) -> TrainState:
     progress = ProgressLog(cfg, model.config, world_size=rt.world_size, device=rt.device,
                            total_steps=settings.total_steps, is_main=rt.is_main, resumed_at=state.global_step)
     saves = Saves(cfg, engine, tokenizer=tokenizer, model_type=model_type, settings=settings)
-    t_start, first_step = time.time(), state.global_step
+    t_start, first_step, skipped_in_row = time.time(), state.global_step, 0
     while state.global_step < settings.total_steps:
         epoch, steps = state.epoch, plan.steps_in_epoch(state.epoch)
         efficiency = plan.packing_efficiency(epoch)
         progress.start_epoch(epoch, state.step_in_epoch, steps)
         for micro_batches in plan.steps(epoch, state.step_in_epoch, pin_memory=rt.cuda):
-            stats = train_step(engine, micro_batches, average_ranks)
-            _stop_if_diverged(stats, state)
+            stats = train_step(engine, micro_batches, average_ranks, stop.requested())
+            skipped_in_row = _stop_if_diverged(stats, state, skipped_in_row, cfg.max_skipped_steps)
             state.advance(steps)
             eta = (time.time() - t_start) / (state.global_step - first_step) * (settings.total_steps - state.global_step)
             progress.step(epoch, state.global_step, stats, eta, efficiency)
-            if state.global_step == settings.total_steps:
-                break
+            if state.global_step == settings.total_steps or (stats.stop_requested and state.step_in_epoch == 0):
+                break  # the epoch's end comes first
+            if stats.stop_requested:
+                _stop_for_signal(saves, state, stop, saved=False)
             if saves.state_due(state):
                 saves.save_state(state)
         progress.end_epoch()
@@ -89,6 +95,8 @@ def train(cfg: TrainConfig) -> TrainState:
             progress.eval(epoch, state.global_step, eval_loss(engine, packs))
         if saves.checkpoint_due(epoch, last):
             saves.save_checkpoint(state, "final" if last else f"ep_{epoch}")
+        if stats.stop_requested and not last:
+            _stop_for_signal(saves, state, stop, saved=saves.checkpoint_due(epoch, last))
     progress.close()
     peak = f"; peak GPU memory {torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f} GiB" if rt.cuda else ""
     log(f"done: {state.global_step} steps in {time.time() - t_start:.1f}s; checkpoint {state.last_checkpoint}{peak}")
@@ -101,41 +109,62 @@ def _run_settings(cfg: TrainConfig, plan: PackPlan, train_ds) -> RunSettings:
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     warmup = cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else int(round(cfg.lr_warmup_ratio * total))
     return RunSettings(dataset=RunSettings.dataset_fingerprint(train_ds.lengths, train_ds.meta.get("tokenizer_sha256")),
-                       batch_max_len=plan.sampler.batch_max_length, slots=plan.slots, seed=cfg.seed, epochs=cfg.epochs,
+                       batch_max_len=plan.sampler.batch_max_length, world_size=plan.world_size, slots=plan.slots,
+                       seed=cfg.seed, epochs=cfg.epochs,
                        total_steps=total, warmup_steps=warmup)
 
 
 def _resume(cfg: TrainConfig, engine, settings: RunSettings) -> TrainState:
     """The state of the last run in cfg.save_path, whose settings must be these."""
-    if not has_state(cfg.save_path):
-        raise TrainError(f"--resume: no DeepSpeed state under {cfg.save_path}/ds_state")
-    state, saved = load_state(engine, cfg.save_path)
-    changed = settings.differences(saved)
+    saved = latest_state(cfg.save_path)
+    if saved is None:
+        raise TrainError(f"--resume: no resume state under {cfg.save_path}/ds_state")
+    state, saved_settings = saved
+    changed = settings.differences(saved_settings)
     if changed:
-        raise TrainError(f"--resume: this run would train other packs or another schedule than the saved one "
-                         f"({'; '.join(changed)}); keep those settings (ranks x --grad-accum may be split differently "
-                         f"as long as the product stays), or start a new --save-path")
+        raise TrainError(f"--resume: the saved run differs ({'; '.join(changed)}): resume with its settings (the "
+                         f"same data, --batch-max-len, --seed, --epochs, --max-steps, GPUs and --grad-accum), or start "
+                         f"a new --save-path")
+    load_state(engine, cfg.save_path)
     log(f"resumed at epoch {state.epoch} step-in-epoch {state.step_in_epoch} (global step {state.global_step})")
     return state
 
 
-def _stop_if_diverged(stats: StepStats, state: TrainState) -> None:
-    """A non-finite loss or gradient, or an update the optimizer skipped for one, ends the run unsaved."""
-    if stats.skipped or not (math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)):
+def _stop_if_diverged(stats: StepStats, state: TrainState, skipped_in_row: int, allowed: int) -> int:
+    """A non-finite loss or gradient norm ends the run unsaved, unless the optimizer skipped that update and no
+    more than `allowed` updates in a row were skipped. Returns the updates skipped in a row so far."""
+    skipped_in_row = skipped_in_row + 1 if stats.skipped else 0
+    finite = math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)
+    if (stats.skipped and skipped_in_row > allowed) or (not finite and not stats.skipped):
         raise TrainError(f"training diverged at step {state.global_step + 1} (epoch {state.epoch}): loss {stats.loss}, "
-                         f"grad norm {stats.grad_norm}{', update skipped' if stats.skipped else ''}; nothing saved from "
-                         f"it. Last good checkpoint: {state.last_checkpoint or 'none'}. Lower --lr (now {stats.lr:.3g} "
-                         f"at this step) or check the data.")
+                         f"grad norm {stats.grad_norm}" + (f", {skipped_in_row} update(s) in a row skipped" if
+                                                           stats.skipped else "")
+                         + f"; nothing saved from it. Last good checkpoint: {state.last_checkpoint or 'none'}. Lower "
+                         f"--lr (now {stats.lr:.3g} at this step) or check the data.")
+    return skipped_in_row
+
+
+def _stop_for_signal(saves: Saves, state: TrainState, stop: StopRequest, saved: bool) -> None:
+    """Save the resume state after this step (unless --no-save, or `saved` already) and end the run with the
+    signal's exit status."""
+    name = signal.Signals(stop.signal or signal.SIGTERM).name  # a rank that got no signal stops for another's
+    if saves.cfg.no_save:
+        raise Stopped(f"stopped by {name} after step {state.global_step} (--no-save: nothing saved)", stop.exit_status)
+    if not saved:
+        saves.save_state(state)
+    raise Stopped(f"stopped by {name} after step {state.global_step}; resume state saved: run the same command with "
+                  f"--resume to continue", stop.exit_status)
 
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
     try:
         train(cfg)
-    except TrainError as e:
+    except (TrainError, Stopped) as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"ochat.training.train: error: {e}", file=sys.stderr, flush=True)
-        os._exit(1)  # other ranks may wait in a collective: the launcher ends them
+            kind = "error" if isinstance(e, TrainError) else "stopped"
+            print(f"ochat.training.train: {kind}: {e}", file=sys.stderr, flush=True)
+        os._exit(getattr(e, "status", 1))  # other ranks may wait in a collective: the launcher ends them
     except torch.OutOfMemoryError:
         bml = cfg.batch_max_len or "8 x context"
         print(f"ochat.training.train: error: out of GPU memory. Lower --batch-max-len (now {bml}), add "

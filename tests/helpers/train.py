@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMON = ["--epochs", "2", "--batch-max-len", "2048", "--lr", "3e-3", "--lr-warmup-steps", "2", "--log-every", "1",
@@ -35,9 +36,10 @@ def run_trainer(ranks: int, model: str, data: str, out: str, *extra: str, timeou
 
 
 def run_trainer_until(line_part: str, ranks: int, model: str, data: str, out: str, *extra: str,
-                      sig: int = signal.SIGKILL, timeout: int = 400) -> tuple[int, str]:
-    """Start the trainer, send `sig` to its whole process group once a stdout line contains `line_part`;
-    returns (exit status, stdout up to the end)."""
+                      sig: int = signal.SIGKILL, group: bool = True, timeout: int = 400) -> tuple[int, str]:
+    """Start the trainer; once a stdout line contains `line_part`, send `sig` to its whole process group (or,
+    group=False, to the `deepspeed` runner alone). Returns (the runner's exit status, all output) once every
+    process of the group has ended: ranks still saving keep the test waiting, and none is left behind."""
     proc = subprocess.Popen(trainer_command(ranks, model, data, out, *extra), env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True)
     lines = []
@@ -45,13 +47,26 @@ def run_trainer_until(line_part: str, ranks: int, model: str, data: str, out: st
         for line in proc.stdout:
             lines.append(line)
             if line_part in line:
-                os.killpg(proc.pid, sig)
+                os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
                 break
-        lines.extend(proc.stdout)
-        return proc.wait(timeout=timeout), "".join(lines)
+        lines.extend(proc.stdout)  # until every process holding the pipe (the ranks too) has exited
+        status = proc.wait(timeout=timeout)
+        deadline = time.time() + timeout
+        while _group_alive(proc.pid) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _group_alive(proc.pid), "trainer processes left running"
+        return status, "".join(lines)
     finally:
-        if proc.poll() is None:
+        if _group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def make_sample_dataset(out: str) -> str:

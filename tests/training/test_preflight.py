@@ -1,6 +1,7 @@
 """Pre-flight checks: the self-check refuses packs whose conversations can see each other; the long-context flags
 are refused where they cannot work."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -52,7 +53,55 @@ def test_a_packing_dependent_error_without_a_leak_is_refused(monkeypatch):
         preflight.self_check(tiny_model(), 128, torch.device("cpu"), bf16=False)
 
 
-def _config(tmp_path, **flags) -> TrainConfig:
+def config(tmp_path, **kw):
+    from ochat.config.train_config import TrainConfig
+    return TrainConfig(model_path="m", data_path="d", save_path=str(tmp_path / "run"), **kw)
+
+
+def test_previous_run_outputs_are_ochats_names_only(tmp_path):
+    run = tmp_path / "run"
+    for name in ("ep_0", "ep_12.tmp", "final", "final.old", "ds_state", "src", "ep_x"):
+        (run / name).mkdir(parents=True)
+    for name in ("metrics.jsonl", "notes.txt"):
+        (run / name).write_text("")
+    assert preflight.previous_run_outputs(str(run)) == ["ds_state", "ep_0", "ep_12.tmp", "final", "final.old",
+                                                         "metrics.jsonl"]
+
+
+def test_overwrite_deletes_only_the_previous_runs_outputs(tmp_path):
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(TrainError, match="holds a previous run"):
+        preflight.prepare_save_path(config(tmp_path), is_main=True)
+    preflight.prepare_save_path(config(tmp_path, overwrite=True), is_main=True)
+    assert sorted(os.listdir(run)) == [".ochat.lock", "notes.txt"]
+
+
+def test_resume_removes_leftovers_of_an_interrupted_save(tmp_path):
+    run = tmp_path / "run"
+    for name in ("final.tmp", "ep_1", "ds_state"):
+        (run / name).mkdir(parents=True)
+    preflight.prepare_save_path(config(tmp_path, resume=True), is_main=True)
+    assert sorted(os.listdir(run)) == [".ochat.lock", "ds_state", "ep_1"]
+
+
+def test_two_runs_cannot_write_one_save_path(tmp_path):
+    held = preflight.prepare_save_path(config(tmp_path), is_main=True)
+    with pytest.raises(TrainError, match="is being written by another run"):
+        preflight.prepare_save_path(config(tmp_path), is_main=True)
+    held.close()
+    preflight.prepare_save_path(config(tmp_path), is_main=True).close()
+
+
+def test_disk_space_for_a_checkpoint_and_a_state(tmp_path):
+    preflight.check_disk_space(str(tmp_path), 1_000_000, bf16=True)
+    with pytest.raises(TrainError, match=r"need about .* GiB: free space, choose another folder, or pass --no-save"):
+        preflight.check_disk_space(str(tmp_path), 10**15, bf16=True)
+
+
+def _with_model_config(tmp_path, **flags) -> TrainConfig:
     (tmp_path / "config.json").write_text(json.dumps(ModelConfig.debug(num_attention_heads=6,
                                                                        num_key_value_heads=3).to_hf_config()))
     return TrainConfig(model_path=str(tmp_path), data_path="d", save_path="s", **flags)
@@ -66,13 +115,13 @@ def _config(tmp_path, **flags) -> TrainConfig:
 ])
 def test_long_context_flags_that_cannot_work_are_refused(tmp_path, flags, world, message):
     with pytest.raises(TrainError) as e:
-        preflight.check_long_context(_config(tmp_path, **flags), world, torch.device("cpu"))
+        preflight.check_long_context(_with_model_config(tmp_path, **flags), world, torch.device("cpu"))
     assert message in str(e.value)
 
 
 def test_sequence_parallel_dividing_heads_and_ranks_passes(tmp_path):
-    preflight.check_long_context(_config(tmp_path, sequence_parallel=2), 4, torch.device("cpu"))  # 3 KV heads: repeated
-    preflight.check_long_context(_config(tmp_path, sequence_parallel=3), 6, torch.device("cpu"))
+    for size, world in ((2, 4), (3, 6)):  # 6 query heads; 3 KV heads are repeated for 2 ranks
+        preflight.check_long_context(_with_model_config(tmp_path, sequence_parallel=size), world, torch.device("cpu"))
 
 
 class _Lengths:

@@ -14,7 +14,7 @@ def test_advance_moves_to_the_next_epoch_after_its_last_step():
 
 
 def settings(**kw):
-    base = dict(dataset="abc", batch_max_len=2048, slots=4, seed=42, epochs=2, total_steps=10, warmup_steps=1)
+    base = dict(dataset="abc", batch_max_len=2048, world_size=2, slots=4, seed=42, epochs=2, total_steps=10, warmup_steps=1)
     return RunSettings(**{**base, **kw})
 
 

@@ -2,12 +2,15 @@
 
 One module-wide set of runs (a ZeRO-2 2-rank run is the reference for several tests): the loss falls and the
 checkpoint loads in transformers and generates; 2 ranks x 1 micro-step equals 1 rank x 2 micro-steps (the
-same slots: the same packs); a run killed hard and resumed ends bit-for-bit equal; a resume that would train
-other packs is refused; ZeRO-3 with gradient checkpointing trains and saves a gathered checkpoint.
+same slots: the same packs); a run killed hard, or stopped by SIGTERM, and resumed ends bit-for-bit equal; a
+resume that would train other packs is refused; a signal to the runner alone stops the ranks; a diverged run
+stops without saving; ZeRO-3 with gradient checkpointing trains and saves a gathered checkpoint.
 """
 import os
 import re
+import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,12 +85,14 @@ def test_resume_after_a_hard_kill_is_bit_for_bit(setup, zero2_run):
     assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(zero2_run[0])]
 
 
-def test_resume_that_would_train_other_packs_is_refused(setup, zero2_run, tmp_path):
+@pytest.mark.parametrize("ranks, flags, difference", [(2, ["--batch-max-len", "4096"], "batch_max_len: 2048 -> 4096"),
+                                                      (1, ["--grad-accum", "2"], "world_size: 2 -> 1")])
+def test_resume_that_would_train_other_packs_is_refused(setup, zero2_run, ranks, flags, difference):
     root, data, model = setup
-    r = run_trainer(2, model, data, zero2_run[0], "--resume", "--batch-max-len", "4096")
+    r = run_trainer(ranks, model, data, zero2_run[0], "--resume", *flags)
     assert r.returncode == 1
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "batch_max_len: 2048 -> 4096" in errors[0], r.stderr[-2000:]
+    assert len(errors) == 1 and difference in errors[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr + r.stdout
 
 
@@ -107,11 +112,58 @@ def test_zero3_with_checkpointing_trains_and_saves_a_gathered_checkpoint(setup):
 @pytest.mark.parametrize("flags, message", [
     (["--batch-max-len", "64"], "longer than --batch-max-len 64"),
     (["--attn-impl", "flash_attn"], "--attn-impl flash_attn: attention backend 'flash_attn' is not available"),
+    (["--save-path", "SAVE/previous_run"], "holds a previous run (ds_state, metrics.jsonl): continue it with --resume"),
+    (["--save-path", "SAVE/a_file"], "is a file, not a folder"),
+    (["--resume"], "--resume: no resume state under"),
 ])
 def test_user_errors_are_one_line_from_one_rank(setup, tmp_path, flags, message):
     root, data, model = setup
+    (tmp_path / "previous_run" / "ds_state").mkdir(parents=True)
+    (tmp_path / "previous_run" / "metrics.jsonl").write_text("")
+    (tmp_path / "a_file").write_text("")
+    flags = [f.replace("SAVE", str(tmp_path)) for f in flags]
     r = run_trainer(2, model, data, str(tmp_path / "o"), *flags)
     assert r.returncode == 1
     errors = [line for line in r.stderr.splitlines() if line.startswith("ochat.training.train: error:")]
     assert len(errors) == 1 and message in errors[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_sigterm_saves_and_resume_is_bit_for_bit(setup, zero2_run):
+    """SIGTERM to the whole job (what Slurm sends) at a random step: every rank finishes the step, the resume state
+    is written, one line says how to resume; the resumed run ends bit-for-bit equal to an uninterrupted one."""
+    root, data, model = setup
+    out = str(root / "sigterm")
+    n_steps = len(metrics(zero2_run[0]))
+    at = int(np.random.default_rng().integers(2, n_steps - 2))
+    status, log = run_trainer_until(f"step {at}/", 2, model, data, out, sig=signal.SIGTERM)
+    assert status != 0 and not os.path.exists(os.path.join(out, "final")), log[-3000:]
+    stopped = re.findall(r"ochat.training.train: stopped: stopped by SIGTERM after step (\d+); resume state saved", log)
+    assert len(stopped) == 1, log[-3000:]
+    with open(os.path.join(out, "ds_state", "latest")) as fh:
+        assert fh.read().strip() == f"step{stopped[0]}"
+    r = run_trainer(2, model, data, out, "--resume")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a, b = weights(os.path.join(zero2_run[0], "final")), weights(os.path.join(out, "final"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_signal_to_the_runner_alone_stops_the_ranks(setup, tmp_path):
+    """The `deepspeed` runner forwards nothing when it alone is signalled: the ranks notice it is gone, save and
+    exit (none is left running)."""
+    root, data, model = setup
+    out = str(tmp_path / "runner")
+    status, log = run_trainer_until("step 2/", 2, model, data, out, sig=signal.SIGTERM, group=False)
+    assert "stopped by SIGTERM after step" in log and "resume state saved" in log, log[-3000:]
+    assert os.path.exists(os.path.join(out, "ds_state", "latest"))
+
+
+def test_divergence_stops_the_run_without_saving(setup, tmp_path):
+    root, data, model = setup
+    out = str(tmp_path / "diverged")
+    r = run_trainer(2, model, data, out, "--lr", "1e4")  # what a typo for 1e-4 gives
+    assert r.returncode == 1, r.stdout[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "training diverged at step" in errors[0] and "Last good checkpoint: none" in errors[0]
+    assert [n for n in os.listdir(out) if n != "metrics.jsonl" and not n.startswith(".")] == []
