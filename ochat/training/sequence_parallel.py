@@ -29,6 +29,7 @@ import torch
 
 from ochat.kernels.attention import varlen_attention
 from ochat.training.batching import collate_pack
+from ochat.training.model import Attention
 
 # the keys of a collated pack that hold one row per token (sliced per rank); the others describe the whole pack
 _PER_TOKEN = ("input_ids", "position_ids", "labels", "label_weights")
@@ -48,7 +49,7 @@ class Layout:
 
     @property
     def data_parallel_size(self) -> int:
-        """Groups that train different packs: the ranks DeepSpeed averages gradients over."""
+        """Groups, each training its own pack at a time."""
         return self.world_size // self.size
 
     @property
@@ -131,8 +132,6 @@ def enable(model: torch.nn.Module, size: int):
         return None
     import deepspeed.comm as ds_dist
     import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
-
-    from ochat.training.model import Attention
 
     mpu.initialize_sequence_parallel(sequence_parallel_size=size)
     layout = Layout(ds_dist.get_world_size(), ds_dist.get_rank(), size)
