@@ -2,9 +2,10 @@
 
     python bench/sampler.py            # full table (a few minutes on 2 cores) -> stdout (markdown)
     python bench/sampler.py --quick    # smaller synthetic sets
+    python bench/sampler.py --compile  # only numba's cold-start compile time
 
 Compared, on the same shuffled order per epoch:
-  - ochat: ochat.training.multipack_sampler (BFD groups, sum(len^2)-sorted steps, swaps).
+  - ochat: ochat.training.multipack_sampler (BFD groups, LPT + best fit, sum(len^2)-sorted steps, swaps).
   - interleaved: DistributedSampler-style split (rank r takes shuffled[r::R]), each rank
     greedily packs its stream in order (next-fit); ranks with fewer packs get empty ones.
   - ffd-bsearch: the original multipack sampler (imoneoi/multipack_sampler), reimplemented from
@@ -182,8 +183,10 @@ def sample_lengths(ctx):
     truncated at ctx."""
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=str(ROOT / "ochat/assets/llama2-tokenizer.model"))
-    data = json.loads((ROOT / "ochat/assets/sharegpt_sample.json").read_text())
+    from ochat.assets import LLAMA2_TOKENIZER, SHAREGPT_SAMPLE
+
+    sp = spm.SentencePieceProcessor(model_file=str(LLAMA2_TOKENIZER))
+    data = json.loads(SHAREGPT_SAMPLE.read_text())
     out = []
     for rec in data:
         turns = rec.get("conversations") or rec.get("items") or []
@@ -217,26 +220,38 @@ def warm():
     baseline_bsearch(L, 4096, 4, 0, 0, True)
 
 
-def compile_time():
-    """Cold numba compile (empty cache dir) and cached load, each in a fresh process."""
+def compile_time(repeats=3):
+    """Import + first use of the sampler in a fresh process: with an empty numba cache dir (cold
+    compile), then with the cache that run wrote. Returns (cold, cached) seconds per repeat."""
     code = ("import time,numpy as np;t=time.perf_counter();"
-            "from ochat.training.multipack_sampler import pack_epoch;"
-            "pack_epoch(np.array([3,5,7,2]*50),16,2);print(time.perf_counter()-t)")
+            "from ochat.training.multipack_sampler import MultipackDistributedBatchSampler as S;"
+            "S(16,np.array([3,5,7,2]*50),num_replicas=2,rank=0).generate_batches();print(time.perf_counter()-t)")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    with tempfile.TemporaryDirectory() as d:
-        env["NUMBA_CACHE_DIR"] = d
-        cold = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                    check=True).stdout)
-        cached = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                      check=True).stdout)
-    return cold, cached
+    runs = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as d:
+            env["NUMBA_CACHE_DIR"] = d
+            runs.append(tuple(float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                                   text=True, check=True).stdout) for _ in range(2)))
+    return runs
+
+
+def print_compile_time():
+    runs = compile_time()
+    cold, cached = (sorted(x) for x in zip(*runs))
+    print(f"- numba: import + first use {np.median(cold):.1f} s with a cold cache (runs: "
+          f"{', '.join(f'{x:.1f}' for x in cold)}); {np.median(cached):.1f} s with the on-disk cache")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--n", type=int, default=200_000, help="synthetic set size for the comparison")
+    ap.add_argument("--compile", action="store_true", help="only measure numba's compile time (cold / cached)")
     args = ap.parse_args()
+    if args.compile:
+        print_compile_time()
+        return
     n = 20_000 if args.quick else args.n
     warm()
     print(f"numba {numba.__version__}, numpy {np.__version__}, {os.cpu_count()} CPU cores\n")
@@ -278,8 +293,7 @@ def main():
         st = plan_stats(L, idx, off, ctx * per, 512)
         print(f"- {per} x {ctx}: {np.median(ts):.2f} s; steps {st['num_batches']} (lower bound "
               f"{st['lower_bound_batches']}), efficiency {st['efficiency']:.4f}, dropped {st['dropped_sequences']}")
-    cold, cached = compile_time()
-    print(f"- numba: cold compile + first call {cold:.1f} s; with the on-disk cache {cached:.1f} s (import + first call)")
+    print_compile_time()
 
 
 if __name__ == "__main__":

@@ -1,19 +1,26 @@
 """Side-by-side training throughput: ochat vs transformers baselines, one process, one GPU.
 
     python bench/throughput.py --out $OUT            # full run (1.1B Llama shape, bf16)
+    python bench/throughput.py --configs ochat,ochat_fa2,hf_liger,hf_liger_fa4 --long --pack-tokens 32768 \
+        --conversations 80 --tag _long --out $OUT    # conversations of 8k-32k tokens
     python bench/throughput.py --tiny --steps 2      # smoke test of the harness (CPU or GPU, tiny model)
 
 Same conversations for every configuration: heavy-tailed synthetic lengths (log-normal, capped at
 4,096, about half of each conversation a weight-1 target) plus the bundled ShareGPT sample tokenized by
 ochat.data; packed into 16k-token packs by the multipack sampler; one optimizer step per pack.
 Configurations (activation checkpointing on and off for each):
-  ochat          PackedCausalLM, defaults (and with each fused kernel switched off, checkpointing off)
+  ochat          PackedCausalLM, defaults: FlashAttention-4 where installed, else torch varlen_attn (FA2);
+                 with `ablations`, each fused kernel switched off (checkpointing off)
+  ochat_fa2      PackedCausalLM on torch varlen_attn (FA2), when FlashAttention-4 is what `ochat` runs
   hf_padded      LlamaForCausalLM, SDPA, the pack's conversations padded to the longest, split into
                  micro-batches of <= pack tokens (gradient accumulation, same optimizer step)
   hf_flex        packed row, restarting position_ids, flex_attention with a document BlockMask
                  (isolation checked on the spot, with and without the explicit mask)
   hf_varlen      packed row, torch varlen_attn registered through AttentionInterface, cu_seq_lens_q/k
                  and max_length_q/k passed to the model forward (TRL padding-free style)
+  hf_liger       hf_varlen + Liger kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy): the strongest peer
+  hf_liger_fa4   hf_liger with FlashAttention-4 through the attention interface (when installed)
+ochat's best configuration is compared with the best peer at each checkpointing setting.
 All: bf16 parameters, fused torch AdamW (lr 1e-5), real (non-padding) tokens counted. MFU = model FLOPs
 (ModelConfig.flops_per_token: 6 x matmul params per token + causal attention) / the GPU's peak
 (ochat.training.metrics.PEAK_FLOPS: 790 TFLOP/s on H100/H200).
@@ -21,10 +28,10 @@ Writes throughput.json and throughput.md into --out.
 """
 import argparse
 import gc
-import inspect
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,6 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ochat.assets import LLAMA2_TOKENIZER, SHAREGPT_SAMPLE  # noqa: E402
 from ochat.training.metrics import PEAK_FLOPS, step_flops  # noqa: E402
 from ochat.training.model_config import ModelConfig  # noqa: E402
 
@@ -60,8 +68,7 @@ def make_conversations(n_synth, vocab, cap, seed=0):
     try:
         with tempfile.TemporaryDirectory() as d:
             subprocess.run([sys.executable, "-m", "ochat.data.generate_dataset", "--model-type", "openchat_v3.2",
-                            "--tokenizer", str(ROOT / "ochat/assets/llama2-tokenizer.model"), "--in-files",
-                            str(ROOT / "ochat/assets/sharegpt_sample.json"), "--out-dir", d],
+                            "--tokenizer", str(LLAMA2_TOKENIZER), "--in-files", str(SHAREGPT_SAMPLE), "--out-dir", d],
                            check=True, capture_output=True, cwd=ROOT)
             from ochat.data import open_dataset
 
@@ -75,12 +82,24 @@ def make_conversations(n_synth, vocab, cap, seed=0):
     return convs, sample
 
 
+def make_long_conversations(n, vocab, low=8192, high=32768, seed=0):
+    """Long conversations (uniform lengths in [low, high]), where attention dominates; half of each a target."""
+    rng = np.random.default_rng(seed)
+    convs = []
+    for length in rng.integers(low, high + 1, n):
+        w = np.zeros(length, np.float32)
+        w[length // 2:] = 1.0
+        convs.append((rng.integers(3, vocab, size=length, dtype=np.int32), w))
+    return convs, 0
+
+
 def make_packs(convs, pack_tokens, steps, seed=0):
     lengths = np.array([len(t) for t, _ in convs])
     try:
         from ochat.training.multipack_sampler import MultipackDistributedBatchSampler
 
-        sampler = MultipackDistributedBatchSampler(lengths, pack_tokens, num_replicas=1, rank=0, seed=seed)
+        sampler = MultipackDistributedBatchSampler(lengths=lengths, batch_max_length=pack_tokens, num_replicas=1,
+                                                   rank=0, seed=seed)
         sampler.set_epoch(0)
         packs = [b for b in sampler if len(b)]
     except Exception as e:  # noqa: BLE001
@@ -107,37 +126,39 @@ def model_flops(config: ModelConfig, packs) -> float:
 
 
 # ----------------------------------------------------------------------------- transformers baselines
-_VARLEN_GQA = None
+def _hf_attention(backend):
+    """A transformers attention-interface function running `backend` (ochat.kernels.attention's dispatch of the
+    FlashAttention kernels) over the packed row's cu_seq_lens; query [1, Hq, T, D]."""
+    from ochat.kernels.attention import varlen_attention
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+        out = varlen_attention(q, k, v, kwargs["cu_seq_lens_q"].int(), kwargs["max_length_q"], backend=backend,
+                               scale=scaling)
+        return out.unsqueeze(0), None
+    return attention
 
 
-def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention interface -> torch varlen_attn (causal); query [1, Hq, T, D]."""
-    global _VARLEN_GQA
-    from torch.nn.attention.varlen import varlen_attn
-
-    if _VARLEN_GQA is None:
-        _VARLEN_GQA = "enable_gqa" in inspect.signature(varlen_attn).parameters
-    q = query[0].transpose(0, 1)
-    k = key[0].transpose(0, 1)
-    v = value[0].transpose(0, 1)
-    extra = {}
-    if k.shape[1] != q.shape[1]:
-        if _VARLEN_GQA:
-            extra["enable_gqa"] = True
-        else:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    out = varlen_attn(q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"],
-                      kwargs["max_length_k"], scale=scaling, window_size=(-1, 0), **extra)
-    return out.unsqueeze(0), None
+HF_ATTENTION = {"ochat_varlen": "torch_varlen", "ochat_fa4": "flash_attn_4"}  # registered name -> kernel
 
 
 def _register_varlen():
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
-    AttentionInterface.register("ochat_varlen", _varlen_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register("ochat_varlen", flash_attention_mask)
+    for name, backend in HF_ATTENTION.items():
+        AttentionInterface.register(name, _hf_attention(backend))
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, flash_attention_mask)
+
+
+def _apply_liger():
+    """Liger kernels on transformers' Llama (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy), what axolotl and
+    LLaMA-Factory users switch on. It patches the Llama classes for the whole process: run it after the plain
+    transformers configurations."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=True)
 
 
 def build_hf(config: ModelConfig, attn, device, ckpt):
@@ -271,12 +292,12 @@ def check_isolation(kind, model, device, config: ModelConfig):
 
 
 # ----------------------------------------------------------------------------- ochat
-def build_ochat(config: ModelConfig, device, ckpt):
+def build_ochat(config: ModelConfig, device, ckpt, attn_impl="auto"):
     from ochat.training.model import PackedCausalLM
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = PackedCausalLM(config).to(torch.bfloat16)
+        model = PackedCausalLM(config, attn_impl=attn_impl).to(torch.bfloat16)
     if ckpt:
         model.gradient_checkpointing_enable(float(ckpt))  # True = every layer; a float = that fraction of them
     model.train()
@@ -385,35 +406,71 @@ def results_table(first_column, rows, tokens_key):
     return lines
 
 
+CONFIGS = ("ochat", "ochat_fa2", "hf_varlen", "hf_flex", "hf_padded", "hf_liger", "hf_liger_fa4", "ablations")
+PEERS = ("hf_varlen", "hf_flex", "hf_padded", "hf_liger", "hf_liger_fa4")
+_HF = {"hf_varlen": ("ochat_varlen", "varlen"), "hf_flex": ("flex_attention", "flex"), "hf_padded": ("sdpa", "padded"),
+       "hf_liger": ("ochat_varlen", "varlen"), "hf_liger_fa4": ("ochat_fa4", "varlen")}
+
+# kernel name patterns of the profile's categories, tried in this order (the rest is "other")
+PROFILE_CATEGORIES = (("attention", r"flash|fmha|attn|varlen"), ("loss", r"cross_entropy|_ce_|lce|logsumexp"),
+                      ("optimizer", r"adam|multi_tensor|foreach|_fused_"),
+                      ("norms/rope/activations", r"rms|norm|rope|rotary|swiglu|glu|silu|gelu"),
+                      ("GEMMs", r"gemm|xmma|cutlass|nvjet|matmul|sm90|wgmma|ampere_bf16|cublas"))
+
+
+def profile_categories(prof, wall_seconds: float) -> dict[str, float]:
+    """GPU time by category (seconds) of a torch.profiler run, and the idle rest of `wall_seconds`."""
+    out = {name: 0.0 for name, _ in PROFILE_CATEGORIES} | {"other": 0.0}
+    for event in prof.key_averages():
+        seconds = getattr(event, "self_device_time_total", 0.0) / 1e6
+        if seconds <= 0:
+            continue
+        name = event.key.lower()
+        category = next((c for c, pattern in PROFILE_CATEGORIES if re.search(pattern, name)), "other")
+        out[category] += seconds
+    out["idle"] = max(wall_seconds - sum(out.values()), 0.0)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per configuration")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--pack-tokens", type=int, default=16384)
     ap.add_argument("--conversations", type=int, default=1500)
-    ap.add_argument("--configs", default="ochat,hf_varlen,hf_flex,hf_padded,ablations")
+    ap.add_argument("--configs", default="ochat,hf_varlen,hf_flex,hf_padded,ablations",
+                    help=f"comma-separated, of {', '.join(CONFIGS)}")
     ap.add_argument("--ckpt", default="off,on")
-    ap.add_argument("--tiny", action="store_true", help="tiny model (harness smoke test)")
-    ap.add_argument("--profile", action="store_true", help="torch.profiler table of one ochat step")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    ap.add_argument("--long", action="store_true", help="conversations of 8k-32k tokens (attention dominates)")
+    ap.add_argument("--tiny", action="store_true", help="tiny model (harness smoke test): --shape tiny")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler table and GPU time by category, one ochat step")
     ap.add_argument("--loss-memory", action="store_true", help="measure the fused loss's peak memory")
+    ap.add_argument("--tag", default="", help="suffix of the output files (throughput{tag}.md/json)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = ap.parse_args()
-    unknown_cfg = set(args.configs.split(",")) - {"ochat", "hf_varlen", "hf_flex", "hf_padded", "ablations"}
-    if unknown_cfg:
-        ap.error(f"unknown configs {unknown_cfg}")
+    cfgs = args.configs.split(",")
+    if set(cfgs) - set(CONFIGS):
+        ap.error(f"unknown configs {set(cfgs) - set(CONFIGS)}")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = SHAPES["tiny" if args.tiny else "1b"]
+    config = SHAPES["tiny" if args.tiny else args.shape]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     import transformers
 
+    from ochat.kernels.attention import available
+
     info = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__,
                 transformers=transformers.__version__,
                 device=torch.cuda.get_device_name() if device == "cuda" else "cpu", config=config.to_hf_config(),
-                pack_tokens=args.pack_tokens, steps=args.steps, warmup=args.warmup)
+                pack_tokens=args.pack_tokens, steps=args.steps, warmup=args.warmup, long=args.long,
+                flash_attn_4=available("flash_attn_4", device))
     print(json.dumps(info), flush=True)
-    convs, n_sample = make_conversations(args.conversations, config.vocab_size, 4096)
+    if args.long:
+        convs, n_sample = make_long_conversations(args.conversations, config.vocab_size)
+    else:
+        convs, n_sample = make_conversations(args.conversations, config.vocab_size, 4096)
     packs = make_packs(convs, args.pack_tokens, args.steps + args.warmup)
     timed = packs[args.warmup:]
     lens = [len(t) for p in timed for t, _ in p]
@@ -423,60 +480,63 @@ def main():
     print(f"[data] {len(convs)} conversations ({n_sample} from the sample), timed: {len(timed)} packs, "
           f"{sum(lens)} tokens, mean len {np.mean(lens):.0f}, max {max(lens)}", flush=True)
 
-    results, extra = [], {}
-    cfgs = args.configs.split(",")
-    if "hf_varlen" in cfgs:
+    if any(c.startswith("hf_") for c in cfgs):
         _register_varlen()
     from ochat.kernels.fused import set_fused
 
+    ochat_attn = "flash_attn_4" if info["flash_attn_4"] else "auto"  # auto: torch varlen_attn (FA2) on a GPU
+    ochat_kernel = "fa4" if info["flash_attn_4"] else "fa2" if device == "cuda" else "sdpa"
+    runs = []  # (name, ckpt, build, make_step, kernel switched off or None, isolation kind or None)
     for ckpt in [c == "on" for c in args.ckpt.split(",")]:
         tag = "ckpt" if ckpt else "no-ckpt"
-        runs = []
         if "ochat" in cfgs:
-            runs.append((f"ochat {tag}", lambda: build_ochat(config, device, ckpt), lambda m: ochat_step_fn(m, device), None))
+            runs.append((f"ochat ({ochat_kernel}) {tag}", ckpt,
+                         lambda c=ckpt: build_ochat(config, device, c, ochat_attn), lambda m: ochat_step_fn(m, device),
+                         None, None))
+        if "ochat_fa2" in cfgs and info["flash_attn_4"]:
+            runs.append((f"ochat (fa2) {tag}", ckpt, lambda c=ckpt: build_ochat(config, device, c, "torch_varlen"),
+                         lambda m: ochat_step_fn(m, device), None, None))
         if "ablations" in cfgs and not ckpt:
             for k in ("linear_ce", "rms_norm", "rope", "swiglu"):
-                runs.append((f"ochat -{k} {tag}", lambda: build_ochat(config, device, ckpt),
-                             lambda m: ochat_step_fn(m, device), k))
-        for key, attn, kind in (("hf_varlen", "ochat_varlen", "varlen"), ("hf_flex", "flex_attention", "flex"),
-                                ("hf_padded", "sdpa", "padded")):
-            if key in cfgs:
-                runs.append((f"{key} {tag}", lambda a=attn: build_hf(config, a, device, ckpt),
-                             lambda m, k=kind: hf_step_fn(k, m, device, args.pack_tokens), (kind,)))
-        for name, build, mk, opt_arg in runs:
-            off = opt_arg if isinstance(opt_arg, str) else None
+                runs.append((f"ochat -{k} {tag}", ckpt, lambda c=ckpt: build_ochat(config, device, c, ochat_attn),
+                             lambda m: ochat_step_fn(m, device), k, None))
+        for key in PEERS:
+            if key in cfgs and not (key == "hf_liger_fa4" and not info["flash_attn_4"]):
+                attn, kind = _HF[key]
+                runs.append((f"{key} {tag}", ckpt, lambda a=attn, c=ckpt: build_hf(config, a, device, c),
+                             lambda m, k=kind: hf_step_fn(k, m, device, args.pack_tokens), None, kind))
+    runs.sort(key=lambda r: r[0].startswith("hf_liger"))  # Liger patches transformers for the rest of the process
+
+    results, extra, liger = [], {}, False
+    for name, ckpt, build, make_step, off, kind in runs:
+        if off:
+            set_fused(off, False)
+        try:
+            if name.startswith("hf_liger") and not liger:
+                _apply_liger()
+                liger = True
+            res, model, opt, one = run_config(name, build, make_step, packs, args.warmup, device, config)
+            res["ckpt"] = ckpt
+            if kind in ("varlen", "flex") and not ckpt:
+                res["isolation"] = check_isolation(kind, model, device, config)
+                print(f"[isolation] {name}: {res['isolation']}", flush=True)
+            if args.profile and name.startswith("ochat (") and not ckpt and device == "cuda":
+                extra["profile"] = profile_step(one, packs[-1], out_dir, args.tag)
+            results.append(res)
+            free(model, opt, one)
+            del model, opt, one
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            print(f"[run] {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            results.append(dict(name=name, ckpt=ckpt, error=f"{type(e).__name__}: {str(e)[:300]}"))
+        finally:
             if off:
-                set_fused(off, False)
-            try:
-                res, model, opt, one = run_config(name, build, mk, packs, args.warmup, device, config)
-                res["ckpt"] = ckpt
-                if isinstance(opt_arg, tuple) and opt_arg[0] in ("varlen", "flex") and not ckpt:
-                    res["isolation"] = check_isolation(opt_arg[0], model, device, config)
-                    print(f"[isolation] {name}: {res['isolation']}", flush=True)
-                if args.profile and name == "ochat no-ckpt" and device == "cuda":
-                    from torch.profiler import ProfilerActivity, profile
-
-                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                        one(packs[-1])
-                        torch.cuda.synchronize()
-                    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
-                    (out_dir / "profile_ochat.txt").write_text(table)
-                    print(table[:6000], flush=True)
-                results.append(res)
-                free(model, opt, one)
-                del model, opt, one
-            except Exception as e:  # noqa: BLE001
-                import traceback
-
-                traceback.print_exc()
-                print(f"[run] {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-                results.append(dict(name=name, ckpt=ckpt, error=f"{type(e).__name__}: {str(e)[:300]}"))
-            finally:
-                if off:
-                    set_fused(off, True)
-                gc.collect()
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+                set_fused(off, True)
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
 
     if args.loss_memory and device == "cuda":
         try:
@@ -485,23 +545,61 @@ def main():
             extra["loss_memory"] = dict(error=str(e)[:300])
             print(f"[loss-mem] FAILED {e}", flush=True)
 
-    # ratios: ochat (defaults) vs each baseline at the same checkpointing setting
-    by = {r["name"]: r for r in results if "tokens_per_s" in r}
+    md = "\n".join(report_lines(info, results, extra, len(timed), args))
+    print(md, flush=True)
+    (out_dir / f"throughput{args.tag}.md").write_text(md + "\n")
+    (out_dir / f"throughput{args.tag}.json").write_text(json.dumps(dict(info=info, results=results, **extra), indent=1))
+
+
+def profile_step(one, items, out_dir: Path, tag: str) -> dict:
+    """torch.profiler over one step: the top kernels (written to profile_ochat{tag}.txt) and GPU time by category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        one(items)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+    (out_dir / f"profile_ochat{tag}.txt").write_text(table)
+    categories = profile_categories(prof, wall)
+    print("[profile] " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in categories.items()), flush=True)
+    return dict(wall_seconds=wall, seconds_by_category=categories)
+
+
+def report_lines(info: dict, results: list, extra: dict, steps: int, args) -> list[str]:
+    """The markdown report: one table per run, ochat's ratio to each configuration and to the best peer."""
+    ok = [r for r in results if "tokens_per_s" in r]
+
+    def best(prefix, ckpt):
+        rows = [r for r in ok if r["name"].startswith(prefix) and r["ckpt"] == ckpt]
+        return max(rows, key=lambda r: r["tokens_per_s"], default=None)
+
     lines = [f"# Throughput ({info['device']}, {info['date']}, torch {info['torch']}, transformers {info['transformers']})",
-             "", f"{info['timed_conversations']} conversations in {len(timed)} packs of <= {args.pack_tokens} tokens "
+             "", f"{info['timed_conversations']} conversations in {steps} packs of <= {args.pack_tokens} tokens "
              f"({info['timed_tokens']} real tokens, mean length {info['mean_len']:.0f}, max {info['max_len']}); "
-             f"{args.warmup} warm-up steps.", "",
-             *results_table("configuration", [(r["name"], r, by.get("ochat " + ("ckpt" if r.get("ckpt") else "no-ckpt")))
-                                              for r in results], tokens_key="tokens_per_s")]
+             f"{args.warmup} warm-up steps; FlashAttention-4 {'available' if info['flash_attn_4'] else 'absent'}.", "",
+             *results_table("configuration", [(r["name"], r, best("ochat (", r.get("ckpt"))) for r in results],
+                            tokens_key="tokens_per_s")]
+    for ckpt in sorted({r["ckpt"] for r in ok}):
+        mine, peer = best("ochat (", ckpt), max((r for r in ok if r["ckpt"] == ckpt and r["name"].startswith("hf_")),
+                                               key=lambda r: r["tokens_per_s"], default=None)
+        if mine and peer:
+            lines.append(f"\nActivation checkpointing {'on' if ckpt else 'off'}: {mine['name']} "
+                         f"{mine['tokens_per_s']:.0f} tokens/s vs the best peer, {peer['name']} {peer['tokens_per_s']:.0f}: "
+                         f"{mine['tokens_per_s'] / peer['tokens_per_s']:.2f}x")
+    if "profile" in extra:
+        cats = extra["profile"]["seconds_by_category"]
+        total = extra["profile"]["wall_seconds"]
+        lines += ["", "GPU time of one ochat step by category: " + ", ".join(
+            f"{k} {100 * v / total:.0f}%" for k, v in sorted(cats.items(), key=lambda kv: -kv[1]))]
     if "loss_memory" in extra and "ratio" in extra["loss_memory"]:
         lm = extra["loss_memory"]
         lines += ["", f"Loss of 32k tokens x 32k vocab (bf16, fwd+bwd): reference {lm['reference']['peak_extra_gb']:.2f} GB "
                   f"({lm['reference']['seconds']:.2f} s), fused {lm['fused']['peak_extra_gb']:.2f} GB "
                   f"({lm['fused']['seconds']:.2f} s): ratio {lm['ratio']:.3f}"]
-    md = "\n".join(lines)
-    print(md, flush=True)
-    (out_dir / "throughput.md").write_text(md + "\n")
-    (out_dir / "throughput.json").write_text(json.dumps(dict(info=info, results=results, **extra), indent=1))
+    return lines
 
 
 if __name__ == "__main__":

@@ -21,31 +21,27 @@ import throughput  # same folder: the benchmark model shapes
 
 
 def make_dataset(out_dir, n, seed=0, vocab=32000, eot=32000, max_len=4096):
-    import pyarrow as pa
+    """Synthetic conversations whose tokens follow per-conversation arithmetic progressions (learnable), the last
+    70% of each a weight-1 target, written with ochat.data.write_dataset."""
+    from ochat.assets import LLAMA2_TOKENIZER
+    from ochat.data import write_dataset
+
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(6.6, 0.9, n), 32, max_len).astype(np.int64)
-    os.makedirs(out_dir, exist_ok=True)
-    for split, lens in (("train", lengths), ("eval", lengths[:64])):
-        toks, ws = [], []
+
+    def conversations(lens):
         for L in lens:
             start, stride = rng.integers(3, vocab), rng.integers(1, 64)
             t = ((start + stride * np.arange(L)) % (vocab - 3) + 3).astype(np.int32)
             t[0], t[-1] = 1, eot
             w = np.zeros(L, np.float32)
             w[int(L * 0.3):] = 1.0
-            toks.append(t)
-            ws.append(w)
-        table = pa.table({"tokens": pa.array(toks, pa.list_(pa.int32())), "weights": pa.array(ws, pa.list_(pa.float32())),
-                          "length": pa.array(lens.astype(np.int32), pa.int32())})
-        with pa.OSFile(os.path.join(out_dir, f"{split}.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
-            w.write_table(table, max_chunksize=4096)
-    meta = {"model_type": "openchat_v3.2", "vocab_size": 32001, "eot_token": "<|end_of_turn|>", "eot_token_id": eot,
-            "bos_token_id": 1, "eos_token_id": 2, "max_length": max_len, "synthetic": True,
-            "length_stats": {"train": {"count": int(n), "tokens": int(lengths.sum()), "mean": float(lengths.mean()),
-                                       "p50": float(np.median(lengths)), "max": int(lengths.max())}}}
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    return meta
+            yield t, w
+
+    meta = {"model_type": "openchat_v3.2", "tokenizer": str(LLAMA2_TOKENIZER), "vocab_size": 32001,
+            "eot_token": "<|end_of_turn|>", "eot_token_id": eot, "bos_token_id": 1, "eos_token_id": 2,
+            "max_length": max_len, "synthetic": True}
+    return write_dataset(out_dir, conversations(lengths), conversations(lengths[:64]), meta=meta)
 
 
 SHAPES = {k: throughput.SHAPES[k] for k in ("1b", "7b")}  # random init, vocab 32002 (Llama 2 + OpenChat's tokens)
@@ -55,13 +51,14 @@ def make_model(out_dir, shape):
     import torch
     from ochat.assets import LLAMA2_TOKENIZER
     from ochat.config import get_model_type
-    from ochat.data import load_tokenizer
+    from ochat.data import load_tokenizer, save_serving_tokenizer
     from ochat.training.model import PackedCausalLM
     torch.manual_seed(0)
     m = PackedCausalLM.from_config(SHAPES[shape], dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu")
     m.reset_parameters()
     m.save_pretrained(out_dir)
-    load_tokenizer(LLAMA2_TOKENIZER, get_model_type("openchat_v3.2")).save_hf(out_dir)
+    model_type = get_model_type("openchat_v3.2")
+    save_serving_tokenizer(load_tokenizer(LLAMA2_TOKENIZER, model_type), model_type, out_dir)
 
 
 def main():

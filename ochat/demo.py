@@ -26,14 +26,15 @@ def make_tiny_llama(out_dir, *, vocab_size=32001, hidden=64, layers=2, heads=4, 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ochat.config import get_model_type
-    from ochat.data import load_tokenizer
+    from ochat.data import load_tokenizer, save_serving_tokenizer
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     LlamaForCausalLM(config).save_pretrained(out_dir)
-    load_tokenizer(LLAMA2_TOKENIZER, get_model_type("openchat_v3.2")).save_hf(out_dir)
+    model_type = get_model_type("openchat_v3.2")
+    save_serving_tokenizer(load_tokenizer(LLAMA2_TOKENIZER, model_type), model_type, out_dir)
     return out_dir
 
 

@@ -32,10 +32,15 @@ DTYPE_CHOICES = ("auto", "bf16", "float32")  # fp16 is refused: bf16 needs no lo
 WANDB_MODES = ("online", "offline", "disabled")
 
 
-def _opt(default, help: str, *, choices=None, low=None, high=None, low_open=False, const=None):
-    """A config field: its default, help text and accepted values (low/high bounds, inclusive unless low_open)."""
+def _opt(default, help: str, *, choices=None, low=None, high=None, low_open=False, const=None, parse=None):
+    """A config field: its default, help text and accepted values (low/high bounds, inclusive unless low_open;
+    `parse` turns the flag's text into the value when the field's type alone does not)."""
     return field(default=default, metadata=dict(help=help, choices=choices, low=low, high=high, low_open=low_open,
-                                                 const=const))
+                                                 const=const, parse=parse))
+
+
+def _fraction_or_auto(text: str) -> float | str:
+    return "auto" if str(text) == "auto" else float(text)
 
 
 def _required(help: str):
@@ -71,9 +76,6 @@ class TrainConfig:
                                                  "checkpoint) every N optimizer steps, so --resume can continue "
                                                  "mid-epoch; the newest 2 states are kept", low=1)
     eval_every: int = _opt(1, "evaluate on eval.arrow every N epochs and after the last (0: never)", low=0)
-    gradient_checkpointing: float = _opt(0.0, "recompute activations in the backward: the bare flag, every decoder "
-                                              "layer; a fraction (e.g. 0.5), that share of the layers, evenly spread "
-                                              "(less recompute, more memory)", low=0.0, high=1.0, const=1.0)
     sequence_parallel: int = _opt(1, "ranks that share each pack (DeepSpeed Ulysses sequence parallelism): each holds "
                                      "1/N of its tokens and attention splits the heads over them, so packs and "
                                      "conversations reach N x --batch-max-len tokens; N divides the ranks and the "
@@ -82,6 +84,14 @@ class TrainConfig:
                              "activation memory for long packs, one more MLP forward per layer; 1: off", low=1)
     offload_activations: bool = _opt(False, "keep the inputs of checkpointed layers in CPU memory (DeepSpeed's "
                                             "cpu_checkpointing); needs --gradient-checkpointing and a GPU")
+    gradient_checkpointing: float | str = _opt(0.0, "recompute activations in the backward: the bare flag, every "
+                                                    "decoder layer; a fraction (e.g. 0.5), that share of the layers, "
+                                                    "evenly spread (less recompute, more memory); auto: the least "
+                                                    "recompute that fits the GPU, chosen after the first step",
+                                               low=0.0, high=1.0, const=1.0, parse=_fraction_or_auto)
+    fp8: Optional[str] = _opt(None, "train the decoder layers' linear layers in float8 (torchao; H100/H200): "
+                                    "tensorwise or rowwise scaling; the lm_head and the loss stay bf16",
+                              choices=("tensorwise", "rowwise"))
     attn_impl: str = _opt("auto", "attention backend (auto: the fastest available on the device)",
                           choices=("auto",) + ATTENTION_BACKENDS)
     dtype: str = _opt("auto", "auto: bf16 on GPUs, float32 on CPUs (exact tests and resume)", choices=DTYPE_CHOICES)
@@ -153,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if meta.get("const") is not None:
             kw.update(nargs="?", const=meta["const"])
-        p.add_argument(*_flags(f.name), type=typ, choices=meta.get("choices"), **kw)
+        p.add_argument(*_flags(f.name), type=meta.get("parse") or typ, choices=meta.get("choices"), **kw)
     return p
 
 
@@ -179,7 +189,7 @@ def _read_run_file(path: str, parser: argparse.ArgumentParser) -> dict:
             out[name] = value
             continue
         try:
-            out[name] = types[name](value)
+            out[name] = (actions[name].type or types[name])(value)
         except (TypeError, ValueError):
             raise ConfigError(f"--config {path}: {key}: {value!r} is not a {types[name].__name__}") from None
         choices = actions[name].choices
@@ -194,7 +204,7 @@ def check(cfg: TrainConfig) -> TrainConfig:
         value, meta = getattr(cfg, f.name), f.metadata
         if f.default is dataclasses.MISSING and value is None:
             raise ConfigError(f"the following arguments are required: {_flags(f.name)[0]}")
-        if value is None or isinstance(value, (bool, str)):
+        if value is None or isinstance(value, (bool, str)):  # choices are argparse's to check; "auto" is a choice
             continue
         low, high = meta.get("low"), meta.get("high")
         bad = not math.isfinite(value) if isinstance(value, float) else False

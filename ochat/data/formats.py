@@ -1,21 +1,21 @@
-"""Input formats: reading JSON / JSONL files and normalising records into conversations.
+"""Records -> conversations: validation and normalisation of ShareGPT and OpenAI-style records.
 
-Records: ShareGPT (`conversations` or `items`: [{"from", "value"}], optional `model`,
-`condition`, `system`) or OpenAI-style (`messages`: [{"role", "content"}], optional `condition`,
-`model`, `system`). Both may be mixed in one file.
-
-File-level problems raise `InputError` (one line, with file and line or byte offset). Record-
-level problems return a skip reason (a string) that the CLI counts; see `normalize`.
+Records: ShareGPT (`conversations` or `items`: [{"from", "value"}]) or OpenAI-style (`messages`:
+[{"role", "content", "tool_calls"?, "tool_call_id"?, "name"?}]), both with optional `model`, `condition`,
+`system` and `tools`; mixed freely. A key whose value is null counts as absent (Parquet and Hugging Face
+datasets store a missing field as null). A record that cannot be used gives a skip reason (a string)
+that the CLI counts; see `normalize` for the rules.
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-         "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system"}
+         "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system",
+         "developer": "system", "tool": "tool", "function": "tool"}
 
 # skip reasons (counted in the report)
 NOT_AN_OBJECT = "not_an_object"
@@ -23,131 +23,249 @@ NO_CONVERSATION = "no_conversation"
 BAD_MESSAGE = "bad_message"
 UNKNOWN_ROLE = "unknown_role"
 NON_STRING_CONTENT = "non_string_content"
+NON_TEXT_CONTENT = "non_text_content"
+BAD_TOOL_CALL = "bad_tool_call"
+BAD_TOOLS = "bad_tools"
+MISPLACED_TOOL = "misplaced_tool"
+UNANSWERED_TOOL_CALL = "unanswered_tool_call"
 UNKNOWN_CONDITION = "unknown_condition"
 MISPLACED_SYSTEM = "misplaced_system"
+INVALID_UNICODE = "invalid_unicode"  # a lone surrogate escape ("\ud800"): valid JSON, but no text a tokenizer encodes
 NO_ASSISTANT = "no_assistant"
 NO_TARGET_AFTER_TRUNCATION = "no_target_after_truncation"
 
-
-class InputError(Exception):
-    """A problem with the input that stops the run (printed as one line, no traceback)."""
+# changes normalisation made to a kept conversation (counted in the report)
+DROPPED_LEADING = "dropped_leading_turns"
+DROPPED_TRAILING = "dropped_trailing_turns"
+MERGED = "merged_turns"
 
 
 @dataclass
 class Conversation:
-    messages: list  # [{"role": "user"|"assistant", "content": str}], alternating, starts with user
+    """A normalised conversation: starts with a user turn; user and assistant turns alternate, except that
+    an assistant turn with `tool_calls` is followed by one or more tool messages (then by an assistant or
+    user turn); ends with an assistant turn."""
+
+    messages: list  # OpenAI-style dicts: {"role": "user"|"assistant"|"tool", "content": str, ...}, see normalize
     condition: str
     system: str | None
     tools: list | None = None  # function definitions offered to the model (OpenAI `tools`), for templates that render them
+    changes: tuple = field(default=())  # DROPPED_LEADING / DROPPED_TRAILING / MERGED where they happened
 
 
-def read_records(path) -> list:
-    """Read a JSON array (or one object) or a JSONL file -> list of records (any JSON values)."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise InputError(f"{path}: not UTF-8 at byte offset {e.start} (line {line})") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    stripped = text.lstrip()
-    if not stripped:
-        return []
-    if stripped[0] == "[":
+class Skip(str):
+    """A skip reason (a str) where normalize's helpers otherwise return a value."""
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_surrogate(obj) -> bool:
+    if isinstance(obj, str):
+        return not obj.isascii() and _SURROGATE.search(obj) is not None
+    if isinstance(obj, dict):
+        return any(_has_surrogate(v) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_has_surrogate(v) for v in obj)
+    return False
+
+
+def _get(obj: Mapping, *keys: str) -> Any:
+    """The first of `keys` present with a non-null value."""
+    for k in keys:
+        if obj.get(k) is not None:
+            return obj[k]
+    return None
+
+
+def _text(content) -> str:
+    """Message content as text -> str, or a skip reason: a string is itself; a list of OpenAI content parts
+    gives its text parts joined with "\\n"; any other part type is NON_TEXT_CONTENT."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return Skip(NON_STRING_CONTENT)
+    texts = []
+    for part in content:
+        if not isinstance(part, dict):
+            return Skip(NON_STRING_CONTENT)
+        if part.get("type") != "text":
+            return Skip(NON_TEXT_CONTENT)
+        if not isinstance(part.get("text"), str):
+            return Skip(NON_STRING_CONTENT)
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _tool_calls(m: Mapping) -> list | None | Skip:
+    """An assistant message's calls in OpenAI form, [{"id"?, "type": "function", "function": {"name",
+    "arguments": str}}]; the legacy `function_call` becomes one such call; dict arguments become JSON text."""
+    calls, legacy = m.get("tool_calls"), m.get("function_call")
+    if calls is not None and legacy is not None:
+        return Skip(BAD_TOOL_CALL)
+    if legacy is not None:
+        calls = [{"type": "function", "function": legacy}]
+    if not isinstance(calls, list):
+        return None if calls is None else Skip(BAD_TOOL_CALL)
+    if not calls:
+        return None
+    out = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or call.get("type", "function") != "function" or not isinstance(fn.get("name"), str):
+            return Skip(BAD_TOOL_CALL)
+        args = fn.get("arguments")
+        if isinstance(args, (dict, list)):
+            args = json.dumps(args, ensure_ascii=False)
+        if not isinstance(args, str):
+            return Skip(BAD_TOOL_CALL)
+        norm = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if call.get("id") is not None:
+            if not isinstance(call["id"], str):
+                return Skip(BAD_TOOL_CALL)
+            norm = {"id": call["id"], **norm}
+        out.append(norm)
+    return out
+
+
+def _tools(rec: Mapping) -> list | None | Skip:
+    """The record's `tools` (OpenAI form; a JSON string of the list is accepted) or legacy `functions`."""
+    tools, functions = rec.get("tools"), rec.get("functions")
+    if tools is not None and functions is not None:
+        return Skip(BAD_TOOLS)
+    if functions is not None:
+        tools = [{"type": "function", "function": f} for f in functions] if isinstance(functions, list) else functions
+    if isinstance(tools, str):
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            off = len(text[:e.pos].encode("utf-8"))
-            raise InputError(f"{path}: invalid JSON at byte offset {off} (line {e.lineno}, column {e.colno}): {e.msg}") from None
-        return data
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            # a pretty-printed single JSON object is not JSONL: try the whole file once
-            if lineno == 1 and stripped[0] == "{":
-                try:
-                    return [json.loads(text)]
-                except json.JSONDecodeError:
-                    pass
-            raise InputError(f"{path}: invalid JSON on line {lineno} (column {e.colno}): {e.msg}") from None
-    return records
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            return Skip(BAD_TOOLS)
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in tools):
+        return Skip(BAD_TOOLS)
+    return tools
 
 
-def _condition(rec: dict, model_type, weights) -> str | None:
+def condition_of(rec: Mapping, model_type, weights: Mapping[str, float], default_condition: str,
+                 file_condition: str | None = None) -> str | Skip:
+    """The record's condition. Precedence: the record's `condition`; the file's (`--in-files F:COND`); from
+    the record's `model` (a GPT-4 variant -> the model type's GPT-4 condition, anything else -> its other
+    condition); `default_condition`. A condition without a weight -> UNKNOWN_CONDITION."""
     cond = rec.get("condition")
-    if cond is not None:
-        return cond if isinstance(cond, str) and cond in weights else None
-    model = rec.get("model")
-    if isinstance(model, str) and model:
-        key = re.sub(r"[^a-z0-9]", "", model.lower())
-        return model_type.gpt4_condition if "gpt4" in key else model_type.other_condition
-    return ""  # use the default condition
+    if cond is None:
+        cond = file_condition
+    if cond is None and isinstance(rec.get("model"), str) and rec["model"]:
+        key = re.sub(r"[^a-z0-9]", "", rec["model"].lower())
+        cond = model_type.gpt4_condition if "gpt4" in key else model_type.other_condition
+    if cond is None:
+        cond = default_condition
+    return cond if isinstance(cond, str) and cond in weights else Skip(UNKNOWN_CONDITION)
 
 
-def normalize(rec, model_type, weights, default_condition):
+def _message(m, rkey: str, ckey: str) -> dict | Skip:
+    """One input message -> {"role", "content", ...} with role user / assistant / tool / system."""
+    if not isinstance(m, dict):
+        return Skip(BAD_MESSAGE)
+    # either key spelling inside a record
+    role = _get(m, rkey, "role" if rkey == "from" else "from")
+    if not isinstance(role, str) or role.lower() not in ROLES:
+        return Skip(UNKNOWN_ROLE)
+    legacy_function = role.lower() == "function"
+    role = ROLES[role.lower()]
+    content = _get(m, ckey, "content" if ckey == "value" else "value")
+    calls = _tool_calls(m) if role == "assistant" else None
+    if isinstance(calls, Skip):
+        return calls
+    if content is None and calls:
+        content = ""  # an assistant turn that only calls tools
+    content = _text(content)
+    if isinstance(content, Skip):
+        return content
+    msg = {"role": role, "content": content}
+    if calls:
+        msg["tool_calls"] = calls
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if m.get(key) is not None:
+                if not isinstance(m[key], str):
+                    return Skip(BAD_MESSAGE)
+                msg[key] = m[key]
+        if legacy_function and "name" not in msg:
+            return Skip(BAD_MESSAGE)
+    return msg
+
+
+def normalize(rec, model_type, weights, default_condition, file_condition=None):
     """-> Conversation, or a skip-reason string.
 
-    Rules: roles mapped through ROLES (unknown -> skip); system messages only before the first
-    user/assistant turn (joined with a blank line; a record-level `system` string comes first);
-    leading assistant turns dropped; consecutive turns of one role merged (contents joined with
-    "\\n\\n"); trailing user turns dropped (they have no target); no assistant turn -> skip."""
+    Messages: role through ROLES (`function` is the legacy spelling of `tool`, `developer` of `system`;
+    unknown -> skip); content a string or OpenAI content parts (text parts joined with "\\n"; an image,
+    audio or other part -> NON_TEXT_CONTENT); an assistant may carry `tool_calls` (or legacy
+    `function_call`), then its content may be null; a tool message keeps `tool_call_id` and `name`.
+
+    Rules: system messages only before the first user turn (joined with a blank line, after a
+    record-level `system`); turns before the first user turn dropped; consecutive user turns merged, and
+    consecutive assistant turns merged when the earlier one calls no tool (non-empty contents joined with
+    "\\n\\n", the later one's tool calls kept); tool messages are never merged: each must follow an assistant
+    turn with tool calls or another tool message (else MISPLACED_TOOL), and an assistant turn with tool calls
+    must be followed by a tool message (else UNANSWERED_TOOL_CALL) unless it ends the conversation; trailing
+    user and tool turns dropped (they carry no target); no assistant turn left -> NO_ASSISTANT."""
     if not isinstance(rec, dict):
         return NOT_AN_OBJECT
-    if "messages" in rec:
-        msgs, rkey, ckey = rec["messages"], "role", "content"
-    elif "conversations" in rec:
-        msgs, rkey, ckey = rec["conversations"], "from", "value"
-    elif "items" in rec:
-        msgs, rkey, ckey = rec["items"], "from", "value"
+    for key, rkey, ckey in (("messages", "role", "content"), ("conversations", "from", "value"),
+                            ("items", "from", "value")):
+        if rec.get(key) is not None:
+            msgs = rec[key]
+            break
     else:
         return NO_CONVERSATION
     if not isinstance(msgs, list):
         return NO_CONVERSATION
-    cond = _condition(rec, model_type, weights)
-    if cond is None:
-        return UNKNOWN_CONDITION
-    cond = cond or default_condition
-    if cond not in weights:
-        return UNKNOWN_CONDITION
-    systems = []
-    if isinstance(rec.get("system"), str) and rec["system"]:
-        systems.append(rec["system"])
-    turns: list[list] = []  # [role, [contents]]
-    for m in msgs:
-        if not isinstance(m, dict):
-            return BAD_MESSAGE
-        # tolerate either key spelling inside a record
-        role = m.get(rkey, m.get("role" if rkey == "from" else "from"))
-        content = m.get(ckey, m.get("content" if ckey == "value" else "value"))
-        if not isinstance(role, str) or role.lower() not in ROLES:
-            return UNKNOWN_ROLE
-        if not isinstance(content, str):
-            return NON_STRING_CONTENT
-        role = ROLES[role.lower()]
+    cond = condition_of(rec, model_type, weights, default_condition, file_condition)
+    if isinstance(cond, Skip):
+        return str(cond)
+    tools = _tools(rec)
+    if isinstance(tools, Skip):
+        return str(tools)
+    systems = [rec["system"]] if isinstance(rec.get("system"), str) and rec["system"] else []
+    turns: list[dict] = []
+    changes = set()
+    for raw in msgs:
+        m = _message(raw, rkey, ckey)
+        if isinstance(m, Skip):
+            return str(m)
+        role, prev = m["role"], (turns[-1] if turns else None)
         if role == "system":
             if turns:
                 return MISPLACED_SYSTEM
-            if content:
-                systems.append(content)
-            continue
-        if not turns and role == "assistant":
-            continue  # leading assistant turn dropped
-        if turns and turns[-1][0] == role:
-            turns[-1][1].append(content)
+            if m["content"]:
+                systems.append(m["content"])
+        elif not turns:
+            if role == "user":
+                turns.append(m)
+            else:
+                changes.add(DROPPED_LEADING)
+        elif role == "tool":
+            if prev["role"] not in ("tool", "assistant") or (prev["role"] == "assistant" and "tool_calls" not in prev):
+                return MISPLACED_TOOL
+            turns.append(m)
+        elif prev["role"] == "assistant" and "tool_calls" in prev:
+            return UNANSWERED_TOOL_CALL
+        elif prev["role"] == role:
+            prev["content"] = "\n\n".join(c for c in (prev["content"], m["content"]) if c)
+            if "tool_calls" in m:
+                prev["tool_calls"] = m["tool_calls"]
+            changes.add(MERGED)
         else:
-            turns.append([role, [content]])
-    while turns and turns[-1][0] == "user":
+            turns.append(m)
+    while turns and turns[-1]["role"] != "assistant":
         turns.pop()
+        changes.add(DROPPED_TRAILING)
     if not turns:
         return NO_ASSISTANT
-    messages = [{"role": r, "content": "\n\n".join(c)} for r, c in turns]
-    return Conversation(messages, cond, "\n\n".join(systems) if systems else None)
+    if _has_surrogate([turns, systems, tools]):
+        return INVALID_UNICODE
+    return Conversation(turns, cond, "\n\n".join(systems) if systems else None, tools, tuple(sorted(changes)))

@@ -12,12 +12,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ochat.data.schema import DatasetFormatError, check_format_version, check_schema
+
 
 class TokenizedDataset:
+    """One split's Arrow file; `meta` defaults to the meta.json beside it (not checked: see open_dataset)."""
+
     def __init__(self, path, meta: dict | None = None):
         self.path = str(path)
         self._mmap = pa.memory_map(self.path, "r")
         reader = pa.ipc.open_file(self._mmap)
+        check_schema(reader.schema, self.path)
         self._batches = []  # (tok_offsets, tok_values, w_offsets, w_values) per record batch
         lengths, starts = [], [0]
         for b in range(reader.num_record_batches):
@@ -61,8 +66,15 @@ def _read_meta(out_dir: Path) -> dict:
 
 
 def open_dataset(out_dir, split: str = "train") -> TokenizedDataset:
+    """Memory-map one split of a dataset folder; its meta.json must be of this ochat's format version
+    (else DatasetFormatError, one line naming both versions)."""
     out_dir = Path(out_dir)
     path = out_dir / f"{split}.arrow"
     if not path.is_file():
         raise FileNotFoundError(f"no {split} split at {path}")
-    return TokenizedDataset(path, meta=_read_meta(out_dir))
+    if not (out_dir / "meta.json").is_file():
+        raise DatasetFormatError(f"{out_dir}/meta.json not found: not a dataset folder; write one with "
+                                 "`python -m ochat.data.generate_dataset`")
+    meta = _read_meta(out_dir)
+    check_format_version(meta, out_dir)
+    return TokenizedDataset(path, meta=meta)

@@ -1,16 +1,19 @@
-"""Tokenizer loading: a SentencePiece `.model` file or a Hugging Face tokenizer directory.
+"""Tokenizers: a SentencePiece `.model` file or a Hugging Face tokenizer folder, fitted to a model type.
 
-The model type's end-of-turn token is ensured: when the vocabulary lacks it, it is added as
-the next id (32000 for Llama 2, so `vocab_size` is 32001). `encode_batch` never adds BOS and
-never parses special-token text: `<s>` or `<|end_of_turn|>` typed in a message stay plain text.
+`load_tokenizer(path, model_type)` opens the file or folder and lets the model type's template fit it
+(`template.prepare`): OpenChat types add their end-of-turn token where the vocabulary lacks it (Llama 2 +
+`<|end_of_turn|>` -> id 32000, `vocab_size` 32001) and check the tokens they need (`openchat_3.6`: Llama 3's
+headers and `<|eot_id|>`); `chat_template` reads the folder's chat template and its end-of-turn token.
+Anything else is refused in one line (ValueError), e.g. Meta's raw tiktoken `tokenizer.model` of Llama 3.
+
+`encode_batch` never adds BOS and never parses special-token text: `<s>` or `<|end_of_turn|>` typed in a
+message stay plain text. `serving_tokenizer()` is a Hugging Face tokenizer that tokenizes like
+`encode_batch` (plus special-token parsing), for the folders ochat writes (`ochat.data.serving`).
 """
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
-import tempfile
+import re
 from pathlib import Path
 
 
@@ -24,113 +27,161 @@ def _sha256(paths) -> str:
     return h.hexdigest()
 
 
+def _is_tiktoken(path: Path) -> bool:
+    """A tiktoken BPE file (Meta's Llama 3 `tokenizer.model`): lines of "base64-token rank"."""
+    with open(path, "rb") as f:
+        first = f.readline(512).strip()
+    return re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+", first) is not None
+
+
+def _refuse_tiktoken(path) -> ValueError:
+    return ValueError(
+        f"{path} is a tiktoken BPE file (like Meta's Llama 3 tokenizer.model), not a SentencePiece model: point "
+        "--tokenizer at the model's Hugging Face folder (with tokenizer.json), or convert it: "
+        "transformers.integrations.tiktoken.convert_tiktoken_to_fast(llama_models.llama3.tokenizer.Tokenizer(PATH).model, "
+        "OUT_DIR) (pip install llama-models blobfile)")
+
+
 class Tokenizer:
-    """Common interface: vocab_size, bos_id, eos_id, eot_id, sha256, encode_batch, decode, save_hf."""
+    """Common interface: vocab_size, bos_id, eos_id, eot_id, eot_token, sha256, encode_batch, token_id,
+    add_special_token, decode, serving_tokenizer, original_files."""
 
     path: str
-    eot_token: str
+    eot_token: str | None = None
+    eot_id: int | None = None
+    chat_template: str | None = None  # the Jinja template conversations are rendered with (chat_template type)
+    model_type = None                 # the ModelType this tokenizer was fitted to (load_tokenizer)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
 
 class SentencePieceTokenizer(Tokenizer):
-    def __init__(self, path, eot_token: str):
+    def __init__(self, path):
         import sentencepiece as spm
 
-        self.path, self.eot_token = str(path), eot_token
+        from ochat.data.sentencepiece_hf import check_servable
+
+        self.path = str(path)
         self.sp = spm.SentencePieceProcessor(model_file=self.path)
-        n = self.sp.get_piece_size()
-        eot = self.sp.piece_to_id(eot_token)
-        self.added = eot == self.sp.unk_id() and eot_token != self.sp.id_to_piece(eot)
-        self.eot_id = n if self.added else eot
-        self.vocab_size = n + 1 if self.added else n
+        check_servable(self.path)
+        self.added: dict[str, int] = {}
+        self.vocab_size = self.sp.get_piece_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.sha256 = _sha256([self.path])
 
+    def token_id(self, text: str) -> int | None:
+        if text in self.added:
+            return self.added[text]
+        i = self.sp.piece_to_id(text)
+        return i if self.sp.id_to_piece(i) == text else None
+
+    def add_special_token(self, text: str) -> int:
+        self.added[text] = self.vocab_size
+        self.vocab_size += 1
+        return self.added[text]
+
     def encode_batch(self, texts):
-        # SentencePiece never parses control symbols (<s>, </s>) from text; Llama 2 has no
-        # user-defined symbols, and the added end-of-turn token is ours alone.
+        # SentencePiece never parses control symbols (<s>, </s>) from text; the added tokens are ours alone.
         return self.sp.encode(list(texts))
 
     def decode(self, ids) -> str:
+        names = {i: t for t, i in self.added.items()}
         out, run = [], []
         for i in ids:
             i = int(i)
-            if i == self.eot_id and self.added:
-                out.append(self.sp.decode(run) + self.eot_token)
+            if i in names:
+                out.append(self.sp.decode(run) + names[i])
                 run = []
             else:
                 run.append(i)
         out.append(self.sp.decode(run))
         return "".join(out)
 
-    def save_hf(self, out_dir):
-        """Write a Hugging Face tokenizer folder (tokenizer.model, tokenizer.json, config) with
-        the end-of-turn token as an added special token at `eot_id`."""
-        from transformers import AutoTokenizer
+    def serving_tokenizer(self):
+        from transformers import PreTrainedTokenizerFast
 
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copyfile(self.path, os.path.join(tmp, "tokenizer.model"))
-            cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": self.sp.id_to_piece(self.bos_id),
-                   "eos_token": self.sp.id_to_piece(self.eos_id), "unk_token": self.sp.id_to_piece(self.sp.unk_id()),
-                   "add_bos_token": True, "add_eos_token": False, "legacy": True}
-            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-                json.dump(cfg, f)
-            tok = AutoTokenizer.from_pretrained(tmp)
-        tok.add_special_tokens({"additional_special_tokens": [self.eot_token]})
-        got = tok.convert_tokens_to_ids(self.eot_token)
-        if got != self.eot_id:
-            raise RuntimeError(f"HF tokenizer put {self.eot_token} at {got}, expected {self.eot_id}")
-        tok.save_pretrained(str(out_dir))
-        shutil.copyfile(self.path, out_dir / "tokenizer.model")
-        return out_dir
+        from ochat.data.sentencepiece_hf import sentencepiece_to_hf
+
+        sp = self.sp
+        return PreTrainedTokenizerFast(tokenizer_object=sentencepiece_to_hf(self.path, self.added),
+                                       bos_token=sp.id_to_piece(sp.bos_id()), eos_token=sp.id_to_piece(sp.eos_id()),
+                                       unk_token=sp.id_to_piece(sp.unk_id()))
+
+    def original_files(self) -> list[Path]:
+        return [Path(self.path)]
 
 
 class HFTokenizer(Tokenizer):
-    def __init__(self, path, eot_token: str):
+    def __init__(self, path):
         from transformers import AutoTokenizer
 
-        self.path, self.eot_token = str(path), eot_token
-        self.tok = AutoTokenizer.from_pretrained(self.path)
-        vocab = self.tok.get_vocab()
-        if eot_token not in vocab:
-            self.tok.add_special_tokens({"additional_special_tokens": [eot_token]})
-        self.eot_id = self.tok.convert_tokens_to_ids(eot_token)
-        self.vocab_size = len(self.tok)
-        self.bos_id, self.eos_id = self.tok.bos_token_id, self.tok.eos_token_id
+        self.path = str(path)
+        self.hf = AutoTokenizer.from_pretrained(self.path)
+        if not self.hf.is_fast:
+            raise ValueError(f"{path}: transformers gave a tokenizer without a `tokenizers` backend")
+        self._vocab = self.hf.get_vocab()
+        self.vocab_size = len(self.hf)
+        self.bos_id, self.eos_id = self.hf.bos_token_id, self.hf.eos_token_id
         files = sorted(p for p in Path(self.path).iterdir() if p.is_file() and "token" in p.name)
         self.sha256 = _sha256(files)
+
+    def token_id(self, text: str) -> int | None:
+        return self._vocab.get(text)
+
+    def add_special_token(self, text: str) -> int:
+        from transformers import AddedToken
+
+        self.hf.add_tokens([AddedToken(text, special=True, normalized=False)], special_tokens=True)
+        self._vocab = self.hf.get_vocab()
+        self.vocab_size = len(self.hf)
+        return self._vocab[text]
 
     def encode_batch(self, texts):
         texts = list(texts)
         if not texts:
             return []
-        return self.tok(texts, add_special_tokens=False, split_special_tokens=True,
-                        return_attention_mask=False)["input_ids"]
+        return self.hf(texts, add_special_tokens=False, split_special_tokens=True,
+                       return_attention_mask=False)["input_ids"]
 
     def decode(self, ids) -> str:
-        return self.tok.decode([int(i) for i in ids])
+        return self.hf.decode([int(i) for i in ids])
 
-    def save_hf(self, out_dir):
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        self.tok.save_pretrained(str(out_dir))
-        return Path(out_dir)
+    def serving_tokenizer(self):
+        from tokenizers import Tokenizer as Backend
+        from transformers import PreTrainedTokenizerFast
+
+        hf = self.hf
+        return PreTrainedTokenizerFast(tokenizer_object=Backend.from_str(hf.backend_tokenizer.to_str()),
+                                       bos_token=hf.bos_token, eos_token=hf.eos_token, unk_token=hf.unk_token,
+                                       pad_token=hf.pad_token)
+
+    def original_files(self) -> list[Path]:
+        """The folder's SentencePiece model (llama.cpp's converter reads the scores from it), if any."""
+        model = Path(self.path) / "tokenizer.model"
+        return [model] if model.is_file() and not _is_tiktoken(model) else []
 
 
 def load_tokenizer(path, model_type) -> Tokenizer:
-    """A SentencePiece `.model` file or a Hugging Face tokenizer directory; `model_type` is a
-    ModelType or its name."""
+    """A SentencePiece `.model` file or a Hugging Face tokenizer folder, fitted to `model_type` (a ModelType
+    or its name). FileNotFoundError when nothing is there; a one-line ValueError for a tokenizer that cannot
+    serve the model type."""
     from ochat.config import get_model_type
 
     if isinstance(model_type, str):
         model_type = get_model_type(model_type)
     p = Path(path)
     if p.is_dir():
-        return HFTokenizer(p, model_type.eot_token)
-    if p.is_file():
-        return SentencePieceTokenizer(p, model_type.eot_token)
-    raise FileNotFoundError(f"tokenizer not found: {path} (expected a SentencePiece .model file or a "
-                            "Hugging Face tokenizer directory)")
+        if not (p / "tokenizer.json").is_file() and (p / "tokenizer.model").is_file() and _is_tiktoken(p / "tokenizer.model"):
+            raise _refuse_tiktoken(p / "tokenizer.model")
+        tok = HFTokenizer(p)
+    elif p.is_file():
+        if _is_tiktoken(p):
+            raise _refuse_tiktoken(p)
+        tok = SentencePieceTokenizer(p)
+    else:
+        raise FileNotFoundError(f"tokenizer not found: {path} (expected a SentencePiece .model file or a "
+                                "Hugging Face tokenizer directory)")
+    model_type.template.prepare(tok)
+    tok.model_type = model_type
+    return tok

@@ -1,12 +1,21 @@
 """Variable-length causal attention over packed conversations (no attention across boundaries).
 
 Backends, by name:
-- "flash_attn": `flash_attn.flash_attn_varlen_func` (flash-attn 2, when installed; sliding windows).
+- "flash_attn_4": FlashAttention-4 (`pip install flash-attn-4`: `flash_attn.cute.flash_attn_varlen_func`, CuTe DSL
+  kernels compiled at first use of a shape; Hopper (SM90) and newer; sliding windows, softmax scale, soft-capping,
+  GQA without repeating k/v).
+- "flash_attn": `flash_attn.flash_attn_varlen_func` (flash-attn 2, when installed; sliding windows, softmax scale,
+  and attention-logit soft-capping from flash-attn 2.6).
 - "torch_varlen": `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA; FlashAttention kernels
-  inside torch; causal is `window_size=(-1, 0)`; sliding windows through window_size=(W-1, 0)).
+  inside torch; causal is `window_size=(-1, 0)`; sliding windows through window_size=(W-1, 0); no soft-capping).
 - "sdpa": per-conversation `scaled_dot_product_attention`, runs anywhere (the CPU reference); a sliding
-  window becomes an explicit boolean mask.
+  window becomes an explicit boolean mask; soft-capping computes the scores explicitly (eager, per conversation).
 "auto" picks the first available in that order for the device; the choice is logged once.
+
+Variants a model may need: `scale` (the softmax scale; None = 1/sqrt(head_dim); Gemma's
+`query_pre_attn_scalar ** -0.5`), `softcap` (Gemma 2: scores become `softcap * tanh(scores / softcap)` before the
+mask and softmax), `window`. A backend that cannot run a model's variant is skipped for that model, in favour of
+the next backend in the order above that can, and the reason is logged once (`resolve_backend(..., softcap=True)`).
 
 Shapes: q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int32 [B+1]; returns [T, Hq, D].
 `window` is Hugging Face's `sliding_window`: a token sees itself and the `window - 1` tokens before it.
@@ -19,13 +28,15 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
+BACKENDS = ("flash_attn_4", "flash_attn", "torch_varlen", "sdpa")
 _logged: set = set()
 
 try:
     from flash_attn import flash_attn_varlen_func as _fa_varlen
+    _FA_PARAMS = set(inspect.signature(_fa_varlen).parameters)
 except Exception:  # not installed or broken build
     _fa_varlen = None
+    _FA_PARAMS = set()
 
 try:
     from torch.nn.attention.varlen import varlen_attn as _torch_varlen
@@ -35,8 +46,23 @@ except Exception:
     _TV_PARAMS = set()
 
 
+_FA4 = {}  # the FlashAttention-4 varlen function, imported at its first use ("fn": None when not installed)
+
+
+def _fa4_varlen():
+    if "fn" not in _FA4:
+        try:
+            from flash_attn.cute import flash_attn_varlen_func
+            _FA4["fn"] = flash_attn_varlen_func
+        except Exception:  # not installed, or its CuTe DSL cannot load here
+            _FA4["fn"] = None
+    return _FA4["fn"]
+
+
 def available(name: str, device) -> bool:
     dev = torch.device(device).type
+    if name == "flash_attn_4":
+        return dev == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 and _fa4_varlen() is not None
     if name == "flash_attn":
         return _fa_varlen is not None and dev == "cuda"
     if name == "torch_varlen":
@@ -46,66 +72,116 @@ def available(name: str, device) -> bool:
     raise ValueError(f"unknown attention backend {name!r} (one of {BACKENDS} or 'auto')")
 
 
-def resolve_backend(name: str, device) -> str:
-    """The backend `name` means on `device` ("auto": the fastest available); errors if unavailable."""
-    if name == "auto":
-        chosen = next(b for b in BACKENDS if available(b, device))
-    else:
-        if not available(name, device):
-            raise RuntimeError(f"attention backend {name!r} is not available on {torch.device(device)} "
-                               f"(flash_attn installed: {_fa_varlen is not None}, torch varlen_attn: {_torch_varlen is not None})")
-        chosen = name
-    key = (name, torch.device(device).type, chosen)
+def unsupported(name: str, *, softcap: bool = False, window: bool = False, scale: bool = False) -> str | None:
+    """Why backend `name` cannot run attention with soft-capping / a sliding window / a non-default softmax scale
+    (None when it can)."""
+    if name == "flash_attn" and softcap and "softcap" not in _FA_PARAMS:
+        return "this flash-attn has no softcap (flash-attn >= 2.6 has)"
+    if name == "torch_varlen":
+        if softcap:
+            return "torch's varlen_attn has no attention-logit soft-capping"
+        if window and "window_size" not in _TV_PARAMS:
+            return "this torch's varlen_attn has no window_size: sliding windows unsupported"
+        if scale and "scale" not in _TV_PARAMS:
+            return "this torch's varlen_attn has no scale argument"
+    return None
+
+
+def _log_once(key, msg, *args):
     if key not in _logged:
         _logged.add(key)
-        log.info("attention backend %r -> %s on %s", name, chosen, torch.device(device).type)
+        log.info(msg, *args)
+
+
+def resolve_backend(name: str, device, *, softcap: bool = False, window: bool = False, scale: bool = False) -> str:
+    """The backend `name` means on `device` ("auto": the fastest available); errors if unavailable.
+
+    `softcap`, `window`, `scale`: the variants the model needs. A backend that cannot run them is replaced by the
+    next one in BACKENDS that can (sdpa always can), logging the reason once.
+    """
+    dev = torch.device(device)
+    if name == "auto":
+        candidates = [b for b in BACKENDS if available(b, dev)]
+    else:
+        if not available(name, dev):
+            raise RuntimeError(f"attention backend {name!r} is not available on {dev} (flash_attn_4: "
+                               f"{_fa4_varlen() is not None}, flash_attn: {_fa_varlen is not None}, torch varlen_attn: "
+                               f"{_torch_varlen is not None}; flash_attn_4 needs an SM90+ GPU)")
+        candidates = [b for b in BACKENDS[BACKENDS.index(name):] if available(b, dev)]
+    for chosen in candidates:
+        reason = unsupported(chosen, softcap=softcap, window=window, scale=scale)
+        if reason is None:
+            break
+        _log_once(("skip", chosen, reason), "attention backend %s cannot run this model (%s): trying the next", chosen,
+                  reason)
+    _log_once((name, dev.type, chosen), "attention backend %r -> %s on %s", name, chosen, dev.type)
     return chosen
 
 
-def varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen=None, window=None, leak=False):
-    """Reference: SDPA per conversation (GQA by repeating k/v). `leak=True` (tests only) ignores boundaries."""
-    hq, hkv = q.shape[1], k.shape[1]
+def varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen=None, window=None, leak=False, scale=None, softcap=None):
+    """Reference: SDPA per conversation (GQA by repeating k/v). `leak=True` (tests only) ignores boundaries.
+
+    With `softcap` the scores are computed explicitly (as transformers' eager attention does), soft-capped,
+    masked, and softmaxed in float32."""
+    t, hq, d = q.shape
+    hkv = k.shape[1]
     if hq != hkv:
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
     bounds = cu_seqlens.tolist()
     if leak:
-        bounds = [0, q.shape[0]]
+        bounds = [0, t]
     outs = []
     for s, e in zip(bounds[:-1], bounds[1:]):
         qi, ki, vi = (x[s:e].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
-        if window is None:
-            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True)
-        else:
+        mask = None
+        if window is not None or softcap is not None:
             i = torch.arange(e - s, device=q.device)
             diff = i[:, None] - i[None, :]
-            mask = (diff >= 0) & (diff < window)
-            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask)
+            mask = (diff >= 0) if window is None else (diff >= 0) & (diff < window)
+        if softcap is None:
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=mask is None, scale=scale)
+        else:
+            scores = (qi @ ki.transpose(1, 2)) * (d ** -0.5 if scale is None else scale)  # [H, L, L]
+            scores = torch.tanh(scores / softcap) * softcap
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+            o = probs @ vi
         outs.append(o.transpose(0, 1))
     if not outs:
         return q.new_empty(q.shape)
     return torch.cat(outs, 0)
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, window=None, backend="auto"):
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, window=None, backend="auto", scale=None, softcap=None):
     """Causal attention within each packed conversation; see the module docstring. `backend` is a name that
     `resolve_backend` returned (the model resolves once per device), or "auto" to resolve here."""
-    name = resolve_backend(backend, q.device) if backend == "auto" else backend
+    needs = dict(softcap=softcap is not None, window=window is not None, scale=scale is not None)
+    name = resolve_backend(backend, q.device, **needs) if backend == "auto" else backend
+    reason = unsupported(name, **needs)
+    if reason is not None:
+        raise NotImplementedError(f"attention backend {name!r}: {reason}")
+    if name == "flash_attn_4":
+        out = _fa4_varlen()(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                            max_seqlen_k=max_seqlen, softmax_scale=scale, causal=True,
+                            window_size=(None, None) if window is None else (window - 1, 0), softcap=softcap or 0.0)
+        return out[0] if isinstance(out, tuple) else out  # (out, lse) in some releases
     if name == "flash_attn":
         ws = (-1, -1) if window is None else (window - 1, 0)
-        return _fa_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True, window_size=ws)
+        kw = {} if softcap is None else {"softcap": softcap}
+        return _fa_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True, window_size=ws,
+                          softmax_scale=scale, **kw)
     if name == "torch_varlen":
-        if window is not None and "window_size" not in _TV_PARAMS:
-            raise NotImplementedError("this torch's varlen_attn has no window_size: sliding windows unsupported")
         hq, hkv = q.shape[1], k.shape[1]
         if hq != hkv and not _torch_varlen_gqa():
             k = k.repeat_interleave(hq // hkv, dim=1)
             v = v.repeat_interleave(hq // hkv, dim=1)
-        ws = (-1, 0) if window is None else (window - 1, 0)
+        kw = {} if scale is None else {"scale": scale}
         if "window_size" in _TV_PARAMS:
-            return _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=ws)
-        return _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, is_causal=True)
-    return varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen, window)
+            kw["window_size"] = (-1, 0) if window is None else (window - 1, 0)
+        else:
+            kw["is_causal"] = True
+        return _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
+    return varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen, window, scale=scale, softcap=softcap)
 
 
 _GQA_OK = None

@@ -9,6 +9,9 @@ weight-0 rows are dropped before the matmul; on CUDA the model passes only targe
 (`target_index`, computed by the collate on the CPU: no host sync), and weight-0 rows that still
 arrive get zero loss and zero gradient.
 
+Final-logit soft-capping (Gemma 2, `softcap=c`): the loss is taken on `c * tanh(logits / c)`, inside the
+chunk (forward and gradient, `d/dx = 1 - tanh^2(x / c)`), so it costs no extra pass over the logits.
+
 The trainer's loss is `sum(w * CE) / sum(w)` over all target tokens of a whole optimizer step
 (all ranks and micro-steps), so this returns sums, never a mean: the caller normalises.
 """
@@ -23,6 +26,8 @@ from ochat.kernels.fused import fused_enabled
 try:
     import triton
     import triton.language as tl
+
+    from ochat.kernels.triton_math import tanh
 except ImportError:  # the chunked PyTorch path still works
     triton = None
 
@@ -36,14 +41,24 @@ class LossSums(NamedTuple):
     targets: torch.Tensor  # number of tokens with w > 0, float32 scalar
 
 
+def soft_cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """`softcap * tanh(logits / softcap)` (Gemma 2's final-logit soft-capping); the logits unchanged when None."""
+    if softcap is None:
+        return logits
+    return torch.tanh(logits / softcap) * softcap
+
+
 def weighted_linear_cross_entropy_reference(
-    hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor,
+    softcap: float | None = None,
 ) -> LossSums:
-    """Plain definition: full float32 logits `hidden [T, H] @ lm_head_weight[V, H].T`, then weighted CE.
+    """Plain definition: full logits `hidden [T, H] @ lm_head_weight[V, H].T` (float32 at least, soft-capped
+    when `softcap` is given), then weighted CE.
 
     Tokens with weight 0 contribute nothing (their label may be anything, e.g. -100).
     """
-    logits = (hidden @ lm_head_weight.t()).float()
+    logits = hidden @ lm_head_weight.t()
+    logits = soft_cap(logits if logits.dtype == torch.float64 else logits.float(), softcap)
     is_target = label_weights > 0
     safe_labels = torch.where(is_target, labels, torch.zeros_like(labels))
     ce = F.cross_entropy(logits, safe_labels, reduction="none")
@@ -70,10 +85,12 @@ if triton is not None:
 
     @triton.jit
     def _ce_chunk_kernel(
-        logits_ptr, stride, labels_ptr, weights_ptr, loss_ptr, correct_ptr, V,
-        BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr,
+        logits_ptr, stride, labels_ptr, weights_ptr, loss_ptr, correct_ptr, V, cap,
+        BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr, SOFTCAP: tl.constexpr,
     ):
-        """One row of logits: loss = w * (lse - x[label]), argmax == label, and in place g = w * (softmax - onehot)."""
+        """One row of logits: loss = w * (lse - x[label]), argmax == label, and in place g = w * (softmax - onehot).
+
+        With SOFTCAP, x is `cap * tanh(logits / cap)` and g is multiplied by its derivative `1 - tanh^2`."""
         row = tl.program_id(0).to(tl.int64)
         ptr = logits_ptr + row * stride
         w = tl.load(weights_ptr + row).to(tl.float32)
@@ -87,6 +104,8 @@ if triton is not None:
         for off in range(0, V, BLOCK):
             cols = off + tl.arange(0, BLOCK)
             x = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            if SOFTCAP:
+                x = tl.where(cols < V, cap * tanh(x / cap), float("-inf"))
             bmax = tl.max(x, 0)
             bidx = tl.min(tl.where(x == bmax, cols, V), 0)
             take = bmax > best
@@ -97,6 +116,8 @@ if triton is not None:
             m = m_new
         lse = m + tl.log(s)
         x_label = tl.load(ptr + label).to(tl.float32)
+        if SOFTCAP:
+            x_label = cap * tanh(x_label / cap)
         tl.store(loss_ptr + row, tl.where(is_t, w * (lse - x_label), 0.0))
         tl.store(correct_ptr + row, tl.where(is_t & (best_idx == label), 1.0, 0.0))
         if WRITE_GRAD:
@@ -104,27 +125,34 @@ if triton is not None:
                 cols = off + tl.arange(0, BLOCK)
                 mask = cols < V
                 x = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                g = tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)
+                if SOFTCAP:
+                    t = tanh(x / cap)
+                    g = (tl.exp(cap * t - lse) - tl.where(cols == label, 1.0, 0.0)) * (1.0 - t * t)
+                else:
+                    g = tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)
                 g = tl.where(is_t, g * w, 0.0)
                 tl.store(ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def _chunk_triton(logits, labels, weights, write_grad):
+def _chunk_triton(logits, labels, weights, write_grad, softcap):
     """In place on logits [C, V] (contiguous); returns per-row weighted loss and correct flags (float32)."""
     c, v = logits.shape
     loss = torch.empty(c, dtype=torch.float32, device=logits.device)
     correct = torch.empty(c, dtype=torch.float32, device=logits.device)
     block = min(8192, triton.next_power_of_2(v))
     _ce_chunk_kernel[(c,)](
-        logits, logits.stride(0), labels, weights, loss, correct, v,
-        BLOCK=block, WRITE_GRAD=write_grad, num_warps=8 if block >= 4096 else 4,
+        logits, logits.stride(0), labels, weights, loss, correct, v, float(softcap or 1.0),
+        BLOCK=block, WRITE_GRAD=write_grad, SOFTCAP=softcap is not None, num_warps=8 if block >= 4096 else 4,
     )
     return loss, correct
 
 
-def _chunk_torch(logits, labels, weights, write_grad):
+def _chunk_torch(logits, labels, weights, write_grad, softcap):
     """Same as the Triton kernel in PyTorch: float32 math, gradient written into logits in place."""
     x = logits.float()
+    if softcap is not None:
+        t = torch.tanh(x / softcap)
+        x = t * softcap
     is_t = weights > 0
     safe = torch.where(is_t, labels, torch.zeros_like(labels))
     lse = torch.logsumexp(x, dim=-1)
@@ -136,11 +164,13 @@ def _chunk_torch(logits, labels, weights, write_grad):
         g = torch.exp(x - lse[:, None])
         g[torch.arange(len(safe), device=g.device), safe] -= 1.0
         g *= torch.where(is_t, w, torch.zeros_like(w))[:, None]
+        if softcap is not None:
+            g *= 1.0 - t * t
         logits.copy_(g)
     return loss, correct
 
 
-def _fused_forward(hidden, weight, labels, label_weights, need_grad_h, need_grad_w, use_triton):
+def _fused_forward(hidden, weight, labels, label_weights, need_grad_h, need_grad_w, use_triton, softcap):
     """Chunked loss sums, plus gradients of sum(w * CE) w.r.t. hidden and weight (or None)."""
     n, h = hidden.shape
     v = weight.shape[0]
@@ -154,7 +184,8 @@ def _fused_forward(hidden, weight, labels, label_weights, need_grad_h, need_grad
     for start in range(0, n, rows):
         h_c = hidden[start:start + rows]
         logits = h_c @ weight.t()  # [C, V] in the input dtype (float32 accumulation inside the matmul)
-        loss, correct = chunk_fn(logits, labels[start:start + rows], label_weights[start:start + rows], write_grad)
+        loss, correct = chunk_fn(logits, labels[start:start + rows], label_weights[start:start + rows], write_grad,
+                                 softcap)
         loss_sum += loss.sum()
         correct_sum += correct.sum()
         if need_grad_h:
@@ -173,10 +204,10 @@ def _fused_forward(hidden, weight, labels, label_weights, need_grad_h, need_grad
 
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, label_weights, use_triton):
+    def forward(ctx, hidden, weight, labels, label_weights, use_triton, softcap):
         loss, correct, grad_h, grad_w = _fused_forward(
             hidden, weight, labels, label_weights,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1], use_triton,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1], use_triton, softcap,
         )
         ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(correct)
@@ -189,12 +220,12 @@ class _FusedLinearCE(torch.autograd.Function):
             grad_h = grad_h * grad_loss.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = grad_w * grad_loss.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def weighted_linear_cross_entropy_fused(
     hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor,
-    use_triton: bool | None = None,
+    use_triton: bool | None = None, softcap: float | None = None,
 ) -> LossSums:
     """Chunked, memory-bounded version of the reference (Triton on CUDA unless use_triton=False)."""
     if use_triton is None:
@@ -209,7 +240,7 @@ def weighted_linear_cross_entropy_fused(
     hidden = hidden.contiguous()
     if not torch.is_grad_enabled():
         hidden, lm_head_weight = hidden.detach(), lm_head_weight.detach()
-    loss, correct = _FusedLinearCE.apply(hidden, lm_head_weight, labels, label_weights, use_triton)
+    loss, correct = _FusedLinearCE.apply(hidden, lm_head_weight, labels, label_weights, use_triton, softcap)
     return LossSums(
         weighted_loss=loss,
         weight=label_weights.float().sum(),
@@ -219,12 +250,14 @@ def weighted_linear_cross_entropy_fused(
 
 
 def weighted_linear_cross_entropy(
-    hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor,
+    softcap: float | None = None,
 ) -> LossSums:
-    """Weighted CE sums of `hidden @ lm_head_weight.T` against labels; the fastest implementation available.
+    """Weighted CE sums of `hidden @ lm_head_weight.T` (soft-capped when `softcap` is given) against labels;
+    the fastest implementation available.
 
     Fused and chunked (never the full logits) unless switched off (`ochat.kernels.fused`), then the reference.
     """
     if fused_enabled("linear_ce"):
-        return weighted_linear_cross_entropy_fused(hidden, lm_head_weight, labels, label_weights)
-    return weighted_linear_cross_entropy_reference(hidden, lm_head_weight, labels, label_weights)
+        return weighted_linear_cross_entropy_fused(hidden, lm_head_weight, labels, label_weights, softcap=softcap)
+    return weighted_linear_cross_entropy_reference(hidden, lm_head_weight, labels, label_weights, softcap)

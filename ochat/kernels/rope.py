@@ -1,7 +1,9 @@
 """Rotary position embedding on packed tokens (the Hugging Face "rotate half" convention).
 
-`cos` and `sin` are per token `[T, head_dim]` (the two halves repeated), built by the model from
-`position_ids`, so positions restart at 0 for every packed conversation. On CUDA (unless switched off through
+`cos` and `sin` are per token `[T, rotary_dim]` (the two halves repeated), built by the model from
+`position_ids`, so positions restart at 0 for every packed conversation. `rotary_dim` is the head size, or less
+for partial rotary embeddings (Phi-4-mini's `partial_rotary_factor`): then only the first `rotary_dim` features
+of each head rotate and the rest pass through, as transformers' Phi-3 does. On CUDA (unless switched off through
 `ochat.kernels.fused`) one Triton kernel rotates q and k together, forward and backward.
 """
 import torch
@@ -110,7 +112,13 @@ def apply_rotary_triton(q, k, cos, sin):
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding of q and k; the fastest implementation available for their device."""
+    """Rotary embedding of q and k (of their first `cos.shape[-1]` features); the fastest implementation
+    available for their device."""
+    rotate = apply_rotary_reference
     if q.is_cuda and triton is not None and fused_enabled("rope"):
-        return apply_rotary_triton(q, k, cos, sin)
-    return apply_rotary_reference(q, k, cos, sin)
+        rotate = apply_rotary_triton
+    rd = cos.shape[-1]
+    if rd == q.shape[-1]:
+        return rotate(q, k, cos, sin)
+    q_rot, k_rot = rotate(q[..., :rd], k[..., :rd], cos, sin)  # strided views: the kernel takes them as they are
+    return torch.cat((q_rot, q[..., rd:]), -1), torch.cat((k_rot, k[..., rd:]), -1)

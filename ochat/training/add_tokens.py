@@ -1,60 +1,72 @@
-"""Add special tokens to a Hugging Face checkpoint: tokenizer and model, new rows = mean of existing rows.
+"""Add special tokens to a Hugging Face checkpoint, or make existing but untrained ones trainable.
 
     python -m ochat.training.add_tokens --model-path IN --out-dir OUT --tokens "<|end_of_turn|>"
+    python -m ochat.training.add_tokens --model-path LLAMA3_BASE --out-dir OUT \\
+        --init-mean "<|eot_id|>" "<|start_header_id|>" "<|end_header_id|>"
 
-As OpenChat did: each new embedding row and lm_head row is the mean of the existing rows (float32 mean).
-Tokens the tokenizer already has are left alone. Writes the tokenizer, config.json and safetensors to OUT.
+- `--tokens`: each token the tokenizer lacks is added as a special token; its new embedding and lm_head rows
+  are the mean of the existing rows (float32 mean), as OpenChat did. Tokens already present are left alone.
+  Default: `<|end_of_turn|>`, unless `--init-mean` is given.
+- `--init-mean`: tokens the tokenizer has but the base checkpoint never trained (Llama 3 base's reserved special
+  tokens, `<|eot_id|>` and the header tokens among them, have near-zero rows that a chat fine-tune then cannot
+  move far): their embedding and lm_head rows become the mean of the ordinary rows, the rows of the
+  tokenizer's vocabulary that are not special (added) tokens, as OpenChat 3.6 did.
+
+Tied embeddings change once (the lm_head is that matrix). Tensors are read and written through
+`ochat.training.hf_weights`, in the checkpoint's dtype; OUT gets the tokenizer, config.json and safetensors.
 """
 import argparse
+import dataclasses
 import logging
 
 import torch
 
-from ochat.training.model import PackedCausalLM
+from ochat.training import hf_weights
+from ochat.training.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-
-def resize_with_mean(model: PackedCausalLM, new_vocab: int) -> PackedCausalLM:
-    """A copy of `model` with vocab `new_vocab`; rows beyond the old vocab = mean of the old rows."""
-    import dataclasses
-
-    old = model.config.vocab_size
-    if new_vocab <= old:
-        return model
-    cfg = dataclasses.replace(model.config, vocab_size=new_vocab)
-    sd = model.state_dict()
-    out = {}
-    for k, v in sd.items():
-        if k in ("model.embed_tokens.weight", "lm_head.weight"):
-            mean = v.float().mean(0, keepdim=True).to(v.dtype)
-            v = torch.cat([v, mean.expand(new_vocab - old, -1)], 0)
-        out[k] = v
-    dev = model.lm_head.weight.device
-    with torch.device("meta"):
-        new = PackedCausalLM(cfg, attn_impl=model.attn_impl)
-    if cfg.tie_word_embeddings:
-        out.pop("lm_head.weight", None)
-    new.load_state_dict(out, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
-        new.lm_head.weight = new.model.embed_tokens.weight
-    return new.to(dev)
+EMBEDDING = "model.embed_tokens.weight"
 
 
-def add_tokens(model_path: str, out_dir: str, tokens: list[str]) -> list[int]:
-    """Add `tokens` as special tokens; returns their ids. Saves the tokenizer and model to out_dir."""
+def mean_rows(matrix: torch.Tensor, new_vocab: int, init_ids: list[int], ordinary_ids: list[int]) -> torch.Tensor:
+    """`matrix` [V, H] grown to `new_vocab` rows (new rows = mean of the existing rows), with the rows `init_ids`
+    set to the mean of the rows `ordinary_ids`. Means in float32; the result in matrix's dtype."""
+    rows = matrix.float()
+    if new_vocab > len(rows):
+        rows = torch.cat([rows, rows.mean(0, keepdim=True).expand(new_vocab - len(rows), -1)])
+    if init_ids:
+        rows[init_ids] = rows[ordinary_ids].mean(0)
+    return rows.to(matrix.dtype)
+
+
+def add_tokens(model_path: str, out_dir: str, tokens: list[str], init_mean: list[str] = ()) -> list[int]:
+    """Add `tokens` (those missing) as special tokens and mean-initialise the rows of `init_mean`; returns the ids
+    of `tokens`. Saves the tokenizer and model to out_dir."""
     from transformers import AddedToken, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    missing = [t for t in tokens if t not in tok.get_vocab()]
+    vocab = tok.get_vocab()
+    unknown = [t for t in init_mean if t not in vocab]
+    if unknown:
+        raise ValueError(f"{model_path}: --init-mean tokens {unknown} are not in the tokenizer (add them with --tokens)")
+    config = ModelConfig.from_hf_config(model_path)
+    init_ids = [vocab[t] for t in init_mean]
+    special = set(tok.added_tokens_decoder) | set(tok.all_special_ids) | set(init_ids)
+    ordinary = [i for i in range(min(len(tok), config.vocab_size)) if i not in special]
+    missing = [t for t in tokens if t not in vocab]
     if missing:
         tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
-    model = PackedCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    model = resize_with_mean(model, max(len(tok), model.config.vocab_size))
-    model.save_pretrained(out_dir)
+    new_vocab = max(len(tok), config.vocab_size)
+    state = hf_weights.read_state_dict(model_path)
+    for name in (EMBEDDING, hf_weights.TIED_NAME):
+        if name in state and not (config.tie_word_embeddings and name == hf_weights.TIED_NAME):
+            state[name] = mean_rows(state[name], new_vocab, init_ids, ordinary)
+    hf_weights.save_weights(out_dir, state, dataclasses.replace(config, vocab_size=new_vocab))
     tok.save_pretrained(out_dir)
     ids = tok.convert_tokens_to_ids(tokens)
-    log.info("added %s (ids %s); vocab %d -> %s", missing, ids, model.config.vocab_size, out_dir)
+    log.info("added %s (ids %s), mean-initialised %s (ids %s); vocab %d -> %d in %s", missing, ids, list(init_mean),
+             init_ids, config.vocab_size, new_vocab, out_dir)
     return ids
 
 
@@ -62,11 +74,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-path", "--model_path", required=True)
     ap.add_argument("--out-dir", "--out_dir", required=True)
-    ap.add_argument("--tokens", nargs="+", default=["<|end_of_turn|>"])
+    ap.add_argument("--tokens", nargs="*", default=None,
+                    help="special tokens to add when missing (rows = mean of the existing rows); "
+                         "default <|end_of_turn|> unless --init-mean is given")
+    ap.add_argument("--init-mean", "--init_mean", nargs="+", default=[], metavar="TOKEN",
+                    help="existing tokens whose embedding and lm_head rows become the mean of the ordinary rows")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    ids = add_tokens(args.model_path, args.out_dir, args.tokens)
-    print(" ".join(f"{t}={i}" for t, i in zip(args.tokens, ids)))
+    tokens = args.tokens if args.tokens is not None else [] if args.init_mean else ["<|end_of_turn|>"]
+    ids = add_tokens(args.model_path, args.out_dir, tokens, args.init_mean)
+    print(" ".join(f"{t}={i}" for t, i in zip(tokens, ids)))
 
 
 if __name__ == "__main__":

@@ -1,38 +1,32 @@
 """Hugging Face checkpoint folders of the model being trained: what `ep_N/` and `final/` hold.
 
 A folder = config.json + safetensors weights (ochat.training.hf_weights) + the tokenizer the data was made
-with (end-of-turn token as EOS) + generation_config.json + train_config.json (the resolved run
-configuration; `--config` reads it back). It is written to `<dir>.tmp` and renamed, so a crash never leaves
-a half checkpoint. Under ZeRO-3 the weights are gathered parameter by parameter to rank 0.
+with, written to serve exactly as trained (ochat.data.save_serving_tokenizer: its chat template renders the
+training ids; the end-of-turn token is EOS) + generation_config.json + train_config.json (the resolved run
+configuration; `--config` reads it back). It is written as an atomic directory (ochat.utils.atomic), so a
+crash never leaves a half checkpoint. Under ZeRO-3 the weights are gathered parameter by parameter to rank 0.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch.distributed as dist
 import torch.nn as nn
 
 from ochat.config.model_types import ModelType
 from ochat.config.train_config import TrainConfig
+from ochat.data import save_serving_tokenizer
 from ochat.training import hf_weights
 from ochat.training.runtime import log
 from ochat.training.state import RunSettings, TrainState, save_state
+from ochat.utils.atomic import atomic_directory
+
+CHECKPOINT_KIND = "checkpoint"  # the kind in the folder's ochat marker
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _write_tokenizer(tokenizer, model_type: ModelType, path: str) -> None:
-    tokenizer.save_hf(path)
-    cfg_path = os.path.join(path, "tokenizer_config.json")
-    with open(cfg_path) as fh:
-        tok_cfg = json.load(fh)
-    tok_cfg["eos_token"] = model_type.eot_token
-    with open(cfg_path, "w") as fh:
-        json.dump(tok_cfg, fh, indent=2)
 
 
 def save_hf_checkpoint(module: nn.Module, path: str, *, tokenizer, model_type: ModelType, train_config_json: str) -> None:
@@ -40,23 +34,14 @@ def save_hf_checkpoint(module: nn.Module, path: str, *, tokenizer, model_type: M
     Collective: every rank calls it."""
     state_dict = hf_weights.full_state_dict(module)
     if _rank() == 0:
-        tmp = path.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        eot, bos = int(tokenizer.eot_id), tokenizer.bos_id
-        hf_weights.save_weights(tmp, state_dict, module.config, eos_token_id=eot, bos_token_id=bos)
-        with open(os.path.join(tmp, "generation_config.json"), "w") as fh:
-            json.dump({"bos_token_id": bos, "eos_token_id": eot, "pad_token_id": eot}, fh, indent=2)
-        with open(os.path.join(tmp, "train_config.json"), "w") as fh:
-            fh.write(train_config_json)
-        _write_tokenizer(tokenizer, model_type, tmp)
-        if os.path.exists(path):
-            old = path.rstrip("/") + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        with atomic_directory(path, CHECKPOINT_KIND, overwrite=True, notify=log) as tmp:
+            generation = save_serving_tokenizer(tokenizer, model_type, tmp)
+            hf_weights.save_weights(tmp, state_dict, module.config, eos_token_id=tokenizer.eot_id,
+                                    bos_token_id=tokenizer.bos_id)
+            with open(os.path.join(tmp, "generation_config.json"), "w") as fh:
+                json.dump(generation, fh, indent=2)
+            with open(os.path.join(tmp, "train_config.json"), "w") as fh:
+                fh.write(train_config_json)
     if dist.is_initialized():
         dist.barrier()
 

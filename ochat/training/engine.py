@@ -8,6 +8,7 @@ import torch
 
 from ochat.config.train_config import TrainConfig
 from ochat.training import hf_weights, memory, sequence_parallel
+from ochat.training.fp8 import enable_fp8
 from ochat.training.model import PackedCausalLM
 from ochat.training.runtime import Runtime, TrainError, log
 from ochat.training.schedule import lr_at
@@ -29,13 +30,16 @@ def load_model(cfg: TrainConfig, rt: Runtime, ds_config: dict) -> PackedCausalLM
         raise TrainError(f"cannot load the model from {cfg.model_path}: {e}") from None
     log(f"model: {model.config.num_params() / 1e9:.2f}B parameters from {cfg.model_path} in {time.time() - t0:.1f}s"
         + (" (partitioned over the ranks: ZeRO-3)" if zero3 else ""))
+    if cfg.fp8:
+        converted = enable_fp8(model, cfg.fp8, emulate=not rt.cuda)
+        log(f"fp8 ({cfg.fp8} scaling): {converted} linear layers of the decoder layers train in float8")
     set_memory_features(model, cfg, ds_config)
     return model
 
 
 def set_memory_features(model: PackedCausalLM, cfg: TrainConfig, ds_config: dict) -> None:
     """Activation checkpointing, the tiled MLP and activation offload, as cfg asks."""
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing and cfg.gradient_checkpointing != "auto":  # auto: ochat.training.recompute
         model.gradient_checkpointing_enable(cfg.gradient_checkpointing)
     memory.tile_mlp(model, cfg.tiled_mlp)
     if cfg.offload_activations:

@@ -2,6 +2,7 @@
 
 - `CheckpointReader`: a checkpoint folder's tensors by name (safetensors read lazily, .bin memory-mapped), so
   no caller needs the whole state dict in memory; `check_names` compares them with a model's parameters.
+- `read_state_dict`: every tensor of a checkpoint folder by name (what add_tokens edits).
 - `load_weights`: fill a model built on the meta device (no second copy of the weights).
 - `load_partitioned`: ZeRO-3, a model built already partitioned and filled one parameter at a time.
 - `full_state_dict`: the module's tensors on rank 0, gathered parameter by parameter under ZeRO-3 (a no-op
@@ -88,6 +89,12 @@ def _weight_files(path) -> list[str]:
     raise FileNotFoundError(f"no safetensors or .bin weights in {path}")
 
 
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, by its Hugging Face name, in the checkpoint's dtype."""
+    reader = CheckpointReader(path)
+    return {name: reader.get(name) for name in sorted(reader.names())}
+
+
 def tie_embeddings(model: nn.Module, config: ModelConfig) -> None:
     """Make lm_head use the embedding matrix (after the embedding was assigned a new tensor)."""
     if config.tie_word_embeddings:
@@ -141,8 +148,9 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor] | None:
 
 def save_weights(path, state_dict: dict[str, torch.Tensor], config: ModelConfig, *,
                  max_shard_bytes: int = MAX_SHARD_BYTES, **config_overrides) -> None:
-    """Write config.json (transformers' LlamaConfig / MistralConfig / Qwen2Config keys) and the weights as
-    safetensors, sharded above `max_shard_bytes` with Hugging Face's index. `config_overrides` update config.json."""
+    """Write config.json (`ModelConfig.to_hf_config`: what the model type's transformers config reads) and the
+    weights as safetensors, sharded above `max_shard_bytes` with Hugging Face's index. `config_overrides` update
+    config.json."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 

@@ -1,17 +1,101 @@
-"""ModelConfig: the architecture facts of a LLaMA-family model, read from a Hugging Face config.json.
+"""ModelConfig: the architecture facts of a decoder-only model, read from a Hugging Face config.json.
 
-Covers Llama 2/3 (GQA, rope_theta, llama3 rope scaling), Mistral (sliding_window), Qwen2 (q/k/v
-biases), tied or untied embeddings. Counts parameters and training FLOPs so MFU is computed in one place.
+Two parts:
+- `ARCHITECTURES` (one `Architecture` per supported Hugging Face `model_type`): how that family lays out a
+  decoder layer (where its RMSNorms sit and how they scale, q/k norms, fused projections, embedding scale,
+  which config.json keys it has). Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Phi-3 / Phi-4 and
+  OLMo 2. Anything else (mixture-of-experts, linear attention, ...) is refused in one line naming it.
+- `ModelConfig`: the numbers of one config.json (sizes, RoPE, sliding windows, soft-capping), read through
+  transformers' own config class (so its defaults and older spellings are honoured) and written back as a
+  config.json that transformers loads.
+
+It counts parameters and training FLOPs (`num_params`, `flops_per_token`), so MFU is computed in one place.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-_KNOWN_TYPES = ("llama", "mistral", "qwen2")
+from ochat.kernels.swiglu import ACTIVATIONS
+
+LLAMA_NORMS = (("attn_in", "input_layernorm"), ("mlp_in", "post_attention_layernorm"))
+GEMMA_NORMS = (("attn_in", "input_layernorm"), ("attn_out", "post_attention_layernorm"),
+               ("mlp_in", "pre_feedforward_layernorm"), ("mlp_out", "post_feedforward_layernorm"))
+OLMO2_NORMS = (("attn_out", "post_attention_layernorm"), ("mlp_out", "post_feedforward_layernorm"))
+
+# ModelConfig fields that only some architectures have (each lists its own in Architecture.keys).
+OPTIONAL_FIELDS = ("attention_bias", "mlp_bias", "query_pre_attn_scalar", "attn_logit_softcapping",
+                   "final_logit_softcapping", "rope_local_base_freq", "partial_rotary_factor")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one Hugging Face model type lays out its decoder (what config.json's numbers do not say)."""
+
+    hf_class: str  # the transformers class, written to config.json's `architectures`
+    norms: tuple[tuple[str, str], ...]  # (role, Hugging Face module name); roles: attn_in, attn_out, mlp_in, mlp_out
+    keys: tuple[str, ...] = ()  # OPTIONAL_FIELDS this family's config.json carries
+    qk_norm: str | None = None  # "head": RMSNorm of each q/k head (over head_dim); "projection": of the whole q/k
+    norm_offset: float = 0.0  # Gemma: RMSNorm weights are applied as (1 + w)
+    norm_scale_in_float32: bool = False  # Gemma, OLMo 2: scale in float32, then cast (Llama: cast, then scale)
+    qkv_bias: bool = False  # Qwen2: q/k/v projections always have biases
+    fused_projections: bool = False  # Phi-3: one qkv_proj and one gate_up_proj
+    embed_scale: bool = False  # Gemma: embeddings x sqrt(hidden_size), rounded to the embedding dtype
+    act_key: str = "hidden_act"  # config.json key of the MLP activation
+    sliding: str = "none"  # which layers use `sliding_window`: "none", "all", or config.json's "layer_types"
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("LlamaForCausalLM", LLAMA_NORMS, keys=("attention_bias", "mlp_bias")),
+    "mistral": Architecture("MistralForCausalLM", LLAMA_NORMS, sliding="all"),
+    "qwen2": Architecture("Qwen2ForCausalLM", LLAMA_NORMS, qkv_bias=True, sliding="layer_types"),
+    "qwen3": Architecture("Qwen3ForCausalLM", LLAMA_NORMS, keys=("attention_bias",), qk_norm="head",
+                          sliding="layer_types"),
+    "gemma2": Architecture("Gemma2ForCausalLM", GEMMA_NORMS,
+                           keys=("attention_bias", "query_pre_attn_scalar", "attn_logit_softcapping",
+                                 "final_logit_softcapping"),
+                           norm_offset=1.0, norm_scale_in_float32=True, embed_scale=True,
+                           act_key="hidden_activation", sliding="layer_types"),
+    # transformers' Gemma 3 ignores attn_logit_softcapping; a value in config.json is kept, unused, in `extra`
+    "gemma3_text": Architecture("Gemma3ForCausalLM", GEMMA_NORMS,
+                                keys=("attention_bias", "query_pre_attn_scalar", "final_logit_softcapping",
+                                      "rope_local_base_freq"),
+                                qk_norm="head", norm_offset=1.0, norm_scale_in_float32=True, embed_scale=True,
+                                act_key="hidden_activation", sliding="layer_types"),
+    "phi3": Architecture("Phi3ForCausalLM", LLAMA_NORMS, keys=("partial_rotary_factor",), fused_projections=True,
+                         sliding="all"),
+    "olmo2": Architecture("Olmo2ForCausalLM", OLMO2_NORMS, keys=("attention_bias",), qk_norm="projection",
+                          norm_scale_in_float32=True),
+}
+
+# config.json keys whose facts ModelConfig holds in another form (rebuilt by to_hf_config), or that describe the
+# file rather than the model
+_REWRITTEN_KEYS = {"rope_parameters", "rope_scaling", "rope_theta", "rope_local_base_freq", "partial_rotary_factor",
+                   "sliding_window_pattern", "_sliding_window_pattern", "use_sliding_window", "max_window_layers",
+                   "layer_types", "hidden_act", "hidden_activation", "architectures", "torch_dtype", "dtype",
+                   "transformers_version", "use_cache"}
+
+
+def unsupported_model_type(model_type: str) -> str:
+    """The one-line refusal for a model type ochat cannot train."""
+    return f"model_type {model_type!r} not supported (supported: {', '.join(ARCHITECTURES)})"
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """The rotary embedding of a group of layers; hashable, so the model computes each one once per forward."""
+
+    theta: float
+    dim: int  # rotating features per head (head_dim, less with Phi-3's partial_rotary_factor)
+    scaling: tuple | None  # sorted (key, value) pairs of the Hugging Face rope dict (rope_type: linear, llama3, longrope)
+    max_position_embeddings: int  # LongRoPE's default factor is max_position_embeddings / original
+
+    @property
+    def scaling_dict(self) -> dict | None:
+        return dict(self.scaling) if self.scaling else None
 
 
 @dataclass(frozen=True)
@@ -26,12 +110,18 @@ class ModelConfig:
     head_dim: int | None = None
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"  # the MLP's gate activation: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU, Gemma)
     rope_theta: float = 10000.0
-    rope_scaling: tuple | None = None  # sorted (key, value) pairs of the HF dict, hashable
+    rope_scaling: tuple | None = None  # sorted (key, value) pairs of the HF dict (lists as tuples), hashable
+    rope_local_base_freq: float | None = None  # Gemma 3: RoPE base of the sliding-window layers (no scaling there)
+    partial_rotary_factor: float = 1.0  # Phi-3 family (Phi-4-mini 0.75): share of each head that rotates
     sliding_window: int | None = None
-    attention_bias: bool = False  # q/k/v/o biases (Llama option)
-    qkv_bias: bool = False  # q/k/v biases only (Qwen2)
-    mlp_bias: bool = False
+    layer_types: tuple[str, ...] | None = None  # per layer "sliding_attention" / "full_attention"; None: every layer
+    attention_bias: bool = False  # q/k/v/o biases (Llama, Qwen3, Gemma, OLMo 2 option)
+    mlp_bias: bool = False  # Llama option
+    query_pre_attn_scalar: float | None = None  # Gemma: softmax scale = query_pre_attn_scalar ** -0.5
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores -> c * tanh(scores / c)
+    final_logit_softcapping: float | None = None  # Gemma 2 (Gemma 3 option): logits -> c * tanh(logits / c)
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_id: Any = 2
@@ -39,84 +129,120 @@ class ModelConfig:
     extra: tuple = field(default=(), compare=False)  # other HF keys, kept for to_hf_config
 
     def __post_init__(self):
-        if self.model_type not in _KNOWN_TYPES:
-            raise ValueError(f"model_type {self.model_type!r} not supported (one of {_KNOWN_TYPES})")
+        if self.model_type not in ARCHITECTURES:
+            raise ValueError(unsupported_model_type(self.model_type))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"{self.model_type}: MLP activation {self.hidden_act!r} not supported (one of {ACTIVATIONS})")
+        arch = self.arch
+        for name in OPTIONAL_FIELDS:
+            default = ModelConfig.__dataclass_fields__[name].default
+            if name not in arch.keys and getattr(self, name) != default:
+                raise ValueError(f"{self.model_type} has no {name} (set to {getattr(self, name)!r})")
+        if self.sliding_window is not None and arch.sliding == "none":
+            raise ValueError(f"{self.model_type} has no sliding_window")
+        if self.layer_types is not None:
+            if arch.sliding != "layer_types":
+                raise ValueError(f"{self.model_type} has no layer_types")
+            if len(self.layer_types) != self.num_hidden_layers or \
+                    not set(self.layer_types) <= {"sliding_attention", "full_attention"}:
+                raise ValueError(f"layer_types must give each of the {self.num_hidden_layers} layers "
+                                 f"'sliding_attention' or 'full_attention', got {self.layer_types}")
+        rt = (self.rope_scaling_dict or {}).get("rope_type", "default")
+        if rt not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling type {rt!r} not supported (one of {ROPE_TYPES})")
 
-    # ---------------------------------------------------------------- reading and writing
-    @classmethod
-    def from_hf_config(cls, cfg: dict | str | os.PathLike) -> "ModelConfig":
-        if not isinstance(cfg, dict):
-            path = os.fspath(cfg)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            with open(path) as f:
-                cfg = json.load(f)
-        cfg = dict(cfg)
-        mt = cfg.get("model_type", "llama")
-        rope_theta = cfg.get("rope_theta")
-        rope_scaling = cfg.get("rope_scaling")
-        rp = cfg.get("rope_parameters")  # transformers 5 spelling
-        if isinstance(rp, dict):
-            rope_theta = rp.get("rope_theta", rope_theta)
-            if rp.get("rope_type", "default") != "default":
-                rope_scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
-        if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type", "default")) == "default":
-            rope_scaling = None
-        if rope_scaling is not None:
-            rt = rope_scaling.get("rope_type", rope_scaling.get("type"))
-            if rt not in ("llama3", "linear"):
-                raise ValueError(f"rope_scaling type {rt!r} not supported (llama3, linear)")
-            rope_scaling = dict(rope_scaling, rope_type=rt)
-            rope_scaling.pop("type", None)
-        sliding = cfg.get("sliding_window") if mt in ("mistral", "qwen2") else None
-        if mt == "qwen2" and not cfg.get("use_sliding_window", False):
-            sliding = None
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: cfg[k] for k in known if k in cfg and k not in ("rope_scaling", "rope_theta", "sliding_window", "extra", "head_dim")}
-        kw["model_type"] = mt
-        kw["head_dim"] = cfg.get("head_dim")
-        kw["rope_theta"] = float(rope_theta if rope_theta is not None else (1e6 if mt == "qwen2" else 1e4))
-        kw["rope_scaling"] = tuple(sorted(rope_scaling.items())) if rope_scaling else None
-        kw["sliding_window"] = sliding
-        kw["qkv_bias"] = mt == "qwen2"
-        if isinstance(kw.get("eos_token_id"), list):
-            kw["eos_token_id"] = tuple(kw["eos_token_id"])
-        kw.setdefault("num_key_value_heads", kw.get("num_attention_heads", 32))
-        skip = known | {"rope_parameters", "architectures", "torch_dtype", "dtype", "transformers_version",
-                        "use_sliding_window", "max_window_layers", "layer_types", "use_cache"}
-        extra = tuple(sorted((k, json.dumps(v)) for k, v in cfg.items() if k not in skip))
-        return cls(**kw, extra=extra)
+    @property
+    def arch(self) -> Architecture:
+        return ARCHITECTURES[self.model_type]
+
+    # ---------------------------------------------------------------- per layer
+    def layer_type(self, i: int) -> str:
+        """'sliding_attention' or 'full_attention' for decoder layer i."""
+        if self.sliding_window is None:
+            return "full_attention"
+        return "sliding_attention" if self.layer_types is None else self.layer_types[i]
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of decoder layer i (None: full causal attention)."""
+        return self.sliding_window if self.layer_type(i) == "sliding_attention" else None
+
+    def layer_rotary(self, i: int) -> Rotary:
+        """The rotary embedding of decoder layer i (Gemma 3's sliding layers have their own base, unscaled)."""
+        if self.rope_local_base_freq is not None and self.layer_type(i) == "sliding_attention":
+            return Rotary(self.rope_local_base_freq, self.rotary_dim, None, self.max_position_embeddings)
+        return Rotary(self.rope_theta, self.rotary_dim, self.rope_scaling, self.max_position_embeddings)
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def attention_scale(self) -> float | None:
+        """The softmax scale when it is not 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar), else None."""
+        if self.query_pre_attn_scalar is None or self.query_pre_attn_scalar == self.head_dim:
+            return None
+        return self.query_pre_attn_scalar ** -0.5
 
     @property
     def rope_scaling_dict(self) -> dict | None:
         return dict(self.rope_scaling) if self.rope_scaling else None
 
+    # ---------------------------------------------------------------- reading and writing
+    @classmethod
+    def from_hf_config(cls, cfg: dict | str | os.PathLike) -> "ModelConfig":
+        """Read a config.json (dict, file or checkpoint folder) through transformers' config class of its type."""
+        where = "config"
+        if not isinstance(cfg, dict):
+            where = os.fspath(cfg)
+            if os.path.isdir(where):
+                where = os.path.join(where, "config.json")
+            with open(where) as f:
+                cfg = json.load(f)
+        mt = cfg.get("model_type", "llama")
+        if mt not in ARCHITECTURES:
+            raise ValueError(f"{where}: {unsupported_model_type(mt)}")
+        try:
+            kw = _read_transformers_config(dict(cfg, model_type=mt))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        written = cls(**kw).to_hf_config().keys() | _REWRITTEN_KEYS
+        kw["extra"] = tuple(sorted((k, json.dumps(v)) for k, v in cfg.items() if k not in written))
+        return cls(**kw)
+
     def to_hf_config(self) -> dict:
-        """A config.json dict that transformers loads with LlamaConfig / MistralConfig / Qwen2Config."""
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.model_type]
+        """A config.json dict that transformers loads with this model type's config class."""
+        arch = self.arch
         d = {k: json.loads(v) for k, v in self.extra}
         d.update(
-            architectures=[arch], model_type=self.model_type, vocab_size=self.vocab_size,
+            architectures=[arch.hf_class], model_type=self.model_type, vocab_size=self.vocab_size,
             hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
             max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps,
-            rope_theta=self.rope_theta, rope_scaling=self.rope_scaling_dict,
+            rope_theta=self.rope_theta, rope_scaling=_json_rope(self.rope_scaling_dict),
             tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
             eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
-            pad_token_id=self.pad_token_id, hidden_act="silu", torch_dtype="float32",
+            pad_token_id=self.pad_token_id, torch_dtype="float32",
         )
-        if self.model_type == "llama":
-            d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
-        elif self.model_type == "mistral":
-            d.update(sliding_window=self.sliding_window)
-        else:
-            d.update(sliding_window=self.sliding_window, use_sliding_window=self.sliding_window is not None,
-                     max_window_layers=self.num_hidden_layers if self.sliding_window is None else 0)
+        d[arch.act_key] = self.hidden_act
+        d.update({k: getattr(self, k) for k in arch.keys})
+        if arch.sliding != "none":
+            d["sliding_window"] = self.sliding_window
+        if arch.sliding == "layer_types":
+            types = [self.layer_type(i) for i in range(self.num_hidden_layers)]
+            d["layer_types"] = types
+            if self.model_type in ("qwen2", "qwen3"):  # the older spelling, for readers without layer_types
+                d.update(use_sliding_window=self.sliding_window is not None,
+                         max_window_layers=types.index("sliding_attention") if "sliding_attention" in types
+                         else self.num_hidden_layers)
+        rs = self.rope_scaling_dict or {}
+        if self.model_type == "phi3" and rs.get("rope_type") == "longrope":
+            # transformers' Phi-3 reads the top-level key first (its default is 4096)
+            d["original_max_position_embeddings"] = rs["original_max_position_embeddings"]
         return d
 
     # ---------------------------------------------------------------- presets
@@ -152,13 +278,19 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- counting
     def num_params(self, embeddings: bool = True) -> int:
-        h, d = self.hidden_size, self.head_dim
+        """Parameters of the module: every projection (fused or not, same count) and its biases, every RMSNorm
+        weight (the layer's two or four, q/k norms, the final norm), the embedding and an untied lm_head."""
+        h, d, arch = self.hidden_size, self.head_dim, self.arch
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
         attn = h * q + 2 * h * kv + q * h
-        if self.qkv_bias or self.attention_bias:
+        if arch.qkv_bias or self.attention_bias:
             attn += q + 2 * kv + (h if self.attention_bias else 0)
+        if arch.qk_norm == "head":
+            attn += 2 * d
+        elif arch.qk_norm == "projection":
+            attn += q + kv
         mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h if self.mlp_bias else 0)
-        layer = attn + mlp + 2 * h
+        layer = attn + mlp + len(arch.norms) * h
         n = self.num_hidden_layers * layer + h
         emb = self.vocab_size * h
         if embeddings:
@@ -168,11 +300,72 @@ class ModelConfig:
     def flops_per_token(self, mean_len_sq_over_tokens: float) -> float:
         """Training FLOPs (forward + backward) per token.
 
-        6 * N_matmul (every weight matrix except the embedding lookup; the lm_head counts) plus causal
-        attention: QK^T and AV are 2 * 2 * L * Hq * D flops per token pair, halved by causality, x3 for
-        fwd+bwd: 6 * layers * Hq * D * (sum(len^2) / tokens), with `mean_len_sq_over_tokens` = sum over
-        sequences of len^2 divided by the number of tokens (= len for a single sequence).
+        6 * N (every parameter outside the embedding lookup, the lm_head included; the norm weights and biases
+        are a rounding error but counted) plus causal attention: QK^T and AV are 2 * 2 * Hq * D flops per token
+        pair, halved by causality, x3 for fwd+bwd: 6 * Hq * D * (sum(len^2) / tokens) per full-attention layer,
+        with `mean_len_sq_over_tokens` = sum over sequences of len^2 divided by the number of tokens (= len for a
+        single sequence). A sliding-window layer (window W) sees at most W keys per token:
+        6 * Hq * D * min(sum(len^2) / tokens, 2 W), exact for conversations up to W tokens and at most a third
+        high beyond. Not counted: softmax, soft-capping, norms and activations (elementwise work).
         """
         n_matmul = self.num_params(embeddings=False) + self.vocab_size * self.hidden_size
-        attn = 6 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * mean_len_sq_over_tokens
+        per_layer = 6 * self.num_attention_heads * self.head_dim
+        attn = sum(per_layer * (mean_len_sq_over_tokens if w is None else min(mean_len_sq_over_tokens, 2 * w))
+                   for w in map(self.layer_window, range(self.num_hidden_layers)))
         return 6 * n_matmul + attn
+
+
+def _json_rope(rope: dict | None) -> dict | None:
+    return None if rope is None else {k: list(v) if isinstance(v, tuple) else v for k, v in rope.items()}
+
+
+def _rope_fields(rope: dict, what: str) -> tuple[float, tuple | None, float]:
+    """(theta, scaling pairs or None, partial_rotary_factor) of one transformers `rope_parameters` dict."""
+    rt = rope.get("rope_type", rope.get("type", "default"))
+    if rt not in ROPE_TYPES:
+        raise ValueError(f"{what}rope type {rt!r} not supported (one of {ROPE_TYPES})")
+    scaling = None
+    if rt != "default":
+        scaling = {k: tuple(v) if isinstance(v, list) else v for k, v in rope.items()
+                   if k not in ("rope_theta", "partial_rotary_factor", "type") and v is not None}
+        scaling = tuple(sorted(scaling.items()))
+    return float(rope["rope_theta"]), scaling, float(rope.get("partial_rotary_factor", 1.0))
+
+
+def _read_transformers_config(cfg: dict) -> dict:
+    """ModelConfig keyword arguments from a config.json dict, as transformers' config class of its type reads it
+    (its defaults for missing keys, its conversions of older spellings)."""
+    from transformers import AutoConfig
+
+    mt = cfg["model_type"]
+    arch = ARCHITECTURES[mt]
+    hf = AutoConfig.for_model(**cfg)
+    if getattr(hf, "use_bidirectional_attention", False):
+        raise ValueError(f"{mt} with use_bidirectional_attention (an encoder) not supported")
+    kw = {name: getattr(hf, name) for name in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+        "pad_token_id")}
+    kw.update(model_type=mt, num_key_value_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+              head_dim=getattr(hf, "head_dim", None), hidden_act=getattr(hf, arch.act_key))
+    if isinstance(kw["eos_token_id"], list):
+        kw["eos_token_id"] = tuple(kw["eos_token_id"])
+    rope = hf.rope_parameters
+    if "full_attention" in rope:  # Gemma 3: one rope dict per layer type
+        theta, scaling, _ = _rope_fields(rope["sliding_attention"], "sliding layers' ")
+        if scaling is not None:
+            raise ValueError("rope scaling on sliding-window layers not supported")
+        kw["rope_local_base_freq"] = theta
+        rope = rope["full_attention"]
+    kw["rope_theta"], kw["rope_scaling"], partial = _rope_fields(rope, "")
+    if "partial_rotary_factor" in arch.keys:
+        kw["partial_rotary_factor"] = partial
+    kw.update({k: getattr(hf, k) for k in arch.keys if k not in ("rope_local_base_freq", "partial_rotary_factor")})
+    if arch.sliding != "none" and getattr(hf, "sliding_window", None) is not None:
+        kw["sliding_window"] = hf.sliding_window
+        types = tuple(getattr(hf, "layer_types", None) or ()) if arch.sliding == "layer_types" else ()
+        if set(types) - {"sliding_attention", "full_attention"}:
+            raise ValueError(f"layer types {sorted(set(types))} not supported (sliding_attention, full_attention)")
+        if "full_attention" in types:
+            kw["layer_types"] = types
+    return kw

@@ -1,10 +1,13 @@
 """Multipack distributed batch sampler: conversation lengths -> per-rank packs of <= C tokens.
 
-Drop-in for the original multipack sampler (same constructor signature), usable alone:
-this module imports numpy and numba only (torch is imported lazily, and only to read the
-torch.distributed rank/world size when those are not given and it is initialised).
+A drop-in for the original multipack sampler (imoneoi/multipack_sampler): the same constructor
+(`MultipackDistributedBatchSampler(batch_max_length, lengths, num_replicas=None, rank=None, seed=0)`),
+`set_epoch`, `num_batches`, `generate_batches`, `efficiency`, and like it each batch is a numpy
+int64 array of dataset indices. Usable alone: this module imports numpy and numba only (torch is
+read, never imported, for the torch.distributed rank/world size). For `isinstance(x,
+torch.utils.data.Sampler)` and the Hugging Face Trainer / TRL, see `multipack_adapters.py`.
 
-    sampler = MultipackDistributedBatchSampler(lengths, batch_max_length=16384, seed=0)
+    sampler = MultipackDistributedBatchSampler(16384, lengths, seed=0)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
@@ -21,8 +24,7 @@ Algorithm (per epoch; every rank computes the same full plan, then takes its sha
      (longest first, to the least-loaded bin), so every bin gets the same mix of long sequences
      and nearly equal sum(len^2); shorter ones go best-fit to top the bins up to C. The
      threshold starts above C (pure LPT), then C/128, doubling until the bins are within
-     0.05% of full. Sequences
-     that do not fit are carried into the next group; nothing is dropped.
+     0.05% of full. Sequences that do not fit are carried into the next group; nothing is dropped.
   5. Bins sorted by sum(len^2), R consecutive bins make a step (ranks of a step have nearly
      equal attention cost and tokens: the slowest rank sets the step time); a few
      capacity-respecting swaps polish each step. Step order and bin -> rank are shuffled.
@@ -31,25 +33,34 @@ Algorithm (per epoch; every rank computes the same full plan, then takes its sha
      are used and the last step's multi-sequence bins are split so a rank is left empty only
      when that step has fewer sequences than ranks.
 
-Steps per epoch land within a fraction of a percent of the lower bound ceil(sum(len) / (R*C))
-on realistic data; see bench/sampler.py and bench/RESULTS.md.
+Only the three loops that are O(n log C) per group are compiled (BFD, LPT + best fit, the
+swaps), each for one signature (int64 arrays, ints), with no allocation or lists inside; the
+per-group bookkeeping is vectorised numpy. That keeps numba's cold compile to a few seconds
+(then cached on disk). Steps per epoch land within a fraction of a percent of the lower bound
+ceil(sum(len) / (R*C)) on realistic data; see bench/sampler.py and bench/RESULTS.md.
 """
 from __future__ import annotations
 
 import math
+import operator
+from dataclasses import dataclass
 from typing import Iterator
 
 import numba
 import numpy as np
 
-__all__ = ["MultipackDistributedBatchSampler", "pack_epoch", "plan_stats"]
+__all__ = ["MultipackDistributedBatchSampler", "fill_empty_packs", "pack_epoch", "plan_stats"]
 
 _GROUP_STEPS = 16  # steps' worth of tokens per packing group
 _SMALL_DIV = 128  # after pure LPT: sequences shorter than C / 128 top bins up best-fit, longer go LPT
 _MIN_GROUP_ITEMS = 4096  # at least this many sequences per group (matters for small R * C)
+_EMPTY = np.zeros(0, np.int64)
+_EMPTY.flags.writeable = False
 
 
 # ----------------------------------------------------------------------------- kernels
+# Every kernel takes int64 C-contiguous arrays and Python ints only (one compiled signature each)
+# and allocates nothing: the caller owns the work arrays (see _Workspace).
 
 
 @numba.njit(cache=True)
@@ -74,118 +85,35 @@ def _seg_find_first(tree, size, lo):
 
 
 @numba.njit(cache=True)
-def _seg_add(tree, size, leaf, delta):
+def _seg_set(tree, size, leaf, count):
+    """Set a leaf's count in the segment tree and update its ancestors' sums."""
     i = leaf + size
+    tree[i] = count
+    i >>= 1
     while i >= 1:
-        tree[i] += delta
+        tree[i] = tree[2 * i] + tree[2 * i + 1]
         i >>= 1
 
 
 @numba.njit(cache=True)
-def _bfd(lens, capacity, tree, size, head, nxt, bin_of, bin_room):
-    """Best-fit-decreasing of `lens` (already sorted decreasing). Returns the bin count.
+def _fit(ls, B, capacity, small, open_bins, tree, size, head, nxt, load, hid, room, out):
+    """Place items `ls` (sorted decreasing) into bins: out[j] = bin of item j, or -1 when it did
+    not fit. Returns the number of bins.
 
-    Bins with r tokens of room are kept on a stack head[r]; a segment tree over r finds the
-    smallest room >= len in O(log C). tree/head must be clean (zeros / -1) on entry and are
-    left clean on exit.
+    LPT phase: items >= `small` (and at least the B longest) go to the least-loaded of B bins
+    (ties: lowest id; a min-heap of (load, id) in load/hid), which gives every bin the same mix
+    of long sequences, hence nearly equal sum(len^2). Best-fit phase: the remaining items go to
+    the bin with the smallest room that fits; bins with r tokens of room are kept on a stack
+    head[r] and a segment tree over r finds that room in O(log C). When no bin fits, a new bin
+    is opened if `open_bins` (with B = 0 and small > C: best-fit-decreasing), else -1.
+    tree/head must be clean (zeros / -1) on entry and are left clean on exit.
     """
-    nbins = 0
-    for j in range(lens.shape[0]):
-        L = lens[j]
-        r = _seg_find_first(tree, size, L)
-        if r < 0:
-            b = nbins
-            nbins += 1
-            room = capacity - L
-        else:
-            b = head[r]
-            head[r] = nxt[b]
-            _seg_add(tree, size, r, -1)
-            room = r - L
-        bin_of[j] = b
-        bin_room[b] = room
-        if room > 0:
-            nxt[b] = head[room]
-            head[room] = b
-            _seg_add(tree, size, room, 1)
-    # clean up the structures for the next call: every bin with room is on exactly one stack
-    for b in range(nbins):
-        room = bin_room[b]
-        if room > 0:
-            _seg_add(tree, size, room, -1)
-            head[room] = -1
-    return nbins
-
-
-@numba.njit(cache=True)
-def _balance_step(bins_items, bins_tok, bins_sq, lens, capacity, max_rounds):
-    """Swap single items between the max- and min-sum(len^2) bins of one step.
-
-    bins_items: list of int64 arrays of sequence lengths' indices (into lens).
-    Each round picks the bin pair (max sq, min sq) and the swap (a from max, b from min,
-    len a > len b) that brings their sq closest together while both stay within capacity.
-    Stops when no improving swap exists.
-    """
-    nb = len(bins_items)
-    for _ in range(max_rounds):
-        hi = 0
-        lo = 0
-        for k in range(nb):
-            if bins_sq[k] > bins_sq[hi]:
-                hi = k
-            if bins_sq[k] < bins_sq[lo]:
-                lo = k
-        gap = bins_sq[hi] - bins_sq[lo]
-        if gap <= 0:
-            return
-        A = bins_items[hi]
-        B = bins_items[lo]
-        best = gap
-        ba = -1
-        bb = -1
-        for ia in range(A.shape[0]):
-            la = lens[A[ia]]
-            for ib in range(B.shape[0]):
-                lb = lens[B[ib]]
-                if la <= lb:
-                    continue
-                d = la - lb
-                if bins_tok[lo] + d > capacity:
-                    continue
-                dsq = la * la - lb * lb
-                new_gap = abs(gap - 2 * dsq)
-                if new_gap < best:
-                    best = new_gap
-                    ba = ia
-                    bb = ib
-        if ba < 0:
-            return
-        ia_ = A[ba]
-        ib_ = B[bb]
-        la = lens[ia_]
-        lb = lens[ib_]
-        A[ba] = ib_
-        B[bb] = ia_
-        bins_tok[hi] += lb - la
-        bins_tok[lo] += la - lb
-        bins_sq[hi] += lb * lb - la * la
-        bins_sq[lo] += la * la - lb * lb
-
-
-@numba.njit(cache=True)
-def _lpt_bf(ls, B, capacity, small, tree, size, head, nxt):
-    """Fill B bins with items `ls` (sorted decreasing); -1 = did not fit (carried).
-
-    Items >= `small` go LPT-style to the least-loaded bin (ties: lowest id; a min-heap of
-    (load, id)), which gives every bin the same mix of long sequences, hence nearly equal
-    sum(len^2). The remaining short items go best-fit (smallest room that fits, via the
-    room-indexed segment tree) to top the bins up to the budget.
-    """
-    load = np.zeros(B, np.int64)
-    hid = np.arange(B)
-    out = np.empty(ls.shape[0], np.int64)
+    n = ls.shape[0]
+    for k in range(B):
+        load[k] = 0
+        hid[k] = k
     j = 0
-    while j < ls.shape[0] and (ls[j] >= small or j < B):  # the B longest: one per bin
+    while j < n and (ls[j] >= small or j < B):  # the B longest: one per bin
         L = ls[j]
         if load[0] + L > capacity:
             out[j] = -1
@@ -209,10 +137,9 @@ def _lpt_bf(ls, B, capacity, small, tree, size, head, nxt):
             else:
                 break
         j += 1
-    if j == ls.shape[0]:
-        return out
+    if j == n:
+        return B
     # best-fit phase: bins on stacks by room (ids pushed in decreasing order -> pops lowest)
-    room = np.empty(B, np.int64)
     for k in range(B):
         room[hid[k]] = capacity - load[k]
     for b in range(B - 1, -1, -1):
@@ -220,309 +147,262 @@ def _lpt_bf(ls, B, capacity, small, tree, size, head, nxt):
         if r > 0:
             nxt[b] = head[r]
             head[r] = b
-            _seg_add(tree, size, r, 1)
-    while j < ls.shape[0]:
+            _seg_set(tree, size, r, tree[size + r] + 1)
+    nbins = B
+    while j < n:
         L = ls[j]
         r = _seg_find_first(tree, size, L)
-        if r < 0:
-            out[j] = -1
-        else:
+        if r >= 0:
             b = head[r]
             head[r] = nxt[b]
-            _seg_add(tree, size, r, -1)
-            out[j] = b
+            _seg_set(tree, size, r, tree[size + r] - 1)
             nr = r - L
-            room[b] = nr
-            if nr > 0:
-                nxt[b] = head[nr]
-                head[nr] = b
-                _seg_add(tree, size, nr, 1)
+        elif open_bins:
+            b = nbins
+            nbins += 1
+            nr = capacity - L
+        else:
+            out[j] = -1
+            j += 1
+            continue
+        out[j] = b
+        room[b] = nr
+        if nr > 0:
+            nxt[b] = head[nr]
+            head[nr] = b
+            _seg_set(tree, size, nr, tree[size + nr] + 1)
         j += 1
-    for b in range(B):  # clean the structures: every bin with room is on exactly one stack
+    for b in range(nbins):  # clean the structures: every bin with room is on exactly one stack
         r = room[b]
         if r > 0:
-            _seg_add(tree, size, r, -1)
+            _seg_set(tree, size, r, tree[size + r] - 1)
             head[r] = -1
-    return out
+    return nbins
 
 
 @numba.njit(cache=True)
-def _pack_epoch(lengths, perm, capacity, R, group_tokens, min_group_items, swap_rounds, shuffle_keys, drop_last,
-                small):
-    """Pack a whole epoch. Returns (indices, bin_offsets): bin k = step k // R, rank k % R.
+def _balance_steps(items, offsets, bin_tok, bin_sq, lengths, R, capacity, max_rounds):
+    """Per step (R consecutive bins of the CSR items/offsets), swap single items between the
+    max- and min-sum(len^2) bins, in place.
 
-    shuffle_keys: float64 random keys, used to shuffle steps within a group and bins within a
-    step (consumed in order, deterministically).
+    Each round picks the step's bin pair (max sq, min sq) and the swap (a from max, b from min,
+    len a > len b) that brings their sq closest together while both stay within capacity; a
+    step stops when no swap improves it. Bin sizes never change, so offsets stay valid.
+    bin_tok/bin_sq (per bin) are updated with the swaps.
     """
+    for s0 in range(0, bin_tok.shape[0], R):
+        for _ in range(max_rounds):
+            hi = s0
+            lo = s0
+            for k in range(s0, s0 + R):
+                if bin_sq[k] > bin_sq[hi]:
+                    hi = k
+                if bin_sq[k] < bin_sq[lo]:
+                    lo = k
+            gap = bin_sq[hi] - bin_sq[lo]
+            if gap <= 0:
+                break
+            best = gap
+            ba = -1
+            bb = -1
+            for ia in range(offsets[hi], offsets[hi + 1]):
+                la = lengths[items[ia]]
+                for ib in range(offsets[lo], offsets[lo + 1]):
+                    lb = lengths[items[ib]]
+                    if la <= lb:
+                        continue
+                    if bin_tok[lo] + la - lb > capacity:
+                        continue
+                    new_gap = abs(gap - 2 * (la * la - lb * lb))
+                    if new_gap < best:
+                        best = new_gap
+                        ba = ia
+                        bb = ib
+            if ba < 0:
+                break
+            la = lengths[items[ba]]
+            lb = lengths[items[bb]]
+            items[ba], items[bb] = items[bb], items[ba]
+            bin_tok[hi] += lb - la
+            bin_tok[lo] += la - lb
+            bin_sq[hi] += lb * lb - la * la
+            bin_sq[lo] += la * la - lb * lb
+
+
+# ----------------------------------------------------------------------------- per-group bookkeeping (numpy)
+
+
+@dataclass
+class _Workspace:
+    """Work arrays of the kernels, allocated once per epoch. tree/head are kept clean between calls."""
+
+    size: int  # leaves of the room segment tree (a power of two > C)
+    tree: np.ndarray
+    head: np.ndarray
+    nxt: np.ndarray
+    bin_of: np.ndarray  # the group's best-fit-decreasing bins
+    load: np.ndarray
+    hid: np.ndarray
+    room: np.ndarray
+    out: np.ndarray
+
+    @classmethod
+    def allocate(cls, n: int, capacity: int, R: int) -> "_Workspace":
+        size = 1 << capacity.bit_length()
+        maxn = n + R + 1  # bins (BFD: <= n; LPT groups: <= n + R - 1)
+        return cls(size, np.zeros(2 * size, np.int64), np.full(capacity + 1, -1, np.int64),
+                   *(np.empty(maxn, np.int64) for _ in range(6)))
+
+
+def _segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Exact int64 sums of values[offsets[k]:offsets[k+1]] for every k (empty segments give 0)."""
+    cs = np.zeros(values.shape[0] + 1, np.int64)
+    np.cumsum(values, out=cs[1:])
+    return cs[offsets[1:]] - cs[offsets[:-1]]
+
+
+def _bin_costs(lengths: np.ndarray, items: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, sum of len^2) of every bin of the CSR items/offsets."""
+    item_lengths = lengths[items]
+    return _segment_sums(item_lengths, offsets), _segment_sums(item_lengths ** 2, offsets)
+
+
+def _csr_take(items: np.ndarray, offsets: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The bins `order` (indices into the CSR items/offsets), in that order, as a new CSR."""
+    sizes = np.diff(offsets)[order]
+    new_off = np.zeros(order.shape[0] + 1, np.int64)
+    np.cumsum(sizes, out=new_off[1:])
+    src = np.repeat(offsets[:-1][order] - new_off[:-1], sizes) + np.arange(new_off[-1])
+    return items[src], new_off
+
+
+def _csr_from_bins(values: np.ndarray, bin_of: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR of values grouped by bin_of (>= 0), keeping their order within a bin."""
+    order = np.argsort(bin_of, kind="stable")
+    offsets = np.zeros(n_bins + 1, np.int64)
+    np.cumsum(np.bincount(bin_of, minlength=n_bins), out=offsets[1:])
+    return values[order], offsets
+
+
+def _bfd_last_group(gs: np.ndarray, bin_of: np.ndarray, nb: int, lengths: np.ndarray,
+                    R: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The last group's plan when LPT does not fit it: its BFD bins, the fullest multiples of R
+    first (each step's bins alike in sum(len^2)), then the tail step, whose multi-sequence bins
+    are split so a rank is left empty only when that step has fewer sequences than ranks.
+    Returns (items, offsets, whether there is such a tail step: it stays the epoch's last)."""
+    items, off = _csr_from_bins(gs, bin_of, nb)
+    tok, sq = _bin_costs(lengths, items, off)
+    by_fill = np.argsort(-tok, kind="stable")
+    full_n = (nb // R) * R
+    head = by_fill[:full_n][np.argsort(sq[by_fill[:full_n]], kind="stable")]
+    head_items, head_off = _csr_take(items, off, head)
+    tail = [items[off[b]:off[b + 1]] for b in by_fill[full_n:]]
+    if tail:
+        tail += [_EMPTY] * (R - len(tail))
+        fill_empty_packs(tail, lengths)
+    tail_off = head_off[-1] + np.cumsum([0] + [len(t) for t in tail])
+    return np.concatenate([head_items, *tail]), np.concatenate([head_off, tail_off[1:]]), bool(tail)
+
+
+def fill_empty_packs(packs: list[np.ndarray], lengths: np.ndarray) -> None:
+    """Give every empty pack one sequence, in place: each empty pack in turn takes the longest
+    sequence of the pack with the most sequences (the first such), while one has two or more."""
+    sizes = np.array([len(p) for p in packs], np.int64)
+    for e in np.flatnonzero(sizes == 0):
+        donor = int(np.argmax(sizes))
+        if sizes[donor] < 2:
+            return
+        k = int(np.argmax(lengths[packs[donor]]))
+        packs[e] = packs[donor][k:k + 1]
+        packs[donor] = np.delete(packs[donor], k)
+        sizes[e], sizes[donor] = 1, sizes[donor] - 1
+
+
+def _lpt_group(ls: np.ndarray, B: int, capacity: int, ideal: int, ws: _Workspace) -> np.ndarray:
+    """Bins of a group's items (ls sorted decreasing) in B bins; -1 = carried to the next group.
+    Tries LPT/best-fit splits from most-LPT (best balance) to most-best-fit (tightest fill) and
+    takes the first within 0.05% of the ideal token count, else the fullest."""
+    slack = (B * capacity) // 2000
+    best, best_kept = None, -1
+    div = 0  # first pure LPT (balances best; fits when the bins have spare room), then C/_SMALL_DIV...
+    while True:
+        small = 1 if div == 0 else max(1, capacity // div)
+        out = ws.out[:ls.shape[0]]
+        _fit(ls, B, capacity, small, False, ws.tree, ws.size, ws.head, ws.nxt, ws.load, ws.hid, ws.room, out)
+        kept = int(ls[out >= 0].sum())
+        if kept > best_kept:
+            best, best_kept = out.copy(), kept
+        if kept >= ideal - slack or div == 4:
+            return best
+        div = _SMALL_DIV if div == 0 else div // 2
+
+
+def _pack_groups(lengths: np.ndarray, perm: np.ndarray, keys: np.ndarray, C: int, R: int, drop_last: bool,
+                 swap_rounds: int) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 2-6 of the module docstring. keys: uniform floats, consumed in order to shuffle
+    steps within a group and bins within a step."""
     n = perm.shape[0]
-    size = 1
-    while size < capacity + 1:
-        size *= 2
-    tree = np.zeros(2 * size, np.int64)
-    head = np.full(capacity + 1, -1, np.int64)
-    maxn = n + R + 1  # bins (BFD: <= n; LPT groups: <= n + R - 1)
-    nxt = np.empty(maxn, np.int64)
-    bin_of = np.empty(maxn, np.int64)
-    bin_room = np.empty(maxn, np.int64)
-
-    out_idx = np.empty(n, np.int64)
-    out_off = np.zeros(n + R + 2, np.int64)  # bin boundaries; bins <= n + R
-    n_out = 0
-    n_bins_out = 0
-    key_pos = 0
-
-    carry = np.empty(0, np.int64)
-    pos = 0
-    while pos < n or carry.shape[0] > 0:
-        # ---- gather a group: carry + next items up to group_tokens
-        tok = 0
-        for j in range(carry.shape[0]):
-            tok += lengths[carry[j]]
-        end = pos
-        while end < n and (tok < group_tokens or end - pos + carry.shape[0] < min_group_items):
-            tok += lengths[perm[end]]
-            end += 1
+    ws = _Workspace.allocate(n, C, R)
+    group_tokens = _GROUP_STEPS * R * C
+    cum = np.zeros(n + 1, np.int64)
+    np.cumsum(lengths[perm], out=cum[1:])
+    parts, sizes = [], []
+    carry, pos, key_pos = _EMPTY, 0, 0
+    while pos < n or carry.shape[0]:
+        # ---- a group: carry + the next sequences up to group_tokens (and _MIN_GROUP_ITEMS)
+        carry_tok = int(lengths[carry].sum())
+        by_tokens = int(np.searchsorted(cum, cum[pos] + group_tokens - carry_tok, "left"))
+        end = min(n, max(pos, by_tokens, pos + _MIN_GROUP_ITEMS - carry.shape[0]))
+        tok = carry_tok + int(cum[end] - cum[pos])
         last = end >= n
-        g = np.empty(carry.shape[0] + end - pos, np.int64)
-        g[: carry.shape[0]] = carry
-        g[carry.shape[0]:] = perm[pos:end]
+        g = np.concatenate((carry, perm[pos:end]))
         pos = end
-        # ---- best-fit-decreasing (stable sort on -len for determinism)
-        gl = np.empty(g.shape[0], np.int64)
-        for j in range(g.shape[0]):
-            gl[j] = -lengths[g[j]]
-        order = np.argsort(gl, kind="mergesort")
-        gs = g[order]
-        ls = np.empty(gs.shape[0], np.int64)
-        for j in range(gs.shape[0]):
-            ls[j] = lengths[gs[j]]
-        nb = _bfd(ls, capacity, tree, size, head, nxt, bin_of, bin_room)
-        # ---- main path: LPT into B bins (B from the token total / the BFD bin count), so every
-        # bin of the group gets the same mix of long sequences and nearly the same fill;
-        # sequences that do not fit are carried to the next group.
-        if last and not drop_last:
-            B = ((nb + R - 1) // R) * R
-        else:
-            B = (min(nb, tok // capacity) // R) * R
-        if B == 0 and not last:
+        gs = g[np.argsort(-lengths[g], kind="stable")]
+        ls = lengths[gs]
+        nb = _fit(ls, 0, C, C + 1, True, ws.tree, ws.size, ws.head, ws.nxt, ws.load, ws.hid, ws.room, ws.bin_of)
+        # ---- B bins (from the token total / the BFD bin count), a multiple of R
+        B = -(-nb // R) * R if last and not drop_last else (min(nb, tok // C) // R) * R
+        if B == 0:
+            if last:
+                break  # drop_last and less than one full step left
             carry = g
             continue
-        if B == 0:
-            break  # drop_last and less than one full step left
-        # try LPT/best-fit splits from most-LPT (best balance) to most-best-fit (tightest fill);
-        # take the first that keeps within `slack` of the ideal token count, else the fullest
-        ideal = min(tok, B * capacity)
-        slack = (B * capacity) // 2000
-        best_kept = -1
-        lpt_of = np.empty(0, np.int64)
-        n_over = 0
-        div = 0  # first pure LPT (balances best; fits when the bins have spare room), then C/small...
-        while True:
-            thr = 1 if div == 0 else max(1, capacity // div)
-            cand = _lpt_bf(ls, B, capacity, thr, tree, size, head, nxt)
-            kept_tok = 0
-            c_over = 0
-            for j in range(ls.shape[0]):
-                if cand[j] >= 0:
-                    kept_tok += ls[j]
-                else:
-                    c_over += 1
-            if kept_tok > best_kept:
-                best_kept = kept_tok
-                lpt_of = cand
-                n_over = c_over
-            if kept_tok >= ideal - slack or div == 4:
-                break
-            div = small if div == 0 else div // 2
-        if not (last and not drop_last and n_over > 0):
-            cnt = np.zeros(B + 1, np.int64)
-            new_carry = np.empty(n_over, np.int64)
-            c = 0
-            for j in range(gs.shape[0]):
-                if lpt_of[j] >= 0:
-                    cnt[lpt_of[j] + 1] += 1
-                else:
-                    new_carry[c] = gs[j]
-                    c += 1
-            carry = new_carry if not last else np.empty(0, np.int64)
-            for b in range(B):
-                cnt[b + 1] += cnt[b]
-            fill = cnt[:-1].copy()
-            items = np.empty(gs.shape[0] - n_over, np.int64)
-            btok = np.zeros(B, np.int64)
-            bsq = np.zeros(B, np.int64)
-            for j in range(gs.shape[0]):
-                b = lpt_of[j]
-                if b >= 0:
-                    items[fill[b]] = gs[j]
-                    fill[b] += 1
-                    btok[b] += ls[j]
-                    bsq[b] += ls[j] * ls[j]
+        bin_of = _lpt_group(ls, B, C, min(tok, B * C), ws)
+        fits = bin_of >= 0
+        if last and not drop_last and not fits.all():
+            items, offsets, partial = _bfd_last_group(gs, ws.bin_of[:gs.shape[0]], nb, lengths, R)
+            carry = _EMPTY
+            tok, sq = _bin_costs(lengths, items, offsets)
+        else:
+            carry = _EMPTY if last else gs[~fits]
+            items, offsets = _csr_from_bins(gs[fits], bin_of[fits], B)
             # steps = R consecutive bins in decreasing sum(len^2) (empty bins, only possible in
             # the last group and then fewer than R of them, sort to the end: the last step)
-            negsq = np.empty(B, np.int64)
-            for b in range(B):
-                negsq[b] = -bsq[b] * 4 - (1 if cnt[b + 1] > cnt[b] else 0)
-            by_sq = np.argsort(negsq, kind="mergesort")
-            n_steps = B // R
-            blist = []
-            tok_l = np.zeros(B, np.int64)
-            sq_l = np.zeros(B, np.int64)
-            has_empty = False
-            for t in range(B):
-                b = by_sq[t]
-                blist.append(items[cnt[b]:cnt[b + 1]].copy())
-                tok_l[t] = btok[b]
-                sq_l[t] = bsq[b]
-                if cnt[b + 1] == cnt[b]:
-                    has_empty = True
-            partial = has_empty
-        else:
-            blist, tok_l, sq_l, n_steps, partial, carry = _bfd_path(
-                gs, ls, nb, bin_of, lengths, R, last)
-        # ---- per step: balance by swaps, then emit in shuffled step order / rank order
-        skeys = shuffle_keys[key_pos:key_pos + n_steps].copy()
+            tok, sq = _bin_costs(lengths, items, offsets)
+            nonempty = np.diff(offsets) > 0
+            by_sq = np.argsort(-4 * sq - nonempty, kind="stable")
+            items, offsets = _csr_take(items, offsets, by_sq)
+            tok, sq = tok[by_sq], sq[by_sq]
+            partial = not nonempty.all()  # the step with empty packs stays last
+        n_steps = (offsets.shape[0] - 1) // R
+        # ---- balance each step by swaps, then emit in shuffled step order / rank order
+        if swap_rounds > 0 and R > 1:
+            _balance_steps(items, offsets, tok, sq, lengths, R, C, swap_rounds)
+        step_keys = keys[key_pos:key_pos + n_steps].copy()
         key_pos += n_steps
         if partial:
-            skeys[n_steps - 1] = 2.0  # the step with empty packs stays last
-        step_order = np.argsort(skeys, kind="mergesort")
-        for si in range(n_steps):
-            s = step_order[si]
-            sub = blist[s * R:(s + 1) * R]
-            st = tok_l[s * R:(s + 1) * R].copy()
-            ss = sq_l[s * R:(s + 1) * R].copy()
-            if swap_rounds > 0 and R > 1:
-                _balance_step(sub, st, ss, lengths, capacity, swap_rounds)
-            rkeys = shuffle_keys[key_pos:key_pos + R]
-            key_pos += R
-            rorder = np.argsort(rkeys, kind="mergesort")
-            for r in range(R):
-                arr = sub[rorder[r]]
-                for k in range(arr.shape[0]):
-                    out_idx[n_out] = arr[k]
-                    n_out += 1
-                n_bins_out += 1
-                out_off[n_bins_out] = n_out
-    return out_idx[:n_out], out_off[: n_bins_out + 1]
-
-
-@numba.njit(cache=True)
-def _bfd_path(gs, ls, nb, bin_of, lengths, R, last):
-    """Fallback (the last group when LPT does not fit): BFD bins; the tail step's bins split."""
-    # ---- bins as CSR
-    cnt = np.zeros(nb + 1, np.int64)
-    for j in range(gs.shape[0]):
-        cnt[bin_of[j] + 1] += 1
-    for b in range(nb):
-        cnt[b + 1] += cnt[b]
-    fill = cnt[:-1].copy()
-    items = np.empty(gs.shape[0], np.int64)
-    for j in range(gs.shape[0]):
-        b = bin_of[j]
-        items[fill[b]] = gs[j]
-        fill[b] += 1
-    btok = np.zeros(nb, np.int64)
-    bsq = np.zeros(nb, np.int64)
-    for b in range(nb):
-        for j in range(cnt[b], cnt[b + 1]):
-            L = lengths[items[j]]
-            btok[b] += L
-            bsq[b] += L * L
-    # ---- keep the fullest multiple of R bins; carry the rest (unless last group)
-    if last:
-        keep_n = nb
-    else:
-        keep_n = (nb // R) * R
-    by_fill = np.argsort(-btok, kind="mergesort")
-    kept = by_fill[:keep_n]
-    n_carry = 0
-    for t in range(keep_n, nb):
-        b = by_fill[t]
-        n_carry += cnt[b + 1] - cnt[b]
-    new_carry = np.empty(n_carry, np.int64)
-    c = 0
-    for t in range(keep_n, nb):
-        b = by_fill[t]
-        for j in range(cnt[b], cnt[b + 1]):
-            new_carry[c] = items[j]
-            c += 1
-    carry = new_carry
-    # ---- pad the last partial step with empty bins
-    n_steps = (keep_n + R - 1) // R
-    tot_bins = n_steps * R
-    # sort the full steps' bins by sq so consecutive R bins are alike; in the last group the
-    # keep_n % R least-full bins (the epoch's tail) form the final, partial step
-    full_n = (keep_n // R) * R
-    ksq = np.empty(full_n, np.int64)
-    for t in range(full_n):
-        ksq[t] = bsq[kept[t]]
-    head_part = kept[:full_n][np.argsort(ksq, kind="mergesort")]
-    kept = np.concatenate((head_part, kept[full_n:]))
-    # materialise bins as lists of item indices
-    blist = []
-    tok_l = np.zeros(tot_bins, np.int64)
-    sq_l = np.zeros(tot_bins, np.int64)
-    for t in range(tot_bins):
-        if t < keep_n:
-            b = kept[t]
-            blist.append(items[cnt[b]:cnt[b + 1]].copy())
-            tok_l[t] = btok[b]
-            sq_l[t] = bsq[b]
-        else:
-            blist.append(np.empty(0, np.int64))
-    # ---- last partial step: split multi-item bins into empty ones
-    if tot_bins > keep_n:
-        s0 = (n_steps - 1) * R
-        while True:
-            e = -1
-            for t in range(s0, tot_bins):
-                if blist[t].shape[0] == 0:
-                    e = t
-                    break
-            if e < 0:
-                break
-            # the bin with the most items gives away its largest item
-            m = -1
-            for t in range(s0, tot_bins):
-                if blist[t].shape[0] > 1 and (m < 0 or blist[t].shape[0] > blist[m].shape[0]):
-                    m = t
-            if m < 0:
-                break
-            arr = blist[m]
-            k_best = 0
-            for k in range(arr.shape[0]):
-                if lengths[arr[k]] > lengths[arr[k_best]]:
-                    k_best = k
-            moved = arr[k_best]
-            rest = np.empty(arr.shape[0] - 1, np.int64)
-            c = 0
-            for k in range(arr.shape[0]):
-                if k != k_best:
-                    rest[c] = arr[k]
-                    c += 1
-            blist[m] = rest
-            one = np.empty(1, np.int64)
-            one[0] = moved
-            blist[e] = one
-            L = lengths[moved]
-            tok_l[m] -= L
-            sq_l[m] -= L * L
-            tok_l[e] = L
-            sq_l[e] = L * L
-    return blist, tok_l, sq_l, n_steps, tot_bins > keep_n, carry
-
-
-@numba.njit(cache=True)
-def _plan_costs(lengths, indices, offsets):
-    nb = offsets.shape[0] - 1
-    tok = np.zeros(nb, np.int64)
-    sq = np.zeros(nb, np.int64)
-    for b in range(nb):
-        for j in range(offsets[b], offsets[b + 1]):
-            L = lengths[indices[j]]
-            tok[b] += L
-            sq[b] += L * L
-    return tok, sq
+            step_keys[-1] = 2.0  # (keys are < 1) the last step stays last
+        rank_keys = keys[key_pos:key_pos + n_steps * R].reshape(n_steps, R)
+        key_pos += n_steps * R
+        emit = np.argsort(step_keys, kind="stable")[:, None] * R + np.argsort(rank_keys, axis=1, kind="stable")
+        items, offsets = _csr_take(items, offsets, emit.ravel())
+        parts.append(items)
+        sizes.append(np.diff(offsets))
+    if not parts:
+        return _EMPTY, np.zeros(1, np.int64)
+    offsets = np.zeros(sum(s.shape[0] for s in sizes) + 1, np.int64)
+    np.cumsum(np.concatenate(sizes), out=offsets[1:])
+    return np.concatenate(parts), offsets
 
 
 # ----------------------------------------------------------------------------- python API
@@ -536,20 +416,14 @@ def pack_epoch(lengths: np.ndarray, batch_max_length: int, num_replicas: int, se
                drop_last: bool = False, swap_rounds: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Full plan of one epoch: (indices, offsets), pack of (step s, rank r) =
     indices[offsets[s*R + r] : offsets[s*R + r + 1]]. Lengths must be validated already."""
-    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    lengths = np.require(lengths, np.int64, ["C", "W"])  # one compiled signature: no read-only arrays
     n = lengths.shape[0]
     R = int(num_replicas)
-    C = int(batch_max_length)
     rng = _epoch_rng(seed, epoch)
     perm = rng.permutation(n).astype(np.int64)
     # every step but the last has R non-empty packs: steps <= n // R + 1; keys per step: R + 1
-    n_keys = (n // R + 1) * (R + 1)
-    keys = rng.random(n_keys)
-    if n == 0:
-        return np.zeros(0, np.int64), np.zeros(1, np.int64)
-    group_tokens = _GROUP_STEPS * R * C
-    return _pack_epoch(lengths, perm, C, R, group_tokens, _MIN_GROUP_ITEMS, int(swap_rounds), keys, bool(drop_last),
-                       _SMALL_DIV)
+    keys = rng.random((n // R + 1) * (R + 1))
+    return _pack_groups(lengths, perm, keys, int(batch_max_length), R, bool(drop_last), int(swap_rounds))
 
 
 def plan_stats(lengths: np.ndarray, indices: np.ndarray, offsets: np.ndarray, batch_max_length: int,
@@ -557,7 +431,8 @@ def plan_stats(lengths: np.ndarray, indices: np.ndarray, offsets: np.ndarray, ba
     """Packing statistics of a plan (see MultipackDistributedBatchSampler.stats)."""
     lengths = np.ascontiguousarray(lengths, dtype=np.int64)
     R = int(num_replicas)
-    tok, sq = _plan_costs(lengths, np.ascontiguousarray(indices, np.int64), np.ascontiguousarray(offsets, np.int64))
+    indices = np.asarray(indices, np.int64)
+    tok, sq = _bin_costs(lengths, indices, np.asarray(offsets, np.int64))
     S = tok.shape[0] // R if R else 0
     tok = tok[: S * R].reshape(S, R)
     sq = sq[: S * R].reshape(S, R).astype(np.float64)
@@ -574,6 +449,7 @@ def plan_stats(lengths: np.ndarray, indices: np.ndarray, offsets: np.ndarray, ba
         "num_batches": S,
         "lower_bound_batches": lower,
         "efficiency": packed / (S * R * batch_max_length) if S else 0.0,
+        "packed_tokens": packed,
         "num_sequences": int(lengths.shape[0]),
         "packed_sequences": int(indices.shape[0]),
         "dropped_sequences": int(lengths.shape[0] - indices.shape[0]),
@@ -585,12 +461,33 @@ def plan_stats(lengths: np.ndarray, indices: np.ndarray, offsets: np.ndarray, ba
     }
 
 
+_SIGNATURE = "MultipackDistributedBatchSampler(batch_max_length, lengths, num_replicas=None, rank=None, seed=0)"
+
+
+def _check_call(batch_max_length, lengths) -> tuple[int, np.ndarray]:
+    """(batch_max_length as int, lengths as a 1-D array), or a TypeError that names the order."""
+    try:
+        budget = operator.index(batch_max_length)
+    except TypeError:
+        hint = (" (it looks like (lengths, batch_max_length), the other order)"
+                if np.ndim(batch_max_length) == 1 and np.ndim(lengths) == 0 else "")
+        raise TypeError(f"{_SIGNATURE}: batch_max_length must be an integer token budget, got "
+                        f"{type(batch_max_length).__name__}{hint}; positional arguments follow the original "
+                        f"multipack sampler's order, or pass batch_max_length=..., lengths=...") from None
+    array = np.asarray(lengths)
+    if array.ndim != 1:
+        raise TypeError(f"{_SIGNATURE}: lengths must be a 1-D sequence of token counts, got "
+                        f"{type(lengths).__name__} of shape {array.shape}; positional arguments follow the "
+                        f"original multipack sampler's order, or pass batch_max_length=..., lengths=...")
+    return budget, array
+
+
 class MultipackDistributedBatchSampler:
-    """Batch sampler yielding, for this rank, one list of dataset indices per micro-step.
+    """Batch sampler yielding, for this rank, one numpy int64 array of dataset indices per micro-step.
 
     Args:
-        lengths: token count of every sequence (1 <= length <= batch_max_length).
         batch_max_length: token budget C of one pack (one rank, one micro-step).
+        lengths: token count of every sequence (1 <= length <= batch_max_length).
         num_replicas, rank: default to torch.distributed's world size / rank when it is
             initialised, else 1 / 0.
         seed: shuffling seed; the plan is a pure function of (lengths, C, seed, epoch, R).
@@ -600,25 +497,35 @@ class MultipackDistributedBatchSampler:
         quadratic_weight: b/a of the modeled cost a*tokens + b*sum(len^2) used by stats()
             (2e-5 ~ a 7B Llama: 6*layers*hidden / (6*params)).
 
+    The positional order is the original multipack sampler's; keyword calls work in any order.
+
     Guarantees: every index exactly once per epoch (unless drop_last), every pack <= C tokens,
     all ranks yield the same count, a pack is empty only in the last step and only when it
     has fewer sequences than ranks; a new order each epoch; ranks agree without communication.
     """
 
-    def __init__(self, lengths, batch_max_length: int, num_replicas: int | None = None, rank: int | None = None,
-                 seed: int = 0, drop_last: bool = False, quadratic_weight: float = 2e-5):
+    def __new__(cls, *args, **kwargs):
+        # S(lengths, batch_max_length=C) would otherwise fail with Python's "got multiple values
+        # for argument" before __init__ runs, which does not say the expected order
+        for position, name in enumerate(("batch_max_length", "lengths")):
+            if len(args) > position and name in kwargs:
+                raise TypeError(f"{_SIGNATURE}: {name} given both as positional argument {position + 1} and as a "
+                                f"keyword; positional arguments follow the original multipack sampler's order "
+                                f"(batch_max_length, lengths), or pass both as keywords")
+        return super().__new__(cls)
+
+    def __init__(self, batch_max_length: int, lengths, num_replicas: int | None = None, rank: int | None = None,
+                 seed: int = 0, *, drop_last: bool = False, quadratic_weight: float = 2e-5):
+        budget, lengths = _check_call(batch_max_length, lengths)
         if num_replicas is None or rank is None:
             dist_r, dist_rank = _dist_defaults()
             num_replicas = dist_r if num_replicas is None else num_replicas
             rank = dist_rank if rank is None else rank
-        lengths = np.asarray(lengths)
-        if lengths.ndim != 1:
-            raise ValueError(f"lengths must be 1-D, got shape {lengths.shape}")
         if lengths.size and not np.issubdtype(lengths.dtype, np.integer):
             if not np.all(np.equal(np.mod(lengths, 1), 0)):
                 raise ValueError("lengths must be integers")
         self.lengths = np.ascontiguousarray(lengths, dtype=np.int64)
-        self.batch_max_length = int(batch_max_length)
+        self.batch_max_length = budget
         if self.batch_max_length < 1:
             raise ValueError(f"batch_max_length must be >= 1, got {batch_max_length}")
         bad = np.flatnonzero((self.lengths < 1) | (self.lengths > self.batch_max_length))
@@ -635,22 +542,27 @@ class MultipackDistributedBatchSampler:
         self.drop_last = bool(drop_last)
         self.quadratic_weight = float(quadratic_weight)
         self.epoch = 0
+        # efficiency() as in the original: tokens packed / token slots, over the epochs iterated
+        self.eff_total_used = 0
+        self.eff_total_slots = 0
         self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
     # -- plan
     def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose plan iteration yields (a new shuffle per epoch)."""
         self.epoch = int(epoch)
+
+    def pack(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Compute one epoch's plan, uncached (plan() caches it); the layout of plan()."""
+        return pack_epoch(self.lengths, self.batch_max_length, self.num_replicas, self.seed, epoch, self.drop_last)
 
     def plan(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(indices, offsets) of the whole epoch, all ranks: the pack of (step s, rank r) is
         indices[offsets[s*R + r] : offsets[s*R + r + 1]]. Cached for the latest epoch."""
         epoch = self.epoch if epoch is None else int(epoch)
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1], self._cache[2]
-        idx, off = pack_epoch(self.lengths, self.batch_max_length, self.num_replicas, self.seed, epoch,
-                              self.drop_last)
-        self._cache = (epoch, idx, off)
-        return idx, off
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, *self.pack(epoch))
+        return self._cache[1], self._cache[2]
 
     def all_rank_batches(self, epoch: int | None = None) -> list[list[list[int]]]:
         """The full plan as [step][rank] -> list of indices."""
@@ -659,17 +571,35 @@ class MultipackDistributedBatchSampler:
         S = (off.shape[0] - 1) // R
         return [[idx[off[s * R + r]:off[s * R + r + 1]].tolist() for r in range(R)] for s in range(S)]
 
+    def generate_batches(self, set_stats: bool = False) -> list[np.ndarray]:
+        """This rank's batches of the current epoch (int64 index arrays), as the original's
+        generate_batches; set_stats=True adds the epoch to efficiency() (as iterating does)."""
+        idx, off = self.plan()
+        R, r = self.num_replicas, self.rank
+        batches = [idx[off[s * R + r]:off[s * R + r + 1]].copy() for s in range((off.shape[0] - 1) // R)]
+        if set_stats:
+            st = self.stats()
+            self.eff_total_used += st["packed_tokens"]
+            self.eff_total_slots += st["num_batches"] * R * self.batch_max_length
+        return batches
+
     def num_batches(self) -> int:
+        """Batches per rank in the current epoch (the same on every rank)."""
         return (self.plan()[1].shape[0] - 1) // self.num_replicas
 
     def __len__(self) -> int:
         return self.num_batches()
 
-    def __iter__(self) -> Iterator[list[int]]:
-        idx, off = self.plan()
-        R, r = self.num_replicas, self.rank
-        for s in range((off.shape[0] - 1) // R):
-            yield idx[off[s * R + r]:off[s * R + r + 1]].tolist()
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter(self.generate_batches(set_stats=True))
+
+    def efficiency(self) -> float:
+        """Tokens packed / token slots (steps * num_replicas * batch_max_length), all ranks,
+        summed over every epoch iterated so far, as the original's efficiency(); before the
+        first iteration, the current epoch's plan."""
+        if self.eff_total_slots == 0:
+            return self.stats()["efficiency"]
+        return self.eff_total_used / self.eff_total_slots
 
     def stats(self) -> dict:
         """Statistics of the current epoch's plan, for logging: efficiency (tokens / (steps*R*C)),

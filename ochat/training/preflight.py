@@ -25,13 +25,13 @@ from ochat.training.model_config import ModelConfig
 from ochat.training.runtime import TrainError, log
 
 
-_RUN_OUTPUT = re.compile(r"(ep_\d+|final)(\.tmp|\.old)?|ds_state|metrics\.jsonl")  # what a run writes in --save-path
+_RUN_OUTPUT = re.compile(r"ep_\d+|final|ds_state|metrics\.jsonl")  # what a run writes in --save-path
 _LOCK = ".ochat.lock"
 
 
 def previous_run_outputs(save_path: str) -> list[str]:
-    """The outputs of an earlier run in save_path: ep_N/, final/ (and their leftovers of an interrupted save,
-    NAME.tmp / NAME.old), ds_state/, metrics.jsonl."""
+    """The outputs of an earlier run in save_path: ep_N/, final/, ds_state/, metrics.jsonl. (The temporary
+    folder of an interrupted checkpoint write is ochat.utils.atomic's to clean.)"""
     if not os.path.isdir(save_path):
         return []
     return sorted(n for n in os.listdir(save_path) if _RUN_OUTPUT.fullmatch(n))
@@ -43,8 +43,8 @@ def _remove(path: str) -> None:
 
 def prepare_save_path(cfg: TrainConfig, is_main: bool):
     """The save path must be a folder this run may write, and no other run's: a previous run there is continued
-    (--resume; leftovers of its interrupted saves are removed) or replaced (--overwrite: only its own outputs are
-    deleted), never silently mixed with this one. Rank 0 holds a lock on it for the run; returns the lock's file."""
+    (--resume) or replaced (--overwrite: only its own outputs are deleted), never silently mixed with this one.
+    Rank 0 holds a lock on it for the run; returns the lock's file."""
     if os.path.exists(cfg.save_path) and not os.path.isdir(cfg.save_path):
         raise TrainError(f"--save-path {cfg.save_path} is a file, not a folder")
     previous = previous_run_outputs(cfg.save_path)
@@ -63,11 +63,8 @@ def prepare_save_path(cfg: TrainConfig, is_main: bool):
         except OSError:
             raise TrainError(f"--save-path {cfg.save_path} is being written by another run (it holds "
                              f"{os.path.join(cfg.save_path, _LOCK)}): wait for it or choose another folder") from None
-        stale = previous if cfg.overwrite else [n for n in previous if n.endswith((".tmp", ".old"))]
-        for name in stale:
+        for name in previous if cfg.overwrite else []:
             _remove(os.path.join(cfg.save_path, name))
-        if stale and cfg.resume:
-            log(f"removed the leftovers of an interrupted save: {', '.join(stale)}")
     if dist.is_initialized():
         dist.barrier()  # the other ranks start once rank 0 has made the folder
     return lock
@@ -97,29 +94,59 @@ def open_training_data(cfg: TrainConfig) -> tuple[TokenizedDataset, TokenizedDat
 
 
 def check_model_type(cfg: TrainConfig, meta: dict) -> ModelType:
-    """The model type the dataset was made for (and --model-type, if given, must be it)."""
+    """The model type the dataset was made for, with the chat template it used (and --model-type, if given,
+    must be it)."""
     if cfg.model_type and cfg.model_type != meta["model_type"]:
         raise TrainError(f"the dataset was tokenized for model type {meta['model_type']!r}, not {cfg.model_type!r}: "
                          f"re-run ochat.data.generate_dataset with --model-type {cfg.model_type}")
-    return get_model_type(meta["model_type"])
+    chat_template = meta.get("chat_template") if meta["model_type"] == "chat_template" else None
+    return get_model_type(meta["model_type"], chat_template)
 
 
-def check_tokenizer(cfg: TrainConfig, meta: dict, model_type: ModelType) -> Tokenizer:
-    """The model folder's tokenizer, which must be the one the dataset was tokenized with."""
-    try:
-        tok = load_tokenizer(cfg.model_path, model_type)
-    except Exception as e:  # any loading failure is the user's folder: one line
-        raise TrainError(f"cannot load a tokenizer from {cfg.model_path}: {e}") from None
-    if meta.get("vocab_size") != tok.vocab_size or meta.get("eot_token_id") != tok.eot_id:
+def _probe_texts(dataset: TokenizedDataset, tokenizer: Tokenizer, count: int = 64) -> list[str]:
+    """Texts of `count` conversations spread over the dataset, decoded with the tokenizer that made them."""
+    picks = np.linspace(0, len(dataset) - 1, num=min(count, len(dataset))).astype(int)
+    return [tokenizer.decode(dataset[int(i)][0]) for i in np.unique(picks)]
+
+
+def check_tokenizer(cfg: TrainConfig, dataset: TokenizedDataset, model_type: ModelType) -> Tokenizer:
+    """The tokenizer the dataset was made with (else, when its file is not here, the model folder's), after
+    checking that the model folder's tokenizer has its vocabulary and end-of-turn id and splits a sample of the
+    data's text into the same ids. Checkpoints carry the returned tokenizer."""
+    meta = dataset.meta
+
+    def load(path):
+        try:
+            return load_tokenizer(path, model_type)
+        except Exception as e:  # any loading failure is the user's folder or file: one line
+            raise TrainError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+
+    model_tok = load(cfg.model_path)
+    if meta.get("vocab_size") != model_tok.vocab_size or meta.get("eot_token_id") != model_tok.eot_id:
         raise TrainError(f"{cfg.data_path} was tokenized with another tokenizer (vocab {meta.get('vocab_size')}, "
-                         f"end-of-turn id {meta.get('eot_token_id')}) than {cfg.model_path}'s (vocab {tok.vocab_size}, "
-                         f"end-of-turn id {tok.eot_id}): re-run ochat.data.generate_dataset with this tokenizer")
-    return tok
+                         f"end-of-turn id {meta.get('eot_token_id')}) than {cfg.model_path}'s (vocab "
+                         f"{model_tok.vocab_size}, end-of-turn id {model_tok.eot_id}): re-run "
+                         f"ochat.data.generate_dataset with this tokenizer")
+    data_path = meta.get("tokenizer")
+    if not data_path or not os.path.exists(data_path):
+        log(f"the dataset's tokenizer ({data_path}) is not on this machine: {cfg.model_path}'s was checked for its "
+            f"vocabulary and end-of-turn id only, and checkpoints carry it")
+        return model_tok
+    data_tok = load(data_path)
+    for text in _probe_texts(dataset, data_tok):
+        if model_tok.encode_batch([text]) != data_tok.encode_batch([text]):
+            differing = next((t for t in text.splitlines() if model_tok.encode_batch([t]) != data_tok.encode_batch([t])),
+                             text)
+            raise TrainError(f"{cfg.model_path}'s tokenizer splits the data's text into other ids than {data_path}, "
+                             f"which made {cfg.data_path}: e.g. {differing[:80]!r}. Train with the tokenizer the data "
+                             f"was made with (put its files in the model folder) or re-tokenize with the model's")
+    return data_tok
 
 
-def check_vocabulary(vocab_size: int, tokenizer: Tokenizer, model_type: ModelType) -> None:
+def check_vocabulary(vocab_size: int, tokenizer: Tokenizer) -> None:
+    """The model's vocabulary must hold the tokenizer's, the end-of-turn token included."""
     if tokenizer.eot_id >= vocab_size or tokenizer.vocab_size > vocab_size:
-        raise TrainError(f"the model's vocabulary ({vocab_size}) lacks the end-of-turn token {model_type.eot_token!r} "
+        raise TrainError(f"the model's vocabulary ({vocab_size}) lacks the end-of-turn token {tokenizer.eot_token!r} "
                          f"(id {tokenizer.eot_id}): add it first with `python -m ochat.training.add_tokens`")
 
 

@@ -110,16 +110,17 @@ class UlyssesAttention:
         self.exchange = DistributedAttention(self._attend_whole_pack, group, scatter_idx=2, gather_idx=0)
 
     @staticmethod
-    def _attend_whole_pack(q, k, v, cu_seqlens, max_seqlen, window, backend):
+    def _attend_whole_pack(q, k, v, cu_seqlens, max_seqlen, window, backend, **variant):
         o = varlen_attention(q.squeeze(1), k.squeeze(1), v.squeeze(1), cu_seqlens, max_seqlen, window=window,
-                             backend=backend)
+                             backend=backend, **variant)
         return o.unsqueeze(1)
 
-    def __call__(self, q, k, v, cu_seqlens, max_seqlen, window=None, backend="auto"):
+    def __call__(self, q, k, v, cu_seqlens, max_seqlen, window=None, backend="auto", **variant):
+        """`variant`: the model's attention variants (softmax scale, soft-capping), passed on unchanged."""
         if self.repeats > 1:
             k, v = k.repeat_interleave(self.repeats, dim=1), v.repeat_interleave(self.repeats, dim=1)
         out = self.exchange(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), 1, None, cu_seqlens, max_seqlen,
-                            window, backend)
+                            window, backend, **variant)
         return out.squeeze(1)
 
 

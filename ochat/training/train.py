@@ -26,6 +26,7 @@ from ochat.training.engine import build_engine, load_model
 from ochat.training.loss import grad_average_ranks
 from ochat.training.metrics import ProgressLog
 from ochat.training.packs import PackPlan, eval_packs
+from ochat.training.recompute import AutoRecompute
 from ochat.training.runtime import StopRequest, Stopped, TrainError, log, setup_runtime
 from ochat.training.state import RunSettings, TrainState, latest_state, load_state
 from ochat.training.step import StepStats, eval_loss, train_step
@@ -39,7 +40,7 @@ def train(cfg: TrainConfig) -> TrainState:
     # ---------------------------------------------------------------- data
     train_ds, eval_ds = preflight.open_training_data(cfg)
     model_type = preflight.check_model_type(cfg, train_ds.meta)
-    tokenizer = preflight.check_tokenizer(cfg, train_ds.meta, model_type)
+    tokenizer = preflight.check_tokenizer(cfg, train_ds, model_type)
     batch_max_len = cfg.batch_max_len or (cfg.batch_size_per_gpu or 8) * model_type.context_length
     preflight.check_long_context(cfg, rt.world_size, rt.device)
     preflight.check_lengths(batch_max_len, cfg.sequence_parallel, train=train_ds, eval=eval_ds)
@@ -58,7 +59,7 @@ def train(cfg: TrainConfig) -> TrainState:
                                       offload_activations=cfg.offload_activations)
     average_ranks = grad_average_ranks(ds_config, rt.world_size)  # what DeepSpeed divides the gradients by
     model = load_model(cfg, rt, ds_config)
-    preflight.check_vocabulary(model.config.vocab_size, tokenizer, model_type)
+    preflight.check_vocabulary(model.config.vocab_size, tokenizer)
     if not cfg.no_save:
         preflight.check_disk_space(cfg.save_path, model.config.num_params(), rt.bf16)
     engine = build_engine(cfg, rt, model, ds_config, total_steps=settings.total_steps,
@@ -66,6 +67,7 @@ def train(cfg: TrainConfig) -> TrainState:
     state = _resume(cfg, engine, settings) if cfg.resume else TrainState()
     if not cfg.skip_self_check:
         preflight.self_check(engine, model.config.vocab_size, rt.device, rt.bf16, cfg.sequence_parallel)
+    recompute = AutoRecompute(model, batch_max_len, rt.device) if cfg.gradient_checkpointing == "auto" else None
     # ---------------------------------------------------------------- loop
     progress = ProgressLog(cfg, model.config, world_size=rt.world_size, device=rt.device,
                            total_steps=settings.total_steps, is_main=rt.is_main, resumed_at=state.global_step)
@@ -78,6 +80,8 @@ def train(cfg: TrainConfig) -> TrainState:
         for micro_batches in plan.steps(epoch, state.step_in_epoch, pin_memory=rt.cuda):
             stats = train_step(engine, micro_batches, average_ranks, stop.requested())
             skipped_in_row = _stop_if_diverged(stats, state, skipped_in_row, cfg.max_skipped_steps)
+            if recompute is not None:
+                recompute.after_step()
             state.advance(steps)
             eta = (time.time() - t_start) / (state.global_step - first_step) * (settings.total_steps - state.global_step)
             progress.step(epoch, state.global_step, stats, eta, efficiency)

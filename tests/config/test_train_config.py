@@ -42,7 +42,7 @@ def test_defaults():
     (["--batch-max-len", "8", "--batch-size-per-gpu", "2"], "give --batch-max-len or --batch-size-per-gpu, not both"),
     (["--dtype", "fp16"], "invalid choice: 'fp16' (choose from 'auto', 'bf16', 'float32')"),
     (["--dtype", "fp8"], "invalid choice: 'fp8'"),
-    (["--attn-impl", "flash"], "invalid choice: 'flash' (choose from 'auto', 'flash_attn', 'torch_varlen', 'sdpa')"),
+    (["--attn-impl", "flash"], "invalid choice: 'flash' (choose from 'auto', 'flash_attn_4', 'flash_attn', 'torch_varlen', 'sdpa')"),
     (["--wandb-mode", "off"], "invalid choice: 'off'"),
     (["--lr", "-1"], "--lr must be a finite number > 0.0 (got -1.0)"),
     (["--lr", "nan"], "--lr must be a finite number > 0.0 (got nan)"),

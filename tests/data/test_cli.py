@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ochat.config import get_model_type
 from ochat.data import open_dataset
 from ochat.data.generate_dataset import main
 
@@ -34,21 +35,22 @@ def test_defaults_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "records read      500" in r.stdout and "Traceback" not in r.stderr
     out = tmp_path / "out"
-    assert sorted(os.listdir(out)) == ["eval.arrow", "meta.json", "train.arrow"]
+    assert sorted(os.listdir(out)) == [".ochat.json", "eval.arrow", "meta.json", "skipped.jsonl", "train.arrow"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary folder left
     meta = json.loads((out / "meta.json").read_text())
     for k in ("model_type", "tokenizer_sha256", "vocab_size", "eot_token_id", "bos_token_id", "max_length",
               "report", "condition_counts", "length_stats", "args"):
         assert k in meta
     assert meta["vocab_size"] == 32001 and meta["eot_token_id"] == 32000 and meta["max_length"] == 4096
     ds, ev = open_dataset(out), open_dataset(out, "eval")
-    assert len(ds) + len(ev) == 500 and len(ev) == 5
+    assert len(ds) + len(ev) == 500 and 0 < len(ev) < 15  # each conversation in eval with probability 0.01
     toks, w = ds[0]
     assert toks.dtype == np.int32 and w.dtype == np.float32 and toks[0] == 1 and len(toks) == ds.lengths[0]
     # a second run into the same (ochat) directory replaces it
     assert cli("--out-dir", str(out), "--quiet").returncode == 0
 
 
-def test_report_counts_every_record(tmp_path):
+def test_report_counts_every_record(tmp_path, tok):
     recs = [sg(("human", "q"), ("gpt", "a")),                      # written
             sg(("human", "q")),                                     # no_assistant
             {"text": "x"},                                          # no_conversation
@@ -72,6 +74,14 @@ def test_report_counts_every_record(tmp_path):
     assert ds.lengths.tolist()[1] == 30
     t, w = ds[1]
     assert w.max() == pytest.approx(0.1) and w[-1] > 0
+    full = len(get_model_type("openchat_v3.2").template.encode(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 50}], tok)[0])
+    assert r["truncated_tokens_dropped"] == full - 30 and r["longest_before_truncation"] == full
+    assert r["normalised"] == {} and r["rewritten_turns"] == 0 and r["bad_lines"] == {}
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert skipped == [{"file": f, "line": n, "reason": reason} for n, reason in [
+        (2, "no_assistant"), (3, "no_conversation"), (4, "unknown_role"), (5, "non_string_content"),
+        (6, "unknown_condition"), (7, "no_target_after_truncation"), (9, "not_an_object")]]
 
 
 def test_condition_flags(tmp_path):
@@ -124,6 +134,29 @@ def test_refuses_foreign_nonempty_dir(tmp_path):
     assert os.listdir(tmp_path) == ["keep.txt"]
 
 
+def test_a_meta_json_does_not_make_a_folder_ochat_output(tmp_path):
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.py").write_text("print('hi')")
+    (project / "README").write_text("readme")
+    (project / "meta.json").write_text(json.dumps({"ochat_dataset": 1}))
+    r = cli("--out-dir", str(project), "--quiet")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert f"--out-dir {project} is not empty and was not written by ochat" in r.stderr and "--overwrite" in r.stderr
+    assert (project / "src" / "main.py").read_text() == "print('hi')" and sorted(os.listdir(tmp_path)) == ["project"]
+    assert cli("--out-dir", str(project), "--quiet", "--overwrite").returncode == 0
+    assert not (project / "src").exists() and (project / ".ochat.json").is_file()
+
+
+def test_refuses_out_dir_holding_an_input(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    f = write_jsonl(data / "in.jsonl", [sg(("human", "q"), ("gpt", "a"))])
+    r = cli("--in-files", f, "--out-dir", str(data), "--overwrite", "--quiet")
+    assert r.returncode == 2 and f"--out-dir {data} holds the input {f}" in r.stderr
+    assert os.listdir(data) == ["in.jsonl"]
+
+
 def test_deterministic_across_workers(tmp_path):
     from ochat.assets import SHAREGPT_SAMPLE
 
@@ -135,7 +168,7 @@ def test_deterministic_across_workers(tmp_path):
         r["conversations"] = [dict(m, value=m["value"] + f" #{i}") for m in r["conversations"]]
         if i % 3 == 0:
             r["model"] = "gpt-3.5-turbo"
-        many.append(r)
+        many.append(r if i % 97 else {"broken": i})
     f = write_jsonl(tmp_path / "many.jsonl", many)
     outs = []
     for w in (1, 2):
@@ -143,6 +176,14 @@ def test_deterministic_across_workers(tmp_path):
         assert main(["--in-files", f, "--out-dir", str(out), "--workers", str(w), "--quiet", "--seed", "3",
                      "--eval-ratio", "0.05"]) == 0
         outs.append(out)
-    for split in ("train", "eval"):
-        assert (outs[0] / f"{split}.arrow").read_bytes() == (outs[1] / f"{split}.arrow").read_bytes()
-    assert len(open_dataset(outs[0], "eval")) == 60
+    for name in ("train.arrow", "eval.arrow", "skipped.jsonl"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
+    assert 30 < len(open_dataset(outs[0], "eval")) < 90  # 5% of 1,187 conversations
+    assert len((outs[0] / "skipped.jsonl").read_text().splitlines()) == 13
+
+
+def test_unwritable_out_dir_is_one_line(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    r = cli("--out-dir", str(tmp_path / "file.txt" / "out"), "--quiet")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert f"--out-dir {tmp_path / 'file.txt' / 'out'}: cannot write: " in r.stderr

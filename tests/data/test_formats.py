@@ -1,4 +1,4 @@
-"""Normalisation rules and file reading errors (ochat.data.formats)."""
+"""Normalisation rules (ochat.data.formats): roles, content parts, tools, consecutive turns, conditions."""
 import json
 
 import pytest
@@ -64,31 +64,148 @@ def test_bad_records():
     assert norm({"conversations": ["q", "a"]}) == F.BAD_MESSAGE
 
 
-def test_read_json_and_jsonl(tmp_path):
-    recs = [sg(("human", "q"), ("gpt", "a")), {"messages": []}]
-    (tmp_path / "a.json").write_text(json.dumps(recs))
-    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
-    assert F.read_records(tmp_path / "a.json") == recs == F.read_records(tmp_path / "a.jsonl")
+def msgs(*pairs):
+    return {"messages": [{"role": r, "content": c} for r, c in pairs]}
 
 
-def test_invalid_json_messages(tmp_path):
-    p = tmp_path / "bad.jsonl"
-    p.write_text('{"messages": []}\n{"messages": [}\n')
-    with pytest.raises(F.InputError, match=r"bad.jsonl: invalid JSON on line 2"):
-        F.read_records(p)
-    p = tmp_path / "bad.json"
-    p.write_text('[{"messages": []},\n {"messages": ]')
-    with pytest.raises(F.InputError, match=r"bad.json: invalid JSON at byte offset 33 \(line 2"):
-        F.read_records(p)
+def test_changes_are_recorded():
+    c = norm(sg(("gpt", "hello"), ("human", "a"), ("human", "b"), ("gpt", "c"), ("human", "e")))
+    assert c.changes == (F.DROPPED_LEADING, F.DROPPED_TRAILING, F.MERGED)
+    assert norm(sg(("human", "q"), ("gpt", "a"))).changes == ()
 
 
-def test_non_utf8(tmp_path):
-    p = tmp_path / "latin.jsonl"
-    p.write_bytes(b'{"messages": []}\n{"x": "caf\xe9"}\n')
-    with pytest.raises(F.InputError, match=r"latin.jsonl: not UTF-8 at byte offset 27 \(line 2\)"):
-        F.read_records(p)
+def test_merge_skips_empty_contents():
+    c = norm(sg(("human", ""), ("human", "b"), ("gpt", "a")))
+    assert c.messages[0]["content"] == "b"
 
 
-def test_missing_file(tmp_path):
-    with pytest.raises(F.InputError, match="cannot read"):
-        F.read_records(tmp_path / "nope.json")
+def test_content_parts():
+    rec = {"messages": [{"role": "system", "content": [{"type": "text", "text": "S1"}, {"type": "text", "text": "S2"}]},
+                        {"role": "user", "content": [{"type": "text", "text": "look"}, {"type": "text", "text": "here"}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]}
+    c = norm(rec)
+    assert c.system == "S1\nS2" and c.messages == [{"role": "user", "content": "look\nhere"},
+                                                   {"role": "assistant", "content": "ok"}]
+    image = {"type": "image_url", "image_url": {"url": "data:..."}}
+    assert norm({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}, image]},
+                              {"role": "assistant", "content": "a"}]}) == F.NON_TEXT_CONTENT
+    assert norm({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]},
+                              {"role": "assistant", "content": "a"}]}) == F.NON_STRING_CONTENT
+    assert norm({"messages": [{"role": "user", "content": ["q"]}, {"role": "assistant", "content": "a"}]}) == F.NON_STRING_CONTENT
+
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def test_tool_calls_and_results_kept():
+    rec = {"tools": TOOLS, "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "18C"},
+        {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "windy"}]},
+        {"role": "assistant", "content": "18C and windy"}]}
+    c = norm(rec)
+    assert c.tools == TOOLS and c.changes == ()
+    assert c.messages == [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "tool", "content": "18C", "tool_call_id": "call_1", "name": "get_weather"},
+        {"role": "tool", "content": "windy", "tool_call_id": "call_2"},
+        {"role": "assistant", "content": "18C and windy"}]
+
+
+def test_legacy_function_calling():
+    rec = {"functions": [{"name": "f", "parameters": {}}], "messages": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": {"x": "é"}}},
+        {"role": "function", "name": "f", "content": "42"},
+        {"role": "assistant", "content": "it is 42"}]}
+    c = norm(rec)
+    assert c.tools == [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    assert c.messages[1] == {"role": "assistant", "content": "",
+                             "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": '{"x": "é"}'}}]}
+    assert c.messages[2] == {"role": "tool", "content": "42", "name": "f"}
+    # a legacy function message names its function
+    rec["messages"][2] = {"role": "function", "content": "42"}
+    assert norm(rec) == F.BAD_MESSAGE
+
+
+def test_tools_as_json_string_and_bad_tools():
+    base = msgs(("user", "q"), ("assistant", "a"))
+    assert norm({**base, "tools": json.dumps(TOOLS)}).tools == TOOLS
+    assert norm({**base, "tools": []}).tools is None
+    assert norm({**base, "tools": "not json"}) == F.BAD_TOOLS
+    assert norm({**base, "tools": [{"name": "f"}]}) == F.BAD_TOOLS
+    assert norm({**base, "tools": TOOLS, "functions": [{"name": "f"}]}) == F.BAD_TOOLS
+
+
+@pytest.mark.parametrize("call", [
+    {"type": "function", "function": {"name": "f"}},                         # no arguments
+    {"type": "function", "function": {"name": 3, "arguments": "{}"}},
+    {"type": "retrieval", "function": {"name": "f", "arguments": "{}"}},
+    {"id": 5, "type": "function", "function": {"name": "f", "arguments": "{}"}},
+    "f()",
+])
+def test_bad_tool_calls(call):
+    rec = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}]}
+    assert norm(rec) == F.BAD_TOOL_CALL
+
+
+def test_consecutive_turn_rules_with_tools():
+    call = {"role": "assistant", "content": "", "tool_calls": [CALL]}
+    result = {"role": "tool", "content": "r"}
+    user, answer = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
+    # tool results never merge into user turns, nor into each other
+    c = norm({"messages": [user, call, result, result, answer]})
+    assert [m["role"] for m in c.messages] == ["user", "assistant", "tool", "tool", "assistant"]
+    # a tool result must answer a tool call
+    assert norm({"messages": [user, result, answer]}) == F.MISPLACED_TOOL
+    assert norm({"messages": [user, answer, result, answer]}) == F.MISPLACED_TOOL
+    # a tool call must be answered before the conversation goes on
+    assert norm({"messages": [user, call, answer]}) == F.UNANSWERED_TOOL_CALL
+    assert norm({"messages": [user, call, user, answer]}) == F.UNANSWERED_TOOL_CALL
+    # text then a call, as two assistant messages: merged (the call stays last)
+    c = norm({"messages": [user, {"role": "assistant", "content": "let me look"}, call, result, answer]})
+    assert c.messages[1] == {"role": "assistant", "content": "let me look", "tool_calls": [CALL]}
+    assert c.changes == (F.MERGED,)
+    # a conversation may end with a call (the call is the target); results after it carry no target
+    c = norm({"messages": [user, call, result]})
+    assert c.messages == [user, call] and c.changes == (F.DROPPED_TRAILING,)
+    # turns before the first user turn are dropped, tool results included
+    c = norm({"messages": [call, result, user, answer]})
+    assert c.messages == [user, answer] and c.changes == (F.DROPPED_LEADING,)
+
+
+def test_null_fields_count_as_absent():
+    # Parquet / Hugging Face datasets store a missing struct field as null
+    rec = {"messages": [{"role": "user", "content": "q", "tool_calls": None, "name": None, "from": None, "value": None},
+                        {"role": "assistant", "content": "a", "tool_calls": None, "function_call": None}],
+           "conversations": None, "condition": None, "model": None, "system": None, "tools": None}
+    c = norm(rec)
+    assert c.messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert c.condition == "GPT4" and c.system is None and c.tools is None
+
+
+def test_condition_precedence():
+    rec = sg(("human", "q"), ("gpt", "a"))
+    file_cond = lambda r, fc: F.normalize(r, MT, W, "GPT4", fc).condition
+    assert file_cond(dict(rec, condition="GPT4", model="gpt-3.5"), "GPT3") == "GPT4"   # record condition first
+    assert file_cond(dict(rec, model="gpt-4"), "GPT3") == "GPT3"                      # then the file's
+    assert file_cond(dict(rec, model="gpt-4"), None) == "GPT4"                        # then the model field
+    assert F.normalize(rec, MT, W, "GPT3", None).condition == "GPT3"                  # then the default
+    assert F.normalize(rec, MT, W, "GPT4", "GPT9") == F.UNKNOWN_CONDITION
+
+
+def test_developer_role_is_system():
+    c = norm(msgs(("developer", "D"), ("user", "q"), ("assistant", "a")))
+    assert c.system == "D"
+
+
+def test_lone_surrogates_are_skipped():
+    # valid JSON ("\ud800" escape) but no text: tokenizers cannot encode it
+    rec = json.loads('{"conversations": [{"from": "human", "value": "a\\ud800b"}, {"from": "gpt", "value": "ok"}]}')
+    assert norm(rec) == F.INVALID_UNICODE
+    assert norm({**msgs(("user", "q"), ("assistant", "a")), "system": "\udfff"}) == F.INVALID_UNICODE
+    assert norm(msgs(("user", "😀 é"), ("assistant", "a"))).messages[0]["content"] == "😀 é"

@@ -1,18 +1,19 @@
 """The memory-mapped reader: round trip, zero copy, and resident memory on a 100M-token file."""
 import json
+import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from ochat.data import TokenizedDataset, open_dataset
+from ochat.data import DatasetFormatError, TokenizedDataset, open_dataset, write_dataset
+from ochat.data.schema import ARROW_SCHEMA as SCHEMA
+from ochat.data.schema import FORMAT_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMA = pa.schema([("tokens", pa.list_(pa.int32())), ("weights", pa.list_(pa.float32())), ("length", pa.int32())])
 
 
 def write_arrow(path, batches):
@@ -29,9 +30,10 @@ def test_round_trip_multi_batch(tmp_path):
     items = [(rng.integers(0, 32001, n).tolist(), rng.random(n).astype(np.float32).tolist())
              for n in rng.integers(1, 50, 37)]
     write_arrow(tmp_path / "train.arrow", [items[:10], [], items[10:11], items[11:]])
-    (tmp_path / "meta.json").write_text(json.dumps({"model_type": "openchat_v3.2"}))
+    meta = {"ochat_dataset": FORMAT_VERSION, "model_type": "openchat_v3.2"}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
     ds = open_dataset(tmp_path)
-    assert len(ds) == 37 and ds.meta == {"model_type": "openchat_v3.2"}
+    assert len(ds) == 37 and ds.meta == meta
     assert ds.lengths.dtype == np.int64 and ds.lengths.tolist() == [len(t) for t, _ in items]
     for i, (t, w) in enumerate(items):
         gt, gw = ds[i]
@@ -44,6 +46,56 @@ def test_round_trip_multi_batch(tmp_path):
     assert not ds[0][0].flags.owndata and not ds[0][0].flags.writeable
     with pytest.raises(FileNotFoundError):
         open_dataset(tmp_path, "eval")
+
+
+def test_write_dataset_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    train = [(rng.integers(0, 32001, n, dtype=np.int32), rng.random(n, dtype=np.float32)) for n in rng.integers(1, 300, 50)]
+    evals = train[:3]
+    meta = write_dataset(tmp_path / "syn", train, evals, meta={"model_type": "openchat_v3.2", "vocab_size": 32001})
+    assert meta["ochat_dataset"] == FORMAT_VERSION and meta["vocab_size"] == 32001
+    lengths = np.array([len(t) for t, _ in train])
+    stats = meta["length_stats"]["train"]
+    assert stats["count"] == 50 and stats["tokens"] == lengths.sum() and stats["max"] == lengths.max()
+    for q in (50, 90, 99):
+        assert stats[f"p{q}"] == pytest.approx(np.percentile(lengths, q))
+    assert stats["weight_sum"] == pytest.approx(sum(float(w.sum()) for _, w in train), rel=1e-6)
+    ds, ev = open_dataset(tmp_path / "syn"), open_dataset(tmp_path / "syn", "eval")
+    assert len(ds) == 50 and len(ev) == 3 and ds.meta == meta
+    for i, (t, w) in enumerate(train):
+        assert np.array_equal(ds[i][0], t) and np.array_equal(ds[i][1], w)
+    # a second write replaces it (ochat wrote it); a folder ochat did not write is refused
+    write_dataset(tmp_path / "syn", train[:1])
+    assert len(open_dataset(tmp_path / "syn")) == 1
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(Exception, match="not empty and was not written by ochat"):
+        write_dataset(tmp_path / "mine", train)
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+
+
+def test_format_version_checked(tmp_path):
+    write_dataset(tmp_path / "d", [(np.arange(5, dtype=np.int32), np.ones(5, np.float32))])
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(dict(meta, ochat_dataset=FORMAT_VERSION + 1)))
+    with pytest.raises(DatasetFormatError, match=rf"d is an ochat dataset of format version {FORMAT_VERSION + 1}, "
+                                                 rf"this ochat reads version {FORMAT_VERSION}: re-run"):
+        open_dataset(tmp_path / "d")
+    del meta["ochat_dataset"]
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetFormatError, match=r"meta.json has no format version"):
+        open_dataset(tmp_path / "d")
+    (tmp_path / "d" / "meta.json").unlink()
+    with pytest.raises(DatasetFormatError, match=r"meta.json not found"):
+        open_dataset(tmp_path / "d")
+
+
+def test_foreign_columns_rejected(tmp_path):
+    schema = pa.schema([("input_ids", pa.list_(pa.int64()))])
+    with pa.OSFile(str(tmp_path / "train.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
+        w.write_table(pa.table({"input_ids": [[1, 2]]}))
+    with pytest.raises(DatasetFormatError, match=r"columns \(input_ids list<item: int64>\) are not ochat's \(tokens"):
+        TokenizedDataset(tmp_path / "train.arrow")
 
 
 def test_cli_output_matches_template(tmp_path):
@@ -74,6 +126,8 @@ def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
+# pyarrow sets up about 30 MB on its first to_numpy, whatever the data's size: not the dataset's memory
+pyarrow.array([1], pyarrow.int32()).to_numpy(zero_copy_only=True)
 rss0, anon0 = status("VmRSS"), status("RssAnon")
 ds = TokenizedDataset(sys.argv[1])
 total = int(ds.lengths.sum())

@@ -3,20 +3,42 @@ import torch
 import transformers
 
 from ochat.training.model import PackedCausalLM
-from ochat.training.model_config import ModelConfig
+from ochat.training.model_config import ARCHITECTURES, ModelConfig
 
 LENGTHS = [7, 1, 64, 23, 40]  # includes length 1 and the tiny config's context limit (64)
 
+
+def rope_pairs(**kw):
+    """A Hugging Face rope dict as ModelConfig.rope_scaling holds it (sorted pairs, lists as tuples)."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items()))
+
+
+GEMMA = dict(hidden_act="gelu_pytorch_tanh", head_dim=32, query_pre_attn_scalar=20, sliding_window=8,
+             layer_types=("sliding_attention", "full_attention"), tie_word_embeddings=True)
 VARIANTS = {
     "llama2": dict(),
-    "llama3_rope_scaling": dict(rope_theta=500000.0, rope_scaling=tuple(sorted(dict(
+    "llama3_rope_scaling": dict(rope_theta=500000.0, rope_scaling=rope_pairs(
         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=16).items()))),
+        original_max_position_embeddings=16)),
     "mistral_window": dict(model_type="mistral", sliding_window=8),
-    "qwen2_bias": dict(model_type="qwen2", qkv_bias=True, rope_theta=1e6),
+    "qwen2_bias": dict(model_type="qwen2", rope_theta=1e6),
     "tied": dict(tie_word_embeddings=True),
+    # head_dim 24 while hidden / heads = 16; q/k RMSNorm per head
+    "qwen3_qk_norm": dict(model_type="qwen3", head_dim=24, rope_theta=1e6),
+    # (1 + w) norms before and after attention and MLP, GeGLU, scaled embeddings, query_pre_attn_scalar,
+    # small soft-caps (they bend the tiny model's scores and logits), sliding then global layer, tied
+    "gemma2": dict(model_type="gemma2", attn_logit_softcapping=0.2, final_logit_softcapping=3.0, **GEMMA),
+    # as Gemma 2 without soft-capping, plus q/k norms, a local RoPE base and linear scaling on the global layer
+    "gemma3": dict(model_type="gemma3_text", rope_theta=1e6, rope_local_base_freq=100.0,
+                   rope_scaling=rope_pairs(rope_type="linear", factor=4.0), **GEMMA),
+    # fused qkv_proj / gate_up_proj, LongRoPE (conversations above 16 tokens take the long factors), partial rotary
+    "phi3_longrope": dict(model_type="phi3", partial_rotary_factor=0.75, rope_scaling=rope_pairs(
+        rope_type="longrope", original_max_position_embeddings=16, short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+        long_factor=[1.5, 2.0, 3.0, 4.0, 6.0, 8.0])),
+    # norms after attention and MLP only, q/k RMSNorm over the whole projection
+    "olmo2": dict(model_type="olmo2"),
 }
-HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+HF_CLASSES = {name: arch.hf_class for name, arch in ARCHITECTURES.items()}
 
 
 def make_pair(name, seed=0):

@@ -8,7 +8,7 @@ from ochat.kernels import attention
 from ochat.kernels.attention import resolve_backend, varlen_attention, varlen_attention_sdpa
 
 
-def dense_reference(q, k, v, cu, window=None):
+def dense_reference(q, k, v, cu, window=None, scale=None, softcap=None):
     """One big attention with an explicit block-diagonal causal (and windowed) mask, float64."""
     t, hq, d = q.shape
     rep = hq // k.shape[1]
@@ -18,7 +18,9 @@ def dense_reference(q, k, v, cu, window=None):
     mask = (seg[:, None] == seg[None, :]) & (i[:, None] >= i[None, :])
     if window is not None:
         mask &= (i[:, None] - i[None, :]) < window
-    s = torch.einsum("qhd,khd->hqk", q.double(), k.double()) / d ** 0.5
+    s = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * (d ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~mask, float("-inf"))
     return torch.einsum("hqk,khd->qhd", s.softmax(-1), v.double()).to(q.dtype)
 
@@ -31,11 +33,45 @@ def pack(lengths, hq=4, hkv=2, d=16, device="cpu", dtype=torch.float32, seed=0):
     return q, k, v, cu, max(lengths)
 
 
+@pytest.mark.parametrize("softcap", [None, 1.5])
+@pytest.mark.parametrize("scale", [None, 0.6])
 @pytest.mark.parametrize("window", [None, 3])
-def test_sdpa_reference_matches_dense_masked_attention(window):
+def test_sdpa_reference_matches_dense_masked_attention(window, scale, softcap):
     q, k, v, cu, mx = pack([5, 1, 12, 7])
-    out = varlen_attention(q, k, v, cu, mx, window=window, backend="sdpa")
-    torch.testing.assert_close(out, dense_reference(q, k, v, cu.cpu(), window), rtol=1e-5, atol=1e-6)
+    out = varlen_attention(q, k, v, cu, mx, window=window, backend="sdpa", scale=scale, softcap=softcap)
+    torch.testing.assert_close(out, dense_reference(q, k, v, cu.cpu(), window, scale, softcap), rtol=1e-5, atol=1e-6)
+    if scale is not None or softcap is not None:  # the variant changes the result
+        assert not torch.allclose(out, varlen_attention(q, k, v, cu, mx, window=window, backend="sdpa"), atol=1e-3)
+
+
+def test_soft_capped_reference_matches_transformers_gemma2_eager_attention():
+    """One conversation through transformers' own Gemma 2 eager attention (softcap, query_pre_attn_scalar)."""
+    from types import SimpleNamespace
+
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    q, k, v, cu, mx = pack([11])
+    causal = torch.full((11, 11), float("-inf")).triu(1)[None, None]
+    module = SimpleNamespace(num_key_value_groups=2, head_dim=16, training=False)
+    ref, _ = eager_attention_forward(module, *(x.transpose(0, 1)[None] for x in (q, k, v)), causal,
+                                     scaling=20 ** -0.5, softcap=2.0)
+    out = varlen_attention(q, k, v, cu, mx, backend="sdpa", scale=20 ** -0.5, softcap=2.0)
+    torch.testing.assert_close(out, ref[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_backend_that_cannot_run_a_variant_falls_back_with_the_reason_logged_once(monkeypatch, caplog):
+    monkeypatch.setattr(attention, "available", lambda name, device: name != "flash_attn_4")  # a GPU with FA2, torch
+    monkeypatch.setattr(attention, "_FA_PARAMS", set())  # a flash-attn without softcap
+    monkeypatch.setattr(attention, "_logged", set())
+    with caplog.at_level(logging.INFO, logger="ochat.kernels.attention"):
+        assert resolve_backend("auto", "cpu", softcap=True, window=True, scale=True) == "sdpa"
+        assert resolve_backend("torch_varlen", "cpu", softcap=True) == "sdpa"
+        assert resolve_backend("auto", "cpu", window=True, scale=True) == "flash_attn"
+    skips = [r.getMessage() for r in caplog.records if "cannot run" in r.getMessage()]
+    assert len(skips) == 2 and "flash-attn >= 2.6" in skips[0] and "soft-capping" in skips[1]
+    assert attention.unsupported("sdpa", softcap=True, window=True, scale=True) is None
+    with pytest.raises(NotImplementedError, match="soft-capping"):
+        varlen_attention(*pack([3])[:4], 3, backend="torch_varlen", softcap=1.0)
 
 
 def test_leaky_variant_differs():
@@ -68,17 +104,22 @@ def test_empty_pack():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["torch_varlen", "flash_attn"])
-@pytest.mark.parametrize("window", [None, 64])
-def test_gpu_backend_matches_reference_bf16(backend, window):
+@pytest.mark.parametrize("backend", ["flash_attn_4", "torch_varlen", "flash_attn", "sdpa"])
+@pytest.mark.parametrize("window,scale,softcap", [(None, None, None), (64, None, None), (None, 0.1, None),
+                                                  (64, 0.1, 2.0)])
+def test_gpu_backend_matches_reference_bf16(backend, window, scale, softcap):
     if not torch.cuda.is_available() or not attention.available(backend, "cuda"):
         pytest.skip(f"{backend} not available")
+    reason = attention.unsupported(backend, softcap=softcap is not None, window=window is not None,
+                                   scale=scale is not None)
+    if reason:
+        pytest.skip(reason)
     q, k, v, cu, mx = pack([300, 1, 1024, 77, 513], hq=8, hkv=2, d=64, device="cuda", dtype=torch.bfloat16)
     for x in (q, k, v):
         x.requires_grad_(True)
-    out = varlen_attention(q, k, v, cu, mx, window=window, backend=backend)
+    out = varlen_attention(q, k, v, cu, mx, window=window, backend=backend, scale=scale, softcap=softcap)
     q32, k32, v32 = (x.detach().float().requires_grad_(True) for x in (q, k, v))
-    ref = varlen_attention_sdpa(q32, k32, v32, cu, window=window)
+    ref = varlen_attention_sdpa(q32, k32, v32, cu, window=window, scale=scale, softcap=softcap)
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     assert rel < 1e-2, rel
     go = torch.randn_like(ref)

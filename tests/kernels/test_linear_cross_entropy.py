@@ -26,9 +26,9 @@ def _inputs(n, h, v, device="cpu", dtype=torch.float32, seed=0, zero_frac=0.4):
     return hidden, weight, labels.to(device), w.to(device)
 
 
-def _run(fn, hidden, weight, labels, w, grad_scale=0.7):
+def _run(fn, hidden, weight, labels, w, grad_scale=0.7, **kw):
     hidden.grad = weight.grad = None
-    sums = fn(hidden, weight, labels, w)
+    sums = fn(hidden, weight, labels, w, **kw)
     (sums.weighted_loss * grad_scale).backward()
     return sums, hidden.grad.clone(), weight.grad.clone()
 
@@ -37,10 +37,10 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def _check(fn, n=37, h=16, v=50, device="cpu", dtype=torch.float32, tol=1e-5, seed=0):
+def _check(fn, n=37, h=16, v=50, device="cpu", dtype=torch.float32, tol=1e-5, seed=0, **kw):
     args = _inputs(n, h, v, device, dtype, seed)
-    ref, rgh, rgw = _run(lce.weighted_linear_cross_entropy_reference, *args)
-    out, gh, gw = _run(fn, *args)
+    ref, rgh, rgw = _run(lce.weighted_linear_cross_entropy_reference, *args, **kw)
+    out, gh, gw = _run(fn, *args, **kw)
     assert abs(out.weighted_loss.item() - ref.weighted_loss.item()) <= tol * abs(ref.weighted_loss.item())
     assert out.weight.item() == pytest.approx(ref.weight.item(), rel=1e-6)
     assert out.targets.item() == ref.targets.item()
@@ -61,7 +61,7 @@ def test_triton_interpreted_matches_reference(monkeypatch):
         pytest.skip("Triton interpreter off (CUDA present): the gpu tests cover the kernel")
     monkeypatch.setattr(lce, "_CHUNK_ELEMENTS", 16 * 50)
     # Triton kernel on CPU tensors (interpreter); weight-0 rows stay in (no CPU compaction in the kernel).
-    fn = lambda h, W, y, w: lce._FusedLinearCE.apply(h, W, y, w, True)  # noqa: E731
+    fn = lambda h, W, y, w: lce._FusedLinearCE.apply(h, W, y, w, True, None)  # noqa: E731
     args = _inputs(21, 8, 50, seed=1)
     ref, rgh, rgw = _run(lce.weighted_linear_cross_entropy_reference, *args)
     hidden, weight, labels, w = args
@@ -71,6 +71,41 @@ def test_triton_interpreted_matches_reference(monkeypatch):
     assert loss.item() == pytest.approx(ref.weighted_loss.item(), rel=1e-5)
     assert correct.item() == ref.correct.item()
     assert _rel(hidden.grad, rgh) < 1e-5 and _rel(weight.grad, rgw) < 1e-5
+
+
+def _float64_reference(hidden, weight, labels, w, softcap, grad_scale=0.7):
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    sums = lce.weighted_linear_cross_entropy_reference(h64, w64, labels, w, softcap=softcap)
+    (sums.weighted_loss * grad_scale).backward()
+    return sums, h64.grad, w64.grad
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_soft_capped_loss_and_gradients_match_float64(monkeypatch, path):
+    """Gemma 2's final-logit soft-capping inside the chunked loss, against float64 math on the capped logits."""
+    if path == "triton":
+        pytest.importorskip("triton")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton interpreter off (CUDA present): the gpu tests cover the kernel")
+    monkeypatch.setattr(lce, "_CHUNK_ELEMENTS", 16 * 50)  # two chunks, a ragged last one
+    hidden, weight, labels, w = _inputs(21, 8, 50, seed=4)
+    with torch.no_grad():
+        hidden.mul_(2.0)  # logits of a few units: a cap of 1.5 bends most of them
+    cap = 1.5
+    ref, rgh, rgw = _float64_reference(hidden, weight, labels, w, cap)
+    uncapped = lce.weighted_linear_cross_entropy_reference(hidden, weight, labels, w)
+    assert abs(uncapped.weighted_loss.item() - ref.weighted_loss.item()) > 0.1 * ref.weighted_loss.item()
+    out = lce.weighted_linear_cross_entropy_fused(hidden, weight, labels, w, use_triton=path == "triton", softcap=cap)
+    (out.weighted_loss * 0.7).backward()
+    assert out.weighted_loss.item() == pytest.approx(ref.weighted_loss.item(), rel=1e-6)
+    assert out.correct.item() == ref.correct.item()
+    assert _rel(hidden.grad, rgh) < 1e-5 and _rel(weight.grad, rgw) < 1e-5
+
+
+def test_soft_capped_reference_is_transformers_gemma2_formula():
+    logits = torch.randn(5, 7) * 40
+    torch.testing.assert_close(lce.soft_cap(logits, 30.0), torch.tanh(logits / 30.0) * 30.0, rtol=0, atol=0)
+    assert lce.soft_cap(logits, None) is logits
 
 
 def test_all_weights_zero_and_switch():
@@ -96,8 +131,10 @@ def test_no_grad_forward():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 2e-2)])
-def test_gpu_triton(dtype, tol, monkeypatch):
+def test_gpu_triton(dtype, tol, softcap, monkeypatch):
     monkeypatch.setattr(lce, "_CHUNK_ELEMENTS", 300 * 32002)
     # float32 matmuls may use tf32 on GPU: tolerance covers it
-    _check(lce.weighted_linear_cross_entropy, n=1000, h=256, v=32002, device="cuda", dtype=dtype, tol=tol)
+    _check(lce.weighted_linear_cross_entropy, n=1000, h=256, v=32002, device="cuda", dtype=dtype, tol=tol,
+           softcap=softcap)

@@ -1,4 +1,4 @@
-"""Fused Triton RMSNorm vs the reference: CPU under TRITON_INTERPRET=1 (tiny shapes), GPU marked `gpu`."""
+"""Fused Triton RMSNorm (Llama, Gemma `(1 + w)`, OLMo 2 float32 scaling) vs the reference: CPU under TRITON_INTERPRET=1 (tiny shapes), GPU marked `gpu`."""
 import os
 
 import pytest
@@ -11,7 +11,11 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def _check(shape, device, dtype, tol, seed=0):
+STYLES = {"llama": (0.0, False), "gemma": (1.0, True), "olmo2": (0.0, True)}
+
+
+def _check(shape, device, dtype, tol, style="llama", seed=0):
+    offset, scale_in_float32 = STYLES[style]
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g).to(device, dtype).requires_grad_()
     w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(device, dtype).requires_grad_()
@@ -19,7 +23,7 @@ def _check(shape, device, dtype, tol, seed=0):
     outs = []
     for fn in (rn.rms_norm_reference, rn.rms_norm_triton):
         x.grad = w.grad = None
-        y = fn(x, w, 1e-6)
+        y = fn(x, w, 1e-6, offset, scale_in_float32)
         y.backward(dy)
         outs.append((y.detach(), x.grad.clone(), w.grad.clone()))
     for a, b in zip(outs[1], outs[0]):
@@ -27,20 +31,41 @@ def _check(shape, device, dtype, tol, seed=0):
         assert _rel(a, b) < tol
 
 
-def test_interpreted_float32():
+@pytest.mark.parametrize("style", list(STYLES))
+def test_interpreted_float32(style):
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton interpreter off (CUDA present): the gpu tests cover the kernel")
-    _check((3, 5, 24), "cpu", torch.float32, 1e-5)  # 15 rows (ragged vs the backward's row groups), N not a power of 2
+    _check((3, 5, 24), "cpu", torch.float32, 1e-5, style)  # 15 rows (ragged vs the backward's row groups), N not a power of 2
 
 
 def test_dispatch_cpu_is_reference():
     x = torch.randn(4, 8)
     w = torch.randn(8)
     assert torch.equal(rn.rms_norm(x, w, 1e-5), rn.rms_norm_reference(x, w, 1e-5))
+    assert torch.equal(rn.rms_norm(x, w, 1e-5, 1.0, True), rn.rms_norm_reference(x, w, 1e-5, 1.0, True))
+
+
+@pytest.mark.parametrize("module", ["gemma2.modeling_gemma2.Gemma2RMSNorm", "olmo2.modeling_olmo2.Olmo2RMSNorm",
+                                    "llama.modeling_llama.LlamaRMSNorm"])
+def test_reference_is_transformers_bit_for_bit_in_bf16(module):
+    """The cast order matters in bf16: each style equals its transformers norm exactly."""
+    import importlib
+
+    path, cls = module.rsplit(".", 1)
+    norm = getattr(importlib.import_module(f"transformers.models.{path}"), cls)(16, eps=1e-6)
+    style = "gemma" if "Gemma" in cls else "olmo2" if "Olmo" in cls else "llama"
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16))
+        x = torch.randn(5, 16).bfloat16()
+        for w in (norm.weight, norm.weight.bfloat16()):
+            norm.weight.data = w
+            offset, scale_in_float32 = STYLES[style]
+            assert torch.equal(rn.rms_norm_reference(x, w, 1e-6, offset, scale_in_float32), norm(x))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("style", list(STYLES))
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_gpu(dtype, tol):
-    _check((4099, 2048), "cuda", dtype, tol)
+def test_gpu(dtype, tol, style):
+    _check((4099, 2048), "cuda", dtype, tol, style)

@@ -32,7 +32,7 @@ def test_folder_serves_the_trained_logits(tmp_path, tokenizer, tied):
     assert json.loads(open(os.path.join(path, "train_config.json")).read()) == {"lr": 1e-5}
     config = json.loads(open(os.path.join(path, "config.json")).read())
     assert (config["eos_token_id"], config["bos_token_id"], config["tie_word_embeddings"]) == (32000, 1, tied)
-    assert json.loads(open(os.path.join(path, "generation_config.json")).read())["eos_token_id"] == 32000
+    assert json.loads(open(os.path.join(path, "generation_config.json")).read())["eos_token_id"] == [32000, 2]
     hf = transformers.AutoModelForCausalLM.from_pretrained(path).float().eval()
     ids = torch.randint(0, 32001, (1, 40))
     with torch.no_grad():
@@ -40,6 +40,9 @@ def test_folder_serves_the_trained_logits(tmp_path, tokenizer, tied):
         torch.testing.assert_close(hf(input_ids=ids).logits[0], ours, rtol=1e-5, atol=1e-5)
     tok = transformers.AutoTokenizer.from_pretrained(path)
     assert (tok.eos_token, tok.eos_token_id) == ("<|end_of_turn|>", 32000)
+    messages = [{"role": "user", "content": "Hi  there"}, {"role": "assistant", "content": "    indented\ncode"}]
+    model_type = get_model_type("openchat_v3.2")
+    assert tok.apply_chat_template(messages, tokenize=True, return_dict=False) == model_type.template.encode(messages, tokenizer)[0]
 
 
 def test_an_existing_folder_is_replaced_whole(tmp_path, tokenizer):

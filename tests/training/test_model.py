@@ -30,11 +30,15 @@ def test_logits_and_grads_match_transformers_per_conversation(name):
         assert_close(p.grad, hf_params[n].grad, what=f"{name} grad {n}")
 
 
-def test_perturbing_one_conversation_leaves_the_others_bit_identical():
-    cfg, ours, _ = make_pair("llama2")
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_packed_equals_alone_and_perturbing_one_conversation_leaves_the_others_bit_identical(name):
+    cfg, ours, _ = make_pair(name)
     seqs, ids, pos, cu, mx = make_pack(cfg)
     with torch.no_grad():
         a = ours(ids, pos, cu, mx)
+        for i, s in enumerate(seqs):
+            alone = ours(s, torch.arange(len(s)), torch.tensor([0, len(s)], dtype=torch.int32), len(s))
+            assert_close(a[cu[i]:cu[i + 1]], alone, rtol=1e-6, what=f"{name} conversation {i} packed vs alone")
         ids2 = ids.clone()
         s, e = cu[1].item(), cu[2].item()  # conversation 1 ... and conversation 3
         ids2[s:e] = (ids2[s:e] + 1) % cfg.vocab_size
@@ -50,8 +54,8 @@ def test_a_leaky_attention_fails_the_comparison(monkeypatch):
     cfg, ours, hf = make_pair("llama2")
     seqs, ids, pos, cu, mx = make_pack(cfg)
     monkeypatch.setattr(model_mod, "varlen_attention",
-                        lambda q, k, v, cu_seqlens, max_seqlen, window=None, backend=None:
-                        varlen_attention_sdpa(q, k, v, cu_seqlens, window=window, leak=True))
+                        lambda q, k, v, cu_seqlens, max_seqlen, window=None, backend=None, **kw:
+                        varlen_attention_sdpa(q, k, v, cu_seqlens, window=window, leak=True, **kw))
     with torch.no_grad():
         logits = ours(ids, pos, cu, mx)
         ref = hf(input_ids=seqs[2][None]).logits[0]
@@ -59,7 +63,7 @@ def test_a_leaky_attention_fails_the_comparison(monkeypatch):
         assert_close(logits[cu[2]:cu[3]], ref)
 
 
-@pytest.mark.parametrize("name", ["llama2", "tied"])
+@pytest.mark.parametrize("name", ["llama2", "tied", "gemma2", "phi3_longrope"])
 @pytest.mark.parametrize("use_target_index", [False, True])
 def test_loss_sums_match_plain_cross_entropy_of_transformers_logits(name, use_target_index):
     cfg, ours, hf = make_pair(name)
@@ -124,12 +128,19 @@ def test_config_counts_parameters_and_flops():
     assert abs(big.num_params() - 1.1e9) < 0.01e9
     f1, f2 = big.flops_per_token(1000), big.flops_per_token(2000)
     assert f2 - f1 == pytest.approx(6 * 22 * 2048 * 1000)
+    # sliding-window layers (window 8) stop growing at sum(len^2) / tokens = 2 * 8
+    per_layer = 6 * 4 * 32
+    gemma = ModelConfig.debug(**VARIANTS["gemma2"])  # one sliding layer, one global
+    assert gemma.flops_per_token(10) - gemma.flops_per_token(6) == pytest.approx(2 * per_layer * 4)
+    assert gemma.flops_per_token(60) - gemma.flops_per_token(20) == pytest.approx(per_layer * 40)
+    mistral = ModelConfig.debug(**VARIANTS["mistral_window"])  # every layer slides
+    assert mistral.flops_per_token(60) == mistral.flops_per_token(16) > mistral.flops_per_token(15)
 
 
 def test_llama3_scaling_and_window_reach_transformers():
     cfg, ours, hf = make_pair("llama3_rope_scaling")
-    inv = model_mod.rope_inv_freq(cfg)
-    assert not torch.allclose(inv, model_mod.rope_inv_freq(ModelConfig.debug(rope_theta=500000.0)))
+    inv = model_mod.rope_inv_freq(cfg.layer_rotary(0))
+    assert not torch.allclose(inv, model_mod.rope_inv_freq(ModelConfig.debug(rope_theta=500000.0).layer_rotary(0)))
     torch.testing.assert_close(hf.model.rotary_emb.inv_freq.float(), inv)
     cfg, ours, hf = make_pair("mistral_window")
     assert hf.config.sliding_window == 8

@@ -30,21 +30,61 @@ def packed_vs_hf(ours, hf, cfg):
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llama2", "mistral_window", "qwen2_bias", "tied", "llama3_rope_scaling"])
-def test_round_trip_transformers_to_ours_to_transformers(tmp_path, name):
-    cfg, hf = hf_model(name)
+def check_round_trip(tmp_path, hf, cfg=None):
+    """transformers writes -> ochat loads (same logits, per conversation) -> ochat writes -> transformers loads
+    (the same class, identical logits)."""
     hf.save_pretrained(tmp_path / "hf")
     ours = PackedCausalLM.from_pretrained(tmp_path / "hf", attn_impl="sdpa")
-    assert ours.config == cfg or ours.config.to_hf_config()["vocab_size"] == cfg.vocab_size
+    if cfg is not None:
+        assert ours.config == cfg
     packed_vs_hf(ours, hf, ours.config)
     ours.save_pretrained(tmp_path / "ours")
-    hf_cfg = transformers.AutoConfig.from_pretrained(tmp_path / "ours")
-    assert type(hf_cfg).__name__ == type(hf.config).__name__
+    assert ModelConfig.from_hf_config(tmp_path / "ours") == ours.config
     hf2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").float().eval()
-    assert type(hf2) is type(hf)
-    ids = torch.randint(0, cfg.vocab_size, (1, 50))
+    assert type(hf2) is type(hf) and type(hf2.config) is type(hf.config)
+    ids = torch.randint(0, ours.config.vocab_size, (1, 50))
     with torch.no_grad():
         assert torch.equal(hf2(input_ids=ids).logits, hf(input_ids=ids).logits)
+    return ours
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_round_trip_transformers_to_ours_to_transformers(tmp_path, name):
+    cfg, hf = hf_model(name)
+    check_round_trip(tmp_path, hf, cfg)
+
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+NATIVE = {  # transformers' own defaults for everything else (Gemma 2: soft-caps 50 / 30, query_pre_attn_scalar 256)
+    "llama": dict(), "mistral": dict(), "qwen2": dict(), "qwen3": dict(), "olmo2": dict(),
+    "gemma2": dict(head_dim=16), "gemma3_text": dict(head_dim=16, sliding_window=8, sliding_window_pattern=2),
+    "phi3": dict(pad_token_id=0),  # the default pad id (32000) is outside the tiny vocabulary
+}
+
+
+@pytest.mark.parametrize("model_type", list(NATIVE))
+def test_ochat_loads_what_transformers_writes_from_its_own_defaults(tmp_path, model_type):
+    torch.manual_seed(0)
+    hf_cfg = transformers.AutoConfig.for_model(model_type, **TINY, **NATIVE[model_type])
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).float().eval()
+    ours = check_round_trip(tmp_path, hf)
+    assert ours.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    assert ours.config.num_params() == sum(p.numel() for p in hf.parameters())
+
+
+def test_unsupported_architectures_are_refused_in_one_line(tmp_path):
+    for model_type in ("mixtral", "qwen3_moe", "qwen3_next", "gemma3"):
+        hf_cfg = transformers.AutoConfig.for_model(model_type)
+        (tmp_path / "config.json").write_text(hf_cfg.to_json_string())
+        with pytest.raises(ValueError, match=rf"config.json: model_type '{model_type}' not supported "
+                                             rf"\(supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, "
+                                             rf"phi3, olmo2\)$"):
+            PackedCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(model_type="llama", rope_scaling=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=16))))
+    with pytest.raises(ValueError, match="rope type 'yarn' not supported"):
+        PackedCausalLM.from_pretrained(tmp_path)
 
 
 def test_sharded_bin_and_dtype(tmp_path):
@@ -113,3 +153,66 @@ def test_add_tokens_cli(tmp_path, name):
     # running it again adds nothing
     add_tokens_main(["--model-path", str(tmp_path / "out"), "--out-dir", str(tmp_path / "out2")])
     assert PackedCausalLM.from_pretrained(tmp_path / "out2").config.vocab_size == 32001
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer_dir(tmp_path_factory):
+    """Meta's Llama 3 tokenizer (shipped by llama-models) cut to its first 1,000 BPE ranks, with its 256 special
+    tokens right after them (ids 1000-1255, as 128000-128255 in the full one), as a Hugging Face folder."""
+    pytest.importorskip("llama_models")
+    from pathlib import Path
+
+    import llama_models
+    import tiktoken
+    from llama_models.llama3.tokenizer import Tokenizer
+    from transformers.integrations.tiktoken import convert_tiktoken_to_fast
+
+    full = Tokenizer(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model")
+    ranks = {piece: r for piece, r in full.model._mergeable_ranks.items() if r < LLAMA3_ORDINARY}
+    specials = {name: i - 128000 + LLAMA3_ORDINARY for name, i in full.special_tokens.items()}
+    folder = tmp_path_factory.mktemp("llama3_tokenizer")
+    convert_tiktoken_to_fast(tiktoken.Encoding("llama3_cut", pat_str=full.model._pat_str, mergeable_ranks=ranks,
+                                               special_tokens=specials), folder)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert len(tok) == LLAMA3_ORDINARY + 256 and len(tok.added_tokens_decoder) == 256
+    return folder, tok.convert_tokens_to_ids(LLAMA3_CHAT_TOKENS)
+
+
+LLAMA3_ORDINARY = 1000
+LLAMA3_CHAT_TOKENS = ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+
+
+@pytest.mark.parametrize("tied,dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_add_tokens_init_mean_makes_llama3_reserved_tokens_trainable(tmp_path, llama3_tokenizer_dir, tied, dtype):
+    """A tiny Llama 3-style base model whose special rows are (nearly) zero, as in Llama 3 base: --init-mean sets
+    the chat tokens' embedding and lm_head rows to the mean of the ordinary rows and changes nothing else."""
+    tokenizer_dir, ids = llama3_tokenizer_dir
+    assert ids == [LLAMA3_ORDINARY + 9, LLAMA3_ORDINARY + 6, LLAMA3_ORDINARY + 7]
+    vocab = LLAMA3_ORDINARY + 256
+    torch.manual_seed(0)
+    cfg = ModelConfig.debug(vocab_size=vocab, rope_theta=500000.0, tie_word_embeddings=tied)
+    hf = transformers.LlamaForCausalLM(transformers.AutoConfig.for_model(**cfg.to_hf_config())).to(dtype)
+    with torch.no_grad():
+        for w in (hf.model.embed_tokens.weight, hf.lm_head.weight):
+            w[LLAMA3_ORDINARY:] *= 1e-4  # untrained special tokens
+    shutil.copytree(tokenizer_dir, tmp_path / "in")
+    hf.save_pretrained(tmp_path / "in")
+    add_tokens_main(["--model-path", str(tmp_path / "in"), "--out-dir", str(tmp_path / "out"),
+                     "--init-mean", *LLAMA3_CHAT_TOKENS])
+
+    out = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=dtype)
+    assert out.config.vocab_size == vocab  # nothing added
+    others = torch.ones(vocab, dtype=torch.bool)
+    others[ids] = False
+    for before, after in ((hf.model.embed_tokens.weight, out.model.embed_tokens.weight),
+                          (hf.lm_head.weight, out.lm_head.weight)):
+        assert after.dtype == dtype and after.shape == before.shape
+        assert torch.equal(after[others], before[others])
+        mean = before[:LLAMA3_ORDINARY].float().mean(0).to(dtype)
+        for i in ids:
+            assert torch.equal(after[i], mean)
+    assert (out.lm_head.weight is out.model.embed_tokens.weight) is tied
+    if tied:
+        with pytest.raises(ValueError, match=r"--init-mean tokens \['<\|not_a_token\|>'\] are not in the tokenizer"):
+            add_tokens_main(["--model-path", str(tmp_path / "in"), "--out-dir", str(tmp_path / "bad"),
+                             "--init-mean", "<|not_a_token|>"])

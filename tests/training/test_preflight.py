@@ -60,12 +60,11 @@ def config(tmp_path, **kw):
 
 def test_previous_run_outputs_are_ochats_names_only(tmp_path):
     run = tmp_path / "run"
-    for name in ("ep_0", "ep_12.tmp", "final", "final.old", "ds_state", "src", "ep_x"):
+    for name in ("ep_0", "ep_12", "final", "ds_state", "src", "ep_x", "final2"):
         (run / name).mkdir(parents=True)
     for name in ("metrics.jsonl", "notes.txt"):
         (run / name).write_text("")
-    assert preflight.previous_run_outputs(str(run)) == ["ds_state", "ep_0", "ep_12.tmp", "final", "final.old",
-                                                         "metrics.jsonl"]
+    assert preflight.previous_run_outputs(str(run)) == ["ds_state", "ep_0", "ep_12", "final", "metrics.jsonl"]
 
 
 def test_overwrite_deletes_only_the_previous_runs_outputs(tmp_path):
@@ -77,14 +76,6 @@ def test_overwrite_deletes_only_the_previous_runs_outputs(tmp_path):
         preflight.prepare_save_path(config(tmp_path), is_main=True)
     preflight.prepare_save_path(config(tmp_path, overwrite=True), is_main=True)
     assert sorted(os.listdir(run)) == [".ochat.lock", "notes.txt"]
-
-
-def test_resume_removes_leftovers_of_an_interrupted_save(tmp_path):
-    run = tmp_path / "run"
-    for name in ("final.tmp", "ep_1", "ds_state"):
-        (run / name).mkdir(parents=True)
-    preflight.prepare_save_path(config(tmp_path, resume=True), is_main=True)
-    assert sorted(os.listdir(run)) == [".ochat.lock", "ds_state", "ep_1"]
 
 
 def test_two_runs_cannot_write_one_save_path(tmp_path):
@@ -102,8 +93,8 @@ def test_disk_space_for_a_checkpoint_and_a_state(tmp_path):
 
 
 def _with_model_config(tmp_path, **flags) -> TrainConfig:
-    (tmp_path / "config.json").write_text(json.dumps(ModelConfig.debug(num_attention_heads=6,
-                                                                       num_key_value_heads=3).to_hf_config()))
+    heads = ModelConfig.debug(hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
+    (tmp_path / "config.json").write_text(json.dumps(heads.to_hf_config()))
     return TrainConfig(model_path=str(tmp_path), data_path="d", save_path="s", **flags)
 
 

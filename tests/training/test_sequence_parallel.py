@@ -108,16 +108,17 @@ def rel(a, b):
 lengths = [9, 3, 14, 5, 1]  # 32 tokens: conversation 3 (12-26) crosses the boundary at 16
 cu = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32)
 n = 32 // size
-for heads, kv, window in [(4, 4, None), (4, 2, None), (4, 1, None), (6, 3, None), (4, 2, 5)]:
+for heads, kv, window, variant in [(4, 4, None, {}), (4, 2, None, {}), (4, 1, None, {}), (6, 3, None, {}),
+                                   (4, 2, 5, {}), (4, 2, None, dict(scale=0.3, softcap=5.0))]:
     q, k, v = torch.randn(32, heads, 8), torch.randn(32, kv, 8), torch.randn(32, kv, 8)
     grad_out = torch.randn(32, heads, 8)
     full = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = varlen_attention_sdpa(*full, cu, window=window)
+    ref = varlen_attention_sdpa(*full, cu, window=window, **variant)
     ref.backward(grad_out)
     mine = [t[rank * n:(rank + 1) * n].clone().requires_grad_() for t in (q, k, v)]
-    o = UlyssesAttention(group, heads, kv)(*mine, cu, max(lengths), window=window, backend="sdpa")
+    o = UlyssesAttention(group, heads, kv)(*mine, cu, max(lengths), window=window, backend="sdpa", **variant)
     o.backward(grad_out[rank * n:(rank + 1) * n])
-    res[f"attn {heads}/{kv} window {window}"] = [rel(o, ref[rank * n:(rank + 1) * n])] + [
+    res[f"attn {heads}/{kv} window {window} {variant}"] = [rel(o, ref[rank * n:(rank + 1) * n])] + [
         rel(m.grad, f.grad[rank * n:(rank + 1) * n]) for m, f in zip(mine, full)]
 
 # the whole model: sliced over the ranks it gives the unsliced model's loss and gradients (tiled MLP on too)
@@ -149,8 +150,8 @@ res["grad"] = max(rel(p.grad, q.grad) for p, q in zip(model.parameters(), ref_mo
 
 # the self-check runs sliced, and refuses a leak across conversations
 preflight.self_check(model, 128, torch.device("cpu"), bf16=False, sequence_parallel_size=size)
-sequence_parallel.varlen_attention = lambda q, k, v, cu, m, window=None, backend=None: varlen_attention_sdpa(
-    q, k, v, cu, window=window, leak=True)
+sequence_parallel.varlen_attention = lambda q, k, v, cu, m, window=None, backend=None, **variant: (
+    varlen_attention_sdpa(q, k, v, cu, window=window, leak=True, **variant))
 try:
     preflight.self_check(model, 128, torch.device("cpu"), bf16=False, sequence_parallel_size=size)
     res["leak refused"] = False

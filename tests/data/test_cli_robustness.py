@@ -1,0 +1,159 @@
+"""generate_dataset under stress: signals, killed runs, memory on a large input, progress, long conversations."""
+import fcntl
+import json
+import os
+import pty
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+
+from ochat.config import get_model_type
+from ochat.data import open_dataset
+from ochat.data.generate_dataset import main
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+COMMAND = [sys.executable, "-m", "ochat.data.generate_dataset"]
+
+
+def many_conversations(path, n):
+    from ochat.assets import SHAREGPT_SAMPLE
+
+    base = json.loads(Path(SHAREGPT_SAMPLE).read_text())
+    with open(path, "w") as f:
+        for i in range(n):
+            rec = base[i % len(base)]
+            f.write(json.dumps({"conversations": [dict(m, value=f"{m['value']} ({i})") for m in rec["conversations"]]}) + "\n")
+    return str(path)
+
+
+def temporaries(parent, name):
+    return sorted(p.name for p in Path(parent).iterdir() if p.name.startswith(f".{name}.tmp-"))
+
+
+def start_and_wait_for_temporary(tmp_path, *args):
+    proc = subprocess.Popen([*COMMAND, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 60
+    while not temporaries(tmp_path, "out"):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    time.sleep(0.3)  # into the tokenizing loop
+    assert proc.poll() is None, "finished before it could be interrupted: use a larger input"
+    return proc
+
+
+@pytest.mark.parametrize("sig,workers", [(signal.SIGTERM, "2"), (signal.SIGINT, "1")])
+def test_signal_cleans_up(tmp_path, sig, workers):
+    big = many_conversations(tmp_path / "big.jsonl", 20_000)
+    out = tmp_path / "out"
+    assert main(["--out-dir", str(out), "--quiet"]) == 0  # an earlier output, which must survive
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = start_and_wait_for_temporary(tmp_path, "--in-files", big, "--out-dir", str(out), "--workers", workers, "--quiet")
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig
+    assert stderr.strip() == f"generate_dataset: interrupted by {sig.name}: {out} left as it was, temporary folder removed"
+    assert temporaries(tmp_path, "out") == [] and {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_killed_run_leftovers_are_cleaned_by_the_next_run(tmp_path):
+    big = many_conversations(tmp_path / "big.jsonl", 20_000)
+    out = tmp_path / "out"
+    proc = start_and_wait_for_temporary(tmp_path, "--in-files", big, "--out-dir", str(out), "--workers", "1", "--quiet")
+    proc.kill()
+    proc.wait()
+    [left] = temporaries(tmp_path, "out")
+    assert left.startswith(f".out.tmp-{proc.pid}-") and (tmp_path / left / ".ochat.json").is_file()
+    foreign = tmp_path / ".out.tmp-999999999"  # the name, but no ochat marker: reported, never deleted
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("x")
+    r = subprocess.run([*COMMAND, "--out-dir", str(out), "--quiet"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"generate_dataset: note: removed {tmp_path / left}, left behind by process {proc.pid}, which no longer runs" in r.stderr
+    assert f"{foreign} looks like a temporary folder of an interrupted run but holds no ochat marker" in r.stderr
+    assert temporaries(tmp_path, "out") == [foreign.name] and (foreign / "mine.txt").exists()
+    assert len(open_dataset(out)) > 400
+
+
+PEAK = r"""
+import resource, sys
+from ochat.data.generate_dataset import main
+code = main(sys.argv[1:])
+print(code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss_kb(*args):
+    r = subprocess.run([sys.executable, "-c", PEAK, *args, "--quiet", "--workers", "1"], capture_output=True, text=True,
+                       env=ENV, timeout=120)
+    code, peak = map(int, r.stdout.splitlines()[-1].split())
+    assert code == 0, r.stderr
+    return peak
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in KiB on Linux")
+def test_memory_does_not_grow_with_the_input(tmp_path):
+    # 60 MB of records: 3 conversations, the rest skipped (no assistant turn) so that the test is about reading,
+    # not tokenizing. Holding the input (as parsed JSON) would take several hundred MB.
+    pad = "lorem ipsum dolor sit amet " * 400
+    big, small = tmp_path / "big.jsonl", tmp_path / "small.jsonl"
+    good = json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}) + "\n"
+    bad = json.dumps({"conversations": [{"from": "human", "value": pad}]}) + "\n"
+    small.write_text(good * 3)
+    big.write_text(good * 3 + bad * 5500)
+    assert big.stat().st_size > 55e6
+    base = peak_rss_kb("--in-files", str(small), "--out-dir", str(tmp_path / "o1"))
+    peak = peak_rss_kb("--in-files", str(big), "--out-dir", str(tmp_path / "o2"))
+    assert peak - base < 40_000, f"peak RSS {peak / 1024:.0f} MiB on 60 MB of input vs {base / 1024:.0f} MiB on 3 records"
+
+
+def test_progress_lines_without_a_terminal(tmp_path):
+    r = subprocess.run([*COMMAND, "--out-dir", str(tmp_path / "o"), "--progress-interval", "0.001"],
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0
+    lines = r.stderr.strip().splitlines()
+    assert lines and all(line.startswith("generate_dataset: ") and "records read" in line for line in lines)
+    assert "500 records read, 500 written" in lines[-1] and "tokens/s" in lines[-1] and "\r" not in r.stderr
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    parent, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 columns wide
+    proc = subprocess.Popen([*COMMAND, "--out-dir", str(tmp_path / "o")], stdout=subprocess.DEVNULL, stderr=child, env=ENV)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            data = os.read(parent, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=120) == 0
+    seen = b"".join(chunks).decode(errors="replace")
+    assert "tokenize: " in seen and "500" in seen and "records read" not in seen
+
+
+def test_long_conversations_and_truncation_report(tmp_path, tok):
+    long_text = " ".join(f"w{i}" for i in range(100_000))
+    path = tmp_path / "long.jsonl"
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": long_text}]
+    path.write_text(json.dumps({"messages": messages}) + "\n" + json.dumps({"messages": messages[:1] + [
+        {"role": "assistant", "content": "short"}]}) + "\n")
+    out = tmp_path / "o"
+    assert main(["--in-files", str(path), "--out-dir", str(out), "--max-length", "262144", "--eval-ratio", "0",
+                 "--quiet", "--workers", "1"]) == 0
+    full = len(get_model_type("openchat_v3.2").template.encode(messages, tok)[0])
+    assert full > 262_144
+    report = json.loads((out / "meta.json").read_text())["report"]
+    assert report["truncated"] == 1 and report["truncated_tokens_dropped"] == full - 262_144
+    assert report["longest_before_truncation"] == full
+    ds = open_dataset(out)
+    assert ds.lengths.tolist()[0] == 262_144 and ds[0][1][-1] > 0

@@ -1,0 +1,34 @@
+"""--fp8: which layers convert (the decoder layers' linear layers, not the lm_head), and that emulated float8
+training stays close to the same model in float32 (CPU; the real float8 matmuls are exercised on the GPU)."""
+import copy
+
+import pytest
+import torch
+
+from ochat.training.batching import collate_pack
+from ochat.training.fp8 import enable_fp8
+from ochat.training.model import PackedCausalLM
+from ochat.training.model_config import ModelConfig
+
+pytest.importorskip("torchao")
+
+
+def test_decoder_linears_convert_and_the_head_stays():
+    from torchao.float8.float8_linear import Float8Linear
+
+    torch.manual_seed(0)
+    model = PackedCausalLM(ModelConfig.debug(vocab_size=256, hidden_size=64, intermediate_size=128), attn_impl="sdpa")
+    reference = copy.deepcopy(model)
+    assert enable_fp8(model, "tensorwise", compile=False, emulate=True) == 2 * 7  # q k v o gate up down per layer
+    assert not isinstance(model.lm_head, Float8Linear) and isinstance(model.model.layers[0].mlp.down_proj, Float8Linear)
+    g = torch.Generator().manual_seed(1)
+    pack = collate_pack([(torch.randint(0, 256, (n,), generator=g).int().numpy(), torch.ones(n).numpy()) for n in (40, 24)])
+    losses = []
+    for m in (reference, model):
+        out = m(pack["input_ids"], pack["position_ids"], pack["cu_seqlens"], pack["max_seqlen"],
+                labels=pack["labels"], label_weights=pack["label_weights"])
+        (out.weighted_loss / out.weight).backward()
+        losses.append(float(out.weighted_loss / out.weight))
+    assert abs(losses[0] - losses[1]) < 0.02 * losses[0]
+    g_ref, g_fp8 = reference.model.layers[1].mlp.up_proj.weight.grad, model.model.layers[1].mlp.up_proj.weight.grad
+    assert torch.nn.functional.cosine_similarity(g_ref.flatten(), g_fp8.flatten(), dim=0) > 0.95

@@ -1,0 +1,20 @@
+"""--gradient-checkpointing auto: the fraction chosen from a first step's peak and one layer's activations."""
+import pytest
+
+from ochat.training.recompute import MEMORY_BUDGET, recompute_fraction
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize("peak, layer, expect", [
+    (40 * GiB, 1 * GiB, 0.0),        # room for all 32 layers' activations: nothing recomputed
+    (60 * GiB, 2 * GiB, 26 / 32),    # room for 6 layers (72 GiB budget)
+    (71.9 * GiB, 1 * GiB, 1.0),      # no room: every layer
+    (75 * GiB, 1 * GiB, 1.0),        # the first step is already above the budget: every layer, nothing to gain
+])
+def test_fraction_keeps_as_many_layers_as_fit(peak, layer, expect):
+    capacity = 80 * GiB
+    fraction = recompute_fraction(peak, capacity, layer, 32)
+    assert fraction == pytest.approx(expect)
+    kept = round((1 - fraction) * 32)
+    assert peak + kept * layer <= max(MEMORY_BUDGET * capacity, peak)
