@@ -65,8 +65,8 @@ class TrainConfig:
     beta1: float = _opt(0.9, "AdamW beta1", low=0.0, high=1.0)
     beta2: float = _opt(0.95, "AdamW beta2", low=0.0, high=1.0)
     eps: float = _opt(1e-5, "AdamW epsilon", low=0.0, low_open=True)
-    batch_max_len: Optional[int] = _opt(None, "tokens per GPU per micro-step: the pack size (default: 8 x the model "
-                                              "type's context length)", low=1)
+    batch_max_len: Optional[int] = _opt(None, "tokens per GPU per micro-step: the pack size, x --sequence-parallel "
+                                              "(default: 8 x the model type's context length)", low=1)
     batch_size_per_gpu: Optional[int] = _opt(None, "OpenChat's spelling: batch-max-len = this x context length", low=1)
     grad_accum: int = _opt(1, "micro-steps per optimizer step", low=1)
     grad_clip: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)", low=0.0)
@@ -76,6 +76,14 @@ class TrainConfig:
                                                  "checkpoint) every N optimizer steps, so --resume can continue "
                                                  "mid-epoch; the newest 2 states are kept", low=1)
     eval_every: int = _opt(1, "evaluate on eval.arrow every N epochs and after the last (0: never)", low=0)
+    sequence_parallel: int = _opt(1, "ranks that share each pack (DeepSpeed Ulysses sequence parallelism): each holds "
+                                     "1/N of its tokens and attention splits the heads over them, so packs and "
+                                     "conversations reach N x --batch-max-len tokens; N divides the ranks and the "
+                                     "attention heads", low=1)
+    tiled_mlp: int = _opt(1, "run each decoder layer's MLP over N slices of the tokens (DeepSpeed's TiledMLP): less "
+                             "activation memory for long packs, one more MLP forward per layer; 1: off", low=1)
+    offload_activations: bool = _opt(False, "keep the inputs of checkpointed layers in CPU memory (DeepSpeed's "
+                                            "cpu_checkpointing); needs --gradient-checkpointing and a GPU")
     gradient_checkpointing: float | str = _opt(0.0, "recompute activations in the backward: the bare flag, every "
                                                     "decoder layer; a fraction (e.g. 0.5), that share of the layers, "
                                                     "evenly spread (less recompute, more memory); auto: the least "
@@ -211,6 +219,9 @@ def check(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{_flags(f.name)[0]} must be a finite number {want} (got {value})")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("give --resume (continue the run in --save-path) or --overwrite (replace it), not both")
+    if cfg.offload_activations and not cfg.gradient_checkpointing:
+        raise ConfigError("--offload-activations moves the inputs of checkpointed layers to CPU memory: add "
+                          "--gradient-checkpointing")
     if cfg.batch_max_len is not None and cfg.batch_size_per_gpu is not None:
         raise ConfigError("give --batch-max-len or --batch-size-per-gpu, not both")
     if cfg.deepspeed_config not in DEEPSPEED_CONFIGS and not os.path.isfile(cfg.deepspeed_config):
@@ -230,8 +241,10 @@ def parse_args(argv=None) -> TrainConfig:
     return check(TrainConfig(**args))
 
 
-def load_deepspeed_config(name_or_path: str, *, grad_accum: int, grad_clip: float, bf16: bool) -> dict:
-    """Read a shipped config by name (zero2, zero3, zero3_offload) or a JSON file; fill its "auto" values."""
+def load_deepspeed_config(name_or_path: str, *, grad_accum: int, grad_clip: float, bf16: bool,
+                          sequence_parallel: int = 1, offload_activations: bool = False) -> dict:
+    """Read a shipped config by name (zero2, zero3, zero3_offload) or a JSON file; fill its "auto" values and
+    set `sequence_parallel_size` and `activation_checkpointing.cpu_checkpointing` from the flags."""
     path = DEEPSPEED_CONFIGS.get(name_or_path, name_or_path)
     with open(path) as fh:
         ds = json.load(fh)
@@ -244,4 +257,11 @@ def load_deepspeed_config(name_or_path: str, *, grad_accum: int, grad_clip: floa
     if ds["bf16"].get("enabled", "auto") == "auto":
         ds["bf16"]["enabled"] = bf16
     ds.pop("train_batch_size", None)
+    if sequence_parallel > 1:
+        ds["sequence_parallel_size"] = sequence_parallel
+        if not ds.get("zero_optimization", {}).get("reduce_scatter", True):  # see ochat.training.loss
+            raise ConfigError(f"--deepspeed-config {name_or_path}: --sequence-parallel needs ZeRO's reduce_scatter "
+                              f"(remove \"reduce_scatter\": false)")
+    if offload_activations:
+        ds.setdefault("activation_checkpointing", {})["cpu_checkpointing"] = True
     return ds

@@ -7,7 +7,7 @@ import time
 import torch
 
 from ochat.config.train_config import TrainConfig
-from ochat.training import hf_weights
+from ochat.training import hf_weights, memory, sequence_parallel
 from ochat.training.fp8 import enable_fp8
 from ochat.training.model import PackedCausalLM
 from ochat.training.runtime import Runtime, TrainError, log
@@ -30,12 +30,20 @@ def load_model(cfg: TrainConfig, rt: Runtime, ds_config: dict) -> PackedCausalLM
         raise TrainError(f"cannot load the model from {cfg.model_path}: {e}") from None
     log(f"model: {model.config.num_params() / 1e9:.2f}B parameters from {cfg.model_path} in {time.time() - t0:.1f}s"
         + (" (partitioned over the ranks: ZeRO-3)" if zero3 else ""))
-    if cfg.gradient_checkpointing and cfg.gradient_checkpointing != "auto":  # auto: ochat.training.recompute
-        model.gradient_checkpointing_enable(cfg.gradient_checkpointing)
     if cfg.fp8:
         converted = enable_fp8(model, cfg.fp8, emulate=not rt.cuda)
         log(f"fp8 ({cfg.fp8} scaling): {converted} linear layers of the decoder layers train in float8")
+    set_memory_features(model, cfg, ds_config)
     return model
+
+
+def set_memory_features(model: PackedCausalLM, cfg: TrainConfig, ds_config: dict) -> None:
+    """Activation checkpointing, the tiled MLP and activation offload, as cfg asks."""
+    if cfg.gradient_checkpointing and cfg.gradient_checkpointing != "auto":  # auto: ochat.training.recompute
+        model.gradient_checkpointing_enable(cfg.gradient_checkpointing)
+    memory.tile_mlp(model, cfg.tiled_mlp)
+    if cfg.offload_activations:
+        memory.offload_checkpoints(model, ds_config)
 
 
 def _is_matrix(p: torch.nn.Parameter) -> bool:
@@ -52,8 +60,9 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
 
 def build_engine(cfg: TrainConfig, rt: Runtime, model: PackedCausalLM, ds_config: dict, *, total_steps: int,
                  warmup_steps: int):
-    """The DeepSpeed engine: AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded) and the warmup +
-    cosine schedule of ochat.training.schedule."""
+    """The DeepSpeed engine: AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded), the warmup + cosine
+    schedule of ochat.training.schedule, and with --sequence-parallel DeepSpeed's sequence-parallel groups (the
+    model's attention routed over them, ZeRO over all ranks)."""
     import deepspeed
 
     groups = weight_decay_groups(model, cfg.weight_decay)
@@ -68,5 +77,7 @@ def build_engine(cfg: TrainConfig, rt: Runtime, model: PackedCausalLM, ds_config
     def schedule(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, warmup_steps, 1.0, cfg.lr_min_ratio))
 
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    mpu = sequence_parallel.enable(model, cfg.sequence_parallel)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
+                                      mpu=mpu)
     return engine

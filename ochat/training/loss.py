@@ -1,6 +1,6 @@
 """Loss normalisation of one optimizer step.
 
-DESIGN.md: the loss of a step is sum(w * CE) over every target token of all ranks and micro-steps,
+The loss of a step is sum(w * CE) over every target token of all ranks and micro-steps,
 divided by the sum of their weights W. Each rank computes, per micro-step, the sum S_m = sum(w * CE)
 of its own pack. DeepSpeed then averages gradients over the R ranks and divides each micro-step's
 loss by the G accumulation steps (engine.backward scales by 1/G). Calling engine.backward on
@@ -9,18 +9,44 @@ S_m * loss_scale(W, R, G) with loss_scale = R * G / W gives, after both averagin
     (1/R) * sum_ranks sum_m (1/G) * (R * G / W) * grad(S_m) = grad(sum of all S_m) / W
 
 which does not depend on how conversations are packed, split over ranks or over micro-steps.
+
+Sequence parallelism of N (DeepSpeed Ulysses): the N ranks of a group share one pack, each holding a slice
+of its tokens, so rank r's S_m sums only the targets of its slice. Its backward still reaches the whole pack:
+the all-to-all around attention carries each rank's loss gradient back to the tokens of the other ranks, so
+the N ranks' parameter gradients add up to grad(the pack's sum). DeepSpeed then all-reduces the gradients
+over all ranks (the sequence-data-parallel group) and divides by R (`grad_average_ranks`): under ZeRO
+stages 0-2 by world_size / N (`dp_world_size / sequence_parallel_size` in its reduction: a sum within each
+group, an average over the groups), under ZeRO-3 by world_size (its reduce-scatter averages over every
+rank). With that R the formula above holds unchanged, the sum running over all ranks' slices:
+
+    (1/R) * sum_all_ranks sum_m (1/G) * (R * G / W) * grad(S_rm) = grad(sum of all S_rm) / W
 """
 import torch
 
 
-def loss_scale(step_weight_sum: torch.Tensor | float, world_size: int, grad_accum: int,
+def grad_average_ranks(ds_config: dict, world_size: int) -> int:
+    """R: what DeepSpeed (0.19) divides the all-reduced gradients by, for this DeepSpeed config.
+
+    Without sequence parallelism, world_size. With `sequence_parallel_size` N: world_size / N under ZeRO
+    stages 0-2; world_size under ZeRO-3, whose reduce-scatter (`reduce_scatter`, on by default, which
+    ochat.config.train_config.load_deepspeed_config requires with sequence parallelism: off, ZeRO-3 divides
+    small buckets by world_size / N and large ones by world_size) averages over every rank.
+    """
+    n = ds_config.get("sequence_parallel_size", 1)
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        return world_size
+    return world_size // n
+
+
+def loss_scale(step_weight_sum: torch.Tensor | float, average_ranks: int, grad_accum: int,
                ds_scales_by_grad_accum: bool = True) -> torch.Tensor:
     """Factor to multiply a micro-step's `weighted_loss` sum by before `engine.backward`.
 
     step_weight_sum: W, the sum of target weights over the whole step (all ranks, all micro-steps).
         A tensor stays where it is: the trainer passes the all-reduced W on the GPU, so nothing is
         read back to the host before the step's forward passes.
-    world_size: R, ranks that DeepSpeed averages gradients over.
+    average_ranks: R, what DeepSpeed divides the summed gradients by: the number of ranks, or of
+        sequence-parallel groups (`grad_average_ranks`).
     grad_accum: G, micro-steps per optimizer step.
     ds_scales_by_grad_accum: whether backward divides the loss by G (DeepSpeed does by default).
 
@@ -29,4 +55,4 @@ def loss_scale(step_weight_sum: torch.Tensor | float, world_size: int, grad_accu
     """
     w = torch.as_tensor(step_weight_sum, dtype=torch.float64)
     g = grad_accum if ds_scales_by_grad_accum else 1
-    return torch.where(w > 0, float(world_size * g) / w, torch.zeros_like(w))
+    return torch.where(w > 0, float(average_ranks * g) / w, torch.zeros_like(w))

@@ -66,6 +66,11 @@ def rope_inv_freq(rotary: Rotary, device=None, long: bool = False) -> torch.Tens
     return torch.where(medium, smoothed, scaled)
 
 
+def _recompute_in_backward(layer, *inputs):
+    """torch's non-reentrant activation checkpoint of one decoder layer."""
+    return checkpoint(layer, *inputs, use_reentrant=False)
+
+
 def rope_attention_factor(rotary: Rotary) -> float:
     """What cos and sin are multiplied by: LongRoPE's sqrt(1 + ln(factor) / ln(original context)), else 1."""
     rs = rotary.scaling_dict
@@ -117,6 +122,7 @@ class Attention(nn.Module):
         # the variants this model has (softmax scale, soft-capping) and nothing else: a Llama's call stays the plain one
         self.variant = {k: v for k, v in (("scale", c.attention_scale), ("softcap", c.attn_logit_softcapping))
                         if v is not None}
+        self.attention_hook = None  # replaces varlen_attention when set (sequence parallelism routes it over ranks)
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend):
         t = x.shape[0]
@@ -132,7 +138,8 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, cos, sin)
-        o = varlen_attention(q, k, v, cu_seqlens, max_seqlen, window=self.window, backend=backend, **self.variant)
+        attend = self.attention_hook or varlen_attention
+        o = attend(q, k, v, cu_seqlens, max_seqlen, window=self.window, backend=backend, **self.variant)
         return self.o_proj(o.reshape(t, self.hq * self.d))
 
 
@@ -210,6 +217,7 @@ class PackedCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.checkpointed_layers: frozenset[int] = frozenset()  # decoder layers recomputed in the backward
+        self.checkpoint_fn = _recompute_in_backward  # (layer, *inputs) -> outputs; offload swaps in DeepSpeed's
         self._layer_rotary = [config.layer_rotary(i) for i in range(config.num_hidden_layers)]
         self._inv_freq: dict[tuple[torch.device, Rotary], tuple] = {}
         self._attn_backend: dict[torch.device, str] = {}  # attn_impl resolved once per device
@@ -287,7 +295,7 @@ class PackedCausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             cos, sin = ropes[self._layer_rotary[i]]
             if recompute and i in self.checkpointed_layers:
-                x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, backend, use_reentrant=False)
+                x = self.checkpoint_fn(layer, x, cos, sin, cu_seqlens, max_seqlen, backend)
             else:
                 x = layer(x, cos, sin, cu_seqlens, max_seqlen, backend)
         return self.model.norm(x)

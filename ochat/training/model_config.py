@@ -268,6 +268,14 @@ class ModelConfig:
         return cls(vocab_size=vocab_size, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                    num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
 
+    @classmethod
+    def llama3_8b(cls) -> "ModelConfig":
+        """The Llama 3 8B shape (32 layers, hidden 4096, intermediate 14336, GQA 32/8, vocabulary 128256,
+        rope_theta 500000)."""
+        return cls(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                   rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001)
+
     # ---------------------------------------------------------------- counting
     def num_params(self, embeddings: bool = True) -> int:
         """Parameters of the module: every projection (fused or not, same count) and its biases, every RMSNorm

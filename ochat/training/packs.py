@@ -6,6 +6,10 @@ m x world_size + r. So the packs of a step depend only on the number of slots, n
 into ranks and micro-steps: 2 ranks x 1 micro-step and 1 rank x 2 micro-steps train exactly the same packs,
 and a run can resume on another GPU count that keeps world_size x grad_accum.
 
+With sequence parallelism of N, the N ranks of a group share each pack (ochat.training.sequence_parallel):
+packs hold up to N x batch_max_len tokens, slots = (world_size / N) x grad_accum, group g's micro-step m
+takes slot m x (world_size / N) + g, and each rank of the group collates its 1/N slice of it.
+
 Collation runs in one DataLoader worker, ahead of the step that needs it.
 """
 from __future__ import annotations
@@ -17,8 +21,8 @@ import numpy as np
 import torch
 
 from ochat.data.reader import TokenizedDataset
-from ochat.training.batching import collate_pack
 from ochat.training.multipack_sampler import MultipackDistributedBatchSampler, plan_stats
+from ochat.training.sequence_parallel import Layout, collate_shard
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -29,32 +33,36 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 class _CollatedPacks(torch.utils.data.Dataset):
-    """Packs (lists of dataset indices) -> collated tensors."""
+    """Packs (lists of dataset indices) -> this rank's collated tensors (its slice, under sequence parallelism).
+    An empty slot becomes filler tokens of weight 0, so this rank still joins every collective."""
 
-    def __init__(self, dataset: TokenizedDataset, packs: list[np.ndarray], filler_token: int):
-        self.dataset, self.packs, self.filler = dataset, packs, filler_token
+    def __init__(self, dataset: TokenizedDataset, packs: list[np.ndarray], filler_token: int, layout: Layout):
+        self.dataset, self.packs, self.filler, self.layout = dataset, packs, filler_token, layout
 
     def __len__(self) -> int:
         return len(self.packs)
 
     def __getitem__(self, i: int) -> dict:
-        pack = self.packs[i]
-        if len(pack) == 0:  # an empty slot: one filler token of weight 0, so this rank still joins every collective
-            return collate_pack([(np.array([self.filler], np.int32), np.zeros(1, np.float32))])
-        return collate_pack([self.dataset[int(j)] for j in pack])
+        items = [self.dataset[int(j)] for j in self.packs[i]]
+        return collate_shard(items, self.layout.size, self.layout.sp_rank, self.filler)
 
 
 class PackPlan:
     """Every epoch's packs for one rank, grouped by optimizer step (each epoch planned once, when first asked)."""
 
     def __init__(self, dataset: TokenizedDataset, batch_max_len: int, *, world_size: int, rank: int, grad_accum: int,
-                 seed: int, filler_token: int):
-        self.dataset, self.filler = dataset, filler_token
-        self.world_size, self.rank, self.grad_accum = world_size, rank, grad_accum
-        self.slots = world_size * grad_accum
-        self.sampler = MultipackDistributedBatchSampler(lengths=dataset.lengths, batch_max_length=batch_max_len,
+                 seed: int, filler_token: int, sequence_parallel: int = 1):
+        self.dataset, self.filler, self.grad_accum = dataset, filler_token, grad_accum
+        self.layout = Layout(world_size, rank, sequence_parallel)
+        self.slots = self.layout.data_parallel_size * grad_accum
+        self.sampler = MultipackDistributedBatchSampler(lengths=dataset.lengths,
+                                                        batch_max_length=batch_max_len * sequence_parallel,
                                                         num_replicas=self.slots, rank=0, seed=seed)
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
 
     def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if epoch not in self._epochs:
@@ -74,14 +82,14 @@ class PackPlan:
         idx, off = self._plan(epoch)
         return [idx[off[s * self.slots + j]:off[s * self.slots + j + 1]]
                 for s in range(first_step, self.steps_in_epoch(epoch))
-                for j in range(self.rank, self.slots, self.world_size)]
+                for j in range(self.layout.data_parallel_rank, self.slots, self.layout.data_parallel_size)]
 
     def steps(self, epoch: int, first_step: int = 0, pin_memory: bool = False) -> Iterator[list[dict]]:
         """The collated micro-batches (grad_accum of them) of each step of `epoch` from `first_step` on."""
         packs = self._this_rank(epoch, first_step)
         # its own generator: creating the loader must not draw from the global RNG (exact resume)
-        loader = torch.utils.data.DataLoader(_CollatedPacks(self.dataset, packs, self.filler), batch_size=None,
-                                             shuffle=False, num_workers=1, pin_memory=pin_memory,
+        data = _CollatedPacks(self.dataset, packs, self.filler, self.layout)
+        loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=1, pin_memory=pin_memory,
                                              prefetch_factor=2 * self.grad_accum, worker_init_fn=_ignore_stop_signals,
                                              generator=torch.Generator().manual_seed(epoch))
         it = iter(loader)
@@ -90,9 +98,11 @@ class PackPlan:
 
 
 def eval_packs(dataset: TokenizedDataset, batch_max_len: int, *, world_size: int, rank: int,
-               filler_token: int) -> Iterator[dict]:
+               filler_token: int, sequence_parallel: int = 1) -> Iterator[dict]:
     """The eval split packed for this rank (same token budget as training), collated one pack at a time."""
-    sampler = MultipackDistributedBatchSampler(lengths=dataset.lengths, batch_max_length=batch_max_len,
-                                               num_replicas=world_size, rank=rank, seed=0)
-    data = _CollatedPacks(dataset, [np.asarray(p) for p in sampler], filler_token)
+    layout = Layout(world_size, rank, sequence_parallel)
+    sampler = MultipackDistributedBatchSampler(lengths=dataset.lengths, batch_max_length=batch_max_len * layout.size,
+                                               num_replicas=layout.data_parallel_size,
+                                               rank=layout.data_parallel_rank, seed=0)
+    data = _CollatedPacks(dataset, [np.asarray(p) for p in sampler], filler_token, layout)
     return (data[i] for i in range(len(data)))

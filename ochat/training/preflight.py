@@ -20,7 +20,8 @@ from ochat.config.train_config import TrainConfig
 from ochat.data import TokenizedDataset, load_tokenizer, open_dataset
 from ochat.data.tokenizer import Tokenizer
 from ochat.kernels.attention import resolve_backend
-from ochat.training.batching import collate_pack
+from ochat.training import sequence_parallel
+from ochat.training.model_config import ModelConfig
 from ochat.training.runtime import TrainError, log
 
 
@@ -157,16 +158,34 @@ def check_attention(attn_impl: str, device: torch.device) -> str:
         raise TrainError(f"--attn-impl {attn_impl}: {e}") from None
 
 
-def check_lengths(batch_max_len: int, **splits: TokenizedDataset | None) -> None:
-    """Every conversation must fit one pack."""
+def check_lengths(batch_max_len: int, sequence_parallel: int = 1, **splits: TokenizedDataset | None) -> None:
+    """Every conversation must fit one pack (sequence_parallel x batch_max_len tokens)."""
+    limit = f"--batch-max-len {batch_max_len}" + (f" x --sequence-parallel {sequence_parallel}"
+                                                  if sequence_parallel > 1 else "")
     for name, ds in splits.items():
-        if ds is not None and len(ds) and int(ds.lengths.max()) > batch_max_len:
+        if ds is not None and len(ds) and int(ds.lengths.max()) > batch_max_len * sequence_parallel:
             raise TrainError(f"the {name} split has a conversation of {int(ds.lengths.max())} tokens, longer than "
-                             f"--batch-max-len {batch_max_len}: raise --batch-max-len or re-tokenize with a lower "
+                             f"{limit}: raise --batch-max-len or --sequence-parallel, or re-tokenize with a lower "
                              f"--max-length")
 
 
-def self_check(model, vocab_size: int, device: torch.device, bf16: bool) -> None:
+def check_long_context(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
+    """--sequence-parallel must divide the ranks and the model's attention heads; --offload-activations needs a
+    GPU to offload from."""
+    try:
+        sequence_parallel.Layout(world_size, 0, cfg.sequence_parallel)
+        if cfg.sequence_parallel > 1:
+            model = ModelConfig.from_hf_config(cfg.model_path)
+            sequence_parallel.kv_repeats(model.num_attention_heads, model.num_key_value_heads, cfg.sequence_parallel)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    except OSError as e:
+        raise TrainError(f"cannot read the model config in {cfg.model_path}: {e}") from None
+    if cfg.offload_activations and device.type != "cuda":
+        raise TrainError("--offload-activations moves activations from GPU to CPU memory: it needs a GPU")
+
+
+def self_check(model, vocab_size: int, device: torch.device, bf16: bool, sequence_parallel_size: int = 1) -> None:
     """Refuse to train if conversations of a pack can see each other. Two comparisons on random packs:
 
     - isolation: replacing the first conversation's tokens must leave the later conversations' logits
@@ -181,10 +200,17 @@ def self_check(model, vocab_size: int, device: torch.device, bf16: bool) -> None
     convs = [torch.randint(0, vocab_size, (n,), generator=g) for n in lens]
     other_first = torch.randint(0, vocab_size, (lens[0],), generator=g)
 
+    sp_rank = (sequence_parallel.Layout(dist.get_world_size(), dist.get_rank(), sequence_parallel_size).sp_rank
+               if sequence_parallel_size > 1 else 0)
+
     def logits(conversations):
-        b = collate_pack([(c.numpy().astype(np.int32), np.ones(len(c), np.float32)) for c in conversations])
-        return model(b["input_ids"].to(device), b["position_ids"].to(device), b["cu_seqlens"].to(device),
-                     b["max_seqlen"]).float()
+        items = [(c.numpy().astype(np.int32), np.ones(len(c), np.float32)) for c in conversations]
+        b = sequence_parallel.collate_shard(items, sequence_parallel_size, sp_rank, filler_token=0)
+        out = model(b["input_ids"].to(device), b["position_ids"].to(device), b["cu_seqlens"].to(device),
+                    b["max_seqlen"]).float()
+        if sequence_parallel_size > 1:
+            out = sequence_parallel.gather(out)
+        return out[:sum(len(c) for c in conversations)]
 
     was_training = model.training
     model.eval()

@@ -50,25 +50,29 @@ def forward_loss(engine, batch: dict, device: torch.device) -> LossSums:
 
 def _pack_counts(micro_batches: list[dict], stop: bool, pin: bool) -> dict[str, torch.Tensor]:
     """Weight sum, token count and sum of squared lengths of the micro-batches (from their CPU tensors), and the
-    stop flag, as one pinned host tensor's named views."""
+    stop flag, as one pinned host tensor's named views. A pack shared by N sequence-parallel ranks counts 1/N of
+    its squared lengths on each (its cu_seqlens are the whole pack's), so the sums over all ranks count it once."""
     seqlens = [(b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).double() for b in micro_batches]
     values = dict(weight_sum=sum(float(b["label_weights"].sum()) for b in micro_batches), stop=float(stop),
                   tokens=float(sum(b["input_ids"].numel() for b in micro_batches)),
-                  sum_len_sq=sum(float(s.pow(2).sum()) for s in seqlens))
+                  sum_len_sq=sum(float(s.pow(2).sum()) / b.get("sequence_parallel", 1)
+                                 for s, b in zip(seqlens, micro_batches)))
     host = torch.tensor(list(values.values()), dtype=torch.float64, pin_memory=pin)
     return dict(zip(values, host.unbind()))
 
 
-def train_step(engine, micro_batches: list[dict], world_size: int, stop_requested: bool = False) -> StepStats:
+def train_step(engine, micro_batches: list[dict], average_ranks: int, stop_requested: bool = False) -> StepStats:
     """Forward, backward and the optimizer step over `micro_batches` (this rank's share of one step; their
     number must equal the engine's gradient accumulation steps); returns the step's stats over all ranks.
-    `stop_requested` (this rank's) travels with the stats, so every rank learns whether any rank must stop."""
+    average_ranks: what DeepSpeed divides the summed gradients by (ochat.training.loss.grad_average_ranks;
+    the world size without sequence parallelism). `stop_requested` (this rank's) travels with the stats, so
+    every rank learns whether any rank must stop."""
     t0 = time.perf_counter()
     device = engine.device
     counts = {k: v.to(device, non_blocking=True) for k, v in _pack_counts(micro_batches, stop_requested, device.type == "cuda").items()}
     weight_sum = counts["weight_sum"].clone()
     dist.all_reduce(weight_sum)
-    scale = loss_scale(weight_sum, world_size, len(micro_batches)).float()  # on the device: no host sync here
+    scale = loss_scale(weight_sum, average_ranks, len(micro_batches)).float()  # on the device: no host sync here
     lr = engine.get_lr()[0]
     skipped_before = engine.skipped_steps
     sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("loss_sum", "correct", "target_tokens")}

@@ -23,6 +23,7 @@ from ochat.config.train_config import TrainConfig, load_deepspeed_config, parse_
 from ochat.training import preflight
 from ochat.training.checkpoint import Saves
 from ochat.training.engine import build_engine, load_model
+from ochat.training.loss import grad_average_ranks
 from ochat.training.metrics import ProgressLog
 from ochat.training.packs import PackPlan, eval_packs
 from ochat.training.recompute import AutoRecompute
@@ -41,16 +42,22 @@ def train(cfg: TrainConfig) -> TrainState:
     model_type = preflight.check_model_type(cfg, train_ds.meta)
     tokenizer = preflight.check_tokenizer(cfg, train_ds, model_type)
     batch_max_len = cfg.batch_max_len or (cfg.batch_size_per_gpu or 8) * model_type.context_length
-    preflight.check_lengths(batch_max_len, train=train_ds, eval=eval_ds)
+    preflight.check_long_context(cfg, rt.world_size, rt.device)
+    preflight.check_lengths(batch_max_len, cfg.sequence_parallel, train=train_ds, eval=eval_ds)
     plan = PackPlan(train_ds, batch_max_len, world_size=rt.world_size, rank=rt.rank, grad_accum=cfg.grad_accum,
-                    seed=cfg.seed, filler_token=tokenizer.eot_id)
+                    seed=cfg.seed, filler_token=tokenizer.eot_id, sequence_parallel=cfg.sequence_parallel)
     settings = _run_settings(cfg, plan, train_ds)
     log(f"{len(train_ds)} conversations, {int(train_ds.lengths.sum())} tokens; {rt.world_size} ranks x {cfg.grad_accum} "
-        f"micro-steps x {batch_max_len} tokens; {settings.total_steps} steps ({settings.warmup_steps} warmup)")
+        f"micro-steps x {batch_max_len} tokens"
+        + (f" (packs of {plan.sampler.batch_max_length} shared by {cfg.sequence_parallel} ranks)"
+           if cfg.sequence_parallel > 1 else "")
+        + f"; {settings.total_steps} steps ({settings.warmup_steps} warmup)")
     # ---------------------------------------------------------------- model and engine
     preflight.check_attention(cfg.attn_impl, rt.device)
     ds_config = load_deepspeed_config(cfg.deepspeed_config, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
-                                      bf16=rt.bf16)
+                                      bf16=rt.bf16, sequence_parallel=cfg.sequence_parallel,
+                                      offload_activations=cfg.offload_activations)
+    average_ranks = grad_average_ranks(ds_config, rt.world_size)  # what DeepSpeed divides the gradients by
     model = load_model(cfg, rt, ds_config)
     preflight.check_vocabulary(model.config.vocab_size, tokenizer)
     if not cfg.no_save:
@@ -59,7 +66,7 @@ def train(cfg: TrainConfig) -> TrainState:
                           warmup_steps=settings.warmup_steps)
     state = _resume(cfg, engine, settings) if cfg.resume else TrainState()
     if not cfg.skip_self_check:
-        preflight.self_check(engine, model.config.vocab_size, rt.device, rt.bf16)
+        preflight.self_check(engine, model.config.vocab_size, rt.device, rt.bf16, cfg.sequence_parallel)
     recompute = AutoRecompute(model, batch_max_len, rt.device) if cfg.gradient_checkpointing == "auto" else None
     # ---------------------------------------------------------------- loop
     progress = ProgressLog(cfg, model.config, world_size=rt.world_size, device=rt.device,
@@ -71,7 +78,7 @@ def train(cfg: TrainConfig) -> TrainState:
         efficiency = plan.packing_efficiency(epoch)
         progress.start_epoch(epoch, state.step_in_epoch, steps)
         for micro_batches in plan.steps(epoch, state.step_in_epoch, pin_memory=rt.cuda):
-            stats = train_step(engine, micro_batches, rt.world_size, stop.requested())
+            stats = train_step(engine, micro_batches, average_ranks, stop.requested())
             skipped_in_row = _stop_if_diverged(stats, state, skipped_in_row, cfg.max_skipped_steps)
             if recompute is not None:
                 recompute.after_step()
@@ -88,7 +95,7 @@ def train(cfg: TrainConfig) -> TrainState:
         last = state.global_step == settings.total_steps
         if eval_ds is not None and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
             packs = eval_packs(eval_ds, batch_max_len, world_size=rt.world_size, rank=rt.rank,
-                               filler_token=tokenizer.eot_id)
+                               filler_token=tokenizer.eot_id, sequence_parallel=cfg.sequence_parallel)
             progress.eval(epoch, state.global_step, eval_loss(engine, packs))
         if saves.checkpoint_due(epoch, last):
             saves.save_checkpoint(state, "final" if last else f"ep_{epoch}")

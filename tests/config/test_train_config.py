@@ -54,6 +54,10 @@ def test_defaults():
     (["--gradient-checkpointing", "1.5"], "--gradient-checkpointing must be a finite number >= 0.0 and <= 1.0 (got 1.5)"),
     (["--lr-min-ratio", "2"], "--lr-min-ratio must be a finite number >= 0.0 and <= 1.0 (got 2.0)"),
     (["--deepspeed-config", "zero4"], "--deepspeed-config 'zero4' is neither one of zero2, zero3, zero3_offload nor a file"),
+    (["--sequence-parallel", "0"], "--sequence-parallel must be a finite number >= 1 (got 0)"),
+    (["--tiled-mlp", "0"], "--tiled-mlp must be a finite number >= 1 (got 0)"),
+    (["--offload-activations"], "--offload-activations moves the inputs of checkpointed layers to CPU memory: add "
+                                "--gradient-checkpointing"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_flag(flags, message, capsys):
     assert message in error_of(BASE + flags, capsys)
@@ -110,3 +114,23 @@ def test_shipped_deepspeed_configs(name):
     assert ds["train_micro_batch_size_per_gpu"] == 1
     assert "auto" not in json.dumps(ds)
     assert ds["zero_optimization"]["stage"] == (2 if name == "zero2" else 3)
+
+
+def test_long_context_flags_reach_the_deepspeed_config():
+    c = parse_args(BASE + ["--sequence-parallel", "4", "--tiled-mlp", "8", "--offload-activations",
+                           "--gradient-checkpointing"])
+    assert (c.sequence_parallel, c.tiled_mlp, c.offload_activations) == (4, 8, True)
+    ds = load_deepspeed_config("zero3", grad_accum=1, grad_clip=1.0, bf16=True, sequence_parallel=4,
+                               offload_activations=True)
+    assert ds["sequence_parallel_size"] == 4 and ds["activation_checkpointing"] == {"cpu_checkpointing": True}
+    plain = load_deepspeed_config("zero3", grad_accum=1, grad_clip=1.0, bf16=True)
+    assert "sequence_parallel_size" not in plain and "activation_checkpointing" not in plain
+
+
+def test_sequence_parallelism_refuses_zero_without_reduce_scatter(tmp_path):
+    ds = json.loads(open(DEEPSPEED_CONFIGS["zero3"]).read())
+    ds["zero_optimization"]["reduce_scatter"] = False
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    with pytest.raises(SystemExit, match="--sequence-parallel needs ZeRO's reduce_scatter"):
+        load_deepspeed_config(str(tmp_path / "ds.json"), grad_accum=1, grad_clip=1.0, bf16=True, sequence_parallel=2)
+    assert load_deepspeed_config(str(tmp_path / "ds.json"), grad_accum=1, grad_clip=1.0, bf16=True)

@@ -1,9 +1,13 @@
-"""Pre-flight checks: the self-check refuses packs whose conversations can see each other."""
+"""Pre-flight checks: the self-check refuses packs whose conversations can see each other; the long-context flags
+are refused where they cannot work."""
+import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
+from ochat.config.train_config import TrainConfig
 from ochat.kernels.attention import varlen_attention_sdpa
 from ochat.training import model as model_mod
 from ochat.training import preflight
@@ -86,3 +90,40 @@ def test_disk_space_for_a_checkpoint_and_a_state(tmp_path):
     preflight.check_disk_space(str(tmp_path), 1_000_000, bf16=True)
     with pytest.raises(TrainError, match=r"need about .* GiB: free space, choose another folder, or pass --no-save"):
         preflight.check_disk_space(str(tmp_path), 10**15, bf16=True)
+
+
+def _with_model_config(tmp_path, **flags) -> TrainConfig:
+    heads = ModelConfig.debug(hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
+    (tmp_path / "config.json").write_text(json.dumps(heads.to_hf_config()))
+    return TrainConfig(model_path=str(tmp_path), data_path="d", save_path="s", **flags)
+
+
+@pytest.mark.parametrize("flags, world, message", [
+    (dict(sequence_parallel=4), 8, "--sequence-parallel 4 must divide the model's 6 attention heads"),
+    (dict(sequence_parallel=3), 4, "--sequence-parallel 3 must divide the number of ranks (4)"),
+    (dict(offload_activations=True, gradient_checkpointing=1.0), 1, "--offload-activations moves activations from GPU "
+                                                                    "to CPU memory: it needs a GPU"),
+])
+def test_long_context_flags_that_cannot_work_are_refused(tmp_path, flags, world, message):
+    with pytest.raises(TrainError) as e:
+        preflight.check_long_context(_with_model_config(tmp_path, **flags), world, torch.device("cpu"))
+    assert message in str(e.value)
+
+
+def test_sequence_parallel_dividing_heads_and_ranks_passes(tmp_path):
+    for size, world in ((2, 4), (3, 6)):  # 6 query heads; 3 KV heads are repeated for 2 ranks
+        preflight.check_long_context(_with_model_config(tmp_path, sequence_parallel=size), world, torch.device("cpu"))
+
+
+class _Lengths:
+    def __init__(self, *lengths):
+        self.lengths = np.array(lengths)
+
+    def __len__(self):
+        return len(self.lengths)
+
+
+def test_a_conversation_must_fit_the_pack_of_a_group():
+    preflight.check_lengths(64, 2, train=_Lengths(100, 128), eval=None)
+    with pytest.raises(TrainError, match="129 tokens, longer than --batch-max-len 64 x --sequence-parallel 2"):
+        preflight.check_lengths(64, 2, train=_Lengths(129), eval=None)

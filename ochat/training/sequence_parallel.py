@@ -1,0 +1,158 @@
+"""Sequence parallelism (DeepSpeed Ulysses) on ochat's flat, packed layout: N ranks share one pack.
+
+A pack of up to N x batch-max-len tokens is padded to a multiple of N and split into N contiguous slices, one
+per rank of a sequence-parallel group. Each rank embeds its slice, applies RoPE with the slice's position ids and
+runs every per-token layer (norms, projections, MLP, loss) on it alone. Only attention needs the whole
+sequence: DeepSpeed's `DistributedAttention` exchanges q, k and v by all-to-all (each rank: its tokens of all
+heads -> all tokens of 1/N of the heads), runs varlen attention with the pack's global `cu_seqlens` (so packed
+conversations stay isolated and the result is exact) and exchanges the output back.
+
+    N = 2, conversations [a a a a] and [b b b b b], one filler f of weight 0 to reach a multiple of N:
+    pack          a a a a b | b b b b f      cu_seqlens [0 4 9 10] on both ranks
+    rank 0 holds  a a a a b                  rank 1 holds b b b b f
+    Labels are shifted on the whole pack first: rank 0's last b predicts rank 1's first b.
+
+Groups follow DeepSpeed's `parallel_state_sp` (the `mpu` that `deepspeed.initialize` takes for Ulysses, whose
+groups `deepspeed.utils.groups` then hands to ZeRO): ranks [i*N, (i+1)*N) form sequence-parallel group i; all
+ranks together form the sequence-data-parallel group over which ZeRO shards and reduces gradients.
+
+GQA with fewer KV heads than N (or a KV head count N does not divide) repeats the KV heads to lcm(Hkv, N), as
+DeepSpeed's `UlyssesSPAttentionHF` does; the query heads must be a multiple of N.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ochat.kernels.attention import varlen_attention
+from ochat.training.batching import collate_pack
+from ochat.training.model import Attention
+
+# the keys of a collated pack that hold one row per token (sliced per rank); the others describe the whole pack
+_PER_TOKEN = ("input_ids", "position_ids", "labels", "label_weights")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a rank sits when `size` consecutive ranks share each pack (DeepSpeed's group order)."""
+
+    world_size: int
+    rank: int
+    size: int = 1  # ranks per sequence-parallel group
+
+    def __post_init__(self):
+        if self.world_size % self.size:
+            raise ValueError(f"--sequence-parallel {self.size} must divide the number of ranks ({self.world_size})")
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Groups, each training its own pack at a time."""
+        return self.world_size // self.size
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.rank // self.size
+
+    @property
+    def sp_rank(self) -> int:
+        """This rank's slice of its group's pack."""
+        return self.rank % self.size
+
+
+def collate_shard(items: list[tuple[np.ndarray, np.ndarray]], size: int, rank: int, filler_token: int) -> dict:
+    """This rank's slice of a pack of (tokens, weights) items shared by `size` ranks.
+
+    The pack is padded with weight-0 `filler_token`s, as a conversation of their own in cu_seqlens, to a positive
+    multiple of `size` (an empty pack becomes `size` fillers, so every rank joins every collective), collated
+    whole (labels shifted across slice boundaries), then the per-token tensors are cut to slice `rank`;
+    `cu_seqlens` and `max_seqlen` stay the whole pack's, `target_index` indexes the slice. With size > 1 the
+    dict also holds `sequence_parallel` = size.
+    """
+    total = sum(len(t) for t, _ in items)
+    pad = -total % size if total else size
+    if pad:
+        items = list(items) + [(np.full(pad, filler_token, np.int32), np.zeros(pad, np.float32))]
+    pack = collate_pack(items)
+    if size == 1:
+        return pack
+    n = (total + pad) // size
+    shard = {k: pack[k][rank * n:(rank + 1) * n] for k in _PER_TOKEN}
+    shard["target_index"] = torch.nonzero(shard["label_weights"] > 0).flatten()
+    return dict(shard, cu_seqlens=pack["cu_seqlens"], max_seqlen=pack["max_seqlen"], sequence_parallel=size)
+
+
+def kv_repeats(num_heads: int, num_kv_heads: int, size: int) -> int:
+    """How often each KV head is repeated so that `size` ranks can split the KV heads evenly with every query
+    head on the rank of its KV head: lcm(num_kv_heads, size) / num_kv_heads. Errors when `size` does not
+    divide the query heads."""
+    if num_heads % size:
+        raise ValueError(f"--sequence-parallel {size} must divide the model's {num_heads} attention heads "
+                         f"(Ulysses gives each rank 1/{size} of them)")
+    return size // math.gcd(num_kv_heads, size)
+
+
+class UlyssesAttention:
+    """`varlen_attention` with the signature of ochat.kernels.attention's, over a pack sharded on a group.
+
+    q [T/N, Hq, D], k/v [T/N, Hkv, D] (this rank's tokens) -> [T/N, Hq, D]. `cu_seqlens` / `max_seqlen` are
+    the whole pack's. A plain object (not an nn.Module): it holds no parameters and stays out of state dicts.
+    """
+
+    def __init__(self, group, num_heads: int, num_kv_heads: int):
+        import deepspeed.comm as ds_dist
+        from deepspeed.sequence.layer import DistributedAttention
+
+        self.repeats = kv_repeats(num_heads, num_kv_heads, ds_dist.get_world_size(group))
+        # seq-first layout [T, 1, H, D] (batch_dim_idx 1): scatter the heads (dim 2), gather the tokens (dim 0)
+        self.exchange = DistributedAttention(self._attend_whole_pack, group, scatter_idx=2, gather_idx=0)
+
+    @staticmethod
+    def _attend_whole_pack(q, k, v, cu_seqlens, max_seqlen, window, backend, **variant):
+        o = varlen_attention(q.squeeze(1), k.squeeze(1), v.squeeze(1), cu_seqlens, max_seqlen, window=window,
+                             backend=backend, **variant)
+        return o.unsqueeze(1)
+
+    def __call__(self, q, k, v, cu_seqlens, max_seqlen, window=None, backend="auto", **variant):
+        """`variant`: the model's attention variants (softmax scale, soft-capping), passed on unchanged."""
+        if self.repeats > 1:
+            k, v = k.repeat_interleave(self.repeats, dim=1), v.repeat_interleave(self.repeats, dim=1)
+        out = self.exchange(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), 1, None, cu_seqlens, max_seqlen,
+                            window, backend, **variant)
+        return out.squeeze(1)
+
+
+def enable(model: torch.nn.Module, size: int):
+    """Create DeepSpeed's sequence-parallel groups of `size` ranks and route every attention layer of `model`
+    through UlyssesAttention on this rank's group. Returns DeepSpeed's `mpu` for `deepspeed.initialize(mpu=...)`
+    (ZeRO then shards and reduces over the sequence-data-parallel group), or None when size is 1.
+    Collective: every rank calls it, once per process."""
+    if size == 1:
+        return None
+    import deepspeed.comm as ds_dist
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
+
+    mpu.initialize_sequence_parallel(sequence_parallel_size=size)
+    layout = Layout(ds_dist.get_world_size(), ds_dist.get_rank(), size)
+    assert mpu.get_sequence_parallel_rank() == layout.sp_rank, "DeepSpeed's group order changed"
+    cfg = model.config
+    attention = UlyssesAttention(mpu.get_sequence_parallel_group(), cfg.num_attention_heads, cfg.num_key_value_heads)
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    assert layers, "no attention layer found"
+    for layer in layers:
+        layer.attention_hook = attention
+    return mpu
+
+
+def gather(local: torch.Tensor) -> torch.Tensor:
+    """The rows of a whole pack from each rank's slice (all-gather over this rank's sequence-parallel group,
+    which `enable` created; no gradient)."""
+    import deepspeed.comm as ds_dist
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
+
+    group = mpu.get_sequence_parallel_group()
+    parts = [torch.empty_like(local) for _ in range(ds_dist.get_world_size(group))]
+    ds_dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts)

@@ -1,0 +1,183 @@
+"""Sequence parallelism: the slicing of a pack over the ranks of a group, and (on 2 gloo ranks) DeepSpeed Ulysses
+attention and the whole model against the per-conversation SDPA reference and the unsharded model."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ochat.training.batching import collate_pack
+from ochat.training.sequence_parallel import Layout, collate_shard, kv_repeats
+from tests.helpers.train import REPO
+
+
+def _items(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(3, 1000, n).astype(np.int32), (rng.random(n) * (rng.random(n) > 0.3)).astype(np.float32))
+            for n in lengths]
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_slices_put_together_are_the_padded_pack(size):
+    items = _items([5, 9, 1, 6])  # 21 tokens: padded to a multiple of size with weight-0 fillers
+    shards = [collate_shard(items, size, r, filler_token=7) for r in range(size)]
+    pad = -21 % size
+    whole = collate_pack(items + ([(np.full(pad, 7, np.int32), np.zeros(pad, np.float32))] if pad else []))
+    for key in ("input_ids", "position_ids", "labels", "label_weights"):
+        assert torch.equal(torch.cat([s[key] for s in shards]), whole[key]), key
+    n = (21 + pad) // size
+    for r, s in enumerate(shards):
+        assert len(s["input_ids"]) == n and s["sequence_parallel"] == size
+        assert torch.equal(s["cu_seqlens"], whole["cu_seqlens"]) and s["max_seqlen"] == whole["max_seqlen"]
+        assert torch.equal(s["target_index"] + r * n, whole["target_index"][(whole["target_index"] >= r * n)
+                                                                            & (whole["target_index"] < (r + 1) * n)])
+    # the filler is a sequence of its own: the real conversations' boundaries are unchanged
+    assert whole["cu_seqlens"].tolist()[:5] == [0, 5, 14, 15, 21]
+    assert sum(float(s["label_weights"].sum()) for s in shards) == pytest.approx(sum(float(w[1:].sum()) for _, w in items))
+
+
+def test_labels_are_shifted_across_a_slice_boundary():
+    tokens = np.arange(100, 110, dtype=np.int32)
+    first, second = (collate_shard([(tokens, np.ones(10, np.float32))], 2, r, filler_token=0) for r in range(2))
+    assert first["labels"][-1].item() == 105 and first["label_weights"][-1].item() == 1.0  # token 4 predicts 5
+    assert second["position_ids"].tolist() == [5, 6, 7, 8, 9]  # positions continue on the next rank
+    assert second["label_weights"][-1].item() == 0.0
+
+
+def test_an_empty_slot_gives_every_rank_a_filler_token():
+    for size in (1, 2, 4):
+        shards = [collate_shard([], size, r, filler_token=9) for r in range(size)]
+        assert all(s["input_ids"].tolist() == [9] and s["label_weights"].sum() == 0 for s in shards)
+        assert shards[0]["cu_seqlens"].tolist() == [0, size]
+
+
+def test_one_rank_is_the_plain_collate():
+    items = _items([4, 7])
+    got, want = collate_shard(items, 1, 0, filler_token=0), collate_pack(items)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want if k != "max_seqlen")
+
+
+def test_layout_follows_deepspeeds_consecutive_groups():
+    assert [(Layout(8, r, 2).data_parallel_rank, Layout(8, r, 2).sp_rank) for r in range(4)] == \
+        [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert Layout(8, 5, 4).data_parallel_size == 2
+    with pytest.raises(ValueError, match="--sequence-parallel 3 must divide the number of ranks \\(4\\)"):
+        Layout(4, 0, 3)
+
+
+@pytest.mark.parametrize("heads, kv, size, repeats", [(32, 8, 2, 1), (32, 4, 8, 2), (32, 1, 4, 4), (12, 6, 4, 2),
+                                                      (6, 3, 2, 2)])
+def test_kv_heads_are_repeated_to_a_multiple_of_the_ranks(heads, kv, size, repeats):
+    assert kv_repeats(heads, kv, size) == repeats
+    assert (kv * repeats) % size == 0 and heads % (kv * repeats) == 0
+
+
+def test_query_heads_must_divide():
+    with pytest.raises(ValueError, match="--sequence-parallel 4 must divide the model's 6 attention heads"):
+        kv_repeats(6, 2, 4)
+
+
+WORKER = r'''
+import copy, json, os, sys
+import deepspeed, numpy as np, torch
+import torch.distributed as dist
+from ochat.kernels.attention import varlen_attention_sdpa
+from ochat.training import preflight, sequence_parallel
+from ochat.training.memory import tile_mlp
+from ochat.training.model import PackedCausalLM
+from ochat.training.model_config import ModelConfig
+from ochat.training.runtime import TrainError
+from ochat.training.sequence_parallel import UlyssesAttention, collate_shard
+
+out = sys.argv[1]
+deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+rank, size = dist.get_rank(), dist.get_world_size()
+res = {}
+torch.manual_seed(0)  # the same draws on every rank
+group = dist.new_group(list(range(size)))
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# attention alone: this rank's slice of q, k, v -> its slice of the output and of the gradients
+lengths = [9, 3, 14, 5, 1]  # 32 tokens: conversation 3 (12-26) crosses the boundary at 16
+cu = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32)
+n = 32 // size
+for heads, kv, window, variant in [(4, 4, None, {}), (4, 2, None, {}), (4, 1, None, {}), (6, 3, None, {}),
+                                   (4, 2, 5, {}), (4, 2, None, dict(scale=0.3, softcap=5.0))]:
+    q, k, v = torch.randn(32, heads, 8), torch.randn(32, kv, 8), torch.randn(32, kv, 8)
+    grad_out = torch.randn(32, heads, 8)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = varlen_attention_sdpa(*full, cu, window=window, **variant)
+    ref.backward(grad_out)
+    mine = [t[rank * n:(rank + 1) * n].clone().requires_grad_() for t in (q, k, v)]
+    o = UlyssesAttention(group, heads, kv)(*mine, cu, max(lengths), window=window, backend="sdpa", **variant)
+    o.backward(grad_out[rank * n:(rank + 1) * n])
+    res[f"attn {heads}/{kv} window {window} {variant}"] = [rel(o, ref[rank * n:(rank + 1) * n])] + [
+        rel(m.grad, f.grad[rank * n:(rank + 1) * n]) for m, f in zip(mine, full)]
+
+# the whole model: sliced over the ranks it gives the unsliced model's loss and gradients (tiled MLP on too)
+ref_model = PackedCausalLM(ModelConfig.debug(), attn_impl="sdpa")
+ref_model.reset_parameters(std=0.3)
+model = copy.deepcopy(ref_model)
+sequence_parallel.enable(model, size)
+tile_mlp(model, 3)
+g = np.random.default_rng(1)
+items = [(g.integers(0, 128, m).astype(np.int32), g.random(m).astype(np.float32)) for m in (11, 20, 7)]  # 38 -> 38
+whole, shard = collate_shard(items, 1, 0, 0), collate_shard(items, size, rank, 0)
+
+
+def loss(m, b):
+    return m(b["input_ids"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"], labels=b["labels"],
+             label_weights=b["label_weights"], target_index=b["target_index"]).weighted_loss
+
+
+want = loss(ref_model, whole)
+want.backward()
+got = loss(model, shard)
+got.backward()
+total = got.detach().clone()
+dist.all_reduce(total)
+res["loss"] = [total.item(), want.item()]
+for p in model.parameters():
+    dist.all_reduce(p.grad)
+res["grad"] = max(rel(p.grad, q.grad) for p, q in zip(model.parameters(), ref_model.parameters()))
+
+# the self-check runs sliced, and refuses a leak across conversations
+preflight.self_check(model, 128, torch.device("cpu"), bf16=False, sequence_parallel_size=size)
+sequence_parallel.varlen_attention = lambda q, k, v, cu, m, window=None, backend=None, **variant: (
+    varlen_attention_sdpa(q, k, v, cu, window=window, leak=True, **variant))
+try:
+    preflight.self_check(model, 128, torch.device("cpu"), bf16=False, sequence_parallel_size=size)
+    res["leak refused"] = False
+except TrainError as e:
+    res["leak refused"] = "changed the logits of the others" in str(e)
+with open(f"{out}.{rank}", "w") as fh:
+    json.dump(res, fh)
+dist.barrier()
+os._exit(0)  # see tests/training/test_hf_weights.py: gloo's thread may outlive interpreter teardown
+'''
+
+
+@pytest.mark.slow
+def test_two_ranks_match_the_reference_and_the_unsliced_model(tmp_path):
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(tmp_path / "worker.py"), str(tmp_path / "res")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for rank in range(2):
+        res = json.loads((tmp_path / f"res.{rank}").read_text())
+        for name, errors in res.items():
+            if name.startswith("attn"):
+                assert max(errors) < 1e-5, (rank, name, errors)
+        got, want = res["loss"]
+        assert got == pytest.approx(want, rel=1e-5) and want > 1.0
+        assert res["grad"] < 1e-5
+        assert res["leak refused"]
