@@ -108,7 +108,8 @@ def _engine(args, cuda: bool):
     model = PackedCausalLM.from_config(SHAPES[args.shape], dtype=torch.bfloat16 if cuda else torch.float32,
                                        device=device)
     set_memory_features(model, cfg, ds)
-    return build_engine(cfg, Runtime(0, 1, device, cuda), model, ds, total_steps=1000, warmup_steps=0), cfg
+    rt = Runtime(rank=0, world_size=1, device=device, bf16=cuda, launched=False)
+    return build_engine(cfg, rt, model, ds, total_steps=1000, warmup_steps=0), cfg
 
 
 def worker(args) -> None:
