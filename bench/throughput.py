@@ -12,6 +12,7 @@ Configurations (activation checkpointing on and off for each):
   ochat          PackedCausalLM, defaults: FlashAttention-4 where installed, else torch varlen_attn (FA2);
                  with `ablations`, each fused kernel switched off (checkpointing off)
   ochat_fa2      PackedCausalLM on torch varlen_attn (FA2), when FlashAttention-4 is what `ochat` runs
+  ochat_fp8      `ochat` with the decoder layers' linear layers in float8 (torchao, tensorwise, compiled)
   hf_padded      LlamaForCausalLM, SDPA, the pack's conversations padded to the longest, split into
                  micro-batches of <= pack tokens (gradient accumulation, same optimizer step)
   hf_flex        packed row, restarting position_ids, flex_attention with a document BlockMask
@@ -45,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ochat.assets import LLAMA2_TOKENIZER, SHAREGPT_SAMPLE  # noqa: E402
+from ochat.training.fp8 import FP8_TOKEN_MULTIPLE  # noqa: E402
 from ochat.training.metrics import PEAK_FLOPS, step_flops  # noqa: E402
 from ochat.training.model_config import ModelConfig  # noqa: E402
 
@@ -114,10 +116,11 @@ def make_packs(convs, pack_tokens, steps, seed=0):
     return [[convs[i] for i in p] for p in packs[:steps]]
 
 
-def collate(items):
-    from ochat.training.batching import collate_pack
+def collate(items, token_multiple=1):
+    """A pack collated as the trainer does (padded with weight-0 filler to a multiple of `token_multiple` tokens)."""
+    from ochat.training.sequence_parallel import collate_shard
 
-    return collate_pack(items)
+    return collate_shard(items, 1, 0, filler_token=0, token_multiple=token_multiple)
 
 
 def model_flops(config: ModelConfig, packs) -> float:
@@ -292,12 +295,15 @@ def check_isolation(kind, model, device, config: ModelConfig):
 
 
 # ----------------------------------------------------------------------------- ochat
-def build_ochat(config: ModelConfig, device, ckpt, attn_impl="auto"):
+def build_ochat(config: ModelConfig, device, ckpt, attn_impl="auto", fp8=None):
+    from ochat.training.fp8 import enable_fp8
     from ochat.training.model import PackedCausalLM
 
     torch.manual_seed(0)
     with torch.device(device):
         model = PackedCausalLM(config, attn_impl=attn_impl).to(torch.bfloat16)
+    if fp8:
+        enable_fp8(model, fp8, emulate=device != "cuda")
     if ckpt:
         model.gradient_checkpointing_enable(float(ckpt))  # True = every layer; a float = that fraction of them
     model.train()
@@ -311,9 +317,9 @@ def ochat_loss_sums(model, b, device):
                  label_weights=d["label_weights"], target_index=d["target_index"])
 
 
-def ochat_step_fn(model, device):
+def ochat_step_fn(model, device, token_multiple=1):
     def step(items):
-        sums = ochat_loss_sums(model, collate(items), device)
+        sums = ochat_loss_sums(model, collate(items, token_multiple), device)
         (sums.weighted_loss / sums.weight.clamp_min(1.0)).backward()
     return step
 
@@ -406,7 +412,7 @@ def results_table(first_column, rows, tokens_key):
     return lines
 
 
-CONFIGS = ("ochat", "ochat_fa2", "hf_varlen", "hf_flex", "hf_padded", "hf_liger", "hf_liger_fa4", "ablations")
+CONFIGS = ("ochat", "ochat_fa2", "ochat_fp8", "hf_varlen", "hf_flex", "hf_padded", "hf_liger", "hf_liger_fa4", "ablations")
 PEERS = ("hf_varlen", "hf_flex", "hf_padded", "hf_liger", "hf_liger_fa4")
 _HF = {"hf_varlen": ("ochat_varlen", "varlen"), "hf_flex": ("flex_attention", "flex"), "hf_padded": ("sdpa", "padded"),
        "hf_liger": ("ochat_varlen", "varlen"), "hf_liger_fa4": ("ochat_fa4", "varlen")}
@@ -493,6 +499,10 @@ def main():
             runs.append((f"ochat ({ochat_kernel}) {tag}", ckpt,
                          lambda c=ckpt: build_ochat(config, device, c, ochat_attn), lambda m: ochat_step_fn(m, device),
                          None, None))
+        if "ochat_fp8" in cfgs:
+            runs.append((f"ochat ({ochat_kernel}, fp8 tensorwise) {tag}", ckpt,
+                         lambda c=ckpt: build_ochat(config, device, c, ochat_attn, fp8="tensorwise"),
+                         lambda m: ochat_step_fn(m, device, FP8_TOKEN_MULTIPLE), None, None))
         if "ochat_fa2" in cfgs and info["flash_attn_4"]:
             runs.append((f"ochat (fa2) {tag}", ckpt, lambda c=ckpt: build_ochat(config, device, c, "torch_varlen"),
                          lambda m: ochat_step_fn(m, device), None, None))
@@ -572,8 +582,8 @@ def report_lines(info: dict, results: list, extra: dict, steps: int, args) -> li
     """The markdown report: one table per run, ochat's ratio to each configuration and to the best peer."""
     ok = [r for r in results if "tokens_per_s" in r]
 
-    def best(prefix, ckpt):
-        rows = [r for r in ok if r["name"].startswith(prefix) and r["ckpt"] == ckpt]
+    def best(prefix, ckpt):  # bf16 runs only: fp8 has its own comparison with ochat's bf16
+        rows = [r for r in ok if r["name"].startswith(prefix) and r["ckpt"] == ckpt and "fp8" not in r["name"]]
         return max(rows, key=lambda r: r["tokens_per_s"], default=None)
 
     lines = [f"# Throughput ({info['device']}, {info['date']}, torch {info['torch']}, transformers {info['transformers']})",

@@ -80,7 +80,7 @@ def main():
     cmd = ["deepspeed", "--num_gpus", str(a.num_gpus), "--module", "ochat.training.train", "--model-path", model,
            "--data-path", data, "--save-path", out, "--epochs", "1", "--max-steps", str(a.steps),
            "--batch-max-len", str(a.batch_max_len), "--lr", "3e-4", "--lr-warmup-steps", "20", "--log-every", "10",
-           "--eval-every", "0", "--no-save", *a.extra]
+           "--eval-every", "0", "--no-save", "--overwrite", *a.extra]
     print(" ".join(cmd), flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     log = proc.stdout + proc.stderr

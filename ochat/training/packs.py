@@ -36,23 +36,26 @@ class _CollatedPacks(torch.utils.data.Dataset):
     """Packs (lists of dataset indices) -> this rank's collated tensors (its slice, under sequence parallelism).
     An empty slot becomes filler tokens of weight 0, so this rank still joins every collective."""
 
-    def __init__(self, dataset: TokenizedDataset, packs: list[np.ndarray], filler_token: int, layout: Layout):
+    def __init__(self, dataset: TokenizedDataset, packs: list[np.ndarray], filler_token: int, layout: Layout,
+                 token_multiple: int):
         self.dataset, self.packs, self.filler, self.layout = dataset, packs, filler_token, layout
+        self.token_multiple = token_multiple
 
     def __len__(self) -> int:
         return len(self.packs)
 
     def __getitem__(self, i: int) -> dict:
         items = [self.dataset[int(j)] for j in self.packs[i]]
-        return collate_shard(items, self.layout.size, self.layout.sp_rank, self.filler)
+        return collate_shard(items, self.layout.size, self.layout.sp_rank, self.filler, self.token_multiple)
 
 
 class PackPlan:
     """Every epoch's packs for one rank, grouped by optimizer step (each epoch planned once, when first asked)."""
 
     def __init__(self, dataset: TokenizedDataset, batch_max_len: int, *, world_size: int, rank: int, grad_accum: int,
-                 seed: int, filler_token: int, sequence_parallel: int = 1):
+                 seed: int, filler_token: int, sequence_parallel: int = 1, token_multiple: int = 1):
         self.dataset, self.filler, self.grad_accum = dataset, filler_token, grad_accum
+        self.token_multiple = token_multiple  # each rank's tokens per pack are padded to a multiple of it
         self.layout = Layout(world_size, rank, sequence_parallel)
         self.slots = self.layout.data_parallel_size * grad_accum
         self.sampler = MultipackDistributedBatchSampler(lengths=dataset.lengths,
@@ -88,7 +91,7 @@ class PackPlan:
         """The collated micro-batches (grad_accum of them) of each step of `epoch` from `first_step` on."""
         packs = self._this_rank(epoch, first_step)
         # its own generator: creating the loader must not draw from the global RNG (exact resume)
-        data = _CollatedPacks(self.dataset, packs, self.filler, self.layout)
+        data = _CollatedPacks(self.dataset, packs, self.filler, self.layout, self.token_multiple)
         loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=1, pin_memory=pin_memory,
                                              prefetch_factor=2 * self.grad_accum, worker_init_fn=_ignore_stop_signals,
                                              generator=torch.Generator().manual_seed(epoch))
@@ -98,11 +101,11 @@ class PackPlan:
 
 
 def eval_packs(dataset: TokenizedDataset, batch_max_len: int, *, world_size: int, rank: int,
-               filler_token: int, sequence_parallel: int = 1) -> Iterator[dict]:
+               filler_token: int, sequence_parallel: int = 1, token_multiple: int = 1) -> Iterator[dict]:
     """The eval split packed for this rank (same token budget as training), collated one pack at a time."""
     layout = Layout(world_size, rank, sequence_parallel)
     sampler = MultipackDistributedBatchSampler(lengths=dataset.lengths, batch_max_length=batch_max_len * layout.size,
                                                num_replicas=layout.data_parallel_size,
                                                rank=layout.data_parallel_rank, seed=0)
-    data = _CollatedPacks(dataset, [np.asarray(p) for p in sampler], filler_token, layout)
+    data = _CollatedPacks(dataset, [np.asarray(p) for p in sampler], filler_token, layout, token_multiple)
     return (data[i] for i in range(len(data)))

@@ -185,7 +185,8 @@ def check_long_context(cfg: TrainConfig, world_size: int, device: torch.device) 
         raise TrainError("--offload-activations moves activations from GPU to CPU memory: it needs a GPU")
 
 
-def self_check(model, vocab_size: int, device: torch.device, bf16: bool, sequence_parallel_size: int = 1) -> None:
+def self_check(model, vocab_size: int, device: torch.device, bf16: bool, sequence_parallel_size: int = 1,
+               token_multiple: int = 1, pack_wide_scales: bool = False) -> None:
     """Refuse to train if conversations of a pack can see each other. Two comparisons on random packs:
 
     - isolation: replacing the first conversation's tokens must leave the later conversations' logits
@@ -194,6 +195,11 @@ def self_check(model, vocab_size: int, device: torch.device, bf16: bool, sequenc
     - equivalence: packed logits equal each conversation run alone, to 1e-4 of the scale in float32. In
       bf16 the two runs have different shapes, so they round differently, and that noise grows with the
       model (0.22 on logits of 6.2 for a random 7B model): there only a gross mismatch (10%) is refused.
+
+    `pack_wide_scales` (fp8 with tensorwise scaling): each linear layer quantizes the whole pack's activations
+    with one scale, so a conversation's values shift the others' rounding (a few percent of the logits, not
+    attention): both comparisons then allow 20% of the logit scale, which a real leak still exceeds, and the
+    coupling measured is reported. `token_multiple`: packs padded as in training (fp8 needs multiples of 16).
     """
     g = torch.Generator().manual_seed(1234)
     lens = [7, 3, 12]
@@ -205,7 +211,8 @@ def self_check(model, vocab_size: int, device: torch.device, bf16: bool, sequenc
 
     def logits(conversations):
         items = [(c.numpy().astype(np.int32), np.ones(len(c), np.float32)) for c in conversations]
-        b = sequence_parallel.collate_shard(items, sequence_parallel_size, sp_rank, filler_token=0)
+        b = sequence_parallel.collate_shard(items, sequence_parallel_size, sp_rank, filler_token=0,
+                                            token_multiple=token_multiple)
         out = model(b["input_ids"].to(device), b["position_ids"].to(device), b["cu_seqlens"].to(device),
                     b["max_seqlen"]).float()
         if sequence_parallel_size > 1:
@@ -222,13 +229,16 @@ def self_check(model, vocab_size: int, device: torch.device, bf16: bool, sequenc
     scale = max(1.0, alone.abs().max().item())
     leak = (packed - perturbed)[lens[0]:].abs().max().item()
     diff = (packed - alone).abs().max().item()
-    if not leak <= 1e-3 * scale:
+    if not leak <= (0.2 if pack_wide_scales else 1e-3) * scale:
         raise TrainError(f"self-check failed: changing one conversation of a pack changed the logits of the others by "
                          f"{leak:.3g} (logit scale {scale:.3g}): the attention backend lets conversations see each "
                          f"other. Try another --attn-impl.")
-    if not diff <= (0.1 if bf16 else 1e-4) * scale:
+    if not diff <= (0.2 if pack_wide_scales else 0.1 if bf16 else 1e-4) * scale:
         raise TrainError(f"self-check failed: packed logits differ from per-conversation logits by {diff:.3g} "
                          f"(logit scale {scale:.3g}): positions or attention are wrong for packed input. "
                          f"Try another --attn-impl.")
     log(f"self-check passed (a pack's conversations do not see each other: {leak:.1e}; "
         f"packed vs per-conversation logits: max diff {diff:.2e} on a scale of {scale:.2g})")
+    if pack_wide_scales:
+        log(f"note: with --fp8 tensorwise a pack shares each layer's float8 scale, so one conversation moves another's "
+            f"logits by rounding ({leak:.2g} here, on a scale of {scale:.2g}); --fp8 rowwise keeps them exactly apart")

@@ -62,17 +62,19 @@ class Layout:
         return self.rank % self.size
 
 
-def collate_shard(items: list[tuple[np.ndarray, np.ndarray]], size: int, rank: int, filler_token: int) -> dict:
+def collate_shard(items: list[tuple[np.ndarray, np.ndarray]], size: int, rank: int, filler_token: int,
+                  token_multiple: int = 1) -> dict:
     """This rank's slice of a pack of (tokens, weights) items shared by `size` ranks.
 
     The pack is padded with weight-0 `filler_token`s, as a conversation of their own in cu_seqlens, to a positive
-    multiple of `size` (an empty pack becomes `size` fillers, so every rank joins every collective), collated
+    multiple of `size` x `token_multiple` (an empty pack becomes that many fillers, so every rank joins every
+    collective; float8 matmuls need each rank's token count divisible by 16: ochat.training.fp8), collated
     whole (labels shifted across slice boundaries), then the per-token tensors are cut to slice `rank`;
     `cu_seqlens` and `max_seqlen` stay the whole pack's, `target_index` indexes the slice. With size > 1 the
     dict also holds `sequence_parallel` = size.
     """
-    total = sum(len(t) for t, _ in items)
-    pad = -total % size if total else size
+    total, multiple = sum(len(t) for t, _ in items), size * token_multiple
+    pad = -total % multiple if total else multiple
     if pad:
         items = list(items) + [(np.full(pad, filler_token, np.int32), np.zeros(pad, np.float32))]
     pack = collate_pack(items)

@@ -25,6 +25,7 @@ from ochat.training.checkpoint import Saves
 from ochat.training.engine import build_engine, load_model
 from ochat.training.loss import grad_average_ranks
 from ochat.training.metrics import ProgressLog
+from ochat.training.fp8 import FP8_TOKEN_MULTIPLE
 from ochat.training.packs import PackPlan, eval_packs
 from ochat.training.recompute import AutoRecompute
 from ochat.training.runtime import StopRequest, Stopped, TrainError, log, setup_runtime
@@ -45,7 +46,8 @@ def train(cfg: TrainConfig) -> TrainState:
     preflight.check_long_context(cfg, rt.world_size, rt.device)
     preflight.check_lengths(batch_max_len, cfg.sequence_parallel, train=train_ds, eval=eval_ds)
     plan = PackPlan(train_ds, batch_max_len, world_size=rt.world_size, rank=rt.rank, grad_accum=cfg.grad_accum,
-                    seed=cfg.seed, filler_token=tokenizer.eot_id, sequence_parallel=cfg.sequence_parallel)
+                    seed=cfg.seed, filler_token=tokenizer.eot_id, sequence_parallel=cfg.sequence_parallel,
+                    token_multiple=FP8_TOKEN_MULTIPLE if cfg.fp8 else 1)
     settings = _run_settings(cfg, plan, train_ds)
     log(f"{len(train_ds)} conversations, {int(train_ds.lengths.sum())} tokens; {rt.world_size} ranks x {cfg.grad_accum} "
         f"micro-steps x {batch_max_len} tokens"
@@ -66,7 +68,8 @@ def train(cfg: TrainConfig) -> TrainState:
                           warmup_steps=settings.warmup_steps)
     state = _resume(cfg, engine, settings) if cfg.resume else TrainState()
     if not cfg.skip_self_check:
-        preflight.self_check(engine, model.config.vocab_size, rt.device, rt.bf16, cfg.sequence_parallel)
+        preflight.self_check(engine, model.config.vocab_size, rt.device, rt.bf16, cfg.sequence_parallel,
+                             plan.token_multiple, pack_wide_scales=cfg.fp8 == "tensorwise")
     recompute = AutoRecompute(model, batch_max_len, rt.device) if cfg.gradient_checkpointing == "auto" else None
     # ---------------------------------------------------------------- loop
     progress = ProgressLog(cfg, model.config, world_size=rt.world_size, device=rt.device,
@@ -95,7 +98,8 @@ def train(cfg: TrainConfig) -> TrainState:
         last = state.global_step == settings.total_steps
         if eval_ds is not None and cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
             packs = eval_packs(eval_ds, batch_max_len, world_size=rt.world_size, rank=rt.rank,
-                               filler_token=tokenizer.eot_id, sequence_parallel=cfg.sequence_parallel)
+                               filler_token=tokenizer.eot_id, sequence_parallel=cfg.sequence_parallel,
+                               token_multiple=plan.token_multiple)
             progress.eval(epoch, state.global_step, eval_loss(engine, packs))
         if saves.checkpoint_due(epoch, last):
             saves.save_checkpoint(state, "final" if last else f"ep_{epoch}")

@@ -32,3 +32,20 @@ def test_decoder_linears_convert_and_the_head_stays():
     assert abs(losses[0] - losses[1]) < 0.02 * losses[0]
     g_ref, g_fp8 = reference.model.layers[1].mlp.up_proj.weight.grad, model.model.layers[1].mlp.up_proj.weight.grad
     assert torch.nn.functional.cosine_similarity(g_ref.flatten(), g_fp8.flatten(), dim=0) > 0.95
+
+
+@pytest.mark.parametrize("recipe, isolated", [("rowwise", True), ("tensorwise", False)])
+def test_rowwise_keeps_conversations_apart_and_tensorwise_shares_a_scale(recipe, isolated):
+    """Rowwise scales each token's activations on their own: a pack's conversations stay exactly apart.
+    Tensorwise quantizes the whole pack with one scale, so one conversation moves another's rounding."""
+    torch.manual_seed(0)
+    model = PackedCausalLM(ModelConfig.debug(vocab_size=256, hidden_size=64, intermediate_size=128), attn_impl="sdpa")
+    enable_fp8(model, recipe, compile=False, emulate=True)
+    g = torch.Generator().manual_seed(2)
+    second = torch.randint(0, 256, (24,), generator=g)
+    logits = []
+    for first in (torch.randint(0, 256, (40,), generator=g), torch.randint(0, 256, (40,), generator=g) * 0 + 7):
+        pack = collate_pack([(first.int().numpy(), torch.ones(40).numpy()), (second.int().numpy(), torch.ones(24).numpy())])
+        with torch.no_grad():
+            logits.append(model(pack["input_ids"], pack["position_ids"], pack["cu_seqlens"], pack["max_seqlen"])[40:])
+    assert torch.equal(logits[0], logits[1]) is isolated
