@@ -26,7 +26,8 @@ step() {  # step NAME SECONDS COMMAND...: one logged, time-limited step
 
 case "$stage" in
 fa2)
-    step gpu_tests 150 python3 -m pytest -m gpu tests -q -p no:cacheprovider
+    step gpu_tests 170 python3 -m pytest -m gpu tests/kernels tests/training/test_model_gpu.py \
+        tests/training/test_memory.py -q -p no:cacheprovider
     step throughput_1b_fa2 170 python3 bench/throughput.py --configs ochat,hf_varlen,hf_liger --steps 6 --profile \
         --tag _1b_fa2 --out "$out"
     for recipe in bf16 tensorwise; do
