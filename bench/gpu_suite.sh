@@ -5,10 +5,11 @@
 #
 # Stages (run in this order on one machine; each writes one log per step into OUT_DIR and prints a summary):
 #   fa2    GPU tests; 1.1B throughput against transformers (+ Liger) on FA2, checkpointing off/on, with a
-#          profile; fp8 vs bf16 loss curves (the real trainer, 1.1B, 300 steps each)
+#          profile; the bf16 loss curve of the real trainer (1.1B, 300 steps)
 #   fa4    (FlashAttention-4 installed) its GPU tests; 1.1B throughput with FA4 against transformers + Liger
-#          on FA2 and FA4; conversations of 8k-32k tokens; the Llama 2 7B shape with fp8; --gradient-checkpointing auto
-#   long   long single conversations (bench/long_context.py): 32k, 64k, 128k tokens and beyond on one GPU
+#          on FA2 and FA4; conversations of 8k-32k tokens; the Llama 2 7B shape, with and without fp8
+#   long   the fp8 (tensorwise) loss curve beside fa2's bf16 one; long single conversations
+#          (bench/long_context.py): 32k, 64k, 128k tokens and beyond on one GPU
 set -uo pipefail
 stage=$1
 out=$2
@@ -26,31 +27,26 @@ step() {  # step NAME SECONDS COMMAND...: one logged, time-limited step
 
 case "$stage" in
 fa2)
-    step gpu_tests 170 python3 -m pytest -m gpu tests/kernels tests/training/test_model_gpu.py \
+    step gpu_tests 150 python3 -m pytest -m gpu tests/kernels tests/training/test_model_gpu.py \
         tests/training/test_memory.py -q -p no:cacheprovider
-    step throughput_1b_fa2 170 python3 bench/throughput.py --configs ochat,hf_varlen,hf_liger --steps 6 --profile \
+    step throughput_1b_fa2 150 python3 bench/throughput.py --configs ochat,hf_varlen,hf_liger --steps 6 --profile \
         --tag _1b_fa2 --out "$out"
-    for recipe in bf16 tensorwise; do
-        extra=()
-        [ "$recipe" != bf16 ] && extra=(-- --fp8 "$recipe")
-        step "fp8_curve_$recipe" 150 python3 bench/train_run.py --work-dir /tmp/fp8run --steps 300 --out "$out/curve_$recipe" \
-            --conversations 6000 "${extra[@]}"
-    done
+    step fp8_curve_bf16 150 python3 bench/train_run.py --work-dir /tmp/fp8run --steps 300 --out "$out/curve_bf16" \
+        --conversations 6000
     ;;
 fa4)
-    step gpu_tests_fa4 100 python3 -m pytest -m gpu tests/kernels/test_attention.py tests/training/test_model_gpu.py -q \
-        -p no:cacheprovider
+    step gpu_tests_fa4 90 python3 -m pytest -m gpu tests/kernels/test_attention.py -q -p no:cacheprovider
     step throughput_1b_fa4 180 python3 bench/throughput.py --configs ochat,ochat_fa2,hf_liger,hf_liger_fa4 --steps 6 \
         --tag _1b_fa4 --out "$out"
     step throughput_long 110 python3 bench/throughput.py --configs ochat,ochat_fa2,hf_liger,hf_liger_fa4 --long \
         --pack-tokens 32768 --conversations 60 --steps 4 --ckpt off --tag _long --out "$out"
-    step throughput_7b 150 python3 bench/throughput.py --shape 7b --configs ochat,ochat_fp8,hf_liger,hf_liger_fa4 \
+    step throughput_7b 170 python3 bench/throughput.py --shape 7b --configs ochat,ochat_fp8,hf_liger,hf_liger_fa4 \
         --ckpt on --steps 4 --conversations 600 --tag _7b --out "$out"
     ;;
 long)
-    step long_context 480 python3 bench/long_context.py --budget-s 420 --out "$out"
-    step ckpt_auto_7b 100 python3 bench/train_run.py --shape 7b --work-dir /tmp/auto7b --steps 12 --out "$out/auto_7b" \
-        --conversations 400 -- --gradient-checkpointing auto
+    step fp8_curve_tensorwise 160 python3 bench/train_run.py --work-dir /tmp/fp8run --steps 300 \
+        --out "$out/curve_tensorwise" --conversations 6000 -- --fp8 tensorwise
+    step long_context 330 python3 bench/long_context.py --budget-s 300 --out "$out"
     ;;
 *)
     echo "unknown stage $stage (fa2, fa4, long)" >&2
