@@ -44,9 +44,13 @@ fa4)
         --ckpt on --steps 4 --conversations 600 --tag _7b --out "$out"
     ;;
 long)
-    step fp8_curve_tensorwise 160 python3 bench/train_run.py --work-dir /tmp/fp8run --steps 300 \
-        --out "$out/curve_tensorwise" --conversations 6000 -- --fp8 tensorwise
-    step long_context 330 python3 bench/long_context.py --budget-s 300 --out "$out"
+    for recipe in bf16 tensorwise; do
+        extra=()
+        [ "$recipe" != bf16 ] && extra=(-- --fp8 "$recipe")
+        step "fp8_curve_$recipe" 165 python3 bench/train_run.py --work-dir /tmp/fp8run --steps 300 \
+            --out "$out/curve_$recipe" --conversations 6000 "${extra[@]}"
+    done
+    step long_context 250 python3 bench/long_context.py --budget-s 220 --out "$out"
     ;;
 *)
     echo "unknown stage $stage (fa2, fa4, long)" >&2

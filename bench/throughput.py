@@ -425,11 +425,12 @@ PROFILE_CATEGORIES = (("attention", r"flash|fmha|attn|varlen"), ("loss", r"cross
 
 
 def profile_categories(prof, wall_seconds: float) -> dict[str, float]:
-    """GPU time by category (seconds) of a torch.profiler run, and the idle rest of `wall_seconds`."""
+    """GPU time by category (seconds) of a torch.profiler run's kernels, and the idle rest of `wall_seconds`.
+    Only kernel events count: an operator's device time is its kernels' again."""
     out = {name: 0.0 for name, _ in PROFILE_CATEGORIES} | {"other": 0.0}
     for event in prof.key_averages():
-        seconds = getattr(event, "self_device_time_total", 0.0) / 1e6
-        if seconds <= 0:
+        seconds = event.self_device_time_total / 1e6
+        if event.device_type != torch.autograd.DeviceType.CUDA or seconds <= 0:
             continue
         name = event.key.lower()
         category = next((c for c, pattern in PROFILE_CATEGORIES if re.search(pattern, name)), "other")

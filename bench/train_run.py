@@ -77,7 +77,7 @@ def main():
     print("dataset", json.dumps(meta["length_stats"]), flush=True)
     if not os.path.exists(os.path.join(model, "config.json")):  # a second run in the same work dir reuses it
         make_model(model, a.shape)
-    cmd = ["deepspeed", "--num_gpus", str(a.num_gpus), "--module", "ochat.training.train", "--model-path", model,
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(a.num_gpus), "--module", "ochat.training.train", "--model-path", model,
            "--data-path", data, "--save-path", out, "--epochs", "1", "--max-steps", str(a.steps),
            "--batch-max-len", str(a.batch_max_len), "--lr", "3e-4", "--lr-warmup-steps", "20", "--log-every", "10",
            "--eval-every", "0", "--no-save", "--overwrite", *a.extra]

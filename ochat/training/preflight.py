@@ -198,7 +198,8 @@ def self_check(model, vocab_size: int, device: torch.device, bf16: bool, sequenc
 
     `pack_wide_scales` (fp8 with tensorwise scaling): each linear layer quantizes the whole pack's activations
     with one scale, so a conversation's values shift the others' rounding (a few percent of the logits, not
-    attention): both comparisons then allow 20% of the logit scale, which a real leak still exceeds, and the
+    attention; 20% of the logit scale on a random 1.1B model): both comparisons then allow 50% of the logit scale,
+    which a leaking attention still exceeds (it moves them by about their own size), and the
     coupling measured is reported. `token_multiple`: packs padded as in training (fp8 needs multiples of 16).
     """
     g = torch.Generator().manual_seed(1234)
@@ -229,11 +230,11 @@ def self_check(model, vocab_size: int, device: torch.device, bf16: bool, sequenc
     scale = max(1.0, alone.abs().max().item())
     leak = (packed - perturbed)[lens[0]:].abs().max().item()
     diff = (packed - alone).abs().max().item()
-    if not leak <= (0.2 if pack_wide_scales else 1e-3) * scale:
+    if not leak <= (0.5 if pack_wide_scales else 1e-3) * scale:
         raise TrainError(f"self-check failed: changing one conversation of a pack changed the logits of the others by "
                          f"{leak:.3g} (logit scale {scale:.3g}): the attention backend lets conversations see each "
                          f"other. Try another --attn-impl.")
-    if not diff <= (0.2 if pack_wide_scales else 0.1 if bf16 else 1e-4) * scale:
+    if not diff <= (0.5 if pack_wide_scales else 0.1 if bf16 else 1e-4) * scale:
         raise TrainError(f"self-check failed: packed logits differ from per-conversation logits by {diff:.3g} "
                          f"(logit scale {scale:.3g}): positions or attention are wrong for packed input. "
                          f"Try another --attn-impl.")

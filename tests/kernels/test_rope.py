@@ -22,7 +22,7 @@ def _check(t, hq, hk, d, device, dtype, tol, seed=0, rotary_dim=None):
     g = torch.Generator().manual_seed(seed)
     # packed positions: restart at 0 per conversation
     pos = torch.cat([torch.arange(n) for n in (t // 2, t - t // 2)])
-    cos, sin = (c.to(device) for c in _cos_sin(pos, rotary_dim or d))
+    cos, sin = (c.to(device, dtype) for c in _cos_sin(pos, rotary_dim or d))  # in the activations dtype, as the model passes them
     qkv = torch.randn(t, hq + 2 * hk, d, generator=g).to(device, dtype).requires_grad_()
     dq = torch.randn(t, hq, d, generator=g).to(device, dtype)
     dk = torch.randn(t, hk, d, generator=g).to(device, dtype)
