@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from ochat.assets import LLAMA2_TOKENIZER, SHAREGPT_SAMPLE
+from ochat.assets import LLAMA2_TOKENIZER
+from tests.helpers.tokenizers import llama3_tokenizer, qwen_style_tokenizer
 
 CHAT_TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
 
@@ -22,50 +23,16 @@ def tok():
     return load_tokenizer(LLAMA2_TOKENIZER, "openchat_v3.2")
 
 
-def sample_texts() -> list[str]:
-    """Every message text of the bundled ShareGPT sample."""
-    records = json.loads(Path(SHAREGPT_SAMPLE).read_text(encoding="utf-8"))
-    return [m["value"] for r in records for m in r["conversations"] if isinstance(m.get("value"), str)]
-
-
 @pytest.fixture(scope="session")
 def qwen_dir(tmp_path_factory):
-    """A Qwen-style tokenizer folder: byte-level BPE with Qwen2's pre-tokenizer, trained here on the bundled
-    sample, with Qwen's special tokens and its non-special added tokens (<think>, <tool_call>...)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    qwen2_split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                   r"\s*[\r\n]+|\s+(?!\S)|\s+")
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(qwen2_split), "isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(sample_texts(), trainers.BpeTrainer(
-        vocab_size=3000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
-    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in
-                    ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")])
-    out = tmp_path_factory.mktemp("qwen")
-    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>").save_pretrained(str(out))
-    return out
+    return qwen_style_tokenizer(tmp_path_factory.mktemp("qwen"))
 
 
 @pytest.fixture(scope="session")
 def llama3_dir(tmp_path_factory):
-    """Meta's Llama 3 tokenizer (from `llama-models`) as a Hugging Face folder, as Meta publishes it."""
     pytest.importorskip("blobfile")
-    tokenizer_module = pytest.importorskip("llama_models.llama3.tokenizer")
-    from transformers.integrations.tiktoken import convert_tiktoken_to_fast
-
-    out = tmp_path_factory.mktemp("llama3")
-    convert_tiktoken_to_fast(tokenizer_module.Tokenizer.get_instance().model, str(out))
-    shutil.rmtree(out / "tiktoken")
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}))
-    return out
+    pytest.importorskip("llama_models.llama3.tokenizer")
+    return llama3_tokenizer(tmp_path_factory.mktemp("llama3"))
 
 
 @pytest.fixture(scope="session")
