@@ -25,7 +25,6 @@ counted), peak GPU memory, seconds per step. Writes long_context.json and long_c
 """
 import argparse
 import json
-import math
 import os
 import socket
 import subprocess
@@ -86,15 +85,13 @@ def _free_port() -> int:
 
 def _engine(args, cuda: bool):
     """The trainer's engine for a random-init model of the shape, with the memory plan of the module doc."""
-    import deepspeed
-
     from ochat.config.train_config import TrainConfig, load_deepspeed_config
     from ochat.training.engine import build_engine, set_memory_features
     from ochat.training.model import PackedCausalLM
-    from ochat.training.runtime import Runtime
+    from ochat.training.runtime import Runtime, init_distributed
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    init_distributed(cuda)
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     cfg = TrainConfig(model_path="random", data_path="-", save_path="-", lr=1e-5, gradient_checkpointing=1.0,
                       tiled_mlp=TILES, offload_activations=cuda)  # on a CPU there is nothing to offload to

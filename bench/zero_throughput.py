@@ -43,10 +43,11 @@ def worker(args):
     from ochat.config.train_config import load_deepspeed_config
     from ochat.training.engine import weight_decay_groups
     from ochat.training.multipack_sampler import MultipackDistributedBatchSampler
+    from ochat.training.runtime import init_distributed
     from ochat.training.step import train_step
 
     cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    init_distributed(cuda)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:

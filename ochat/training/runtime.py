@@ -59,16 +59,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup_runtime(cfg: TrainConfig) -> Runtime:
-    """Initialise torch.distributed and pick this rank's device; seeds the global RNGs with cfg.seed."""
+def _release_deepspeed_shm_buffer() -> None:
+    """DeepSpeed's CPU communication op creates a shared-memory buffer per rank (64 MiB in /dev/shm) and never
+    removes it, so every CPU run would leave one per rank behind. Once every rank has mapped its peers' buffers
+    (init returned everywhere: the barrier), the name can go: the mappings live on until the processes end."""
+    dist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+            f"{os.environ['MASTER_PORT']}_{dist.get_rank()}")
+    if os.path.exists(name):
+        os.unlink(name)
+
+
+def init_distributed(cuda: bool) -> None:
+    """Start torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPUs."""
     import deepspeed
 
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    if not cuda:
+        _release_deepspeed_shm_buffer()
+
+
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    """Initialise torch.distributed and pick this rank's device; seeds the global RNGs with cfg.seed."""
     launched = "RANK" in os.environ
     if not launched:  # no launcher: this process is the whole job
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    init_distributed(cuda)
     local_rank = int(os.environ.get("LOCAL_RANK", max(cfg.local_rank, 0)))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:

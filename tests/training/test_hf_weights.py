@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from ochat.training import hf_weights
 from ochat.training.engine import weight_decay_groups
+from ochat.training.runtime import init_distributed
 from ochat.training.model import PackedCausalLM
 from ochat.training.model_config import ModelConfig
 from tests.helpers.train import REPO
@@ -64,10 +65,11 @@ from ochat.config.train_config import load_deepspeed_config
 from ochat.training import hf_weights
 from ochat.training.batching import collate_pack
 from ochat.training.engine import weight_decay_groups
+from ochat.training.runtime import init_distributed
 from ochat.training.step import train_step
 
 path, out = sys.argv[1], sys.argv[2]
-deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+init_distributed(cuda=False)
 ds = load_deepspeed_config("zero3", grad_accum=1, grad_clip=1.0, bf16=False)
 ds["zero_allow_untested_optimizer"] = True
 model = hf_weights.load_partitioned(path, ds)

@@ -82,18 +82,18 @@ def test_query_heads_must_divide():
 
 WORKER = r'''
 import copy, json, os, sys
-import deepspeed, numpy as np, torch
+import numpy as np, torch
 import torch.distributed as dist
 from ochat.kernels.attention import varlen_attention_sdpa
 from ochat.training import preflight, sequence_parallel
 from ochat.training.memory import tile_mlp
 from ochat.training.model import PackedCausalLM
 from ochat.training.model_config import ModelConfig
-from ochat.training.runtime import TrainError
+from ochat.training.runtime import TrainError, init_distributed
 from ochat.training.sequence_parallel import UlyssesAttention, collate_shard
 
 out = sys.argv[1]
-deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+init_distributed(cuda=False)
 rank, size = dist.get_rank(), dist.get_world_size()
 res = {}
 torch.manual_seed(0)  # the same draws on every rank
