@@ -3,7 +3,7 @@
 Every nn.Linear inside the decoder layers becomes a torchao Float8Linear: its three matmuls (output, input
 gradient, weight gradient) run in float8 with dynamic scales (one per tensor, or one per row), while the
 weights, the optimizer and everything else stay as they were. The lm_head and the fused loss stay bf16 (the
-logits are where low precision costs most). Each converted layer is compiled (`torch.compile`, dynamic token
+logits are where low precision costs most). Each converted layer's forward is compiled (`torch.compile`, dynamic token
 count): in eager mode the casts and scales are separate kernels and float8 is slower than bf16; compiled,
 they fuse into the matmul's neighbours.
 
@@ -13,6 +13,7 @@ so attention and the loss are unchanged).
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 RECIPES = ("tensorwise", "rowwise")
@@ -37,7 +38,7 @@ def enable_fp8(model: nn.Module, recipe: str, *, compile: bool = True, emulate: 
     config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
     convert_to_float8_training(model, config=config, module_filter_fn=_in_decoder_layers)
     converted = [m for m in model.modules() if isinstance(m, Float8Linear)]
-    if compile:
+    if compile:  # the forward alone: ZeRO-3's gather/release hooks stay outside the compiled graph
         for m in converted:
-            m.compile(dynamic=True)
+            m.forward = torch.compile(m.forward, dynamic=True)
     return len(converted)
