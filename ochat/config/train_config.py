@@ -87,7 +87,7 @@ class TrainConfig:
     gradient_checkpointing: float | str = _opt(0.0, "recompute activations in the backward: the bare flag, every "
                                                     "decoder layer; a fraction (e.g. 0.5), that share of the layers, "
                                                     "evenly spread (less recompute, more memory); auto: the least "
-                                                    "recompute that fits the GPU, chosen after the first step",
+                                                    "recompute that fits the GPU, chosen after the second step",
                                                low=0.0, high=1.0, const=1.0, parse=_fraction_or_auto)
     fp8: Optional[str] = _opt(None, "train the decoder layers' linear layers in float8 (torchao; H100/H200): "
                                     "tensorwise or rowwise scaling; the lm_head and the loss stay bf16",

@@ -1,9 +1,10 @@
-"""`--gradient-checkpointing auto`: the least recompute that fits the GPU, chosen from a measured first step.
+"""`--gradient-checkpointing auto`: the least recompute that fits the GPU, chosen from measured first steps.
 
-The first step runs with every decoder layer checkpointed (what fits if anything does) and its peak memory is
-read. A decoder layer that is not checkpointed keeps its activations for the backward; their size for a
+The first two steps run with every decoder layer checkpointed (what fits if anything does) and the second
+one's peak memory is read: the optimizer allocates its states during the first step, after that step's
+activations are gone, so only the second step shows the two together. A decoder layer that is not checkpointed keeps its activations for the backward; their size for a
 full pack is measured once, before training (`layer_activation_bytes`). Then the layers left un-checkpointed are as many as fit under MEMORY_BUDGET of
-the GPU's memory: `fraction = 1 - floor((budget - first step's peak) / one layer's activations) / layers`.
+the GPU's memory: `fraction = 1 - floor((budget - second step's peak) / one layer's activations) / layers`.
 On a CPU there is nothing to fit: auto means no checkpointing.
 """
 from __future__ import annotations
@@ -51,12 +52,12 @@ def layer_activation_bytes(model, tokens: int, device: torch.device, probe_token
 
 
 class AutoRecompute:
-    """Checkpoints every layer for the first step, then the least share that fits (logged once)."""
+    """Checkpoints every layer for the first two steps, then the least share that fits (logged once)."""
 
     def __init__(self, model, batch_max_len: int, device: torch.device):
         self.model, self.device = model, device
-        self.pending = device.type == "cuda"
-        if not self.pending:
+        self.steps_to_measure = 2 if device.type == "cuda" else 0
+        if not self.steps_to_measure:
             log("gradient checkpointing auto: no GPU memory to fit, so no layer is recomputed")
             model.gradient_checkpointing_disable()
             return
@@ -65,15 +66,18 @@ class AutoRecompute:
         torch.cuda.reset_peak_memory_stats(device)
 
     def after_step(self) -> None:
-        """After the first step: keep as many layers un-checkpointed as fit."""
-        if not self.pending:
+        """After the second step: keep as many layers un-checkpointed as fit."""
+        if not self.steps_to_measure:
             return
-        self.pending = False
+        self.steps_to_measure -= 1
+        if self.steps_to_measure:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
         peak = torch.cuda.max_memory_allocated(self.device)
         capacity = torch.cuda.get_device_properties(self.device).total_memory
         layers = len(self.model.model.layers)
         fraction = recompute_fraction(peak, capacity, self.layer_bytes, layers)
         self.model.gradient_checkpointing_enable(fraction)
         log(f"gradient checkpointing auto: {len(self.model.checkpointed_layers)} of {layers} layers recomputed "
-            f"(first step's peak {peak / 2**30:.1f} GiB of {capacity / 2**30:.1f} GiB; one layer's activations "
+            f"(fully checkpointed step's peak {peak / 2**30:.1f} GiB of {capacity / 2**30:.1f} GiB; one layer's activations "
             f"{self.layer_bytes / 2**30:.2f} GiB per pack)")
