@@ -10,6 +10,9 @@
 #          on FA2 and FA4; conversations of 8k-32k tokens; the Llama 2 7B shape, with and without fp8
 #   long   the fp8 (tensorwise) loss curve beside fa2's bf16 one; long single conversations
 #          (bench/long_context.py): 32k, 64k, 128k tokens and beyond on one GPU
+#   curves the real trainer (no FlashAttention-4 needed): bf16 and fp8 tensorwise loss curves (1.1B, 300 steps)
+#   trainer the real trainer: fp8 rowwise under ZeRO-3, and `--gradient-checkpointing auto` on 128k-token packs
+# The device returns at most 8 files: pack OUT_DIR into one archive when a stage writes more.
 set -uo pipefail
 stage=$1
 out=$2
@@ -52,8 +55,22 @@ long)
     done
     step long_context 250 python3 bench/long_context.py --budget-s 220 --out "$out"
     ;;
+curves)
+    for recipe in bf16 tensorwise; do
+        extra=() limit=240
+        [ "$recipe" != bf16 ] && extra=(-- --fp8 "$recipe") limit=300
+        step "fp8_curve_$recipe" "$limit" python3 bench/train_run.py --work-dir /tmp/fp8run --steps 300 \
+            --out "$out/curve_$recipe" --conversations 6000 "${extra[@]}"
+    done
+    ;;
+trainer)
+    step fp8_rowwise_zero3 180 python3 bench/train_run.py --work-dir /tmp/fp8run --steps 30 \
+        --out "$out/fp8_rowwise_zero3" --conversations 1000 -- --fp8 rowwise --deepspeed-config zero3
+    step ckpt_auto 180 python3 bench/train_run.py --work-dir /tmp/fp8run --steps 10 --batch-max-len 131072 \
+        --out "$out/ckpt_auto" --conversations 2500 -- --gradient-checkpointing auto
+    ;;
 *)
-    echo "unknown stage $stage (fa2, fa4, long)" >&2
+    echo "unknown stage $stage (fa2, fa4, long, curves, trainer)" >&2
     exit 2
     ;;
 esac

@@ -5,13 +5,15 @@
 
 Makes a random-init 1.1B LLaMA (22 layers, hidden 2048, intermediate 5632, GQA 32/4, vocab 32002; or Llama 2 7B)
 and a synthetic pre-tokenized dataset with heavy-tailed conversation lengths (log-normal, 32..4096
-tokens) whose tokens follow per-conversation arithmetic progressions (learnable, so the loss falls),
+tokens) whose tokens follow a fixed random successor table nine times in ten (a bigram chain the model learns from
+the first steps, so the loss falls steadily from ln(vocab) towards about 1.4),
 then trains with ZeRO-2, bf16, and reports tokens/s/GPU, MFU, peak memory and the loss curve.
 """
 import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -20,19 +22,26 @@ import numpy as np
 import throughput  # same folder: the benchmark model shapes
 
 
-def make_dataset(out_dir, n, seed=0, vocab=32000, eot=32000, max_len=4096):
-    """Synthetic conversations whose tokens follow per-conversation arithmetic progressions (learnable), the last
-    70% of each a weight-1 target, written with ochat.data.write_dataset."""
+def make_dataset(out_dir, n, seed=0, vocab=32000, eot=32000, max_len=4096, follow=0.9):
+    """Synthetic conversations of a bigram chain: each next token is a fixed random successor of the current one
+    with probability `follow`, else uniform; the last 70% of each conversation a weight-1 target; written with
+    ochat.data.write_dataset."""
     from ochat.assets import LLAMA2_TOKENIZER
     from ochat.data import write_dataset
 
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(6.6, 0.9, n), 32, max_len).astype(np.int64)
+    successor = rng.permutation(np.arange(3, vocab, dtype=np.int32))
+    successor = np.concatenate([np.full(3, 3, np.int32), successor])  # ids 0-2 (specials) never occur mid-chain
 
     def conversations(lens):
         for L in lens:
-            start, stride = rng.integers(3, vocab), rng.integers(1, 64)
-            t = ((start + stride * np.arange(L)) % (vocab - 3) + 3).astype(np.int32)
+            t = np.empty(L, np.int32)
+            jumps = rng.random(L) >= follow
+            randoms = rng.integers(3, vocab, L, dtype=np.int32)
+            t[0] = randoms[0]
+            for i in range(1, L):
+                t[i] = randoms[i] if jumps[i] else successor[t[i - 1]]
             t[0], t[-1] = 1, eot
             w = np.zeros(L, np.float32)
             w[int(L * 0.3):] = 1.0
@@ -69,7 +78,7 @@ def main():
     p.add_argument("--num-gpus", type=int, default=1)
     p.add_argument("--batch-max-len", type=int, default=16384)
     p.add_argument("--conversations", type=int, default=8000)
-    p.add_argument("--out", default=None, help="folder for log + summary json")
+    p.add_argument("--out", default=None, help="folder for the log and the summary json (default: --work-dir)")
     p.add_argument("extra", nargs="*", help="more trainer flags after --")
     a = p.parse_args()
     data, model, out = (os.path.join(a.work_dir, d) for d in ("data", f"model_{a.shape}", "out"))
@@ -82,8 +91,12 @@ def main():
            "--batch-max-len", str(a.batch_max_len), "--lr", "3e-4", "--lr-warmup-steps", "20", "--log-every", "10",
            "--eval-every", "0", "--no-save", "--overwrite", *a.extra]
     print(" ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    log = proc.stdout + proc.stderr
+    log_dir = a.out or a.work_dir
+    os.makedirs(log_dir, exist_ok=True)
+    log_file = os.path.join(log_dir, "train_log.txt")  # written as the run goes: a run cut short keeps its log
+    with open(log_file, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    log = open(log_file).read()
     print("\n".join(l for l in log.splitlines() if l.startswith("[ochat]") or "rror" in l)[-8000:], flush=True)
     metrics_file = os.path.join(out, "metrics.jsonl")
     rows = [m for m in map(json.loads, open(metrics_file)) if "loss" in m] if os.path.exists(metrics_file) else []
@@ -94,12 +107,10 @@ def main():
                "loss_curve": [(r["step"], r["loss"]) for r in rows],
                "peak_memory": (re.findall(r"peak GPU memory ([0-9.]+ GiB)", log) or [None])[-1]}
     print(json.dumps(summary), flush=True)
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "train_log.txt"), "w") as f:
-            f.write(log)
-        with open(os.path.join(a.out, "train_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+    if os.path.exists(metrics_file):
+        shutil.copy(metrics_file, os.path.join(log_dir, "metrics.jsonl"))
+    with open(os.path.join(log_dir, "train_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
     sys.exit(proc.returncode)
 
 
