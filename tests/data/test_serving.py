@@ -15,6 +15,7 @@ from ochat.config import get_model_type
 from ochat.data import load_tokenizer
 from ochat.data.serving import save_serving_tokenizer
 from tests.helpers.data import sample_conversations
+from tests.helpers.llama_cpp import fetch_converter
 
 
 def assert_serves_as_trained(tok, mt, out_dir, convs):
@@ -74,19 +75,23 @@ def test_chat_template_serves_as_trained(preset, qwen_dir, llama2_folder, tmp_pa
     assert assert_serves_as_trained(tok, mt, tmp_path, sample_conversations(mt)).chat_template == tok.chat_template
 
 
-def llama_cpp_dir():
-    """A llama.cpp source tree (convert_hf_to_gguf.py, gguf-py), e.g. the `vendor/llama.cpp` of the
-    llama-cpp-python source distribution: `pip download --no-binary :all: --no-deps llama-cpp-python`."""
+@pytest.fixture(scope="module")
+def llama_cpp_dir(tmp_path_factory) -> Path:
+    """A llama.cpp source tree with convert_hf_to_gguf.py: LLAMA_CPP_DIR, else the converter of the pinned
+    llama-cpp-python source distribution from PyPI (skipped when neither can be had)."""
     path = os.environ.get("LLAMA_CPP_DIR")
-    if not path or not (Path(path) / "convert_hf_to_gguf.py").is_file():
-        pytest.skip("set LLAMA_CPP_DIR to a llama.cpp source tree to run llama.cpp's converter")
-    return Path(path)
+    if path and (Path(path) / "convert_hf_to_gguf.py").is_file():
+        return Path(path)
+    try:
+        return fetch_converter(tmp_path_factory.mktemp("llama_cpp"))
+    except OSError as e:
+        pytest.skip(f"llama.cpp's converter cannot be had (set LLAMA_CPP_DIR to a llama.cpp tree): {e}")
 
 
-def test_llama_cpp_converter_keeps_scores_and_end_of_turn(tmp_path, sp):
+def test_llama_cpp_converter_keeps_scores_and_end_of_turn(tmp_path, sp, llama_cpp_dir):
     from transformers import LlamaConfig
 
-    converter = llama_cpp_dir()
+    converter = llama_cpp_dir
     sys.path.insert(0, str(converter / "gguf-py"))
     gguf = pytest.importorskip("gguf")
     mt = get_model_type("openchat_v3.2")
