@@ -2,9 +2,11 @@
 
 The first two steps run with every decoder layer checkpointed (what fits if anything does) and the second
 one's peak memory is read: the optimizer allocates its states during the first step, after that step's
-activations are gone, so only the second step shows the two together. A decoder layer that is not checkpointed keeps its activations for the backward; their size for a
-full pack is measured once, before training (`layer_activation_bytes`). Then the layers left un-checkpointed are as many as fit under MEMORY_BUDGET of
-the GPU's memory: `fraction = 1 - floor((budget - second step's peak) / one layer's activations) / layers`.
+activations are gone, so only the second step shows the two together. A decoder layer that is not
+checkpointed keeps its activations for the backward; their size for a full pack is measured once, before
+training (`layer_activation_bytes`). Then the layers left un-checkpointed are as many as fit under
+MEMORY_BUDGET of the GPU's memory:
+`fraction = 1 - floor((budget - second step's peak) / one layer's activations) / layers`.
 On a CPU there is nothing to fit: auto means no checkpointing.
 """
 from __future__ import annotations
@@ -79,5 +81,5 @@ class AutoRecompute:
         fraction = recompute_fraction(peak, capacity, self.layer_bytes, layers)
         self.model.gradient_checkpointing_enable(fraction)
         log(f"gradient checkpointing auto: {len(self.model.checkpointed_layers)} of {layers} layers recomputed "
-            f"(fully checkpointed step's peak {peak / 2**30:.1f} GiB of {capacity / 2**30:.1f} GiB; one layer's activations "
-            f"{self.layer_bytes / 2**30:.2f} GiB per pack)")
+            f"(fully checkpointed step's peak {peak / 2**30:.1f} GiB of {capacity / 2**30:.1f} GiB; "
+            f"one layer's activations {self.layer_bytes / 2**30:.2f} GiB per pack)")

@@ -1,4 +1,5 @@
-"""StopRequest: signals become a stop after the current step; a second Ctrl-C aborts at once."""
+"""StopRequest: signals become a stop after the current step; a second Ctrl-C aborts at once. init_distributed on
+CPU ranks leaves no DeepSpeed shared-memory buffer behind and the ranks still communicate."""
 import os
 import signal
 import subprocess
@@ -44,3 +45,30 @@ def test_a_second_ctrl_c_aborts_at_once():
     code, out, err = run_child(signal.SIGINT, signal.SIGINT)
     assert out.splitlines()[0] == "after first True 130" and "still running" not in out
     assert code == 130 and "interrupted again: exiting without saving" in err
+
+
+RANKS_WORKER = r"""
+import os, sys
+import torch, torch.distributed as dist
+from ochat.training.runtime import init_distributed
+init_distributed(cuda=False)
+prefix = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_"
+t = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(t)
+dist.barrier()
+left = [r for r in range(2) if os.path.exists(prefix + str(r))]
+with open(os.path.join(sys.argv[1], f"rank{dist.get_rank()}.txt"), "w") as f:
+    f.write(f"sum {float(t)} left {left}")
+"""
+
+
+def test_cpu_ranks_leave_no_shared_memory_buffer(tmp_path):
+    """LOCAL_SIZE (set by the deepspeed launcher) is what makes DeepSpeed create the buffers."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(RANKS_WORKER)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(worker), str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=REPO, LOCAL_SIZE="2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "sum 3.0 left []"
