@@ -4,7 +4,6 @@ repositories publish them) and the bundled presets, with real or Qwen-style toke
 import json
 import os
 import random
-import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -14,6 +13,7 @@ from ochat.config import get_model_type
 from ochat.config.model_types import Encoded, UnsupportedConversation
 from ochat.data import load_tokenizer
 from tests.helpers.data import sample_conversations
+from tests.helpers.tokenizers import mistral_v3_tokenizer
 
 HERE = os.path.dirname(__file__)
 
@@ -162,11 +162,7 @@ def test_llama3_templates(llama3_dir):
 def test_mistral_system_in_last_user_turn(tmp_path):
     """Mistral Nemo's template puts the system prompt in the last user turn, so a turn's prompt is not a
     prefix of the whole conversation: the assistant spans are found by their content."""
-    mistral_common = pytest.importorskip("mistral_common")
-    model = os.path.join(os.path.dirname(mistral_common.__file__), "data", "mistral_instruct_tokenizer_240323.model.v3")
-    if not os.path.exists(model):
-        pytest.skip("mistral-common ships no v3 tokenizer")
-    shutil.copyfile(model, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer.model").write_bytes(mistral_v3_tokenizer(tmp_path))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "legacy": False}))
     mt = get_model_type("chat_template", template_file("mistralai-Mistral-Nemo-Instruct-2407.jinja"))
     tok = load_tokenizer(tmp_path, mt)

@@ -1,10 +1,17 @@
-"""Tokenizer folders for tests, built offline: a Qwen-style byte-level BPE trained on the bundled sample, and Meta's
-Llama 3 tokenizer (from the `llama-models` package) as a Hugging Face folder."""
+"""Tokenizers for tests: a Qwen-style byte-level BPE trained on the bundled sample, Meta's Llama 3 tokenizer (from
+the `llama-models` package) as a Hugging Face folder, and Mistral's v3 SentencePiece model (from `mistral-common`)."""
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.data import sample_records
+from tests.helpers.pypi import download_release
+
+MISTRAL_COMMON = "1.13.1"  # its wheel ships Mistral's tokenizer files
+MISTRAL_V3 = "mistral_common/data/mistral_instruct_tokenizer_240323.model.v3"
 
 
 def sample_texts() -> list[str]:
@@ -45,3 +52,21 @@ def llama3_tokenizer(out: Path) -> Path:
     (Path(out) / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}))
     return out
+
+
+def mistral_v3_tokenizer(scratch: Path) -> bytes:
+    """Mistral's v3 SentencePiece model: from an installed `mistral-common`, else from its pinned wheel on PyPI
+    (read out of the zip, not installed: it pins numpy below what ochat runs with). Skips without either."""
+    try:
+        import mistral_common
+        return (Path(mistral_common.__file__).parent.parent / MISTRAL_V3).read_bytes()
+    except (ImportError, OSError):
+        pass
+    try:
+        wheel = download_release("mistral-common", MISTRAL_COMMON, "bdist_wheel", scratch)
+    except OSError as e:
+        pytest.skip(f"Mistral's tokenizer cannot be had (install mistral-common): {e}")
+    with zipfile.ZipFile(wheel) as z:
+        data = z.read(MISTRAL_V3)
+    wheel.unlink()
+    return data
