@@ -121,17 +121,13 @@ class TrainConfig:
         return self.wandb_mode != "disabled" and (self.wandb_project is not None or self.wandb_mode is not None)
 
 
-class ConfigError(SystemExit):
-    """A bad command line or run file: `ochat.training.train: error: ...`, exit code 2."""
-
-    def __init__(self, message: str):
-        super().__init__(f"{PROG}: error: {message}")
-        self.code = 2
+class ConfigError(Exception):
+    """A bad command line, run file or DeepSpeed config; the trainer prints `ochat.training.train: error: ...` from
+    one rank and exits 2."""
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line, exit 2, no traceback
-        self.print_usage()
+    def error(self, message):  # one clear line (not argparse's usage block on every rank), no traceback
         raise ConfigError(message)
 
 

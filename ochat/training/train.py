@@ -19,7 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ochat.config.train_config import TrainConfig, load_deepspeed_config, parse_args
+from ochat.config.train_config import PROG, ConfigError, TrainConfig, load_deepspeed_config, parse_args
 from ochat.training import preflight
 from ochat.training.checkpoint import Saves
 from ochat.training.engine import build_engine, load_model
@@ -165,17 +165,23 @@ def _stop_for_signal(saves: Saves, state: TrainState, stop: StopRequest, saved: 
 
 
 def main(argv=None) -> None:
-    cfg = parse_args(argv)
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as e:  # before torch.distributed: the launcher's RANK says who speaks
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     try:
         train(cfg)
-    except (TrainError, Stopped) as e:
+    except (TrainError, ConfigError, Stopped) as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
-            kind = "error" if isinstance(e, TrainError) else "stopped"
-            print(f"ochat.training.train: {kind}: {e}", file=sys.stderr, flush=True)
-        os._exit(getattr(e, "status", 1))  # other ranks may wait in a collective: the launcher ends them
+            kind = "stopped" if isinstance(e, Stopped) else "error"
+            print(f"{PROG}: {kind}: {e}", file=sys.stderr, flush=True)
+        # other ranks may wait in a collective: the launcher ends them
+        os._exit(e.status if isinstance(e, Stopped) else 2 if isinstance(e, ConfigError) else 1)
     except torch.OutOfMemoryError:
         bml = cfg.batch_max_len or "8 x context"
-        print(f"ochat.training.train: error: out of GPU memory. Lower --batch-max-len (now {bml}), add "
+        print(f"{PROG}: error: out of GPU memory. Lower --batch-max-len (now {bml}), add "
               f"--gradient-checkpointing, or use --deepspeed-config zero3 / zero3_offload.", file=sys.stderr, flush=True)
         os._exit(1)
 

@@ -2,16 +2,22 @@ import json
 
 import pytest
 
-from ochat.config.train_config import DEEPSPEED_CONFIGS, TrainConfig, build_parser, load_deepspeed_config, parse_args
+from ochat.config.train_config import (DEEPSPEED_CONFIGS, ConfigError, TrainConfig, build_parser, load_deepspeed_config,
+                                      parse_args)
+from ochat.training.train import main
 
 BASE = ["--model-path", "m", "--data-path", "d", "--save-path", "s"]
 
 
 def error_of(argv, capsys) -> str:
+    """What the trainer's command prints for a bad command line: exactly one line on stderr, exit code 2."""
     with pytest.raises(SystemExit) as e:
-        parse_args(argv)
+        main(argv)
     assert e.value.code == 2
-    return str(e.value) + capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured
+    assert captured.err.startswith("ochat.training.train: error: ")
+    return captured.err
 
 
 def test_dash_and_underscore_spellings():
@@ -131,6 +137,6 @@ def test_sequence_parallelism_refuses_zero_without_reduce_scatter(tmp_path):
     ds = json.loads(open(DEEPSPEED_CONFIGS["zero3"]).read())
     ds["zero_optimization"]["reduce_scatter"] = False
     (tmp_path / "ds.json").write_text(json.dumps(ds))
-    with pytest.raises(SystemExit, match="--sequence-parallel needs ZeRO's reduce_scatter"):
+    with pytest.raises(ConfigError, match="--sequence-parallel needs ZeRO's reduce_scatter"):
         load_deepspeed_config(str(tmp_path / "ds.json"), grad_accum=1, grad_clip=1.0, bf16=True, sequence_parallel=2)
     assert load_deepspeed_config(str(tmp_path / "ds.json"), grad_accum=1, grad_clip=1.0, bf16=True)
