@@ -13,16 +13,20 @@
   tokenizer's vocabulary that are not special (added) tokens, as OpenChat 3.6 did.
 
 Tied embeddings change once (the lm_head is that matrix). Tensors are read and written through
-`ochat.training.hf_weights`, in the checkpoint's dtype; OUT gets the tokenizer, config.json and safetensors.
+`ochat.training.hf_weights`, in the checkpoint's dtype; OUT gets the tokenizer, config.json and safetensors,
+written whole or not at all. An existing OUT is replaced only when ochat wrote it (else `--overwrite`).
 """
 import argparse
 import dataclasses
 import logging
+import os
 
 import torch
 
 from ochat.training import hf_weights
+from ochat.training.checkpoint import CHECKPOINT_KIND
 from ochat.training.model_config import ModelConfig
+from ochat.utils.atomic import RefusedOverwrite, atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +44,11 @@ def mean_rows(matrix: torch.Tensor, new_vocab: int, init_ids: list[int], ordinar
     return rows.to(matrix.dtype)
 
 
-def add_tokens(model_path: str, out_dir: str, tokens: list[str], init_mean: list[str] = ()) -> list[int]:
+def add_tokens(model_path: str, out_dir: str, tokens: list[str], init_mean: list[str] = (), *,
+               overwrite: bool = False) -> list[int]:
     """Add `tokens` (those missing) as special tokens and mean-initialise the rows of `init_mean`; returns the ids
-    of `tokens`. Saves the tokenizer and model to out_dir."""
+    of `tokens`. Saves the tokenizer and model to out_dir atomically (RefusedOverwrite for a folder ochat did not
+    write, unless `overwrite`)."""
     from transformers import AddedToken, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -62,8 +68,9 @@ def add_tokens(model_path: str, out_dir: str, tokens: list[str], init_mean: list
     for name in (EMBEDDING, hf_weights.TIED_NAME):
         if name in state and not (config.tie_word_embeddings and name == hf_weights.TIED_NAME):
             state[name] = mean_rows(state[name], new_vocab, init_ids, ordinary)
-    hf_weights.save_weights(out_dir, state, dataclasses.replace(config, vocab_size=new_vocab))
-    tok.save_pretrained(out_dir)
+    with atomic_directory(out_dir, CHECKPOINT_KIND, overwrite=overwrite) as tmp:
+        hf_weights.save_weights(tmp, state, dataclasses.replace(config, vocab_size=new_vocab))
+        tok.save_pretrained(tmp)
     ids = tok.convert_tokens_to_ids(tokens)
     log.info("added %s (ids %s), mean-initialised %s (ids %s); vocab %d -> %d in %s", missing, ids, list(init_mean),
              init_ids, config.vocab_size, new_vocab, out_dir)
@@ -79,10 +86,16 @@ def main(argv=None):
                          "default <|end_of_turn|> unless --init-mean is given")
     ap.add_argument("--init-mean", "--init_mean", nargs="+", default=[], metavar="TOKEN",
                     help="existing tokens whose embedding and lm_head rows become the mean of the ordinary rows")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out-dir even when ochat did not write it")
     args = ap.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.model_path, "config.json")):
+        ap.error(f"--model-path {args.model_path}: not a Hugging Face model folder (no config.json)")
     logging.basicConfig(level=logging.INFO)
     tokens = args.tokens if args.tokens is not None else [] if args.init_mean else ["<|end_of_turn|>"]
-    ids = add_tokens(args.model_path, args.out_dir, tokens, args.init_mean)
+    try:
+        ids = add_tokens(args.model_path, args.out_dir, tokens, args.init_mean, overwrite=args.overwrite)
+    except (ValueError, RefusedOverwrite) as e:
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
     print(" ".join(f"{t}={i}" for t, i in zip(tokens, ids)))
 
 

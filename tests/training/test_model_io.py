@@ -1,4 +1,6 @@
 """Loading and saving against transformers (round trip, shards, .bin, dtype) and add_tokens."""
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -150,9 +152,36 @@ def test_add_tokens_cli(tmp_path, name):
     head = hf2.get_output_embeddings().weight
     torch.testing.assert_close(head[32000], hf.get_output_embeddings().weight.mean(0))
     assert hf2.config.tie_word_embeddings == cfg.tie_word_embeddings
-    # running it again adds nothing
+    # running it again adds nothing; an output folder ochat wrote is replaced whole
+    add_tokens_main(["--model-path", str(tmp_path / "out"), "--out-dir", str(tmp_path / "out2")])
     add_tokens_main(["--model-path", str(tmp_path / "out"), "--out-dir", str(tmp_path / "out2")])
     assert PackedCausalLM.from_pretrained(tmp_path / "out2").config.vocab_size == 32001
+
+
+def add_tokens_error(argv) -> str:
+    """The one line add_tokens prints for a bad invocation (exit code 2)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        add_tokens_main(argv)
+    assert e.value.code == 2
+    return err.getvalue().strip().splitlines()[-1]
+
+
+def test_add_tokens_refuses_what_it_cannot_do_and_keeps_other_folders(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert "not a Hugging Face model folder (no config.json)" in add_tokens_error(
+        ["--model-path", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "out")])
+    _, hf = hf_model("llama2")
+    hf.resize_token_embeddings(32000, mean_resizing=False)
+    hf.save_pretrained(tmp_path / "in")
+    llama2_tokenizer(tmp_path / "tok").save_pretrained(tmp_path / "in")
+    assert "is not empty and was not written by ochat" in add_tokens_error(
+        ["--model-path", str(tmp_path / "in"), "--out-dir", str(mine)])
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    add_tokens_main(["--model-path", str(tmp_path / "in"), "--out-dir", str(mine), "--overwrite"])
+    assert not (mine / "notes.txt").exists() and (mine / "config.json").exists()
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +242,6 @@ def test_add_tokens_init_mean_makes_llama3_reserved_tokens_trainable(tmp_path, l
             assert torch.equal(after[i], mean)
     assert (out.lm_head.weight is out.model.embed_tokens.weight) is tied
     if tied:
-        with pytest.raises(ValueError, match=r"--init-mean tokens \['<\|not_a_token\|>'\] are not in the tokenizer"):
-            add_tokens_main(["--model-path", str(tmp_path / "in"), "--out-dir", str(tmp_path / "bad"),
-                             "--init-mean", "<|not_a_token|>"])
+        assert "--init-mean tokens ['<|not_a_token|>'] are not in the tokenizer" in add_tokens_error(
+            ["--model-path", str(tmp_path / "in"), "--out-dir", str(tmp_path / "bad"), "--init-mean", "<|not_a_token|>"])
+        assert not (tmp_path / "bad").exists()
