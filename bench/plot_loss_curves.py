@@ -3,7 +3,8 @@
     python bench/plot_loss_curves.py OUT.png bf16=RUN_A/metrics.jsonl fp8=RUN_B/metrics.jsonl [--last 20]
 
 The first run is the reference: the end gap is each other run's mean loss over the last `--last` logged steps
-relative to the reference's over the same steps.
+relative to the reference's over the same steps. Needs matplotlib (`pip install matplotlib`; not a dependency of
+ochat).
 """
 import argparse
 import json

@@ -5,8 +5,8 @@
 
 Makes a random-init 1.1B LLaMA (22 layers, hidden 2048, intermediate 5632, GQA 32/4, vocab 32002; or Llama 2 7B)
 and a synthetic pre-tokenized dataset with heavy-tailed conversation lengths (log-normal, 32..4096
-tokens) whose tokens follow a fixed random successor table nine times in ten (a bigram chain the model learns from
-the first steps, so the loss falls steadily from ln(vocab) towards about 1.4),
+tokens) whose tokens follow a fixed random successor table nine times in ten (a bigram chain: at lr 3e-4 the 1.1B
+model leaves the ln(vocab) plateau after about 110 steps and ends near the chain's entropy floor of 1.36),
 then trains with ZeRO-2, bf16, and reports tokens/s/GPU, MFU, peak memory and the loss curve.
 """
 import argparse

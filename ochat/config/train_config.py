@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ochat.kernels.attention import BACKENDS as ATTENTION_BACKENDS
+from ochat.training.fp8 import RECIPES as FP8_RECIPES
 
 PROG = "ochat.training.train"
 DEEPSPEED_CONFIGS = {
@@ -91,7 +92,7 @@ class TrainConfig:
                                                low=0.0, high=1.0, const=1.0, parse=_fraction_or_auto)
     fp8: Optional[str] = _opt(None, "train the decoder layers' linear layers in float8 (torchao; H100/H200): "
                                     "tensorwise or rowwise scaling; the lm_head and the loss stay bf16",
-                              choices=("tensorwise", "rowwise"))
+                              choices=FP8_RECIPES)
     attn_impl: str = _opt("auto", "attention backend (auto: the fastest available on the device)",
                           choices=("auto",) + ATTENTION_BACKENDS)
     dtype: str = _opt("auto", "auto: bf16 on GPUs, float32 on CPUs (exact tests and resume)", choices=DTYPE_CHOICES)
@@ -124,6 +125,8 @@ class TrainConfig:
 class ConfigError(Exception):
     """A bad command line, run file or DeepSpeed config; the trainer prints `ochat.training.train: error: ...` from
     one rank and exits 2."""
+
+    status = 2
 
 
 class _Parser(argparse.ArgumentParser):

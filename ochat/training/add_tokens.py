@@ -26,7 +26,7 @@ import torch
 from ochat.training import hf_weights
 from ochat.training.checkpoint import CHECKPOINT_KIND
 from ochat.training.model_config import ModelConfig
-from ochat.utils.atomic import RefusedOverwrite, atomic_directory
+from ochat.utils.atomic import RefusedOverwrite, atomic_directory, check_replaceable
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def add_tokens(model_path: str, out_dir: str, tokens: list[str], init_mean: list
     write, unless `overwrite`)."""
     from transformers import AddedToken, AutoTokenizer
 
+    check_replaceable(out_dir, CHECKPOINT_KIND, overwrite)  # before reading a large checkpoint for nothing
     tok = AutoTokenizer.from_pretrained(model_path)
     vocab = tok.get_vocab()
     unknown = [t for t in init_mean if t not in vocab]

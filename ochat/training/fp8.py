@@ -3,9 +3,9 @@
 Every nn.Linear inside the decoder layers becomes a torchao Float8Linear: its three matmuls (output, input
 gradient, weight gradient) run in float8 with dynamic scales (one per tensor, or one per row), while the
 weights, the optimizer and everything else stay as they were. The lm_head and the fused loss stay bf16 (the
-logits are where low precision costs most). Each converted layer's forward is compiled (`torch.compile`, dynamic token
-count): in eager mode the casts and scales are separate kernels and float8 is slower than bf16; compiled,
-they fuse into the matmul's neighbours.
+logits are where low precision costs most). Each converted layer's forward is compiled (`torch.compile`,
+dynamic token count): in eager mode the casts and scales are separate kernels and float8 is slower than bf16;
+compiled, they fuse into the matmul's neighbours.
 
 float8 matmuls need every dimension divisible by 16, the token count included: with --fp8 the trainer pads
 each pack to a multiple of FP8_TOKEN_MULTIPLE tokens with weight-0 filler tokens (a conversation of their own,

@@ -199,8 +199,8 @@ def self_check(model, vocab_size: int, device: torch.device, bf16: bool, sequenc
     `pack_wide_scales` (fp8 with tensorwise scaling): each linear layer quantizes the whole pack's activations
     with one scale, so a conversation's values shift the others' rounding (a few percent of the logits, not
     attention; 20% of the logit scale on a random 1.1B model): both comparisons then allow 50% of the logit scale,
-    which a leaking attention still exceeds (it moves them by about their own size), and the
-    coupling measured is reported. `token_multiple`: packs padded as in training (fp8 needs multiples of 16).
+    which a leaking attention still exceeds (it moves them by about their own size), and the coupling measured is
+    reported. `token_multiple`: packs padded as in training (fp8 needs multiples of 16).
     """
     g = torch.Generator().manual_seed(1234)
     lens = [7, 3, 12]

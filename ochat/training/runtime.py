@@ -20,6 +20,8 @@ from ochat.config.train_config import TrainConfig
 class TrainError(Exception):
     """A problem the user can fix. Raised alike on every rank; rank 0 prints it as one line (exit code 1)."""
 
+    status = 1
+
 
 class Stopped(Exception):
     """The run stopped on a signal after saving: raised alike on every rank; rank 0 prints it as one line and the

@@ -23,9 +23,9 @@ from ochat.config.train_config import PROG, ConfigError, TrainConfig, load_deeps
 from ochat.training import preflight
 from ochat.training.checkpoint import Saves
 from ochat.training.engine import build_engine, load_model
+from ochat.training.fp8 import FP8_TOKEN_MULTIPLE
 from ochat.training.loss import grad_average_ranks
 from ochat.training.metrics import ProgressLog
-from ochat.training.fp8 import FP8_TOKEN_MULTIPLE
 from ochat.training.packs import PackPlan, eval_packs
 from ochat.training.recompute import AutoRecompute
 from ochat.training.runtime import StopRequest, Stopped, TrainError, log, setup_runtime
@@ -177,8 +177,7 @@ def main(argv=None) -> None:
         if not dist.is_initialized() or dist.get_rank() == 0:
             kind = "stopped" if isinstance(e, Stopped) else "error"
             print(f"{PROG}: {kind}: {e}", file=sys.stderr, flush=True)
-        # other ranks may wait in a collective: the launcher ends them
-        os._exit(e.status if isinstance(e, Stopped) else 2 if isinstance(e, ConfigError) else 1)
+        os._exit(e.status)  # other ranks may wait in a collective: the launcher ends them
     except torch.OutOfMemoryError:
         bml = cfg.batch_max_len or "8 x context"
         print(f"{PROG}: error: out of GPU memory. Lower --batch-max-len (now {bml}), add "
