@@ -1,4 +1,6 @@
-"""--gradient-checkpointing auto: the fraction chosen from a first step's peak and one layer's activations."""
+"""--gradient-checkpointing auto: the fraction chosen from a fully checkpointed step's peak and one layer's activations
+(which step is measured, the second, once the optimizer's states exist, needs a GPU: checked on an H100, see
+bench/RESULTS.md)."""
 import pytest
 
 from ochat.training.recompute import MEMORY_BUDGET, recompute_fraction
@@ -10,7 +12,7 @@ GiB = 2**30
     (40 * GiB, 1 * GiB, 0.0),        # room for all 32 layers' activations: nothing recomputed
     (60 * GiB, 2 * GiB, 26 / 32),    # room for 6 layers (72 GiB budget)
     (71.9 * GiB, 1 * GiB, 1.0),      # no room: every layer
-    (75 * GiB, 1 * GiB, 1.0),        # the first step is already above the budget: every layer, nothing to gain
+    (75 * GiB, 1 * GiB, 1.0),        # the measured step is already above the budget: every layer, nothing to gain
 ])
 def test_fraction_keeps_as_many_layers_as_fit(peak, layer, expect):
     capacity = 80 * GiB
