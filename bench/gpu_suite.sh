@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
 # The GPU tests and benchmarks behind bench/RESULTS.md, in stages that each fit a 10-minute command on one GPU.
 #
-#   bash bench/gpu_suite.sh STAGE OUT_DIR
+#   bash bench/gpu_suite.sh STAGE OUT_DIR [STEPS [RECIPES]]
 #
 # Stages (run in this order on one machine; each writes one log per step into OUT_DIR and prints a summary):
 #   fa2    GPU tests; 1.1B throughput against transformers (+ Liger) on FA2, checkpointing off/on, with a
 #          profile; the bf16 loss curve of the real trainer (1.1B, 300 steps)
-#   fa4    (FlashAttention-4 installed) its GPU tests; 1.1B throughput with FA4 against transformers + Liger
-#          on FA2 and FA4; conversations of 8k-32k tokens; the Llama 2 7B shape, with and without fp8
+#   fa4    (FlashAttention-4 installed) its GPU tests and the compiled-layer tests; 1.1B throughput with FA4,
+#          eager and compiled, against transformers + Liger on FA2 and FA4, checkpointing off, on and auto
+#   fa4_7b (FlashAttention-4 installed) conversations of 8k-32k tokens; the Llama 2 7B shape, bf16 and fp8,
+#          eager and compiled
 #   long   the fp8 (tensorwise) loss curve beside fa2's bf16 one; long single conversations
 #          (bench/long_context.py): 32k, 64k, 128k tokens and beyond on one GPU
-#   curves the real trainer (no FlashAttention-4 needed): bf16 and fp8 tensorwise loss curves (1.1B, 300 steps)
+#   curves the real trainer (no FlashAttention-4 needed): loss curves of the 1.1B shape, STEPS steps (300) for
+#          each of RECIPES ("bf16 tensorwise")
 #   trainer the real trainer: fp8 rowwise under ZeRO-3, and `--gradient-checkpointing auto` on 128k-token packs
 # The device returns at most 8 files: pack OUT_DIR into one archive when a stage writes more.
 set -uo pipefail
 stage=$1
 out=$2
+steps=${3:-300}
+recipes=${4:-bf16 tensorwise}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 
@@ -38,13 +43,17 @@ fa2)
         --conversations 6000
     ;;
 fa4)
-    step gpu_tests_fa4 90 python3 -m pytest -m gpu tests/kernels/test_attention.py -q -p no:cacheprovider
-    step throughput_1b_fa4 180 python3 bench/throughput.py --configs ochat,ochat_fa2,hf_liger,hf_liger_fa4 --steps 6 \
-        --tag _1b_fa4 --out "$out"
-    step throughput_long 110 python3 bench/throughput.py --configs ochat,ochat_fa2,hf_liger,hf_liger_fa4 --long \
+    step gpu_tests_fa4 150 python3 -m pytest -m gpu tests/kernels/test_attention.py tests/training/test_model_gpu.py \
+        -k "attention or compiled" -q -p no:cacheprovider
+    step throughput_1b_fa4 360 python3 bench/throughput.py --configs ochat,ochat_compile,hf_liger,hf_liger_fa4 \
+        --ckpt off,on,auto --steps 6 --profile --tag _1b_fa4 --out "$out"
+    ;;
+fa4_7b)
+    step throughput_long 150 python3 bench/throughput.py --configs ochat,ochat_compile,hf_liger,hf_liger_fa4 --long \
         --pack-tokens 32768 --conversations 60 --steps 4 --ckpt off --tag _long --out "$out"
-    step throughput_7b 170 python3 bench/throughput.py --shape 7b --configs ochat,ochat_fp8,hf_liger,hf_liger_fa4 \
-        --ckpt on --steps 4 --conversations 600 --tag _7b --out "$out"
+    step throughput_7b 390 python3 bench/throughput.py --shape 7b \
+        --configs ochat,ochat_compile,ochat_fp8,ochat_fp8_compile,hf_liger,hf_liger_fa4 --ckpt on --steps 4 \
+        --conversations 600 --tag _7b --out "$out"
     ;;
 long)
     for recipe in bf16 tensorwise; do
@@ -56,11 +65,11 @@ long)
     step long_context 250 python3 bench/long_context.py --budget-s 220 --out "$out"
     ;;
 curves)
-    for recipe in bf16 tensorwise; do
-        extra=() limit=240
-        [ "$recipe" != bf16 ] && extra=(-- --fp8 "$recipe") limit=300
-        step "fp8_curve_$recipe" "$limit" python3 bench/train_run.py --work-dir /tmp/fp8run --steps 300 \
-            --out "$out/curve_$recipe" --conversations 6000 "${extra[@]}"
+    for recipe in $recipes; do
+        extra=() limit=$((90 + steps / 2))
+        [ "$recipe" != bf16 ] && extra=(-- --fp8 "$recipe") limit=$((120 + steps * 6 / 10))
+        step "fp8_curve_$recipe" "$limit" python3 bench/train_run.py --work-dir /tmp/fp8run --steps "$steps" \
+            --out "$out/curve_$recipe" --conversations $((steps * 20)) "${extra[@]}"
     done
     ;;
 trainer)
@@ -70,7 +79,7 @@ trainer)
         --out "$out/ckpt_auto" --conversations 2500 -- --gradient-checkpointing auto
     ;;
 *)
-    echo "unknown stage $stage (fa2, fa4, long, curves, trainer)" >&2
+    echo "unknown stage $stage (fa2, fa4, fa4_7b, long, curves, trainer)" >&2
     exit 2
     ;;
 esac

@@ -12,7 +12,9 @@ Configurations (activation checkpointing on and off for each):
   ochat          PackedCausalLM, defaults: FlashAttention-4 where installed, else torch varlen_attn (FA2);
                  with `ablations`, each fused kernel switched off (checkpointing off)
   ochat_fa2      PackedCausalLM on torch varlen_attn (FA2), when FlashAttention-4 is what `ochat` runs
-  ochat_fp8      `ochat` with the decoder layers' linear layers in float8 (torchao, tensorwise, compiled)
+  ochat_compile  `ochat` with each decoder layer compiled (torch.compile, the trainer's --compile)
+  ochat_fp8      `ochat` with the decoder layers' linear layers in float8 (torchao, tensorwise, each compiled)
+  ochat_fp8_compile  `ochat_fp8` with each decoder layer compiled whole instead
   hf_padded      LlamaForCausalLM, SDPA, the pack's conversations padded to the longest, split into
                  micro-batches of <= pack tokens (gradient accumulation, same optimizer step)
   hf_flex        packed row, restarting position_ids, flex_attention with a document BlockMask
@@ -295,7 +297,16 @@ def check_isolation(kind, model, device, config: ModelConfig):
 
 
 # ----------------------------------------------------------------------------- ochat
-def build_ochat(config: ModelConfig, device, ckpt, attn_impl="auto", fp8=None):
+def ochat_variants(attn: str, kernel: str, fa4: bool) -> dict[str, tuple]:
+    """The ochat configurations: name -> (attention backend, its label, fp8 recipe or None, layers compiled)."""
+    variants = {"ochat": (attn, kernel, None, False), "ochat_compile": (attn, kernel, None, True),
+                "ochat_fp8": (attn, kernel, "tensorwise", False), "ochat_fp8_compile": (attn, kernel, "tensorwise", True)}
+    if fa4:  # `ochat` runs FlashAttention-4: FA2 is a configuration of its own
+        variants["ochat_fa2"] = ("torch_varlen", "fa2", None, False)
+    return variants
+
+
+def build_ochat(config: ModelConfig, device, ckpt, attn_impl="auto", fp8=None, compile_layers=False):
     from ochat.training.fp8 import enable_fp8
     from ochat.training.model import PackedCausalLM
 
@@ -303,9 +314,11 @@ def build_ochat(config: ModelConfig, device, ckpt, attn_impl="auto", fp8=None):
     with torch.device(device):
         model = PackedCausalLM(config, attn_impl=attn_impl).to(torch.bfloat16)
     if fp8:
-        enable_fp8(model, fp8, emulate=device != "cuda")
-    if ckpt:
-        model.gradient_checkpointing_enable(float(ckpt))  # True = every layer; a float = that fraction of them
+        enable_fp8(model, fp8, compile=not compile_layers, emulate=device != "cuda")
+    if compile_layers:
+        model.compile_layers()
+    if ckpt is True:  # "auto": the step function's AutoRecompute sets it
+        model.gradient_checkpointing_enable()
     model.train()
     return model
 
@@ -317,10 +330,18 @@ def ochat_loss_sums(model, b, device):
                  label_weights=d["label_weights"], target_index=d["target_index"])
 
 
-def ochat_step_fn(model, device, token_multiple=1):
+def ochat_step_fn(model, device, token_multiple=1, auto_recompute_tokens=None):
+    """step(items): forward and backward of one pack; with `auto_recompute_tokens` (the pack size) the trainer's
+    `--gradient-checkpointing auto` picks the layers to recompute after the second step."""
+    from ochat.training.recompute import AutoRecompute
+
+    auto = AutoRecompute(model, auto_recompute_tokens, torch.device(device)) if auto_recompute_tokens else None
+
     def step(items):
         sums = ochat_loss_sums(model, collate(items, token_multiple), device)
         (sums.weighted_loss / sums.weight.clamp_min(1.0)).backward()
+        if auto:
+            auto.after_step()
     return step
 
 
@@ -412,7 +433,9 @@ def results_table(first_column, rows, tokens_key):
     return lines
 
 
-CONFIGS = ("ochat", "ochat_fa2", "ochat_fp8", "hf_varlen", "hf_flex", "hf_padded", "hf_liger", "hf_liger_fa4", "ablations")
+CKPT = {"off": False, "on": True, "auto": "auto"}  # --ckpt's settings
+CKPT_TAG = {False: "no-ckpt", True: "ckpt", "auto": "ckpt auto"}
+CONFIGS = ("ochat", "ochat_fa2", "ochat_compile", "ochat_fp8", "ochat_fp8_compile", "hf_varlen", "hf_flex", "hf_padded", "hf_liger", "hf_liger_fa4", "ablations")
 PEERS = ("hf_varlen", "hf_flex", "hf_padded", "hf_liger", "hf_liger_fa4")
 _HF = {"hf_varlen": ("ochat_varlen", "varlen"), "hf_flex": ("flex_attention", "flex"), "hf_padded": ("sdpa", "padded"),
        "hf_liger": ("ochat_varlen", "varlen"), "hf_liger_fa4": ("ochat_fa4", "varlen")}
@@ -447,7 +470,9 @@ def main():
     ap.add_argument("--conversations", type=int, default=1500)
     ap.add_argument("--configs", default="ochat,hf_varlen,hf_flex,hf_padded,ablations",
                     help=f"comma-separated, of {', '.join(CONFIGS)}")
-    ap.add_argument("--ckpt", default="off,on")
+    ap.add_argument("--ckpt", default="off,on", help="activation checkpointing settings to run, of off, on (every "
+                    "layer) and auto (ochat only: the trainer's --gradient-checkpointing auto; compared with the "
+                    "peers' on)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     ap.add_argument("--long", action="store_true", help="conversations of 8k-32k tokens (attention dominates)")
     ap.add_argument("--tiny", action="store_true", help="tiny model (harness smoke test): --shape tiny")
@@ -457,6 +482,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = ap.parse_args()
     cfgs = args.configs.split(",")
+    if set(args.ckpt.split(",")) - set(CKPT):
+        ap.error(f"--ckpt takes {', '.join(CKPT)}")
     if set(cfgs) - set(CONFIGS):
         ap.error(f"unknown configs {set(cfgs) - set(CONFIGS)}")
 
@@ -494,25 +521,22 @@ def main():
     ochat_attn = "flash_attn_4" if info["flash_attn_4"] else "auto"  # auto: torch varlen_attn (FA2) on a GPU
     ochat_kernel = "fa4" if info["flash_attn_4"] else "fa2" if device == "cuda" else "sdpa"
     runs = []  # (name, ckpt, build, make_step, kernel switched off or None, isolation kind or None)
-    for ckpt in [c == "on" for c in args.ckpt.split(",")]:
-        tag = "ckpt" if ckpt else "no-ckpt"
-        if "ochat" in cfgs:
-            runs.append((f"ochat ({ochat_kernel}) {tag}", ckpt,
-                         lambda c=ckpt: build_ochat(config, device, c, ochat_attn), lambda m: ochat_step_fn(m, device),
-                         None, None))
-        if "ochat_fp8" in cfgs:
-            runs.append((f"ochat ({ochat_kernel}, fp8 tensorwise) {tag}", ckpt,
-                         lambda c=ckpt: build_ochat(config, device, c, ochat_attn, fp8="tensorwise"),
-                         lambda m: ochat_step_fn(m, device, FP8_TOKEN_MULTIPLE), None, None))
-        if "ochat_fa2" in cfgs and info["flash_attn_4"]:
-            runs.append((f"ochat (fa2) {tag}", ckpt, lambda c=ckpt: build_ochat(config, device, c, "torch_varlen"),
-                         lambda m: ochat_step_fn(m, device), None, None))
+    for ckpt in [CKPT[c] for c in args.ckpt.split(",")]:
+        tag = CKPT_TAG[ckpt]
+        for key, (attn, kernel, fp8, compiled) in ochat_variants(ochat_attn, ochat_kernel, info["flash_attn_4"]).items():
+            if key in cfgs:
+                label = ", ".join([kernel] + (["compiled"] if compiled else []) + ([f"fp8 {fp8}"] if fp8 else []))
+                runs.append((f"ochat ({label}) {tag}", ckpt,
+                             lambda c=ckpt, a=attn, f=fp8, cl=compiled: build_ochat(config, device, c, a, f, cl),
+                             lambda m, f=fp8, c=ckpt: ochat_step_fn(m, device, FP8_TOKEN_MULTIPLE if f else 1,
+                                                                    args.pack_tokens if c == "auto" else None),
+                             None, None))
         if "ablations" in cfgs and not ckpt:
             for k in ("linear_ce", "rms_norm", "rope", "swiglu"):
                 runs.append((f"ochat -{k} {tag}", ckpt, lambda c=ckpt: build_ochat(config, device, c, ochat_attn),
                              lambda m: ochat_step_fn(m, device), k, None))
         for key in PEERS:
-            if key in cfgs and not (key == "hf_liger_fa4" and not info["flash_attn_4"]):
+            if key in cfgs and ckpt != "auto" and not (key == "hf_liger_fa4" and not info["flash_attn_4"]):
                 attn, kind = _HF[key]
                 runs.append((f"{key} {tag}", ckpt, lambda a=attn, c=ckpt: build_hf(config, a, device, c),
                              lambda m, k=kind: hf_step_fn(k, m, device, args.pack_tokens), None, kind))
@@ -532,7 +556,8 @@ def main():
                 res["isolation"] = check_isolation(kind, model, device, config)
                 print(f"[isolation] {name}: {res['isolation']}", flush=True)
             if args.profile and name.startswith("ochat (") and not ckpt and device == "cuda":
-                extra["profile"] = profile_step(one, packs[-1], out_dir, args.tag)
+                slug = re.sub(r"[^a-z0-9]+", "_", name.removesuffix(" no-ckpt")).strip("_")
+                extra.setdefault("profiles", {})[name] = profile_step(one, packs[-1], out_dir, f"{args.tag}_{slug}")
             results.append(res)
             free(model, opt, one)
             del model, opt, one
@@ -563,7 +588,7 @@ def main():
 
 
 def profile_step(one, items, out_dir: Path, tag: str) -> dict:
-    """torch.profiler over one step: the top kernels (written to profile_ochat{tag}.txt) and GPU time by category."""
+    """torch.profiler over one step: the top kernels (written to profile{tag}.txt) and GPU time by category."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -573,7 +598,7 @@ def profile_step(one, items, out_dir: Path, tag: str) -> dict:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
-    (out_dir / f"profile_ochat{tag}.txt").write_text(table)
+    (out_dir / f"profile{tag}.txt").write_text(table)
     categories = profile_categories(prof, wall)
     print("[profile] " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in categories.items()), flush=True)
     return dict(wall_seconds=wall, seconds_by_category=categories)
@@ -593,17 +618,17 @@ def report_lines(info: dict, results: list, extra: dict, steps: int, args) -> li
              f"{args.warmup} warm-up steps; FlashAttention-4 {'available' if info['flash_attn_4'] else 'absent'}.", "",
              *results_table("configuration", [(r["name"], r, best("ochat (", r.get("ckpt"))) for r in results],
                             tokens_key="tokens_per_s")]
-    for ckpt in sorted({r["ckpt"] for r in ok}):
-        mine, peer = best("ochat (", ckpt), max((r for r in ok if r["ckpt"] == ckpt and r["name"].startswith("hf_")),
+    for ckpt in [c for c in CKPT.values() if c in {r["ckpt"] for r in ok}]:
+        peer_ckpt = True if ckpt == "auto" else ckpt  # the peers have no auto: they recompute every layer
+        mine, peer = best("ochat (", ckpt), max((r for r in ok if r["ckpt"] == peer_ckpt and r["name"].startswith("hf_")),
                                                key=lambda r: r["tokens_per_s"], default=None)
         if mine and peer:
-            lines.append(f"\nActivation checkpointing {'on' if ckpt else 'off'}: {mine['name']} "
+            lines.append(f"\nActivation checkpointing {CKPT_TAG[ckpt]}: {mine['name']} "
                          f"{mine['tokens_per_s']:.0f} tokens/s vs the best peer, {peer['name']} {peer['tokens_per_s']:.0f}: "
                          f"{mine['tokens_per_s'] / peer['tokens_per_s']:.2f}x")
-    if "profile" in extra:
-        cats = extra["profile"]["seconds_by_category"]
-        total = extra["profile"]["wall_seconds"]
-        lines += ["", "GPU time of one ochat step by category: " + ", ".join(
+    for name, profile in extra.get("profiles", {}).items():
+        cats, total = profile["seconds_by_category"], profile["wall_seconds"]
+        lines += ["", f"GPU time of one step of {name} by category: " + ", ".join(
             f"{k} {100 * v / total:.0f}%" for k, v in sorted(cats.items(), key=lambda kv: -kv[1]))]
     if "loss_memory" in extra and "ratio" in extra["loss_memory"]:
         lm = extra["loss_memory"]

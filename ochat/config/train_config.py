@@ -93,6 +93,9 @@ class TrainConfig:
     fp8: Optional[str] = _opt(None, "train the decoder layers' linear layers in float8 (torchao; H100/H200): "
                                     "tensorwise or rowwise scaling; the lm_head and the loss stay bf16",
                               choices=FP8_RECIPES)
+    compile: bool = _opt(False, "compile each decoder layer with torch.compile: norms, RoPE, SwiGLU, residual adds and "
+                                "float8 casts fused by the compiler (about a minute of compiling at the start); "
+                                "ZeRO-2 or lower, without --sequence-parallel, --tiled-mlp or --offload-activations")
     attn_impl: str = _opt("auto", "attention backend (auto: the fastest available on the device)",
                           choices=("auto",) + ATTENTION_BACKENDS)
     dtype: str = _opt("auto", "auto: bf16 on GPUs, float32 on CPUs (exact tests and resume)", choices=DTYPE_CHOICES)
@@ -221,6 +224,9 @@ def check(cfg: TrainConfig) -> TrainConfig:
     if cfg.offload_activations and not cfg.gradient_checkpointing:
         raise ConfigError("--offload-activations moves the inputs of checkpointed layers to CPU memory: add "
                           "--gradient-checkpointing")
+    if cfg.compile and (cfg.sequence_parallel > 1 or cfg.tiled_mlp > 1 or cfg.offload_activations):
+        raise ConfigError("--compile compiles whole decoder layers, which --sequence-parallel, --tiled-mlp and "
+                          "--offload-activations change: drop --compile or those flags")
     if cfg.batch_max_len is not None and cfg.batch_size_per_gpu is not None:
         raise ConfigError("give --batch-max-len or --batch-size-per-gpu, not both")
     if cfg.deepspeed_config not in DEEPSPEED_CONFIGS and not os.path.isfile(cfg.deepspeed_config):
@@ -241,9 +247,11 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def load_deepspeed_config(name_or_path: str, *, grad_accum: int, grad_clip: float, bf16: bool,
-                          sequence_parallel: int = 1, offload_activations: bool = False) -> dict:
+                          sequence_parallel: int = 1, offload_activations: bool = False,
+                          compile_layers: bool = False) -> dict:
     """Read a shipped config by name (zero2, zero3, zero3_offload) or a JSON file; fill its "auto" values and
-    set `sequence_parallel_size` and `activation_checkpointing.cpu_checkpointing` from the flags."""
+    set `sequence_parallel_size` and `activation_checkpointing.cpu_checkpointing` from the flags; refuse a ZeRO-3
+    config with `compile_layers` (ZeRO-3 gathers each layer's weights in hooks that a compiled layer cannot run)."""
     path = DEEPSPEED_CONFIGS.get(name_or_path, name_or_path)
     with open(path) as fh:
         ds = json.load(fh)
@@ -263,4 +271,7 @@ def load_deepspeed_config(name_or_path: str, *, grad_accum: int, grad_clip: floa
                               f"(remove \"reduce_scatter\": false)")
     if offload_activations:
         ds.setdefault("activation_checkpointing", {})["cpu_checkpointing"] = True
+    if compile_layers and ds.get("zero_optimization", {}).get("stage") == 3:
+        raise ConfigError(f"--deepspeed-config {name_or_path}: --compile needs ZeRO stage 2 or lower (ZeRO-3 gathers "
+                          f"each layer's weights in hooks that a compiled layer cannot run)")
     return ds

@@ -31,9 +31,12 @@ def load_model(cfg: TrainConfig, rt: Runtime, ds_config: dict) -> PackedCausalLM
     log(f"model: {model.config.num_params() / 1e9:.2f}B parameters from {cfg.model_path} in {time.time() - t0:.1f}s"
         + (" (partitioned over the ranks: ZeRO-3)" if zero3 else ""))
     if cfg.fp8:
-        converted = enable_fp8(model, cfg.fp8, emulate=not rt.cuda)
+        converted = enable_fp8(model, cfg.fp8, compile=not cfg.compile, emulate=not rt.cuda)
         log(f"fp8 ({cfg.fp8} scaling): {converted} linear layers of the decoder layers train in float8")
     set_memory_features(model, cfg, ds_config)
+    if cfg.compile:
+        model.compile_layers()
+        log("compile: each decoder layer runs compiled (torch.compile); the first steps include compiling")
     return model
 
 

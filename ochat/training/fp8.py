@@ -5,7 +5,8 @@ gradient, weight gradient) run in float8 with dynamic scales (one per tensor, or
 weights, the optimizer and everything else stay as they were. The lm_head and the fused loss stay bf16 (the
 logits are where low precision costs most). Each converted layer's forward is compiled (`torch.compile`,
 dynamic token count): in eager mode the casts and scales are separate kernels and float8 is slower than bf16;
-compiled, they fuse into the matmul's neighbours.
+compiled, they fuse into the matmul's neighbours. With `--compile` the whole decoder layer is compiled instead
+(`PackedCausalLM.compile_layers`), so the compiler can also fuse a cast with the norm or activation before it.
 
 float8 matmuls need every dimension divisible by 16, the token count included: with --fp8 the trainer pads
 each pack to a multiple of FP8_TOKEN_MULTIPLE tokens with weight-0 filler tokens (a conversation of their own,
@@ -27,6 +28,7 @@ def _in_decoder_layers(module: nn.Module, fqn: str) -> bool:
 
 def enable_fp8(model: nn.Module, recipe: str, *, compile: bool = True, emulate: bool = False) -> int:
     """Convert the decoder layers' linear layers of `model` to float8 training in place; returns how many.
+    `compile` compiles each converted layer's forward (leave it off when the decoder layers are compiled whole);
     `emulate` runs the float8 casts with higher-precision matmuls (CPUs, tests)."""
     import dataclasses
 

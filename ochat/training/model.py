@@ -20,7 +20,8 @@ families is `ModelConfig.arch`, see model_config.py):
   linear cross-entropy: the full [T, V] logits are never held. The loss runs inside `lm_head.forward`
   so DeepSpeed ZeRO-3 gathers the lm_head weight (the tied weight too: it is a parameter of lm_head).
 - Gradient checkpointing per decoder layer, non-reentrant (`torch.utils.checkpoint`, use_reentrant=False),
-  of all layers or of an evenly spread fraction of them.
+  of all layers or of an evenly spread fraction of them. Optionally each decoder layer is compiled
+  (`compile_layers`, torch.compile).
 - Dropout is not applied (the supported checkpoints train with 0); every embedding row that occurs gets a
   gradient (transformers' `padding_idx` freezes the pad token's row).
 """
@@ -69,6 +70,14 @@ def rope_inv_freq(rotary: Rotary, device=None, long: bool = False) -> torch.Tens
 def _recompute_in_backward(layer, *inputs):
     """torch's non-reentrant activation checkpoint of one decoder layer."""
     return checkpoint(layer, *inputs, use_reentrant=False)
+
+
+@torch.compiler.disable
+def _attend(attention, *args, **kwargs):
+    """Runs `attention` as it is, also inside a compiled decoder layer: its FlashAttention kernels (and the
+    sequence-parallel all-to-all) are opaque to torch.compile, so the compiled graph stops before it and resumes
+    after it."""
+    return attention(*args, **kwargs)
 
 
 def rope_attention_factor(rotary: Rotary) -> float:
@@ -138,8 +147,8 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, cos, sin)
-        attend = self.attention_hook or varlen_attention
-        o = attend(q, k, v, cu_seqlens, max_seqlen, window=self.window, backend=backend, **self.variant)
+        o = _attend(self.attention_hook or varlen_attention, q, k, v, cu_seqlens, max_seqlen, window=self.window,
+                    backend=backend, **self.variant)
         return self.o_proj(o.reshape(t, self.hq * self.d))
 
 
@@ -250,6 +259,16 @@ class PackedCausalLM(nn.Module):
 
     def gradient_checkpointing_disable(self):
         self.checkpointed_layers = frozenset()
+
+    def compile_layers(self) -> None:
+        """Compile each decoder layer's forward (and, through it, backward) with torch.compile.
+
+        The token count is dynamic, so packs of any size reuse one compiled graph, and the layers share it. Inside,
+        the norms, RoPE and the GLU are their PyTorch definitions, which the compiler fuses with the residual adds
+        and with float8 casts (`--fp8`); attention runs its own kernel between two compiled pieces. Recompute
+        (gradient checkpointing) reruns the compiled forward."""
+        for layer in self.model.layers:
+            layer.forward = torch.compile(layer.forward, dynamic=True)
 
     # ---------------------------------------------------------------- forward
     def _rope(self, rotary: Rotary, position_ids, cu_seqlens, dtype):

@@ -58,7 +58,7 @@ def train(cfg: TrainConfig) -> TrainState:
     preflight.check_attention(cfg.attn_impl, rt.device)
     ds_config = load_deepspeed_config(cfg.deepspeed_config, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
                                       bf16=rt.bf16, sequence_parallel=cfg.sequence_parallel,
-                                      offload_activations=cfg.offload_activations)
+                                      offload_activations=cfg.offload_activations, compile_layers=cfg.compile)
     average_ranks = grad_average_ranks(ds_config, rt.world_size)  # what DeepSpeed divides the gradients by
     model = load_model(cfg, rt, ds_config)
     preflight.check_vocabulary(model.config.vocab_size, tokenizer)

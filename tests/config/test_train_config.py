@@ -64,6 +64,9 @@ def test_defaults():
     (["--tiled-mlp", "0"], "--tiled-mlp must be a finite number >= 1 (got 0)"),
     (["--offload-activations"], "--offload-activations moves the inputs of checkpointed layers to CPU memory: add "
                                 "--gradient-checkpointing"),
+    (["--compile", "--sequence-parallel", "2"], "--compile compiles whole decoder layers, which --sequence-parallel, "
+                                                "--tiled-mlp and --offload-activations change"),
+    (["--compile", "--tiled-mlp", "4"], "--compile compiles whole decoder layers"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_flag(flags, message, capsys):
     assert message in error_of(BASE + flags, capsys)
@@ -140,3 +143,9 @@ def test_sequence_parallelism_refuses_zero_without_reduce_scatter(tmp_path):
     with pytest.raises(ConfigError, match="--sequence-parallel needs ZeRO's reduce_scatter"):
         load_deepspeed_config(str(tmp_path / "ds.json"), grad_accum=1, grad_clip=1.0, bf16=True, sequence_parallel=2)
     assert load_deepspeed_config(str(tmp_path / "ds.json"), grad_accum=1, grad_clip=1.0, bf16=True)
+
+
+def test_compile_refuses_zero3():
+    with pytest.raises(ConfigError, match="--deepspeed-config zero3: --compile needs ZeRO stage 2 or lower"):
+        load_deepspeed_config("zero3", grad_accum=1, grad_clip=1.0, bf16=True, compile_layers=True)
+    assert load_deepspeed_config("zero2", grad_accum=1, grad_clip=1.0, bf16=True, compile_layers=True)

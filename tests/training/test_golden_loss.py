@@ -1,7 +1,8 @@
 """A pinned loss curve: the first 20 steps of the tiny CPU model on the bundled sample (one process, float32).
 
-Data, sampler, model, loss and schedule all feed this curve, so a silent change anywhere shows up here. If a
-change is meant to move it, regenerate the file and say why in the commit:
+Data, sampler, model, loss and schedule all feed this curve, so a silent change anywhere shows up here. The same
+run with `--compile` (every decoder layer compiled by torch.compile) follows the same curve. If a change is meant to
+move it, regenerate the file and say why in the commit:
 
     OCHAT_REGENERATE_GOLDEN=1 python -m pytest tests/training/test_golden_loss.py
 """
@@ -20,17 +21,19 @@ FLAGS = ["--max-steps", "20", "--batch-max-len", "2048", "--lr", "3e-3", "--lr-w
          "--eval-every", "0", "--skip-self-check"]
 
 
-def test_first_20_losses_of_the_tiny_model_are_pinned(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--compile"]], ids=["eager", "compiled"])
+def test_first_20_losses_of_the_tiny_model_are_pinned(tmp_path, extra):
     from ochat.demo import make_tiny_llama
 
     data, model = make_sample_dataset(str(tmp_path / "data")), make_tiny_llama(str(tmp_path / "tiny"))
     env = dict(os.environ, PYTHONPATH=REPO)
     r = subprocess.run([sys.executable, "-m", "ochat.training.train", "--model-path", model, "--data-path", data,
-                        "--save-path", str(tmp_path / "out"), *FLAGS], env=env, capture_output=True, text=True,
+                        "--save-path", str(tmp_path / "out"), *FLAGS, *extra], env=env, capture_output=True, text=True,
                        timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert ("compile: each decoder layer runs compiled" in r.stdout) == bool(extra)
     got = [round(m["loss"], 7) for m in metrics(str(tmp_path / "out"))]
-    if os.environ.get("OCHAT_REGENERATE_GOLDEN"):
+    if os.environ.get("OCHAT_REGENERATE_GOLDEN") and not extra:
         with open(GOLDEN, "w") as fh:
             json.dump({"flags": FLAGS, "losses": got}, fh, indent=1)
     with open(GOLDEN) as fh:

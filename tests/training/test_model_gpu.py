@@ -1,6 +1,7 @@
 """GPU: PackedCausalLM in bf16 on the GPU backends (torch varlen, flash-attn, or the fallback a variant needs),
-for every supported architecture: against transformers in float32 per conversation (logits and gradients),
-packed against each conversation alone, and isolation (perturbing one conversation leaves the others bit-identical).
+for every supported architecture: against transformers in float32 per conversation (logits and gradients; with
+compiled decoder layers too), packed against each conversation alone, and isolation (perturbing one conversation
+leaves the others bit-identical).
 """
 import pytest
 import torch
@@ -64,6 +65,22 @@ def transformers_twin(cfg, ours, dtype):
 @pytest.mark.parametrize("name", list(GPU_VARIANTS))
 def test_bf16_packed_matches_transformers_per_conversation(name):
     cfg, ours = build(name)
+    check_against_transformers(name, cfg, ours)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_bf16_compiled_layers_match_transformers_per_conversation(name):
+    """compile_layers on the GPU: the compiler's norms, RoPE and GLU around the attention kernel, half the layers
+    recomputed."""
+    cfg, ours = build(name)
+    ours.compile_layers()
+    ours.gradient_checkpointing_enable(0.5)
+    ours.train()
+    check_against_transformers(name, cfg, ours)
+
+
+def check_against_transformers(name, cfg, ours):
+    """Logits and gradients of `ours` (bf16, packed) against transformers in float32, conversation by conversation."""
     hf32 = transformers_twin(cfg, ours, torch.float32)  # float32 truth
     hf16 = transformers_twin(cfg, ours, torch.bfloat16)
     seqs, ids, pos, cu, mx = pack(cfg)
