@@ -442,6 +442,7 @@ _HF = {"hf_varlen": ("ochat_varlen", "varlen"), "hf_flex": ("flex_attention", "f
 
 # kernel name patterns of the profile's categories, tried in this order (the rest is "other")
 PROFILE_CATEGORIES = (("attention", r"flash|fmha|attn|varlen"), ("loss", r"cross_entropy|_ce_|lce|logsumexp"),
+                      ("compiled elementwise (norms, RoPE, GLU, adds)", r"^triton_(poi|red|per)_"),
                       ("optimizer", r"adam|multi_tensor|foreach|_fused_"),
                       ("norms/rope/activations", r"rms|norm|rope|rotary|swiglu|glu|silu|gelu"),
                       ("GEMMs", r"gemm|xmma|cutlass|nvjet|matmul|sm90|wgmma|ampere_bf16|cublas"))

@@ -94,7 +94,7 @@ class TrainConfig:
                                     "tensorwise or rowwise scaling; the lm_head and the loss stay bf16",
                               choices=FP8_RECIPES)
     compile: bool = _opt(False, "compile each decoder layer with torch.compile: norms, RoPE, SwiGLU, residual adds and "
-                                "float8 casts fused by the compiler (about a minute of compiling at the start); "
+                                "float8 casts fused by the compiler (the first step also compiles); "
                                 "ZeRO-2 or lower, without --sequence-parallel, --tiled-mlp or --offload-activations")
     attn_impl: str = _opt("auto", "attention backend (auto: the fastest available on the device)",
                           choices=("auto",) + ATTENTION_BACKENDS)
