@@ -2,6 +2,8 @@
 
     python bench/train_run.py --work-dir /tmp/bench --steps 300 [--num-gpus 1] [--batch-max-len 16384]
     python bench/train_run.py --shape 7b --num-gpus 2 --steps 40 -- --deepspeed-config zero3 --gradient-checkpointing
+    python bench/train_run.py --num-gpus 2 --batch-max-len 16384 --conversation-lengths 8192,32768 \
+        --conversations 80 --steps 30 -- --sequence-parallel 2    # long conversations shared by 2 GPUs
 
 Makes a random-init 1.1B LLaMA (22 layers, hidden 2048, intermediate 5632, GQA 32/4, vocab 32002; or Llama 2 7B)
 and a synthetic pre-tokenized dataset with heavy-tailed conversation lengths (log-normal, 32..4096
@@ -22,15 +24,19 @@ import numpy as np
 import throughput  # same folder: the benchmark model shapes
 
 
-def make_dataset(out_dir, n, seed=0, vocab=32000, eot=32000, max_len=4096, follow=0.9):
+def make_dataset(out_dir, n, seed=0, vocab=32000, eot=32000, max_len=4096, follow=0.9, uniform_lengths=None):
     """Synthetic conversations of a bigram chain: each next token is a fixed random successor of the current one
     with probability `follow`, else uniform; the last 70% of each conversation a weight-1 target; written with
-    ochat.data.write_dataset."""
+    ochat.data.write_dataset. Lengths: log-normal capped at `max_len`, or uniform in `uniform_lengths` (lo, hi)."""
     from ochat.assets import LLAMA2_TOKENIZER
     from ochat.data import write_dataset
 
     rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.lognormal(6.6, 0.9, n), 32, max_len).astype(np.int64)
+    if uniform_lengths:
+        lengths = rng.integers(uniform_lengths[0], uniform_lengths[1] + 1, n)
+        max_len = int(uniform_lengths[1])
+    else:
+        lengths = np.clip(rng.lognormal(6.6, 0.9, n), 32, max_len).astype(np.int64)
     successor = rng.permutation(np.arange(3, vocab, dtype=np.int32))
     successor = np.concatenate([np.full(3, 3, np.int32), successor])  # ids 0-2 (specials) never occur mid-chain
 
@@ -78,11 +84,13 @@ def main():
     p.add_argument("--num-gpus", type=int, default=1)
     p.add_argument("--batch-max-len", type=int, default=16384)
     p.add_argument("--conversations", type=int, default=8000)
+    p.add_argument("--conversation-lengths", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
+                   metavar="MIN,MAX", help="uniform conversation lengths in [MIN, MAX] (default: log-normal, <= 4096)")
     p.add_argument("--out", default=None, help="folder for the log and the summary json (default: --work-dir)")
     p.add_argument("extra", nargs="*", help="more trainer flags after --")
     a = p.parse_args()
     data, model, out = (os.path.join(a.work_dir, d) for d in ("data", f"model_{a.shape}", "out"))
-    meta = make_dataset(data, a.conversations)
+    meta = make_dataset(data, a.conversations, uniform_lengths=a.conversation_lengths)
     print("dataset", json.dumps(meta["length_stats"]), flush=True)
     if not os.path.exists(os.path.join(model, "config.json")):  # a second run in the same work dir reuses it
         make_model(model, a.shape)
