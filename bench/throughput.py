@@ -32,7 +32,6 @@ Writes throughput.json and throughput.md into --out.
 import argparse
 import gc
 import json
-import math
 import os
 import re
 import subprocess

@@ -34,7 +34,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ochat.kernels.attention import resolve_backend, varlen_attention
-from ochat.kernels.linear_cross_entropy import LossSums, soft_cap, weighted_linear_cross_entropy
+from ochat.kernels.linear_cross_entropy import soft_cap, weighted_linear_cross_entropy
 from ochat.kernels.rms_norm import rms_norm
 from ochat.kernels.rope import apply_rotary
 from ochat.kernels.swiglu import glu

@@ -2,10 +2,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 
 from ochat.kernels.attention import varlen_attention_sdpa
-from ochat.kernels.linear_cross_entropy import weighted_linear_cross_entropy_reference
 from ochat.training import model as model_mod
 from ochat.training.model import PackedCausalLM
 from ochat.training.model_config import ModelConfig
