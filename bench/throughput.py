@@ -316,8 +316,8 @@ def build_ochat(config: ModelConfig, device, ckpt, attn_impl="auto", fp8=None, c
         enable_fp8(model, fp8, compile=not compile_layers, emulate=device != "cuda")
     if compile_layers:
         model.compile_layers()
-    if ckpt is True:  # "auto": the step function's AutoRecompute sets it
-        model.gradient_checkpointing_enable()
+    if ckpt and ckpt != "auto":  # True = every layer; a float = that fraction ("auto": ochat_step_fn decides)
+        model.gradient_checkpointing_enable(float(ckpt))
     model.train()
     return model
 

@@ -155,11 +155,15 @@ def test_compiled_layers_match_transformers_with_recompute_and_a_new_pack_size(n
     """compile_layers (torch.compile of each decoder layer, the norms/RoPE/GLU as the compiler fuses them, attention
     between two compiled pieces): loss sums and every gradient equal transformers' per conversation, with half the
     layers recomputed, for two pack sizes (the token count is dynamic: the second size reuses the compiled graph)."""
+    from torch._dynamo.utils import counters
+
     cfg, ours, hf = make_pair(name)
     ours.compile_layers()
     ours.gradient_checkpointing_enable(0.5)
     ours.train()
     hf_params = dict(hf.named_parameters())
+    counters.clear()
+    graphs = []
     for lengths in ([7, 1, 64, 23, 40], [30, 9, 50]):
         seqs, ids, pos, cu, mx = make_pack(cfg, lengths)
         g = torch.Generator().manual_seed(len(ids))
@@ -175,3 +179,5 @@ def test_compiled_layers_match_transformers_with_recompute_and_a_new_pack_size(n
         assert_close(sums.weighted_loss.detach(), ref_loss.detach(), what=f"{name} {lengths} weighted loss")
         for n, p in ours.named_parameters():
             assert_close(p.grad, hf_params[n].grad, rtol=1e-4, what=f"{name} {lengths} grad {n}")
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 2 and graphs[1] == graphs[0], graphs  # compiled (before and after attention), then reused
