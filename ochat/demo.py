@@ -25,7 +25,7 @@ def make_tiny_llama(out_dir, *, vocab_size=32001, hidden=64, layers=2, heads=4, 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ochat.config import get_model_type
+    from ochat.data.chat_formats import get_chat_format
     from ochat.data import load_tokenizer, save_serving_tokenizer
 
     torch.manual_seed(seed)
@@ -33,8 +33,8 @@ def make_tiny_llama(out_dir, *, vocab_size=32001, hidden=64, layers=2, heads=4, 
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     LlamaForCausalLM(config).save_pretrained(out_dir)
-    model_type = get_model_type("openchat_v3.2")
-    save_serving_tokenizer(load_tokenizer(LLAMA2_TOKENIZER, model_type), model_type, out_dir)
+    chat_format = get_chat_format("openchat_v3.2")
+    save_serving_tokenizer(load_tokenizer(LLAMA2_TOKENIZER, chat_format), chat_format, out_dir)
     return out_dir
 
 
@@ -87,12 +87,12 @@ def main(argv=None):
     _say(f"4/4 loading {final} with transformers and generating")
     from transformers import AutoModelForCausalLM
 
-    from ochat.config import get_model_type
+    from ochat.data.chat_formats import get_chat_format
     from ochat.data import load_tokenizer
 
     hf = AutoModelForCausalLM.from_pretrained(final)
-    tok = load_tokenizer(final, get_model_type("openchat_v3.2"))
-    prompt = get_model_type("openchat_v3.2").template.encode_prompt(
+    tok = load_tokenizer(final, get_chat_format("openchat_v3.2"))
+    prompt = get_chat_format("openchat_v3.2").template.encode_prompt(
         [{"role": "user", "content": "What is the capital of France?"}], tok)
     ids = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):]
     _say(f"generated: {tok.decode(ids.tolist())!r} (a tiny random model: fragments at best)")

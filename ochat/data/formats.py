@@ -149,7 +149,7 @@ def _tools(rec: Mapping) -> list | None | Skip:
     return tools
 
 
-def condition_of(rec: Mapping, model_type, weights: Mapping[str, float], default_condition: str,
+def condition_of(rec: Mapping, chat_format, weights: Mapping[str, float], default_condition: str,
                  file_condition: str | None = None) -> str | Skip:
     """The record's condition. Precedence: the record's `condition`; the file's (`--in-files F:COND`); from
     the record's `model` (a GPT-4 variant -> the model type's GPT-4 condition, anything else -> its other
@@ -159,7 +159,7 @@ def condition_of(rec: Mapping, model_type, weights: Mapping[str, float], default
         cond = file_condition
     if cond is None and isinstance(rec.get("model"), str) and rec["model"]:
         key = re.sub(r"[^a-z0-9]", "", rec["model"].lower())
-        cond = model_type.gpt4_condition if "gpt4" in key else model_type.other_condition
+        cond = chat_format.gpt4_condition if "gpt4" in key else chat_format.other_condition
     if cond is None:
         cond = default_condition
     return cond if isinstance(cond, str) and cond in weights else Skip(UNKNOWN_CONDITION)
@@ -198,7 +198,7 @@ def _message(m, rkey: str, ckey: str) -> dict | Skip:
     return msg
 
 
-def normalize(rec, model_type, weights, default_condition, file_condition=None):
+def normalize(rec, chat_format, weights, default_condition, file_condition=None):
     """-> Conversation, or a skip-reason string.
 
     Messages: role through ROLES (`function` is the legacy spelling of `tool`, `developer` of `system`;
@@ -224,7 +224,7 @@ def normalize(rec, model_type, weights, default_condition, file_condition=None):
         return NO_CONVERSATION
     if not isinstance(msgs, list):
         return NO_CONVERSATION
-    cond = condition_of(rec, model_type, weights, default_condition, file_condition)
+    cond = condition_of(rec, chat_format, weights, default_condition, file_condition)
     if isinstance(cond, Skip):
         return str(cond)
     tools = _tools(rec)

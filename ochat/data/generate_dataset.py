@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ochat.config.model_types import MODEL_TYPES, UnsupportedConversation, get_model_type, with_condition_weights
+from ochat.data.chat_formats import CHAT_FORMATS, UnsupportedConversation, get_chat_format, with_condition_weights
 from ochat.data import formats, sources
 from ochat.data.progress import Progress
 from ochat.data.schema import DATASET_KIND, SPLITS, SplitWriter, write_meta
@@ -121,7 +121,7 @@ def build_parser():
 
     p = _Parser(prog="python -m ochat.data.generate_dataset", allow_abbrev=False,
                 description="Tokenize ShareGPT / OpenAI-messages conversations into Arrow files.")
-    p.add_argument("--model-type", default="openchat_v3.2", help=f"one of {', '.join(MODEL_TYPES)} (default: %(default)s)")
+    p.add_argument("--model-type", default="openchat_v3.2", help=f"one of {', '.join(CHAT_FORMATS)} (default: %(default)s)")
     p.add_argument("--chat-template", default=None, metavar="FILE|NAME",
                    help="chat_template type: a Jinja file or a bundled preset (chatml, llama3, gemma); default: the tokenizer's own")
     p.add_argument("--tokenizer", default=str(LLAMA2_TOKENIZER),
@@ -156,10 +156,10 @@ def build_parser():
 _W = {}
 
 
-def _init_worker(model_type_name, weights, default_condition, tokenizer_path, max_length, chat_template=None):
+def _init_worker(chat_format_name, weights, default_condition, tokenizer_path, max_length, chat_template=None):
     from ochat.data.tokenizer import load_tokenizer
 
-    mt = with_condition_weights(get_model_type(model_type_name, chat_template), weights, default_condition)
+    mt = with_condition_weights(get_chat_format(chat_format_name, chat_template), weights, default_condition)
     _W.update(mt=mt, tok=load_tokenizer(tokenizer_path, mt), max_length=max_length)
 
 
@@ -349,7 +349,7 @@ def _plan(args) -> Plan:
     from ochat.data.tokenizer import load_tokenizer
 
     try:
-        base_mt = get_model_type(args.model_type, args.chat_template)
+        base_mt = get_chat_format(args.model_type, args.chat_template)
     except ValueError as e:
         raise InputError(str(e)) from None
     weights = args.condition_weights or dict(base_mt.condition_weights)

@@ -27,13 +27,13 @@ CHECKS = [
 ]
 
 
-def save_serving_tokenizer(tokenizer, model_type, out_dir) -> dict:
+def save_serving_tokenizer(tokenizer, chat_format, out_dir) -> dict:
     """Write the Hugging Face tokenizer folder of `tokenizer` (from `ochat.data.load_tokenizer`) for
-    `model_type` into `out_dir`; -> the generation_config.json entries: {"bos_token_id", "eos_token_id"
+    `chat_format` into `out_dir`; -> the generation_config.json entries: {"bos_token_id", "eos_token_id"
     (a list starting with the end-of-turn id), "pad_token_id"}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    template = model_type.template
+    template = chat_format.template
     hf = tokenizer.serving_tokenizer()
     hf.chat_template = template.serving_chat_template(tokenizer, hf)
     hf.eos_token = tokenizer.eot_token

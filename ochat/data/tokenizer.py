@@ -1,6 +1,6 @@
 """Tokenizers: a SentencePiece `.model` file or a Hugging Face tokenizer folder, fitted to a model type.
 
-`load_tokenizer(path, model_type)` opens the file or folder and lets the model type's template fit it
+`load_tokenizer(path, chat_format)` opens the file or folder and lets the chat format's template fit it
 (`template.prepare`): OpenChat types add their end-of-turn token where the vocabulary lacks it (Llama 2 +
 `<|end_of_turn|>` -> id 32000, `vocab_size` 32001) and check the tokens they need (`openchat_3.6`: Llama 3's
 headers and `<|eot_id|>`); `chat_template` reads the folder's chat template and its end-of-turn token.
@@ -50,7 +50,7 @@ class Tokenizer:
     eot_token: str | None = None
     eot_id: int | None = None
     chat_template: str | None = None  # the Jinja template conversations are rendered with (chat_template type)
-    model_type = None                 # the ModelType this tokenizer was fitted to (load_tokenizer)
+    chat_format = None                # the ChatFormat this tokenizer was fitted to (load_tokenizer)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -162,14 +162,14 @@ class HFTokenizer(Tokenizer):
         return [model] if model.is_file() and not _is_tiktoken(model) else []
 
 
-def load_tokenizer(path, model_type) -> Tokenizer:
-    """A SentencePiece `.model` file or a Hugging Face tokenizer folder, fitted to `model_type` (a ModelType
+def load_tokenizer(path, chat_format) -> Tokenizer:
+    """A SentencePiece `.model` file or a Hugging Face tokenizer folder, fitted to `chat_format` (a ChatFormat
     or its name). FileNotFoundError when nothing is there; a one-line ValueError for a tokenizer that cannot
     serve the model type."""
-    from ochat.config import get_model_type
+    from ochat.data.chat_formats import get_chat_format
 
-    if isinstance(model_type, str):
-        model_type = get_model_type(model_type)
+    if isinstance(chat_format, str):
+        chat_format = get_chat_format(chat_format)
     p = Path(path)
     if p.is_dir():
         if not (p / "tokenizer.json").is_file() and (p / "tokenizer.model").is_file() and _is_tiktoken(p / "tokenizer.model"):
@@ -182,6 +182,6 @@ def load_tokenizer(path, model_type) -> Tokenizer:
     else:
         raise FileNotFoundError(f"tokenizer not found: {path} (expected a SentencePiece .model file or a "
                                 "Hugging Face tokenizer directory)")
-    model_type.template.prepare(tok)
-    tok.model_type = model_type
+    chat_format.template.prepare(tok)
+    tok.chat_format = chat_format
     return tok

@@ -14,7 +14,7 @@ import os
 import torch.distributed as dist
 import torch.nn as nn
 
-from ochat.config.model_types import ModelType
+from ochat.data.chat_formats import ChatFormat
 from ochat.config.train_config import TrainConfig
 from ochat.data import save_serving_tokenizer
 from ochat.training import hf_weights
@@ -29,13 +29,13 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def save_hf_checkpoint(module: nn.Module, path: str, *, tokenizer, model_type: ModelType, train_config_json: str) -> None:
+def save_hf_checkpoint(module: nn.Module, path: str, *, tokenizer, chat_format: ChatFormat, train_config_json: str) -> None:
     """Write a Hugging Face checkpoint of `module` (a PackedCausalLM, possibly ZeRO-3 partitioned) to `path`.
     Collective: every rank calls it."""
     state_dict = hf_weights.full_state_dict(module)
     if _rank() == 0:
         with atomic_directory(path, CHECKPOINT_KIND, overwrite=True, notify=log) as tmp:
-            generation = save_serving_tokenizer(tokenizer, model_type, tmp)
+            generation = save_serving_tokenizer(tokenizer, chat_format, tmp)
             hf_weights.save_weights(tmp, state_dict, module.config, eos_token_id=tokenizer.eot_id,
                                     bos_token_id=tokenizer.bos_id)
             with open(os.path.join(tmp, "generation_config.json"), "w") as fh:
@@ -51,8 +51,8 @@ class Saves:
     --save-every selects and at the end of the run, each with a DeepSpeed state; a DeepSpeed state alone every
     --save-state-every steps in between."""
 
-    def __init__(self, cfg: TrainConfig, engine, *, tokenizer, model_type: ModelType, settings: RunSettings):
-        self.cfg, self.engine, self.tokenizer, self.model_type, self.settings = cfg, engine, tokenizer, model_type, settings
+    def __init__(self, cfg: TrainConfig, engine, *, tokenizer, chat_format: ChatFormat, settings: RunSettings):
+        self.cfg, self.engine, self.tokenizer, self.chat_format, self.settings = cfg, engine, tokenizer, chat_format, settings
 
     def checkpoint_due(self, epoch: int, last: bool) -> bool:
         every = self.cfg.save_every
@@ -73,7 +73,7 @@ class Saves:
     def save_checkpoint(self, state: TrainState, name: str) -> None:
         """The Hugging Face folder `name`, then the DeepSpeed state that records it as the last checkpoint."""
         path = os.path.join(self.cfg.save_path, name)
-        save_hf_checkpoint(self.engine.module, path, tokenizer=self.tokenizer, model_type=self.model_type,
+        save_hf_checkpoint(self.engine.module, path, tokenizer=self.tokenizer, chat_format=self.chat_format,
                            train_config_json=self.cfg.to_json())
         state.last_checkpoint = path
         log(f"saved {path}")

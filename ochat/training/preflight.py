@@ -14,8 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ochat.config import get_model_type
-from ochat.config.model_types import ModelType
+from ochat.data.chat_formats import ChatFormat, get_chat_format
 from ochat.config.train_config import TrainConfig
 from ochat.data import TokenizedDataset, load_tokenizer, open_dataset
 from ochat.data.tokenizer import Tokenizer
@@ -93,14 +92,14 @@ def open_training_data(cfg: TrainConfig) -> tuple[TokenizedDataset, TokenizedDat
     return train, evaluation if evaluation is not None and len(evaluation) else None
 
 
-def check_model_type(cfg: TrainConfig, meta: dict) -> ModelType:
+def check_chat_format(cfg: TrainConfig, meta: dict) -> ChatFormat:
     """The model type the dataset was made for, with the chat template it used (and --model-type, if given,
     must be it)."""
     if cfg.model_type and cfg.model_type != meta["model_type"]:
         raise TrainError(f"the dataset was tokenized for model type {meta['model_type']!r}, not {cfg.model_type!r}: "
                          f"re-run ochat.data.generate_dataset with --model-type {cfg.model_type}")
     chat_template = meta.get("chat_template") if meta["model_type"] == "chat_template" else None
-    return get_model_type(meta["model_type"], chat_template)
+    return get_chat_format(meta["model_type"], chat_template)
 
 
 def _probe_texts(dataset: TokenizedDataset, tokenizer: Tokenizer, count: int = 64) -> list[str]:
@@ -109,7 +108,7 @@ def _probe_texts(dataset: TokenizedDataset, tokenizer: Tokenizer, count: int = 6
     return [tokenizer.decode(dataset[int(i)][0]) for i in np.unique(picks)]
 
 
-def check_tokenizer(cfg: TrainConfig, dataset: TokenizedDataset, model_type: ModelType) -> Tokenizer:
+def check_tokenizer(cfg: TrainConfig, dataset: TokenizedDataset, chat_format: ChatFormat) -> Tokenizer:
     """The tokenizer the dataset was made with (else, when its file is not here, the model folder's), after
     checking that the model folder's tokenizer has its vocabulary and end-of-turn id and splits a sample of the
     data's text into the same ids. Checkpoints carry the returned tokenizer."""
@@ -117,7 +116,7 @@ def check_tokenizer(cfg: TrainConfig, dataset: TokenizedDataset, model_type: Mod
 
     def load(path):
         try:
-            return load_tokenizer(path, model_type)
+            return load_tokenizer(path, chat_format)
         except Exception as e:  # any loading failure is the user's folder or file: one line
             raise TrainError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
 

@@ -40,9 +40,9 @@ def train(cfg: TrainConfig) -> TrainState:
     save_path_lock = preflight.prepare_save_path(cfg, rt.is_main)  # noqa: F841 (held until the process ends)
     # ---------------------------------------------------------------- data
     train_ds, eval_ds = preflight.open_training_data(cfg)
-    model_type = preflight.check_model_type(cfg, train_ds.meta)
-    tokenizer = preflight.check_tokenizer(cfg, train_ds, model_type)
-    batch_max_len = cfg.batch_max_len or (cfg.batch_size_per_gpu or 8) * model_type.context_length
+    chat_format = preflight.check_chat_format(cfg, train_ds.meta)
+    tokenizer = preflight.check_tokenizer(cfg, train_ds, chat_format)
+    batch_max_len = cfg.batch_max_len or (cfg.batch_size_per_gpu or 8) * chat_format.context_length
     preflight.check_long_context(cfg, rt.world_size, rt.device)
     preflight.check_lengths(batch_max_len, cfg.sequence_parallel, train=train_ds, eval=eval_ds)
     plan = PackPlan(train_ds, batch_max_len, world_size=rt.world_size, rank=rt.rank, grad_accum=cfg.grad_accum,
@@ -74,7 +74,7 @@ def train(cfg: TrainConfig) -> TrainState:
     # ---------------------------------------------------------------- loop
     progress = ProgressLog(cfg, model.config, world_size=rt.world_size, device=rt.device,
                            total_steps=settings.total_steps, is_main=rt.is_main, resumed_at=state.global_step)
-    saves = Saves(cfg, engine, tokenizer=tokenizer, model_type=model_type, settings=settings)
+    saves = Saves(cfg, engine, tokenizer=tokenizer, chat_format=chat_format, settings=settings)
     t_start, first_step, skipped_in_row = time.time(), state.global_step, 0
     while state.global_step < settings.total_steps:
         epoch, steps = state.epoch, plan.steps_in_epoch(state.epoch)

@@ -10,7 +10,7 @@ import pytest
 
 
 from ochat.config import get_model_type
-from ochat.config.model_types import Encoded, UnsupportedConversation
+from ochat.data.chat_formats import Encoded, UnsupportedConversation
 from ochat.data import load_tokenizer
 from tests.helpers.data import sample_conversations
 from tests.helpers.tokenizers import mistral_v3_tokenizer
@@ -112,7 +112,7 @@ def with_generation_tags(source):
 
 
 def test_weights_equal_transformers_assistant_mask(qwen_dir):
-    from ochat.config.chat_template import read_chat_template
+    from ochat.data.chat_template import read_chat_template
 
     source = with_generation_tags(read_chat_template("chatml")[0])
     mt = get_model_type("chat_template", source)
@@ -214,6 +214,6 @@ def test_condition_weights_apply_unprinted(cases):
 
 
 def test_presets():
-    from ochat.config.chat_template import presets
+    from ochat.data.chat_template import presets
 
     assert {"chatml", "gemma", "llama3"} <= set(presets())

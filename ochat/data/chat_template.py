@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ochat.config.encoded import (TEMPLATE_ERROR, TEMPLATE_UNSPLITTABLE, TOOLS_UNSUPPORTED, Encoded,
+from ochat.data.encoded import (TEMPLATE_ERROR, TEMPLATE_UNSPLITTABLE, TOOLS_UNSUPPORTED, Encoded,
                                   UnsupportedConversation, condition_weight)
 
 PRESETS_DIR = Path(__file__).resolve().parent / "chat_templates"
@@ -36,7 +36,7 @@ TOOL_FEATURES = ("tools", "tool_calls", "tool_results")
 
 
 def presets() -> list[str]:
-    """Names of the bundled chat templates (`ochat/config/chat_templates/NAME.jinja`)."""
+    """Names of the bundled chat templates (`ochat/data/chat_templates/NAME.jinja`)."""
     return sorted(p.stem for p in PRESETS_DIR.glob("*.jinja"))
 
 

@@ -1,12 +1,15 @@
-"""Model types: a conversation template with its condition weights, end-of-turn token and context length.
+"""Chat formats: a conversation template with its condition weights, end-of-turn token and context length.
+
+A chat format is what the `--model-type` flag names (the name users know from OpenChat); the model's
+architecture (config.json's `model_type`: llama, qwen3, ...) is another thing, `ochat.model.ModelConfig`'s.
 
     openchat_v3.2, openchat_v3.1_llama2, openchat_3.5, openchat_3.6   OpenChat's templates (openchat_template.py)
     chat_template                                                     a Hugging Face chat template (chat_template.py)
 
-    >>> mt = get_model_type("openchat_v3.2")
-    >>> tok = ochat.data.load_tokenizer("llama2/tokenizer.model", mt)
-    >>> tokens, weights = mt.template.encode([{"role": "user", "content": "Hi"},
-    ...                                       {"role": "assistant", "content": "Hello"}], tok)
+    >>> fmt = get_chat_format("openchat_v3.2")
+    >>> tok = ochat.data.load_tokenizer("llama2/tokenizer.model", fmt)
+    >>> tokens, weights = fmt.template.encode([{"role": "user", "content": "Hi"},
+    ...                                        {"role": "assistant", "content": "Hello"}], tok)
 
 Every template has `encode(messages, tokenizer, condition=None, system=None) -> (tokens, weights)`,
 `encode_prompt(...) -> tokens` (ending with the assistant prefix), `encode_many(conversations, tokenizer)
@@ -19,18 +22,18 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Union
 
-from ochat.config.chat_template import ChatTemplate, read_chat_template
-from ochat.config.encoded import Encoded, UnsupportedConversation
-from ochat.config.openchat_template import OpenChatTemplate
+from ochat.data.chat_template import ChatTemplate, read_chat_template
+from ochat.data.encoded import Encoded, UnsupportedConversation
+from ochat.data.openchat_template import OpenChatTemplate
 
 Template = Union[OpenChatTemplate, ChatTemplate]
 
-__all__ = ["MODEL_TYPES", "Encoded", "ModelType", "Template", "UnsupportedConversation", "get_model_type",
+__all__ = ["CHAT_FORMATS", "Encoded", "ChatFormat", "Template", "UnsupportedConversation", "get_chat_format",
            "with_condition_weights"]
 
 
 @dataclass(frozen=True)
-class ModelType:
+class ChatFormat:
     name: str
     template: Template
     context_length: int = 4096
@@ -54,25 +57,25 @@ class ModelType:
 GPT4_GPT3 = {"GPT4": 1.0, "GPT3": 0.1}
 CORRECT_GPT3 = {"GPT4 Correct": 1.0, "GPT3": 0.1}
 
-MODEL_TYPES = {
-    "openchat_v3.2": ModelType("openchat_v3.2", OpenChatTemplate("v3.2", GPT4_GPT3, "GPT4")),
-    "openchat_v3.1_llama2": ModelType("openchat_v3.1_llama2", OpenChatTemplate("v3.1", GPT4_GPT3, "GPT4")),
-    "openchat_3.5": ModelType("openchat_3.5", OpenChatTemplate("v3.2", CORRECT_GPT3, "GPT4 Correct"),
+CHAT_FORMATS = {
+    "openchat_v3.2": ChatFormat("openchat_v3.2", OpenChatTemplate("v3.2", GPT4_GPT3, "GPT4")),
+    "openchat_v3.1_llama2": ChatFormat("openchat_v3.1_llama2", OpenChatTemplate("v3.1", GPT4_GPT3, "GPT4")),
+    "openchat_3.5": ChatFormat("openchat_3.5", OpenChatTemplate("v3.2", CORRECT_GPT3, "GPT4 Correct"),
                               context_length=8192, gpt4_condition="GPT4 Correct"),
-    "openchat_3.6": ModelType("openchat_3.6", OpenChatTemplate("v3.6", CORRECT_GPT3, "GPT4 Correct",
+    "openchat_3.6": ChatFormat("openchat_3.6", OpenChatTemplate("v3.6", CORRECT_GPT3, "GPT4 Correct",
                                                                bos_token="<|begin_of_text|>", eot_token="<|eot_id|>"),
                               context_length=8192, gpt4_condition="GPT4 Correct"),
-    "chat_template": ModelType("chat_template", ChatTemplate(GPT4_GPT3, "GPT4")),
+    "chat_template": ChatFormat("chat_template", ChatTemplate(GPT4_GPT3, "GPT4")),
 }
 
 
-def get_model_type(name: str, chat_template: str | None = None) -> ModelType:
-    """The model type called `name`. `chat_template` (for `chat_template` only): a bundled preset name,
+def get_chat_format(name: str, chat_template: str | None = None) -> ChatFormat:
+    """The chat format called `name` (a `--model-type` value). `chat_template` (for `chat_template` only): a bundled preset name,
     a Jinja file or Jinja text to use instead of the tokenizer's own chat template."""
     try:
-        mt = MODEL_TYPES[name]
+        mt = CHAT_FORMATS[name]
     except KeyError:
-        raise ValueError(f"unknown model type {name!r} (known: {', '.join(MODEL_TYPES)})") from None
+        raise ValueError(f"unknown model type {name!r} (known: {', '.join(CHAT_FORMATS)})") from None
     if chat_template is None:
         return mt
     if not isinstance(mt.template, ChatTemplate):
@@ -81,7 +84,7 @@ def get_model_type(name: str, chat_template: str | None = None) -> ModelType:
     return dataclasses.replace(mt, template=dataclasses.replace(mt.template, source=source, name=label))
 
 
-def with_condition_weights(mt: ModelType, weights: Mapping[str, float], default_condition: str) -> ModelType:
+def with_condition_weights(mt: ChatFormat, weights: Mapping[str, float], default_condition: str) -> ChatFormat:
     """A copy of `mt` with other condition weights / default condition (for the CLI flags)."""
     if default_condition not in weights:
         raise ValueError(f"default condition {default_condition!r} has no weight (known: {', '.join(weights)})")

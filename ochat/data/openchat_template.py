@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from ochat.config.encoded import TOOLS_UNSUPPORTED, Encoded, UnsupportedConversation, condition_weight, uses_tools
+from ochat.data.encoded import TOOLS_UNSUPPORTED, Encoded, UnsupportedConversation, condition_weight, uses_tools
 
 SPECIAL = "special"  # a token given by its text (looked up in the vocabulary, never tokenized)
 TEXT = "text"        # a piece of text, tokenized on its own without parsing special-token text
