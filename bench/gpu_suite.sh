@@ -35,15 +35,15 @@ step() {  # step NAME SECONDS COMMAND...: one logged, time-limited step
 
 case "$stage" in
 fa2)
-    step gpu_tests 150 python3 -m pytest -m gpu tests/kernels tests/training/test_model_gpu.py \
-        tests/training/test_memory.py -q -p no:cacheprovider
+    step gpu_tests 150 python3 -m pytest -m gpu tests/kernels tests/model/test_decoder_gpu.py \
+        tests/model/test_memory.py -q -p no:cacheprovider
     step throughput_1b_fa2 150 python3 bench/throughput.py --configs ochat,hf_varlen,hf_liger --steps 6 --profile \
         --tag _1b_fa2 --out "$out"
     step fp8_curve_bf16 150 python3 bench/train_run.py --work-dir /tmp/fp8run --steps 300 --out "$out/curve_bf16" \
         --conversations 6000
     ;;
 fa4)
-    step gpu_tests_fa4 150 python3 -m pytest -m gpu tests/kernels/test_attention.py tests/training/test_model_gpu.py \
+    step gpu_tests_fa4 150 python3 -m pytest -m gpu tests/kernels/test_attention.py tests/model/test_decoder_gpu.py \
         -k "attention or compiled" -q -p no:cacheprovider
     step throughput_1b_fa4 360 python3 bench/throughput.py --configs ochat,ochat_compile,hf_liger,hf_liger_fa4 \
         --ckpt off,on,auto --steps 6 --profile --tag _1b_fa4 --out "$out"

@@ -39,12 +39,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ochat.training.metrics import peak_flops, step_flops  # noqa: E402
-from ochat.training.model_config import ModelConfig  # noqa: E402
+from shapes import SHAPES as BENCH_SHAPES  # noqa: E402
 
-TINY = ModelConfig.debug(vocab_size=512, intermediate_size=128, max_position_embeddings=4096)
-SHAPES = {"1b": ModelConfig.tinyllama_1b(), "7b": ModelConfig.llama2_7b(), "8b": ModelConfig.llama3_8b(),
-          "tiny": TINY, "tiny-zero3": TINY}  # the tiny ones: --tiny's CPU smoke test of both memory plans
+from ochat.training.metrics import peak_flops, step_flops  # noqa: E402
+
+SHAPES = dict(BENCH_SHAPES, **{"tiny-zero3": BENCH_SHAPES["tiny"]})  # tiny ones: --tiny's CPU test of both plans
 ZERO3_SHAPES = ("7b", "8b", "tiny-zero3")
 BUDGET_SHARE = {"1b": 0.4, "7b": 0.6, "8b": 0.6, "tiny": 0.5, "tiny-zero3": 0.5}  # of --budget-s, normalised
 STARTS = (32768, 65536, 131072)
@@ -54,7 +53,7 @@ OPTIMIZER_BYTES = 16  # per parameter: fp32 master weight, two Adam moments, fp3
 
 def conversation(tokens: int, vocab: int) -> dict:
     """One conversation of `tokens` random tokens, collated as a pack: a 5% prompt, then targets."""
-    from ochat.training.batching import collate_pack
+    from ochat.training.collate import collate_pack
 
     rng = np.random.default_rng(tokens)
     weights = np.ones(tokens, np.float32)
@@ -85,9 +84,10 @@ def _free_port() -> int:
 
 def _engine(args, cuda: bool):
     """The trainer's engine for a random-init model of the shape, with the memory plan of the module doc."""
-    from ochat.config.train_config import TrainConfig, load_deepspeed_config
-    from ochat.training.engine import build_engine, set_memory_features
-    from ochat.training.model import PackedCausalLM
+    from ochat.config.deepspeed import load_deepspeed_config
+    from ochat.config.train_config import TrainConfig
+    from ochat.model import PackedCausalLM, apply_transforms
+    from ochat.training.engine import build_engine
     from ochat.training.runtime import Runtime, init_distributed
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -97,14 +97,14 @@ def _engine(args, cuda: bool):
                       tiled_mlp=TILES, offload_activations=cuda)  # on a CPU there is nothing to offload to
     zero3 = args.shape in ZERO3_SHAPES
     ds = load_deepspeed_config("zero3" if zero3 else "zero2", grad_accum=1, grad_clip=1.0, bf16=cuda,
-                               offload_activations=cfg.offload_activations)
+                               transforms=cfg.transforms)
     if zero3:
         ds["zero_optimization"].update(offload_optimizer={"device": "cpu", "pin_memory": cuda, "ratio": args.ratio},
                                        sub_group_size=int(1e8))  # the ratio splits the optimizer by sub-groups
     torch.manual_seed(0)
     model = PackedCausalLM.from_config(SHAPES[args.shape], dtype=torch.bfloat16 if cuda else torch.float32,
                                        device=device)
-    set_memory_features(model, cfg, ds)
+    apply_transforms(model, cfg.transforms, ds_config=ds)
     rt = Runtime(rank=0, world_size=1, device=device, bf16=cuda, launched=False)
     return build_engine(cfg, rt, model, ds, total_steps=1000, warmup_steps=0), cfg
 

@@ -15,10 +15,10 @@ import time
 
 import numpy as np
 import torch
+from shapes import tinyllama_1b
 
-from ochat.training.model import PackedCausalLM
+from ochat.model.decoder import PackedCausalLM
 from ochat.training.metrics import PEAK_FLOPS, step_flops
-from ochat.training.model_config import ModelConfig
 
 PEAK_BF16 = PEAK_FLOPS["H100"]  # the H100 and H200 share it
 
@@ -110,7 +110,7 @@ def main():
     rng = np.random.default_rng(0)
     lengths = v1_lengths(400, rng)
     packs = make_packs(lengths, args.budget)[: args.warmup + args.steps]
-    cfg = ModelConfig.tinyllama_1b()
+    cfg = tinyllama_1b()
     results = []
     torch.manual_seed(0)
     model = PackedCausalLM.from_config(cfg, dtype=torch.bfloat16, device=dev, attn_impl="auto")

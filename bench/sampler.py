@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from ochat.training.multipack_sampler import _epoch_rng, pack_epoch, plan_stats  # noqa: E402
 
-
 # ----------------------------------------------------------------------------- baselines
 
 

@@ -46,14 +46,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from shapes import SHAPES  # noqa: E402
+
 from ochat.assets import LLAMA2_TOKENIZER, SHAREGPT_SAMPLE  # noqa: E402
-from ochat.training.fp8 import FP8_TOKEN_MULTIPLE  # noqa: E402
+from ochat.model.config import ModelConfig  # noqa: E402
+from ochat.model.fp8 import FP8_TOKEN_MULTIPLE  # noqa: E402
 from ochat.training.metrics import PEAK_FLOPS, step_flops  # noqa: E402
-from ochat.training.model_config import ModelConfig  # noqa: E402
 
 PEAK = PEAK_FLOPS["H100"]  # the H100 and H200 share it
-SHAPES = {"1b": ModelConfig.tinyllama_1b(), "7b": ModelConfig.llama2_7b(),
-          "tiny": ModelConfig.debug(vocab_size=512, intermediate_size=128, max_position_embeddings=4096)}
 
 
 # ----------------------------------------------------------------------------- data
@@ -119,9 +119,9 @@ def make_packs(convs, pack_tokens, steps, seed=0):
 
 def collate(items, token_multiple=1):
     """A pack collated as the trainer does (padded with weight-0 filler to a multiple of `token_multiple` tokens)."""
-    from ochat.training.sequence_parallel import collate_shard
+    from ochat.training.collate import collate_for_rank
 
-    return collate_shard(items, 1, 0, filler_token=0, token_multiple=token_multiple)
+    return collate_for_rank(items, 0, token_multiple=token_multiple)
 
 
 def model_flops(config: ModelConfig, packs) -> float:
@@ -306,18 +306,15 @@ def ochat_variants(attn: str, kernel: str, fa4: bool) -> dict[str, tuple]:
 
 
 def build_ochat(config: ModelConfig, device, ckpt, attn_impl="auto", fp8=None, compile_layers=False):
-    from ochat.training.fp8 import enable_fp8
-    from ochat.training.model import PackedCausalLM
+    from ochat.model import ModelTransforms, PackedCausalLM, apply_transforms
 
     torch.manual_seed(0)
     with torch.device(device):
         model = PackedCausalLM(config, attn_impl=attn_impl).to(torch.bfloat16)
-    if fp8:
-        enable_fp8(model, fp8, compile=not compile_layers, emulate=device != "cuda")
-    if compile_layers:
-        model.compile_layers()
-    if ckpt and ckpt != "auto":  # True = every layer; a float = that fraction ("auto": ochat_step_fn decides)
-        model.gradient_checkpointing_enable(float(ckpt))
+    # True = every layer; a float = that fraction ("auto": ochat_step_fn decides)
+    recompute = "auto" if ckpt == "auto" else float(ckpt or 0.0)
+    apply_transforms(model, ModelTransforms(fp8=fp8, compile=compile_layers, recompute=recompute),
+                     emulate_fp8=device != "cuda")
     model.train()
     return model
 
@@ -332,7 +329,7 @@ def ochat_loss_sums(model, b, device):
 def ochat_step_fn(model, device, token_multiple=1, auto_recompute_tokens=None):
     """step(items): forward and backward of one pack; with `auto_recompute_tokens` (the pack size) the trainer's
     `--gradient-checkpointing auto` picks the layers to recompute after the second step."""
-    from ochat.training.recompute import AutoRecompute
+    from ochat.model.recompute import AutoRecompute
 
     auto = AutoRecompute(model, auto_recompute_tokens, torch.device(device)) if auto_recompute_tokens else None
 

@@ -20,7 +20,6 @@ import subprocess
 import sys
 
 import numpy as np
-
 import throughput  # same folder: the benchmark model shapes
 
 
@@ -64,10 +63,11 @@ SHAPES = {k: throughput.SHAPES[k] for k in ("1b", "7b")}  # random init, vocab 3
 
 def make_model(out_dir, shape):
     import torch
+
     from ochat.assets import LLAMA2_TOKENIZER
     from ochat.config import get_model_type
     from ochat.data import load_tokenizer, save_serving_tokenizer
-    from ochat.training.model import PackedCausalLM
+    from ochat.model.decoder import PackedCausalLM
     torch.manual_seed(0)
     m = PackedCausalLM.from_config(SHAPES[shape], dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu")
     m.reset_parameters()

@@ -30,9 +30,10 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
+import shapes  # noqa: E402  (same folder)
 import throughput  # noqa: E402  (same folder: data, model builders, loss functions, FLOPs)
 
-SHAPES = dict(throughput.SHAPES, **{"7b": throughput.ModelConfig.llama2_7b(vocab_size=32000)})  # Llama 2's own vocabulary
+SHAPES = dict(throughput.SHAPES, **{"7b": shapes.llama2_7b(vocab_size=32000)})  # Llama 2's own vocabulary
 IMPLS = ("ochat", "hf_varlen")
 
 
@@ -40,7 +41,7 @@ def worker(args):
     import deepspeed
     import torch.distributed as dist
 
-    from ochat.config.train_config import load_deepspeed_config
+    from ochat.config.deepspeed import load_deepspeed_config
     from ochat.training.engine import weight_decay_groups
     from ochat.training.multipack_sampler import MultipackDistributedBatchSampler
     from ochat.training.runtime import init_distributed

@@ -25,8 +25,8 @@ def make_tiny_llama(out_dir, *, vocab_size=32001, hidden=64, layers=2, heads=4, 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ochat.data.chat_formats import get_chat_format
     from ochat.data import load_tokenizer, save_serving_tokenizer
+    from ochat.data.chat_formats import get_chat_format
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
@@ -87,8 +87,8 @@ def main(argv=None):
     _say(f"4/4 loading {final} with transformers and generating")
     from transformers import AutoModelForCausalLM
 
-    from ochat.data.chat_formats import get_chat_format
     from ochat.data import load_tokenizer
+    from ochat.data.chat_formats import get_chat_format
 
     hf = AutoModelForCausalLM.from_pretrained(final)
     tok = load_tokenizer(final, get_chat_format("openchat_v3.2"))

@@ -21,14 +21,14 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ochat.config.deepspeed import DEEPSPEED_CONFIGS
+from ochat.config.errors import ConfigError
 from ochat.kernels.attention import BACKENDS as ATTENTION_BACKENDS
-from ochat.training.fp8 import RECIPES as FP8_RECIPES
+from ochat.model.fp8 import RECIPES as FP8_RECIPES
+from ochat.model.transforms import ModelTransforms, refusals
 
 PROG = "ochat.training.train"
-DEEPSPEED_CONFIGS = {
-    name: os.path.join(os.path.dirname(__file__), "deepspeed", name + ".json")
-    for name in ("zero2", "zero3", "zero3_offload")
-}
+CONVERSATIONS_PER_PACK = 8  # the default pack: this many conversations of the chat format's context length
 DTYPE_CHOICES = ("auto", "bf16", "float32")  # fp16 is refused: bf16 needs no loss scaling and every GPU ochat targets has it
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -67,7 +67,8 @@ class TrainConfig:
     beta2: float = _opt(0.95, "AdamW beta2", low=0.0, high=1.0)
     eps: float = _opt(1e-5, "AdamW epsilon", low=0.0, low_open=True)
     batch_max_len: Optional[int] = _opt(None, "tokens per GPU per micro-step: the pack size, x --sequence-parallel "
-                                              "(default: 8 x the model type's context length)", low=1)
+                                              f"(default: {CONVERSATIONS_PER_PACK} x the chat format's context length)",
+                                        low=1)
     batch_size_per_gpu: Optional[int] = _opt(None, "OpenChat's spelling: batch-max-len = this x context length", low=1)
     grad_accum: int = _opt(1, "micro-steps per optimizer step", low=1)
     grad_clip: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)", low=0.0)
@@ -109,6 +110,8 @@ class TrainConfig:
                                      choices=WANDB_MODES)
     max_skipped_steps: int = _opt(0, "optimizer updates skipped for a non-finite gradient that are tolerated in a "
                                      "row before the run stops as diverged", low=0)
+    spike_factor: float = _opt(10.0, "stop as diverged when a step's loss exceeds this many times (its gradient norm "
+                                     "this squared) the median of the last 20 steps; 0: off", low=0.0)
     log_every: int = _opt(10, "steps between plain log lines when stdout is not a terminal", low=1)
     max_steps: Optional[int] = _opt(None, "stop after this many optimizer steps", low=1)
     skip_self_check: bool = _opt(False, "skip the packed-vs-per-conversation logits check before the first step")
@@ -120,16 +123,27 @@ class TrainConfig:
         return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k != "local_rank"}, indent=2,
                           sort_keys=True)
 
+    def pack_tokens(self, context_length: int) -> int:
+        """--batch-max-len, or its default for a chat format of this context length."""
+        return self.batch_max_len or (self.batch_size_per_gpu or CONVERSATIONS_PER_PACK) * context_length
+
+    @property
+    def transforms(self) -> ModelTransforms:
+        """The model transforms these flags ask for (ochat.model.transforms)."""
+        return ModelTransforms(fp8=self.fp8, recompute=self.gradient_checkpointing, tiled_mlp=self.tiled_mlp,
+                               offload_activations=self.offload_activations, compile=self.compile,
+                               sequence_parallel=self.sequence_parallel)
+
     @property
     def wandb_enabled(self) -> bool:
         return self.wandb_mode != "disabled" and (self.wandb_project is not None or self.wandb_mode is not None)
 
 
-class ConfigError(Exception):
-    """A bad command line, run file or DeepSpeed config; the trainer prints `ochat.training.train: error: ...` from
-    one rank and exits 2."""
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`(default: X)` after each flag's help, unless the help already says what the default is."""
 
-    status = 2
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -152,7 +166,7 @@ def _flags(name: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The trainer's command line: one flag per TrainConfig field, plus --config."""
-    p = _Parser(prog=f"deepspeed --module {PROG}", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = _Parser(prog=f"deepspeed --module {PROG}", allow_abbrev=False, formatter_class=_HelpFormatter,
                 description="Packed supervised fine-tuning with DeepSpeed.")
     p.add_argument("--config", metavar="FILE", help="a YAML or JSON run file: any flag as a key; flags given on the "
                                                     "command line override it")
@@ -221,12 +235,9 @@ def check(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{_flags(f.name)[0]} must be a finite number {want} (got {value})")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("give --resume (continue the run in --save-path) or --overwrite (replace it), not both")
-    if cfg.offload_activations and not cfg.gradient_checkpointing:
-        raise ConfigError("--offload-activations moves the inputs of checkpointed layers to CPU memory: add "
-                          "--gradient-checkpointing")
-    if cfg.compile and (cfg.sequence_parallel > 1 or cfg.tiled_mlp > 1 or cfg.offload_activations):
-        raise ConfigError("--compile compiles whole decoder layers, which --sequence-parallel, --tiled-mlp and "
-                          "--offload-activations change: drop --compile or those flags")
+    problems = refusals(cfg.transforms)
+    if problems:
+        raise ConfigError(problems[0])
     if cfg.batch_max_len is not None and cfg.batch_size_per_gpu is not None:
         raise ConfigError("give --batch-max-len or --batch-size-per-gpu, not both")
     if cfg.deepspeed_config not in DEEPSPEED_CONFIGS and not os.path.isfile(cfg.deepspeed_config):
@@ -244,34 +255,3 @@ def parse_args(argv=None) -> TrainConfig:
     args = vars(parser.parse_args(argv))
     args.pop("config")
     return check(TrainConfig(**args))
-
-
-def load_deepspeed_config(name_or_path: str, *, grad_accum: int, grad_clip: float, bf16: bool,
-                          sequence_parallel: int = 1, offload_activations: bool = False,
-                          compile_layers: bool = False) -> dict:
-    """Read a shipped config by name (zero2, zero3, zero3_offload) or a JSON file; fill its "auto" values and
-    set `sequence_parallel_size` and `activation_checkpointing.cpu_checkpointing` from the flags; refuse a ZeRO-3
-    config with `compile_layers` (ZeRO-3 gathers each layer's weights in hooks that a compiled layer cannot run)."""
-    path = DEEPSPEED_CONFIGS.get(name_or_path, name_or_path)
-    with open(path) as fh:
-        ds = json.load(fh)
-    fill = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": grad_accum,
-            "gradient_clipping": grad_clip}
-    for k, v in fill.items():
-        if ds.get(k, "auto") == "auto":
-            ds[k] = v
-    ds.setdefault("bf16", {})
-    if ds["bf16"].get("enabled", "auto") == "auto":
-        ds["bf16"]["enabled"] = bf16
-    ds.pop("train_batch_size", None)
-    if sequence_parallel > 1:
-        ds["sequence_parallel_size"] = sequence_parallel
-        if not ds.get("zero_optimization", {}).get("reduce_scatter", True):  # see ochat.training.loss
-            raise ConfigError(f"--deepspeed-config {name_or_path}: --sequence-parallel needs ZeRO's reduce_scatter "
-                              f"(remove \"reduce_scatter\": false)")
-    if offload_activations:
-        ds.setdefault("activation_checkpointing", {})["cpu_checkpointing"] = True
-    if compile_layers and ds.get("zero_optimization", {}).get("stage") == 3:
-        raise ConfigError(f"--deepspeed-config {name_or_path}: --compile needs ZeRO stage 2 or lower (ZeRO-3 gathers "
-                          f"each layer's weights in hooks that a compiled layer cannot run)")
-    return ds

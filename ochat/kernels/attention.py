@@ -118,8 +118,8 @@ def resolve_backend(name: str, device, *, softcap: bool = False, window: bool = 
     return chosen
 
 
-def varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen=None, window=None, leak=False, scale=None, softcap=None):
-    """Reference: SDPA per conversation (GQA by repeating k/v). `leak=True` (tests only) ignores boundaries.
+def varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen=None, window=None, scale=None, softcap=None):
+    """Reference: SDPA per conversation (GQA by repeating k/v).
 
     With `softcap` the scores are computed explicitly (as transformers' eager attention does), soft-capped,
     masked, and softmaxed in float32."""
@@ -129,8 +129,6 @@ def varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen=None, window=None, lea
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
     bounds = cu_seqlens.tolist()
-    if leak:
-        bounds = [0, t]
     outs = []
     for s, e in zip(bounds[:-1], bounds[1:]):
         qi, ki, vi = (x[s:e].transpose(0, 1) for x in (q, k, v))  # [H, L, D]

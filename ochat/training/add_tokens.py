@@ -13,22 +13,20 @@
   tokenizer's vocabulary that are not special (added) tokens, as OpenChat 3.6 did.
 
 Tied embeddings change once (the lm_head is that matrix). Tensors are read and written through
-`ochat.training.hf_weights`, in the checkpoint's dtype; OUT gets the tokenizer, config.json and safetensors,
+`ochat.model.hf_weights`, in the checkpoint's dtype; OUT gets the tokenizer, config.json and safetensors,
 written whole or not at all. An existing OUT is replaced only when ochat wrote it (else `--overwrite`).
 """
 import argparse
 import dataclasses
-import logging
 import os
 
 import torch
 
-from ochat.training import hf_weights
+from ochat.model import hf_weights
+from ochat.model.config import ModelConfig
 from ochat.training.checkpoint import CHECKPOINT_KIND
-from ochat.training.model_config import ModelConfig
 from ochat.utils.atomic import RefusedOverwrite, atomic_directory, check_replaceable
-
-log = logging.getLogger(__name__)
+from ochat.utils.log import log
 
 EMBEDDING = "model.embed_tokens.weight"
 
@@ -73,8 +71,8 @@ def add_tokens(model_path: str, out_dir: str, tokens: list[str], init_mean: list
         hf_weights.save_weights(tmp, state, dataclasses.replace(config, vocab_size=new_vocab))
         tok.save_pretrained(tmp)
     ids = tok.convert_tokens_to_ids(tokens)
-    log.info("added %s (ids %s), mean-initialised %s (ids %s); vocab %d -> %d in %s", missing, ids, list(init_mean),
-             init_ids, config.vocab_size, new_vocab, out_dir)
+    log(f"added {missing} (ids {ids}), mean-initialised {list(init_mean)} (ids {init_ids}); vocab {config.vocab_size} "
+        f"-> {new_vocab} in {out_dir}")
     return ids
 
 
@@ -91,7 +89,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not os.path.isfile(os.path.join(args.model_path, "config.json")):
         ap.error(f"--model-path {args.model_path}: not a Hugging Face model folder (no config.json)")
-    logging.basicConfig(level=logging.INFO)
     tokens = args.tokens if args.tokens is not None else [] if args.init_mean else ["<|end_of_turn|>"]
     try:
         ids = add_tokens(args.model_path, args.out_dir, tokens, args.init_mean, overwrite=args.overwrite)

@@ -6,47 +6,42 @@ import time
 
 import torch
 
+from ochat.config.deepspeed import offloads_optimizer, zero_stage
 from ochat.config.train_config import TrainConfig
-from ochat.training import hf_weights, memory, sequence_parallel
-from ochat.training.fp8 import enable_fp8
-from ochat.training.model import PackedCausalLM
-from ochat.training.runtime import Runtime, TrainError, log
+from ochat.model import sequence_parallel
+from ochat.model.decoder import PackedCausalLM
+from ochat.model.transforms import apply_transforms
+from ochat.training.runtime import Runtime, TrainError
 from ochat.training.schedule import lr_at
+from ochat.utils.log import log
 
 
 def load_model(cfg: TrainConfig, rt: Runtime, ds_config: dict) -> PackedCausalLM:
-    """The checkpoint at cfg.model_path: partitioned from the start under ZeRO-3 (no rank holds the whole
-    model), else whole in float32 on this rank's device (DeepSpeed keeps the fp32 master copy and casts the
-    module to bf16)."""
-    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    """The checkpoint at cfg.model_path with the flags' transforms applied (ochat.model.transforms): partitioned
+    from the start under ZeRO-3 (no rank holds the whole model), else whole in float32 on this rank's device
+    (DeepSpeed keeps the fp32 master copy and casts the module to bf16)."""
+    zero3 = zero_stage(ds_config) == 3
     t0 = time.time()
     try:
         if zero3:
-            model = hf_weights.load_partitioned(cfg.model_path, ds_config, cfg.attn_impl)
+            model = PackedCausalLM.from_pretrained_partitioned(cfg.model_path, ds_config, cfg.attn_impl)
         else:
             model = PackedCausalLM.from_pretrained(cfg.model_path, dtype=torch.float32, device=rt.device,
                                                    attn_impl=cfg.attn_impl)
     except (OSError, ValueError) as e:
         raise TrainError(f"cannot load the model from {cfg.model_path}: {e}") from None
-    log(f"model: {model.config.num_params() / 1e9:.2f}B parameters from {cfg.model_path} in {time.time() - t0:.1f}s"
+    log(f"model: {_count(model.config.num_params())} parameters from {cfg.model_path} in {time.time() - t0:.1f}s"
         + (" (partitioned over the ranks: ZeRO-3)" if zero3 else ""))
-    if cfg.fp8:
-        converted = enable_fp8(model, cfg.fp8, compile=not cfg.compile, emulate=not rt.cuda)
-        log(f"fp8 ({cfg.fp8} scaling): {converted} linear layers of the decoder layers train in float8")
-    set_memory_features(model, cfg, ds_config)
-    if cfg.compile:
-        model.compile_layers()
-        log("compile: each decoder layer runs compiled (torch.compile); the first steps include compiling")
+    apply_transforms(model, cfg.transforms, ds_config=ds_config, emulate_fp8=not rt.cuda)
     return model
 
 
-def set_memory_features(model: PackedCausalLM, cfg: TrainConfig, ds_config: dict) -> None:
-    """Activation checkpointing, the tiled MLP and activation offload, as cfg asks."""
-    if cfg.gradient_checkpointing and cfg.gradient_checkpointing != "auto":  # auto: ochat.training.recompute
-        model.gradient_checkpointing_enable(cfg.gradient_checkpointing)
-    memory.tile_mlp(model, cfg.tiled_mlp)
-    if cfg.offload_activations:
-        memory.offload_checkpoints(model, ds_config)
+def _count(n: int) -> str:
+    """A parameter count as people write it: 1.10B, 354.8M, 52.3K."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.{2 if unit == 'B' else 1}f}{unit}"
+    return str(n)
 
 
 def _is_matrix(p: torch.nn.Parameter) -> bool:
@@ -64,13 +59,13 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
 def build_engine(cfg: TrainConfig, rt: Runtime, model: PackedCausalLM, ds_config: dict, *, total_steps: int,
                  warmup_steps: int):
     """The DeepSpeed engine: AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded), the warmup + cosine
-    schedule of ochat.training.schedule, and with --sequence-parallel DeepSpeed's sequence-parallel groups (the
-    model's attention routed over them, ZeRO over all ranks)."""
+    schedule of ochat.training.schedule, and with --sequence-parallel DeepSpeed's sequence-parallel groups (which
+    apply_transforms made; ZeRO shards over all ranks)."""
     import deepspeed
 
     groups = weight_decay_groups(model, cfg.weight_decay)
     adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    if ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
+    if offloads_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **adam)
     else:
@@ -80,7 +75,6 @@ def build_engine(cfg: TrainConfig, rt: Runtime, model: PackedCausalLM, ds_config
     def schedule(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, warmup_steps, 1.0, cfg.lr_min_ratio))
 
-    mpu = sequence_parallel.enable(model, cfg.sequence_parallel)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
-                                      mpu=mpu)
+                                      mpu=sequence_parallel.deepspeed_mpu(cfg.sequence_parallel))
     return engine

@@ -23,23 +23,23 @@ rank). With that R the formula above holds unchanged, the sum running over all r
 """
 import torch
 
+from ochat.config.deepspeed import sequence_parallel_size, zero_stage
+
 
 def grad_average_ranks(ds_config: dict, world_size: int) -> int:
     """R: what DeepSpeed (0.19) divides the all-reduced gradients by, for this DeepSpeed config.
 
     Without sequence parallelism, world_size. With `sequence_parallel_size` N: world_size / N under ZeRO
     stages 0-2; world_size under ZeRO-3, whose reduce-scatter (`reduce_scatter`, on by default, which
-    ochat.config.train_config.load_deepspeed_config requires with sequence parallelism: off, ZeRO-3 divides
+    ochat.config.deepspeed.load_deepspeed_config requires with sequence parallelism: off, ZeRO-3 divides
     small buckets by world_size / N and large ones by world_size) averages over every rank.
     """
-    n = ds_config.get("sequence_parallel_size", 1)
-    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+    if zero_stage(ds_config) == 3:
         return world_size
-    return world_size // n
+    return world_size // sequence_parallel_size(ds_config)
 
 
-def loss_scale(step_weight_sum: torch.Tensor | float, average_ranks: int, grad_accum: int,
-               ds_scales_by_grad_accum: bool = True) -> torch.Tensor:
+def loss_scale(step_weight_sum: torch.Tensor | float, average_ranks: int, grad_accum: int) -> torch.Tensor:
     """Factor to multiply a micro-step's `weighted_loss` sum by before `engine.backward`.
 
     step_weight_sum: W, the sum of target weights over the whole step (all ranks, all micro-steps).
@@ -47,12 +47,10 @@ def loss_scale(step_weight_sum: torch.Tensor | float, average_ranks: int, grad_a
         read back to the host before the step's forward passes.
     average_ranks: R, what DeepSpeed divides the summed gradients by: the number of ranks, or of
         sequence-parallel groups (`grad_average_ranks`).
-    grad_accum: G, micro-steps per optimizer step.
-    ds_scales_by_grad_accum: whether backward divides the loss by G (DeepSpeed does by default).
+    grad_accum: G, micro-steps per optimizer step (DeepSpeed's backward divides the loss by G).
 
     Returns R * G / W (a float64 tensor like W), or 0 when W is 0: a step with no targets has zero
     gradients and still runs its collectives.
     """
     w = torch.as_tensor(step_weight_sum, dtype=torch.float64)
-    g = grad_accum if ds_scales_by_grad_accum else 1
-    return torch.where(w > 0, float(average_ranks * g) / w, torch.zeros_like(w))
+    return torch.where(w > 0, float(average_ranks * grad_accum) / w, torch.zeros_like(w))

@@ -1,5 +1,5 @@
 """What a training step reports: tokens/s per GPU, MFU against the GPU's peak, the log line, the progress bar,
-`save_path/metrics.jsonl` (one JSON line per step and per eval, full precision) and Weights & Biases.
+the run folder's metrics.jsonl (one JSON line per step and per eval, full precision) and Weights & Biases.
 
 MFU = the model's training FLOPs (ModelConfig.flops_per_token: 6 x matmul parameters + causal attention) /
 seconds / the GPU's dense bf16 peak. The peak is the one table below (benchmarks use it too).
@@ -14,8 +14,11 @@ import sys
 import torch
 
 from ochat.config.train_config import TrainConfig
-from ochat.training.model_config import ModelConfig
+from ochat.model.config import ModelConfig
+from ochat.training.runtime import TrainError
 from ochat.training.step import StepStats
+from ochat.utils.log import log
+from ochat.utils.ranks import is_main
 
 # Dense bf16 FLOP/s by GPU name. H100/H200/H800: 790 TFLOP/s, the measured ceiling of a bf16 8192^3 matmul on
 # these GPUs (the 989 datasheet figure is not reached in practice). A100/A800: 312, the datasheet figure.
@@ -43,19 +46,18 @@ class ProgressLog:
     """Per-step reporting on rank 0: a tqdm bar on a terminal, else a line every `log_every` steps (and the
     first); wandb when enabled, with its files under the save path."""
 
-    def __init__(self, cfg: TrainConfig, config: ModelConfig, *, world_size: int, device: torch.device,
-                 total_steps: int, is_main: bool, resumed_at: int = 0):
+    def __init__(self, cfg: TrainConfig, config: ModelConfig, *, metrics_path: str, world_size: int,
+                 device: torch.device, total_steps: int, resumed_at: int = 0):
         self.cfg, self.config, self.world_size, self.total_steps = cfg, config, world_size, total_steps
         self.peak = peak_flops(device)
-        self.is_main = is_main
+        self.is_main = is_main()
         self.bar = None
-        self.metrics = self._open_metrics(resumed_at) if is_main else None
-        self.wandb = self._init_wandb() if is_main and cfg.wandb_enabled else None
+        self.metrics = self._open_metrics(metrics_path, resumed_at) if self.is_main else None
+        self.wandb = self._init_wandb(os.path.dirname(metrics_path)) if self.is_main and cfg.wandb_enabled else None
 
-    def _open_metrics(self, resumed_at: int):
-        """metrics.jsonl, keeping only the lines of steps up to `resumed_at` (a resumed run redoes the rest)."""
-        path = os.path.join(self.cfg.save_path, "metrics.jsonl")
-        os.makedirs(self.cfg.save_path, exist_ok=True)
+    @staticmethod
+    def _open_metrics(path: str, resumed_at: int):
+        """The metrics file, keeping only the lines of steps up to `resumed_at` (a resumed run redoes the rest)."""
         kept = []
         if resumed_at and os.path.exists(path):
             with open(path) as fh:
@@ -68,15 +70,18 @@ class ProgressLog:
         self.metrics.write(json.dumps(values) + "\n")
         self.metrics.flush()
 
-    def _init_wandb(self):
+    def _init_wandb(self, folder: str):
+        """Weights & Biases, its files under `folder`/wandb."""
         import wandb
 
         project = self.cfg.wandb_project or "ochat"
-        os.makedirs(self.cfg.save_path, exist_ok=True)
-        wandb.init(project=project, entity=self.cfg.wandb_entity, mode=self.cfg.wandb_mode or "online",
-                   dir=self.cfg.save_path, config=json.loads(self.cfg.to_json()))
-        print(f"[ochat] wandb: project {project}, mode {self.cfg.wandb_mode or 'online'}, files under "
-              f"{self.cfg.save_path}/wandb", flush=True)
+        try:
+            wandb.init(project=project, entity=self.cfg.wandb_entity, mode=self.cfg.wandb_mode or "online",
+                       dir=folder, config=json.loads(self.cfg.to_json()))
+        except (wandb.errors.Error, OSError) as e:
+            raise TrainError(f"Weights & Biases: {str(e).strip().splitlines()[0]} Log in with `wandb login`, or log "
+                             f"locally with --wandb-mode offline") from None
+        log(f"wandb: project {project}, mode {self.cfg.wandb_mode or 'online'}, files under {folder}/wandb")
         return wandb
 
     def start_epoch(self, epoch: int, first_step: int, steps: int) -> None:
@@ -100,9 +105,8 @@ class ProgressLog:
                                  eta=f"{eta_seconds / 60:.1f}m")
             self.bar.update(1)
         elif global_step % self.cfg.log_every == 0 or global_step == 1:
-            print(f"[ochat] epoch {epoch} step {global_step}/{self.total_steps} loss {stats.loss:.4f} lr {stats.lr:.3e} "
-                  f"grad_norm {stats.grad_norm:.3f} tokens/s/gpu {tps:.0f} mfu {_pct(mfu)} eta {eta_seconds / 60:.1f}m",
-                  flush=True)
+            log(f"epoch {epoch} step {global_step}/{self.total_steps} loss {stats.loss:.4f} lr {stats.lr:.3e} "
+                f"grad_norm {stats.grad_norm:.3f} tokens/s/gpu {tps:.0f} mfu {_pct(mfu)} eta {eta_seconds / 60:.1f}m")
         self._record(step=global_step, epoch=epoch, loss=stats.loss, lr=stats.lr, grad_norm=stats.grad_norm,
                      token_accuracy=stats.token_accuracy, tokens=stats.tokens, seconds=stats.seconds,
                      tokens_per_s_per_gpu=tps, mfu=mfu if math.isfinite(mfu) else None)
@@ -114,7 +118,7 @@ class ProgressLog:
     def eval(self, epoch: int, global_step: int, loss: float) -> None:
         if not self.is_main:
             return
-        print(f"[ochat] epoch {epoch} eval/loss {loss:.4f}", flush=True)
+        log(f"epoch {epoch} eval/loss {loss:.4f}")
         self._record(step=global_step, epoch=epoch, eval_loss=loss)
         if self.wandb is not None:
             self.wandb.log({"eval/loss": loss}, step=global_step)

@@ -6,7 +6,7 @@ m x world_size + r. So the packs of a step depend only on the number of slots, n
 into ranks and micro-steps: 2 ranks x 1 micro-step and 1 rank x 2 micro-steps train exactly the same packs,
 and a run can resume on another GPU count that keeps world_size x grad_accum.
 
-With sequence parallelism of N, the N ranks of a group share each pack (ochat.training.sequence_parallel):
+With sequence parallelism of N, the N ranks of a group share each pack (ochat.model.sequence_parallel),
 packs hold up to N x batch_max_len tokens, slots = (world_size / N) x grad_accum, group g's micro-step m
 takes slot m x (world_size / N) + g, and each rank of the group collates its 1/N slice of it.
 
@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from ochat.data.reader import TokenizedDataset
+from ochat.model.sequence_parallel import Layout
+from ochat.training.collate import collate_for_rank
 from ochat.training.multipack_sampler import MultipackDistributedBatchSampler, plan_stats
-from ochat.training.sequence_parallel import Layout, collate_shard
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -46,7 +47,7 @@ class _CollatedPacks(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         items = [self.dataset[int(j)] for j in self.packs[i]]
-        return collate_shard(items, self.layout.size, self.layout.sp_rank, self.filler, self.token_multiple)
+        return collate_for_rank(items, self.filler, self.layout, self.token_multiple)
 
 
 class PackPlan:

@@ -5,79 +5,23 @@ Every check runs alike on every rank and raises TrainError with one line saying 
 """
 from __future__ import annotations
 
-import fcntl
 import os
-import re
-import shutil
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from ochat.data.chat_formats import ChatFormat, get_chat_format
 from ochat.config.train_config import TrainConfig
 from ochat.data import TokenizedDataset, load_tokenizer, open_dataset
+from ochat.data.chat_formats import ChatFormat, get_chat_format
 from ochat.data.tokenizer import Tokenizer
 from ochat.kernels.attention import resolve_backend
-from ochat.training import sequence_parallel
-from ochat.training.model_config import ModelConfig
-from ochat.training.runtime import TrainError, log
-
-
-_RUN_OUTPUT = re.compile(r"ep_\d+|final|ds_state|metrics\.jsonl")  # what a run writes in --save-path
-_LOCK = ".ochat.lock"
-
-
-def previous_run_outputs(save_path: str) -> list[str]:
-    """The outputs of an earlier run in save_path: ep_N/, final/, ds_state/, metrics.jsonl. (The temporary
-    folder of an interrupted checkpoint write is ochat.utils.atomic's to clean.)"""
-    if not os.path.isdir(save_path):
-        return []
-    return sorted(n for n in os.listdir(save_path) if _RUN_OUTPUT.fullmatch(n))
-
-
-def _remove(path: str) -> None:
-    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-
-def prepare_save_path(cfg: TrainConfig, is_main: bool):
-    """The save path must be a folder this run may write, and no other run's: a previous run there is continued
-    (--resume) or replaced (--overwrite: only its own outputs are deleted), never silently mixed with this one.
-    Rank 0 holds a lock on it for the run; returns the lock's file."""
-    if os.path.exists(cfg.save_path) and not os.path.isdir(cfg.save_path):
-        raise TrainError(f"--save-path {cfg.save_path} is a file, not a folder")
-    previous = previous_run_outputs(cfg.save_path)
-    if previous and not (cfg.resume or cfg.overwrite):
-        raise TrainError(f"--save-path {cfg.save_path} holds a previous run ({', '.join(previous)}): continue it with "
-                         f"--resume, replace it with --overwrite, or choose another folder")
-    lock = None
-    if is_main:
-        try:
-            os.makedirs(cfg.save_path, exist_ok=True)
-            lock = open(os.path.join(cfg.save_path, _LOCK), "a+")
-        except OSError as e:
-            raise TrainError(f"--save-path {cfg.save_path}: {e.strerror or e}") from None
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise TrainError(f"--save-path {cfg.save_path} is being written by another run (it holds "
-                             f"{os.path.join(cfg.save_path, _LOCK)}): wait for it or choose another folder") from None
-        for name in previous if cfg.overwrite else []:
-            _remove(os.path.join(cfg.save_path, name))
-    if dist.is_initialized():
-        dist.barrier()  # the other ranks start once rank 0 has made the folder
-    return lock
-
-
-def check_disk_space(save_path: str, num_params: int, bf16: bool) -> None:
-    """Room for one Hugging Face checkpoint (2 or 4 bytes per parameter) plus one resume state (fp32 weights
-    and two Adam moments, 12 bytes per parameter, plus the module's copy)."""
-    per_param = (2 if bf16 else 4) * 2 + 12
-    need, free = num_params * per_param, shutil.disk_usage(save_path).free
-    if free < need:
-        raise TrainError(f"--save-path {save_path} has {free / 2**30:.1f} GiB free, and one checkpoint plus one resume "
-                         f"state of this {num_params / 1e9:.2f}B-parameter model need about {need / 2**30:.1f} GiB: free "
-                         f"space, choose another folder, or pass --no-save")
+from ochat.model import sequence_parallel
+from ochat.model.config import ModelConfig
+from ochat.model.transforms import refusals
+from ochat.training.collate import collate_for_rank
+from ochat.training.runtime import TrainError
+from ochat.utils.log import log
+from ochat.utils.ranks import rank, world_size
 
 
 def open_training_data(cfg: TrainConfig) -> tuple[TokenizedDataset, TokenizedDataset | None]:
@@ -168,20 +112,17 @@ def check_lengths(batch_max_len: int, sequence_parallel: int = 1, **splits: Toke
                              f"--max-length")
 
 
-def check_long_context(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
-    """--sequence-parallel must divide the ranks and the model's attention heads; --offload-activations needs a
-    GPU to offload from."""
+def check_transforms(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
+    """The model transforms the flags ask for must work with this many ranks, this device and the model's shape
+    (ochat.model.transforms.refusals: --sequence-parallel must divide the ranks and the attention heads,
+    --offload-activations needs a GPU)."""
     try:
-        sequence_parallel.Layout(world_size, 0, cfg.sequence_parallel)
-        if cfg.sequence_parallel > 1:
-            model = ModelConfig.from_hf_config(cfg.model_path)
-            sequence_parallel.kv_repeats(model.num_attention_heads, model.num_key_value_heads, cfg.sequence_parallel)
-    except ValueError as e:
-        raise TrainError(str(e)) from None
-    except OSError as e:
+        model = ModelConfig.from_hf_config(cfg.model_path) if cfg.sequence_parallel > 1 else None
+    except (OSError, ValueError) as e:
         raise TrainError(f"cannot read the model config in {cfg.model_path}: {e}") from None
-    if cfg.offload_activations and device.type != "cuda":
-        raise TrainError("--offload-activations moves activations from GPU to CPU memory: it needs a GPU")
+    problems = refusals(cfg.transforms, cuda=device.type == "cuda", model=model, world_size=world_size)
+    if problems:
+        raise TrainError(problems[0])
 
 
 def self_check(model, vocab_size: int, device: torch.device, bf16: bool, sequence_parallel_size: int = 1,
@@ -206,13 +147,11 @@ def self_check(model, vocab_size: int, device: torch.device, bf16: bool, sequenc
     convs = [torch.randint(0, vocab_size, (n,), generator=g) for n in lens]
     other_first = torch.randint(0, vocab_size, (lens[0],), generator=g)
 
-    sp_rank = (sequence_parallel.Layout(dist.get_world_size(), dist.get_rank(), sequence_parallel_size).sp_rank
-               if sequence_parallel_size > 1 else 0)
+    layout = sequence_parallel.Layout(world_size(), rank(), sequence_parallel_size)
 
     def logits(conversations):
         items = [(c.numpy().astype(np.int32), np.ones(len(c), np.float32)) for c in conversations]
-        b = sequence_parallel.collate_shard(items, sequence_parallel_size, sp_rank, filler_token=0,
-                                            token_multiple=token_multiple)
+        b = collate_for_rank(items, 0, layout, token_multiple)
         out = model(b["input_ids"].to(device), b["position_ids"].to(device), b["cu_seqlens"].to(device),
                     b["max_seqlen"]).float()
         if sequence_parallel_size > 1:

@@ -1,4 +1,4 @@
-"""Where a training process runs: its rank among the others, its device and its dtype; rank-0 logging.
+"""Where a training process runs: its rank among the others, its device and its dtype; how it stops.
 
 `setup_runtime` starts torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPUs). Started without a
 launcher (`python -m ochat.training.train ...`), it runs as the only rank.
@@ -49,12 +49,6 @@ class Runtime:
         return self.rank == 0
 
 
-def log(msg: str) -> None:
-    """Print `[ochat] msg` once (rank 0)."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"[ochat] {msg}", flush=True)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,7 +70,14 @@ def init_distributed(cuda: bool) -> None:
     """Start torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPUs."""
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    except RuntimeError as e:  # torch's DistNetworkError among them
+        if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
+            raise
+        port = os.environ.get("MASTER_PORT")
+        raise TrainError(f"port {port} is in use (another run on this machine?): give each run its own, e.g. "
+                         f"`deepspeed --master_port {int(port or 29500) + 1} --module ochat.training.train ...`") from None
     if not cuda:
         _release_deepspeed_shm_buffer()
 

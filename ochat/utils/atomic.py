@@ -108,7 +108,8 @@ def check_replaceable(target, kind: str, overwrite: bool = False) -> None:
                                "folder or pass --overwrite to replace it")
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path) -> None:
+    """fsync a file or a folder (a folder: its entries, e.g. after a rename into it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -119,8 +120,17 @@ def _fsync(path: Path) -> None:
 def _fsync_tree(root: Path) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
-            _fsync(Path(folder) / name)
-        _fsync(Path(folder))
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
+
+
+def _plain_modes(root: Path) -> None:
+    """Give every file the mode a plain open() gives under the user's umask (some writers make private files:
+    a serving account must be able to read the weights)."""
+    mode = 0o666 & ~_umask()
+    for folder, _, files in os.walk(root):
+        for name in files:
+            os.chmod(Path(folder) / name, mode)
 
 
 def _umask() -> int:
@@ -161,8 +171,10 @@ def atomic_directory(target, kind: str, *, overwrite: bool = False,
     `clean_stale_temporaries`); `notify` receives one line per folder removed or left. A `target` that is a
     symbolic link stays one: the folder it points to is replaced."""
     target = Path(target)
-    if target.is_symlink():
+    through_link = target.is_symlink()
+    if through_link:  # a link stays one; what it points to is replaced only when ochat wrote it
         target = target.resolve()
+        overwrite = False
     check_replaceable(target, kind, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(target, notify)
@@ -172,6 +184,7 @@ def atomic_directory(target, kind: str, *, overwrite: bool = False,
         with open(tmp / MARKER, "w") as f:
             json.dump({"written_by": "ochat", "kind": kind, "pid": os.getpid(), "host": socket.gethostname()}, f)
         yield tmp
+        _plain_modes(tmp)
         _fsync_tree(tmp)
         check_replaceable(target, kind, overwrite)  # it may have changed while we wrote
         if target.exists() and _exchange(tmp, target):
@@ -184,7 +197,7 @@ def atomic_directory(target, kind: str, *, overwrite: bool = False,
                 shutil.rmtree(old)
             else:
                 os.replace(tmp, target)
-        _fsync(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

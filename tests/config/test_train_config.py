@@ -2,8 +2,10 @@ import json
 
 import pytest
 
-from ochat.config.train_config import (DEEPSPEED_CONFIGS, ConfigError, TrainConfig, build_parser, load_deepspeed_config,
-                                      parse_args)
+from ochat.config.deepspeed import DEEPSPEED_CONFIGS, load_deepspeed_config
+from ochat.config.errors import ConfigError
+from ochat.config.train_config import TrainConfig, build_parser, parse_args
+from ochat.model.transforms import ModelTransforms
 from ochat.training.train import main
 
 BASE = ["--model-path", "m", "--data-path", "d", "--save-path", "s"]
@@ -81,6 +83,8 @@ def test_help_shows_every_default():
     text = " ".join(build_parser().format_help().split())
     assert "(default: 2e-05)" in text and "(default: zero2)" in text and "(default: 42)" in text
     assert "--local-rank" not in text and "--local_rank" not in text
+    assert "(default: online when --wandb-project is given" not in text  # a help that states its default keeps it
+    assert "else no logging (default: None)" not in text and "(default: None)" in text
 
 
 def test_run_file_with_flags_overriding_it(tmp_path):
@@ -129,8 +133,8 @@ def test_long_context_flags_reach_the_deepspeed_config():
     c = parse_args(BASE + ["--sequence-parallel", "4", "--tiled-mlp", "8", "--offload-activations",
                            "--gradient-checkpointing"])
     assert (c.sequence_parallel, c.tiled_mlp, c.offload_activations) == (4, 8, True)
-    ds = load_deepspeed_config("zero3", grad_accum=1, grad_clip=1.0, bf16=True, sequence_parallel=4,
-                               offload_activations=True)
+    ds = load_deepspeed_config("zero3", grad_accum=1, grad_clip=1.0, bf16=True,
+                               transforms=ModelTransforms(sequence_parallel=4, offload_activations=True, recompute=1.0))
     assert ds["sequence_parallel_size"] == 4 and ds["activation_checkpointing"] == {"cpu_checkpointing": True}
     plain = load_deepspeed_config("zero3", grad_accum=1, grad_clip=1.0, bf16=True)
     assert "sequence_parallel_size" not in plain and "activation_checkpointing" not in plain
@@ -141,11 +145,12 @@ def test_sequence_parallelism_refuses_zero_without_reduce_scatter(tmp_path):
     ds["zero_optimization"]["reduce_scatter"] = False
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     with pytest.raises(ConfigError, match="--sequence-parallel needs ZeRO's reduce_scatter"):
-        load_deepspeed_config(str(tmp_path / "ds.json"), grad_accum=1, grad_clip=1.0, bf16=True, sequence_parallel=2)
+        load_deepspeed_config(str(tmp_path / "ds.json"), grad_accum=1, grad_clip=1.0, bf16=True,
+                              transforms=ModelTransforms(sequence_parallel=2))
     assert load_deepspeed_config(str(tmp_path / "ds.json"), grad_accum=1, grad_clip=1.0, bf16=True)
 
 
 def test_compile_refuses_zero3():
     with pytest.raises(ConfigError, match="--deepspeed-config zero3: --compile needs ZeRO stage 2 or lower"):
-        load_deepspeed_config("zero3", grad_accum=1, grad_clip=1.0, bf16=True, compile_layers=True)
-    assert load_deepspeed_config("zero2", grad_accum=1, grad_clip=1.0, bf16=True, compile_layers=True)
+        load_deepspeed_config("zero3", grad_accum=1, grad_clip=1.0, bf16=True, transforms=ModelTransforms(compile=True))
+    assert load_deepspeed_config("zero2", grad_accum=1, grad_clip=1.0, bf16=True, transforms=ModelTransforms(compile=True))

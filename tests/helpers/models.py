@@ -2,8 +2,9 @@
 import torch
 import transformers
 
-from ochat.training.model import PackedCausalLM
-from ochat.training.model_config import ARCHITECTURES, ModelConfig
+from ochat.kernels.attention import varlen_attention_sdpa
+from ochat.model.config import ARCHITECTURES, ModelConfig
+from ochat.model.decoder import PackedCausalLM
 
 LENGTHS = [7, 1, 64, 23, 40]  # includes length 1 and the tiny config's context limit (64)
 
@@ -72,3 +73,9 @@ def assert_close(a, b, rtol=1e-5, what=""):
     err = (a - b).abs().max().item()
     scale = b.abs().max().item()
     assert err <= rtol * max(scale, 1e-6) + 1e-7, f"{what}: max abs err {err:.3g} vs scale {scale:.3g}"
+
+
+def leaky_attention(q, k, v, cu_seqlens, max_seqlen=None, window=None, backend=None, **variant):
+    """Attention across the whole pack, ignoring conversation boundaries: what the isolation checks must catch."""
+    whole = torch.tensor([0, q.shape[0]], dtype=torch.int32)
+    return varlen_attention_sdpa(q, k, v, whole, window=window, **variant)

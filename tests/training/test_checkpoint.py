@@ -10,9 +10,9 @@ import transformers
 from ochat.assets import LLAMA2_TOKENIZER
 from ochat.config import get_model_type
 from ochat.data import load_tokenizer
+from ochat.model.config import ModelConfig
+from ochat.model.decoder import PackedCausalLM
 from ochat.training.checkpoint import save_hf_checkpoint
-from ochat.training.model import PackedCausalLM
-from ochat.training.model_config import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_folder_serves_the_trained_logits(tmp_path, tokenizer, tied):
     torch.manual_seed(0)
     model = PackedCausalLM(ModelConfig.debug(vocab_size=32001, tie_word_embeddings=tied), attn_impl="sdpa")
     path = str(tmp_path / "final")
-    save_hf_checkpoint(model, path, tokenizer=tokenizer, model_type=get_model_type("openchat_v3.2"),
+    save_hf_checkpoint(model, path, tokenizer=tokenizer, chat_format=get_model_type("openchat_v3.2"),
                        train_config_json=json.dumps({"lr": 1e-5}))
     assert {"config.json", "generation_config.json", "model.safetensors", "train_config.json",
             "tokenizer_config.json"} <= set(os.listdir(path))
@@ -50,7 +50,7 @@ def test_an_existing_folder_is_replaced_whole(tmp_path, tokenizer):
     path.mkdir()
     (path / "stale.txt").write_text("from an earlier save")
     model = PackedCausalLM(ModelConfig.debug(vocab_size=32001))
-    save_hf_checkpoint(model, str(path), tokenizer=tokenizer, model_type=get_model_type("openchat_v3.2"),
+    save_hf_checkpoint(model, str(path), tokenizer=tokenizer, chat_format=get_model_type("openchat_v3.2"),
                        train_config_json="{}")
     assert not (path / "stale.txt").exists() and (path / "model.safetensors").exists()
     assert sorted(os.listdir(tmp_path)) == ["ep_0"]

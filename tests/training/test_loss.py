@@ -54,7 +54,6 @@ def test_gradient_invariant_to_packing_ranks_and_micro_steps():
 def test_scale_values_and_zero_weight_step():
     assert loss_scale(0.0, 2, 4).item() == 0.0
     assert loss_scale(8.0, 2, 4).item() == 1.0
-    assert loss_scale(8.0, 2, 4, ds_scales_by_grad_accum=False).item() == 0.25
 
 
 def test_scale_of_a_tensor_stays_a_tensor_and_is_finite_at_zero():

@@ -1,7 +1,6 @@
 """Pre-flight checks: the self-check refuses packs whose conversations can see each other; the long-context flags
 are refused where they cannot work."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -9,11 +8,12 @@ import torch
 
 from ochat.config.train_config import TrainConfig
 from ochat.kernels.attention import varlen_attention_sdpa
-from ochat.training import model as model_mod
+from ochat.model import decoder as model_mod
+from ochat.model.config import ModelConfig
+from ochat.model.decoder import PackedCausalLM
 from ochat.training import preflight
-from ochat.training.model import PackedCausalLM
-from ochat.training.model_config import ModelConfig
 from ochat.training.runtime import TrainError
+from tests.helpers.models import leaky_attention
 
 
 def tiny_model():
@@ -30,9 +30,7 @@ def test_isolated_model_passes(capsys):
 
 
 def test_leaky_attention_is_refused(monkeypatch):
-    monkeypatch.setattr(model_mod, "varlen_attention",
-                        lambda q, k, v, cu_seqlens, max_seqlen, window=None, backend=None:
-                        varlen_attention_sdpa(q, k, v, cu_seqlens, window=window, leak=True))
+    monkeypatch.setattr(model_mod, "varlen_attention", leaky_attention)
     for bf16 in (False, True):  # the isolation comparison does not depend on the dtype's noise
         with pytest.raises(TrainError, match="changed the logits of the others"):
             preflight.self_check(tiny_model(), 128, torch.device("cpu"), bf16=bf16)
@@ -58,40 +56,6 @@ def config(tmp_path, **kw):
     return TrainConfig(model_path="m", data_path="d", save_path=str(tmp_path / "run"), **kw)
 
 
-def test_previous_run_outputs_are_ochats_names_only(tmp_path):
-    run = tmp_path / "run"
-    for name in ("ep_0", "ep_12", "final", "ds_state", "src", "ep_x", "final2"):
-        (run / name).mkdir(parents=True)
-    for name in ("metrics.jsonl", "notes.txt"):
-        (run / name).write_text("")
-    assert preflight.previous_run_outputs(str(run)) == ["ds_state", "ep_0", "ep_12", "final", "metrics.jsonl"]
-
-
-def test_overwrite_deletes_only_the_previous_runs_outputs(tmp_path):
-    run = tmp_path / "run"
-    (run / "final").mkdir(parents=True)
-    (run / "metrics.jsonl").write_text("{}")
-    (run / "notes.txt").write_text("mine")
-    with pytest.raises(TrainError, match="holds a previous run"):
-        preflight.prepare_save_path(config(tmp_path), is_main=True)
-    preflight.prepare_save_path(config(tmp_path, overwrite=True), is_main=True)
-    assert sorted(os.listdir(run)) == [".ochat.lock", "notes.txt"]
-
-
-def test_two_runs_cannot_write_one_save_path(tmp_path):
-    held = preflight.prepare_save_path(config(tmp_path), is_main=True)
-    with pytest.raises(TrainError, match="is being written by another run"):
-        preflight.prepare_save_path(config(tmp_path), is_main=True)
-    held.close()
-    preflight.prepare_save_path(config(tmp_path), is_main=True).close()
-
-
-def test_disk_space_for_a_checkpoint_and_a_state(tmp_path):
-    preflight.check_disk_space(str(tmp_path), 1_000_000, bf16=True)
-    with pytest.raises(TrainError, match=r"need about .* GiB: free space, choose another folder, or pass --no-save"):
-        preflight.check_disk_space(str(tmp_path), 10**15, bf16=True)
-
-
 def _with_model_config(tmp_path, **flags) -> TrainConfig:
     heads = ModelConfig.debug(hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
     (tmp_path / "config.json").write_text(json.dumps(heads.to_hf_config()))
@@ -104,15 +68,15 @@ def _with_model_config(tmp_path, **flags) -> TrainConfig:
     (dict(offload_activations=True, gradient_checkpointing=1.0), 1, "--offload-activations moves activations from GPU "
                                                                     "to CPU memory: it needs a GPU"),
 ])
-def test_long_context_flags_that_cannot_work_are_refused(tmp_path, flags, world, message):
+def test_transforms_that_cannot_work_here_are_refused(tmp_path, flags, world, message):
     with pytest.raises(TrainError) as e:
-        preflight.check_long_context(_with_model_config(tmp_path, **flags), world, torch.device("cpu"))
+        preflight.check_transforms(_with_model_config(tmp_path, **flags), world, torch.device("cpu"))
     assert message in str(e.value)
 
 
 def test_sequence_parallel_dividing_heads_and_ranks_passes(tmp_path):
     for size, world in ((2, 4), (3, 6)):  # 6 query heads; 3 KV heads are repeated for 2 ranks
-        preflight.check_long_context(_with_model_config(tmp_path, sequence_parallel=size), world, torch.device("cpu"))
+        preflight.check_transforms(_with_model_config(tmp_path, sequence_parallel=size), world, torch.device("cpu"))
 
 
 class _Lengths:

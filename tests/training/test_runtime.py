@@ -82,3 +82,43 @@ def test_cpu_ranks_leave_no_shared_memory_buffer(tmp_path, init, left):
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in range(2):
         assert (tmp_path / f"rank{rank}.txt").read_text() == f"sum 3.0 left {left}"
+
+
+PORT_WORKER = r"""
+import os, socket, sys
+from ochat.training.runtime import TrainError, init_distributed
+held = socket.socket()
+held.bind(("127.0.0.1", 0))
+held.listen()
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=str(held.getsockname()[1]))
+try:
+    init_distributed(cuda=False)
+    print("started")
+except TrainError as e:
+    print(e)
+"""
+
+
+def test_a_port_in_use_is_one_line_saying_how_to_pick_another():
+    r = subprocess.run([sys.executable, "-c", PORT_WORKER], capture_output=True, text=True, timeout=120, cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=REPO))
+    line = r.stdout.strip().splitlines()[-1]
+    assert line.startswith("port ") and "is in use (another run on this machine?)" in line, r.stdout + r.stderr
+    assert "deepspeed --master_port" in line
+
+
+def test_weights_and_biases_without_a_login_is_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from ochat.config.train_config import TrainConfig
+    from ochat.model.config import ModelConfig
+    from ochat.training.metrics import ProgressLog
+    from ochat.training.runtime import TrainError
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no saved login
+    monkeypatch.setenv("WANDB_MODE", "online")
+    cfg = TrainConfig(model_path="m", data_path="d", save_path=str(tmp_path), wandb_project="demo")
+    with pytest.raises(TrainError, match=r"Weights & Biases: .*Log in with `wandb login`, or log locally with "
+                                         r"--wandb-mode offline"):
+        ProgressLog(cfg, ModelConfig.debug(), metrics_path=str(tmp_path / "metrics.jsonl"), world_size=1,
+                    device="cpu", total_steps=1)

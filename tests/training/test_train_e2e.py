@@ -6,14 +6,18 @@ same slots: the same packs); a run killed hard, or stopped by SIGTERM, and resum
 resume that would train other packs is refused; a signal to the runner alone stops the ranks; a diverged run
 stops without saving; ZeRO-3 with gradient checkpointing trains and saves a gathered checkpoint.
 """
+import hashlib
+import json
 import os
 import re
+import shutil
 import signal
 
 import numpy as np
 import pytest
 import torch
 
+from tests.helpers.hostile import CodeRunningPickle
 from tests.helpers.train import make_sample_dataset, metrics, run_trainer, run_trainer_until, weights
 
 pytestmark = pytest.mark.slow
@@ -114,7 +118,7 @@ def test_zero3_with_checkpointing_trains_and_saves_a_gathered_checkpoint(setup):
     (["--attn-impl", "flash"], "invalid choice: 'flash' (choose from 'auto', 'flash_attn_4'", 2),
     (["--batch-max-len", "64"], "longer than --batch-max-len 64", 1),
     (["--attn-impl", "flash_attn"], "--attn-impl flash_attn: attention backend 'flash_attn' is not available", 1),
-    (["--save-path", "SAVE/previous_run"], "holds a previous run (ds_state, metrics.jsonl): continue it with --resume",
+    (["--save-path", "SAVE/previous_run"], "holds a previous run (ds_state): continue it with --resume",
      1),
     (["--save-path", "SAVE/a_file"], "is a file, not a folder", 1),
     (["--resume"], "--resume: no resume state under", 1),
@@ -168,5 +172,46 @@ def test_divergence_stops_the_run_without_saving(setup, tmp_path):
     r = run_trainer(2, model, data, out, "--lr", "1e4")  # what a typo for 1e-4 gives
     assert r.returncode == 1, r.stdout[-3000:]
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "training diverged at step" in errors[0] and "Last good checkpoint: none" in errors[0]
+    assert len(errors) == 1 and "training diverged at step" in errors[0] and "Newest good resume state: none" in errors[0]
     assert [n for n in os.listdir(out) if n != "metrics.jsonl" and not n.startswith(".")] == []
+
+
+def _copy_run(src: str, dst) -> str:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("final", "ep_*", "wandb"))
+    return str(dst)
+
+
+def test_resuming_a_finished_run_says_so(setup, zero2_run, tmp_path):
+    root, data, model = setup
+    out = _copy_run(zero2_run[0], tmp_path / "finished")
+    r = run_trainer(2, model, data, out, "--resume")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "has already trained all its" in r.stdout and "nothing to do. To train further" in r.stdout
+    assert "done:" not in r.stdout
+
+
+def test_a_planted_pickle_in_a_resume_state_never_runs(setup, zero2_run, tmp_path):
+    """A payload planted in DeepSpeed's model states, its checksum updated as an attacker would: --resume refuses
+    it in one line before it can run."""
+    root, data, model = setup
+    out = _copy_run(zero2_run[0], tmp_path / "planted")
+    states = os.path.join(out, "ds_state")
+    first = min(os.listdir(states), key=lambda t: int(t[4:]) if t.startswith("step") else 1 << 30)
+    with open(os.path.join(states, "latest"), "w") as fh:
+        fh.write(first)  # the state at the end of epoch 0: resuming it loads DeepSpeed's files
+    marker = tmp_path / "payload_ran"
+    planted = os.path.join(states, first, "mp_rank_00_model_states.pt")
+    state = torch.load(planted, weights_only=False)
+    state["evil"] = CodeRunningPickle(str(marker))
+    torch.save(state, planted)
+    run_state = os.path.join(states, first, "run_state.json")
+    with open(run_state) as fh:
+        saved = json.load(fh)
+    saved["files"]["mp_rank_00_model_states.pt"] = hashlib.sha256(open(planted, "rb").read()).hexdigest()
+    with open(run_state, "w") as fh:
+        json.dump(saved, fh)
+    r = run_trainer(2, model, data, out, "--resume")
+    assert r.returncode == 1 and not marker.exists(), r.stdout[-3000:] + r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("ochat.training.train: error:")]
+    assert len(errors) == 1 and "would run code to load" in errors[0] and "refused" in errors[0], r.stderr[-2000:]
+

@@ -112,3 +112,25 @@ def test_symlinked_target_stays_a_link(tmp_path):
     write(tmp_path / "data", "two")
     assert (tmp_path / "data").is_symlink() and (real / "data.txt").read_text() == "two"
     assert listing(real.parent) == ["data"]
+
+
+def test_overwrite_never_replaces_a_foreign_folder_through_a_link(tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep")
+    link = tmp_path / "final"
+    link.symlink_to(foreign)
+    with pytest.raises(RefusedOverwrite, match="was not written by ochat"):
+        write(link, "checkpoint", kind="checkpoint", overwrite=True)
+    assert listing(foreign) == ["precious.txt"] and link.is_symlink()
+
+
+def test_files_get_the_users_umask_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out", "checkpoint") as tmp:
+            fd = os.open(tmp / "private.bin", os.O_CREAT | os.O_WRONLY, 0o600)  # as some writers make them
+            os.close(fd)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out" / "private.bin").stat().st_mode & 0o777 == 0o644

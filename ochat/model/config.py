@@ -245,7 +245,7 @@ class ModelConfig:
             d["original_max_position_embeddings"] = rs["original_max_position_embeddings"]
         return d
 
-    # ---------------------------------------------------------------- presets
+    # ---------------------------------------------------------------- preset
     @classmethod
     def debug(cls, **overrides) -> "ModelConfig":
         """Tiny float32-friendly model for CPU tests: 2 layers, hidden 64, GQA 4/2, context 64."""
@@ -254,27 +254,6 @@ class ModelConfig:
                   rms_norm_eps=1e-5, rope_theta=10000.0)
         kw.update(overrides)
         return cls(**kw)
-
-    @classmethod
-    def tinyllama_1b(cls, vocab_size: int = 32002) -> "ModelConfig":
-        """The 1.1B LLaMA shape of the benchmarks (TinyLlama: 22 layers, hidden 2048, GQA 32/4; vocabulary of
-        Llama 2 + OpenChat's two tokens)."""
-        return cls(vocab_size=vocab_size, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                   num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-5)
-
-    @classmethod
-    def llama2_7b(cls, vocab_size: int = 32002) -> "ModelConfig":
-        """The Llama 2 7B shape of the benchmarks (32 layers, hidden 4096, 32 heads, no GQA)."""
-        return cls(vocab_size=vocab_size, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                   num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
-
-    @classmethod
-    def llama3_8b(cls) -> "ModelConfig":
-        """The Llama 3 8B shape (32 layers, hidden 4096, intermediate 14336, GQA 32/8, vocabulary 128256,
-        rope_theta 500000)."""
-        return cls(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                   rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001)
 
     # ---------------------------------------------------------------- counting
     def num_params(self, embeddings: bool = True) -> int:

@@ -7,8 +7,8 @@ import pytest
 import torch
 import transformers
 
-from ochat.training.model import PackedCausalLM
-from ochat.training.model_config import ModelConfig
+from ochat.model.config import ModelConfig
+from ochat.model.decoder import PackedCausalLM
 from tests.helpers.models import rope_pairs
 
 pytestmark = pytest.mark.gpu

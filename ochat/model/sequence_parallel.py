@@ -24,15 +24,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ochat.kernels.attention import varlen_attention
-from ochat.training.batching import collate_pack
-from ochat.training.model import Attention
-
-# the keys of a collated pack that hold one row per token (sliced per rank); the others describe the whole pack
-_PER_TOKEN = ("input_ids", "position_ids", "labels", "label_weights")
+from ochat.model.decoder import Attention
 
 
 @dataclass(frozen=True)
@@ -62,25 +57,15 @@ class Layout:
         return self.rank % self.size
 
 
-def collate_shard(items: list[tuple[np.ndarray, np.ndarray]], size: int, rank: int, filler_token: int,
-                  token_multiple: int = 1) -> dict:
-    """This rank's slice of a pack of (tokens, weights) items shared by `size` ranks.
+# the keys of a collated pack that hold one row per token (sliced per rank); the others describe the whole pack
+_PER_TOKEN = ("input_ids", "position_ids", "labels", "label_weights")
 
-    The pack is padded with weight-0 `filler_token`s, as a conversation of their own in cu_seqlens, to a positive
-    multiple of `size` x `token_multiple` (an empty pack becomes that many fillers, so every rank joins every
-    collective; float8 matmuls need each rank's token count divisible by 16: ochat.training.fp8), collated
-    whole (labels shifted across slice boundaries), then the per-token tensors are cut to slice `rank`;
-    `cu_seqlens` and `max_seqlen` stay the whole pack's, `target_index` indexes the slice. With size > 1 the
-    dict also holds `sequence_parallel` = size.
-    """
-    total, multiple = sum(len(t) for t, _ in items), size * token_multiple
-    pad = -total % multiple if total else multiple
-    if pad:
-        items = list(items) + [(np.full(pad, filler_token, np.int32), np.zeros(pad, np.float32))]
-    pack = collate_pack(items)
-    if size == 1:
-        return pack
-    n = (total + pad) // size
+
+def rank_slice(pack: dict, size: int, rank: int) -> dict:
+    """Slice `rank` of a collated pack (ochat.training.collate) whose token count `size` divides: the per-token
+    tensors cut to the slice; `cu_seqlens` and `max_seqlen` stay the whole pack's, `target_index` indexes the
+    slice, and `sequence_parallel` = size is added."""
+    n = len(pack["input_ids"]) // size
     shard = {k: pack[k][rank * n:(rank + 1) * n] for k in _PER_TOKEN}
     shard["target_index"] = torch.nonzero(shard["label_weights"] > 0).flatten()
     return dict(shard, cu_seqlens=pack["cu_seqlens"], max_seqlen=pack["max_seqlen"], sequence_parallel=size)
@@ -126,13 +111,12 @@ class UlyssesAttention:
         return out.squeeze(1)
 
 
-def enable(model: torch.nn.Module, size: int):
+def enable(model: torch.nn.Module, size: int) -> None:
     """Create DeepSpeed's sequence-parallel groups of `size` ranks and route every attention layer of `model`
-    through UlyssesAttention on this rank's group. Returns DeepSpeed's `mpu` for `deepspeed.initialize(mpu=...)`
-    (ZeRO then shards and reduces over the sequence-data-parallel group), or None when size is 1.
-    Collective: every rank calls it, once per process."""
+    through UlyssesAttention on this rank's group (nothing when size is 1). Collective: every rank calls it,
+    once per process."""
     if size == 1:
-        return None
+        return
     import deepspeed.comm as ds_dist
     import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
 
@@ -145,6 +129,15 @@ def enable(model: torch.nn.Module, size: int):
     assert layers, "no attention layer found"
     for layer in layers:
         layer.attention_hook = attention
+
+
+def deepspeed_mpu(size: int):
+    """DeepSpeed's `mpu` for `deepspeed.initialize(mpu=...)` once `enable` made the groups (ZeRO then shards and
+    reduces over the sequence-data-parallel group), or None without sequence parallelism."""
+    if size == 1:
+        return None
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
+
     return mpu
 
 

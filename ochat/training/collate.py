@@ -1,4 +1,4 @@
-"""Collate one pack of conversations into flat, padding-free tensors.
+"""Collate one pack of conversations into flat, padding-free tensors: the one owner of collation.
 
 Example: a pack of two conversations, tokens [a b c] and [d e] with target weights [0 1 1], [0 1]:
 
@@ -8,9 +8,17 @@ Example: a pack of two conversations, tokens [a b c] and [d e] with target weigh
     labels       = [b c 0 e 0]          (next token inside the same conversation)
     label_weights= [1 1 0 1 0]          (weight of the label as a target; last token of each conversation 0)
     target_index = [0 1 3]              (rows with weight > 0, computed here on the CPU)
+
+`collate_for_rank` is what training collates: a pack padded with weight-0 filler tokens (a conversation of
+their own) to the multiple that float8 matmuls or sequence parallelism need, then, under sequence parallelism,
+this rank's slice of it (`ochat.model.sequence_parallel.rank_slice`).
 """
+from __future__ import annotations
+
 import numpy as np
 import torch
+
+from ochat.model.sequence_parallel import Layout, rank_slice
 
 
 def collate_pack(items):
@@ -42,3 +50,19 @@ def collate_pack(items):
         "label_weights": torch.from_numpy(label_weights),
         "target_index": torch.from_numpy(target_index),
     }
+
+
+def collate_for_rank(items, filler_token: int, layout: Layout = Layout(1, 0), token_multiple: int = 1) -> dict:
+    """This rank's collated share of a pack of (tokens, weights) items shared by `layout.size` ranks.
+
+    The pack is padded with weight-0 `filler_token`s, as a conversation of their own in cu_seqlens, to a positive
+    multiple of `layout.size` x `token_multiple` (an empty pack becomes that many fillers, so every rank joins
+    every collective; float8 matmuls need each rank's token count divisible by 16: ochat.model.fp8), collated
+    whole (labels shifted across slice boundaries), then cut to this rank's slice.
+    """
+    total, multiple = sum(len(t) for t, _ in items), layout.size * token_multiple
+    pad = -total % multiple if total else multiple
+    if pad:
+        items = list(items) + [(np.full(pad, filler_token, np.int32), np.zeros(pad, np.float32))]
+    pack = collate_pack(items)
+    return pack if layout.size == 1 else rank_slice(pack, layout.size, layout.sp_rank)

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from ochat.training.batching import collate_pack
+from ochat.training.collate import collate_pack
 
 
 def _conv(tokens, weights):

@@ -3,11 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ochat.kernels.attention import varlen_attention_sdpa
-from ochat.training import model as model_mod
-from ochat.training.model import PackedCausalLM
-from ochat.training.model_config import ModelConfig
-from tests.helpers.models import VARIANTS, assert_close, make_pack, make_pair
+from ochat.model import decoder as model_mod
+from ochat.model.config import ModelConfig
+from ochat.model.decoder import PackedCausalLM
+from tests.helpers.models import VARIANTS, assert_close, leaky_attention, make_pack, make_pair
+
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_logits_and_grads_match_transformers_per_conversation(name):
@@ -51,9 +51,7 @@ def test_a_leaky_attention_fails_the_comparison(monkeypatch):
     """The equivalence test above would catch attention across boundaries."""
     cfg, ours, hf = make_pair("llama2")
     seqs, ids, pos, cu, mx = make_pack(cfg)
-    monkeypatch.setattr(model_mod, "varlen_attention",
-                        lambda q, k, v, cu_seqlens, max_seqlen, window=None, backend=None, **kw:
-                        varlen_attention_sdpa(q, k, v, cu_seqlens, window=window, leak=True, **kw))
+    monkeypatch.setattr(model_mod, "varlen_attention", leaky_attention)
     with torch.no_grad():
         logits = ours(ids, pos, cu, mx)
         ref = hf(input_ids=seqs[2][None]).logits[0]
@@ -122,7 +120,8 @@ def test_config_counts_parameters_and_flops():
         cfg, ours, _ = make_pair(name)
         n = sum(p.numel() for p in ours.parameters())  # shared tied parameter counted once
         assert cfg.num_params() == n
-    big = ModelConfig.tinyllama_1b()
+    big = ModelConfig(vocab_size=32002, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4)  # TinyLlama 1.1B
     assert abs(big.num_params() - 1.1e9) < 0.01e9
     f1, f2 = big.flops_per_token(1000), big.flops_per_token(2000)
     assert f2 - f1 == pytest.approx(6 * 22 * 2048 * 1000)

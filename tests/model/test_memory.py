@@ -8,9 +8,9 @@ import socket
 import pytest
 import torch
 
-from ochat.training.memory import offload_checkpoints, tile_mlp
-from ochat.training.model import PackedCausalLM
-from ochat.training.model_config import ModelConfig
+from ochat.model.config import ModelConfig
+from ochat.model.decoder import PackedCausalLM
+from ochat.model.memory import offload_checkpoints, tile_mlp
 
 
 def _loss_and_grads(model, ids, cu):

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ochat.training.runtime import log
+from ochat.utils.log import log
 
 MEMORY_BUDGET = 0.9  # of the GPU's memory: room for the allocator's fragmentation and packs that vary
 

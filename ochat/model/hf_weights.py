@@ -4,7 +4,7 @@
   no caller needs the whole state dict in memory; `check_names` compares them with a model's parameters.
 - `read_state_dict`: every tensor of a checkpoint folder by name (what add_tokens edits).
 - `load_weights`: fill a model built on the meta device (no second copy of the weights).
-- `load_partitioned`: ZeRO-3, a model built already partitioned and filled one parameter at a time.
+- `load_partitioned`: ZeRO-3, a model built already partitioned, filled one parameter at a time.
 - `full_state_dict`: the module's tensors on rank 0, gathered parameter by parameter under ZeRO-3 (a no-op
   gather otherwise), so a checkpoint is written the same way whatever the DeepSpeed stage.
 - `save_weights`: config.json + safetensors, sharded with Hugging Face's index above 5 GB.
@@ -19,17 +19,13 @@ import json
 import os
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-from ochat.training.model_config import ModelConfig
+from ochat.model.config import ModelConfig
+from ochat.utils.ranks import is_main
 
 TIED_NAME = "lm_head.weight"
 MAX_SHARD_BYTES = 5 * 2**30
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 class CheckpointReader:
@@ -38,16 +34,27 @@ class CheckpointReader:
     def __init__(self, path):
         self.path = os.fspath(path)
         self._where: dict[str, str] = {}
+        self._shape: dict[str, tuple[int, ...]] = {}
         self._bin: dict[str, dict] = {}
         for f in _weight_files(self.path):
-            if f.endswith(".safetensors"):
-                from safetensors import safe_open
-                with safe_open(f, framework="pt") as fh:
-                    keys = list(fh.keys())
-            else:
-                self._bin[f] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-                keys = list(self._bin[f])
-            self._where.update((k, f) for k in keys if not k.endswith("rotary_emb.inv_freq"))
+            try:
+                shapes = self._open(f)
+            except Exception as e:  # safetensors' and pickle's errors: a damaged or foreign file, one line
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise ValueError(f"{f}: cannot read its weights ({first})") from None
+            shapes = {k: v for k, v in shapes.items() if not k.endswith("rotary_emb.inv_freq")}
+            self._shape.update(shapes)
+            self._where.update((k, f) for k in shapes)
+
+    def _open(self, f: str) -> dict[str, tuple[int, ...]]:
+        """The shape of each tensor of one weights file (a .bin is memory-mapped, and refused if its pickle
+        holds anything but tensors and plain values)."""
+        if f.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(f, framework="pt") as fh:
+                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        self._bin[f] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        return {k: tuple(v.shape) for k, v in self._bin[f].items()}
 
     def names(self) -> set[str]:
         return set(self._where)
@@ -64,6 +71,13 @@ class CheckpointReader:
         missing, unexpected = sorted(set(wanted) - have), sorted(have - set(wanted))
         if missing or unexpected:
             raise ValueError(f"{self.path}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+        shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
+        wrong = [n for n in wanted if self._shape[n] != shapes[n]]
+        if wrong:
+            n = wrong[0]
+            raise ValueError(f"{self.path}: {n} has shape {list(self._shape[n])} where config.json makes it "
+                             f"{list(shapes[n])} ({len(wrong)} tensor(s) differ): config.json does not describe "
+                             f"these weights")
         return wanted
 
     def get(self, name: str) -> torch.Tensor:
@@ -79,8 +93,15 @@ def _weight_files(path) -> list[str]:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         p = os.path.join(path, index)
         if os.path.exists(p):
-            with open(p) as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                with open(p) as f:
+                    names = sorted(set(json.load(f)["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{p}: not a weights index ({type(e).__name__}: {e})") from None
+            outside = [n for n in names if not isinstance(n, str) or os.path.isabs(n)
+                       or ".." in n.replace("\\", "/").split("/")]
+            if outside:
+                raise ValueError(f"{p}: shard {outside[0]!r} is not a file name inside the folder: refused")
             return [os.path.join(path, n) for n in names]
     for pattern in ("model.safetensors", "*.safetensors", "pytorch_model.bin", "*.bin"):
         files = sorted(f for f in glob.glob(os.path.join(path, pattern)) if not f.endswith("training_args.bin"))
@@ -110,24 +131,17 @@ def load_weights(model: nn.Module, path, dtype: torch.dtype, device) -> nn.Modul
     return model
 
 
-def load_partitioned(path, ds_config: dict, attn_impl: str = "auto") -> nn.Module:
-    """ZeRO-3: a PackedCausalLM built already partitioned over the ranks (`deepspeed.zero.Init`) and filled
-    one parameter at a time (rank 0 reads it from the checkpoint, DeepSpeed keeps each rank's shard), so no
-    rank ever holds the whole model: what lets a 70B model start on GPUs that cannot hold it whole.
-    Collective: every rank calls it."""
+def load_partitioned(model: nn.Module, path) -> nn.Module:
+    """ZeRO-3: fill `model`, built already partitioned over the ranks (under `deepspeed.zero.Init`), one parameter
+    at a time: rank 0 reads it from the checkpoint and DeepSpeed keeps each rank's shard, so no rank ever holds the
+    whole model (what lets a 70B model start on GPUs that cannot hold it whole). Collective: every rank calls it."""
     import deepspeed
 
-    from ochat.training.model import PackedCausalLM
-
-    config = ModelConfig.from_hf_config(path)
     reader = CheckpointReader(path)
-    # dtype from ds_config (bf16 or float32)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = PackedCausalLM(config, attn_impl=attn_impl)
     params = dict(model.named_parameters())
-    for name in reader.check_names(model, config):  # the same order on every rank: each gather is collective
+    for name in reader.check_names(model, model.config):  # the same order on every rank: each gather is collective
         with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
-            if _rank() == 0:
+            if is_main():
                 params[name].data.copy_(reader.get(name))
     return model
 
@@ -138,7 +152,7 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor] | None:
     the GPU. Collective: every rank calls it."""
     import deepspeed
 
-    out = {} if _rank() == 0 else None
+    out = {} if is_main() else None
     for name, p in module.named_parameters():  # a tied lm_head is listed once, as the embedding
         with deepspeed.zero.GatheredParameters([p]):  # no-op for parameters that are not partitioned
             if out is not None:

@@ -3,7 +3,7 @@
 bench/RESULTS.md)."""
 import pytest
 
-from ochat.training.recompute import MEMORY_BUDGET, recompute_fraction
+from ochat.model.recompute import MEMORY_BUDGET, recompute_fraction
 
 GiB = 2**30
 

@@ -10,11 +10,10 @@ import torch
 import transformers
 
 from ochat.assets import LLAMA2_TOKENIZER
+from ochat.model.config import ModelConfig
+from ochat.model.decoder import PackedCausalLM
 from ochat.training.add_tokens import main as add_tokens_main
-from ochat.training.model import PackedCausalLM
-from ochat.training.model_config import ModelConfig
 from tests.helpers.models import HF_CLASSES, VARIANTS, make_pack
-
 
 
 def hf_model(name, seed=0):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from ochat.training.batching import collate_pack
-from ochat.training.fp8 import enable_fp8
-from ochat.training.model import PackedCausalLM
-from ochat.training.model_config import ModelConfig
+from ochat.model.config import ModelConfig
+from ochat.model.decoder import PackedCausalLM
+from ochat.model.fp8 import enable_fp8
+from ochat.training.collate import collate_pack
 
 pytest.importorskip("torchao")
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ochat.training import hf_weights
+from ochat.model import hf_weights
+from ochat.model.config import ModelConfig
+from ochat.model.decoder import PackedCausalLM
 from ochat.training.engine import weight_decay_groups
-from ochat.training.runtime import init_distributed
-from ochat.training.model import PackedCausalLM
-from ochat.training.model_config import ModelConfig
+from tests.helpers.hostile import CodeRunningPickle
 from tests.helpers.train import REPO
 
 
@@ -56,14 +56,60 @@ def test_checkpoint_with_other_names_is_refused(tmp_path):
         PackedCausalLM.from_pretrained(tmp_path)
 
 
+
+def test_config_json_that_does_not_describe_the_weights_is_refused(tmp_path):
+    model = random_model(False)
+    hf_weights.save_weights(tmp_path, hf_weights.full_state_dict(model), model.config)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(hf, intermediate_size=48)))
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.weight has shape \[96, 64\] where config.json "
+                                         r"makes it \[48, 64\] \(6 tensor\(s\) differ\)"):
+        PackedCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_truncated_safetensors_file_is_one_line(tmp_path):
+    model = random_model(False)
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"model.safetensors: cannot read its weights \("):
+        PackedCausalLM.from_pretrained(tmp_path)
+
+
+
+def test_a_pickle_that_runs_code_in_pytorch_model_bin_is_refused(tmp_path):
+    model = random_model(False)
+    model.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    os.remove(tmp_path / "model.safetensors")
+    marker = tmp_path / "ran"
+    torch.save(dict(sd, evil=CodeRunningPickle(str(marker))), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model.bin: cannot read its weights \(.*"):
+        PackedCausalLM.from_pretrained(tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/outside.safetensors", "sub/../../x.safetensors"])
+def test_index_shard_names_that_leave_the_folder_are_refused(tmp_path, shard):
+    model = random_model(False)
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder, max_shard_bytes=60_000)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"shard {shard!r} is not a file name inside the folder: refused"):
+        PackedCausalLM.from_pretrained(folder)
+
+
 WORKER = r'''
 import json, os, sys
 import deepspeed, torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from ochat.config.train_config import load_deepspeed_config
-from ochat.training import hf_weights
-from ochat.training.batching import collate_pack
+from ochat.config.deepspeed import load_deepspeed_config
+from ochat.model import PackedCausalLM, hf_weights
+from ochat.training.collate import collate_pack
 from ochat.training.engine import weight_decay_groups
 from ochat.training.runtime import init_distributed
 from ochat.training.step import train_step
@@ -72,7 +118,7 @@ path, out = sys.argv[1], sys.argv[2]
 init_distributed(cuda=False)
 ds = load_deepspeed_config("zero3", grad_accum=1, grad_clip=1.0, bf16=False)
 ds["zero_allow_untested_optimizer"] = True
-model = hf_weights.load_partitioned(path, ds)
+model = PackedCausalLM.from_pretrained_partitioned(path, ds)
 params = list(model.named_parameters())
 res = {"local": sum(p.ds_tensor.numel() for _, p in params), "total": sum(p.ds_numel for _, p in params),
        "n": len(params), "tied": model.lm_head.weight is model.model.embed_tokens.weight,

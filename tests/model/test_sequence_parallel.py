@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ochat.training.batching import collate_pack
-from ochat.training.sequence_parallel import Layout, collate_shard, kv_repeats
+from ochat.model.sequence_parallel import Layout, kv_repeats
+from ochat.training.collate import collate_for_rank, collate_pack
 from tests.helpers.train import REPO
 
 
@@ -23,7 +23,7 @@ def _items(lengths, seed=0):
 @pytest.mark.parametrize("size", [2, 3, 4])
 def test_slices_put_together_are_the_padded_pack(size):
     items = _items([5, 9, 1, 6])  # 21 tokens: padded to a multiple of size with weight-0 fillers
-    shards = [collate_shard(items, size, r, filler_token=7) for r in range(size)]
+    shards = [collate_for_rank(items, 7, Layout(size, r, size)) for r in range(size)]
     pad = -21 % size
     whole = collate_pack(items + ([(np.full(pad, 7, np.int32), np.zeros(pad, np.float32))] if pad else []))
     for key in ("input_ids", "position_ids", "labels", "label_weights"):
@@ -41,7 +41,7 @@ def test_slices_put_together_are_the_padded_pack(size):
 
 def test_labels_are_shifted_across_a_slice_boundary():
     tokens = np.arange(100, 110, dtype=np.int32)
-    first, second = (collate_shard([(tokens, np.ones(10, np.float32))], 2, r, filler_token=0) for r in range(2))
+    first, second = (collate_for_rank([(tokens, np.ones(10, np.float32))], 0, Layout(2, r, 2)) for r in range(2))
     assert first["labels"][-1].item() == 105 and first["label_weights"][-1].item() == 1.0  # token 4 predicts 5
     assert second["position_ids"].tolist() == [5, 6, 7, 8, 9]  # positions continue on the next rank
     assert second["label_weights"][-1].item() == 0.0
@@ -49,14 +49,14 @@ def test_labels_are_shifted_across_a_slice_boundary():
 
 def test_an_empty_slot_gives_every_rank_a_filler_token():
     for size in (1, 2, 4):
-        shards = [collate_shard([], size, r, filler_token=9) for r in range(size)]
+        shards = [collate_for_rank([], 9, Layout(size, r, size)) for r in range(size)]
         assert all(s["input_ids"].tolist() == [9] and s["label_weights"].sum() == 0 for s in shards)
         assert shards[0]["cu_seqlens"].tolist() == [0, size]
 
 
 def test_one_rank_is_the_plain_collate():
     items = _items([4, 7])
-    got, want = collate_shard(items, 1, 0, filler_token=0), collate_pack(items)
+    got, want = collate_for_rank(items, 0), collate_pack(items)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want if k != "max_seqlen")
 
 
@@ -85,12 +85,15 @@ import copy, json, os, sys
 import numpy as np, torch
 import torch.distributed as dist
 from ochat.kernels.attention import varlen_attention_sdpa
-from ochat.training import preflight, sequence_parallel
-from ochat.training.memory import tile_mlp
-from ochat.training.model import PackedCausalLM
-from ochat.training.model_config import ModelConfig
+from tests.helpers.models import leaky_attention
+from ochat.model import sequence_parallel
+from ochat.training import preflight
+from ochat.model.memory import tile_mlp
+from ochat.model.decoder import PackedCausalLM
+from ochat.model.config import ModelConfig
 from ochat.training.runtime import TrainError, init_distributed
-from ochat.training.sequence_parallel import UlyssesAttention, collate_shard
+from ochat.model.sequence_parallel import Layout, UlyssesAttention
+from ochat.training.collate import collate_for_rank
 
 out = sys.argv[1]
 init_distributed(cuda=False)
@@ -129,7 +132,7 @@ sequence_parallel.enable(model, size)
 tile_mlp(model, 3)
 g = np.random.default_rng(1)
 items = [(g.integers(0, 128, m).astype(np.int32), g.random(m).astype(np.float32)) for m in (11, 20, 7)]  # 38 -> 38
-whole, shard = collate_shard(items, 1, 0, 0), collate_shard(items, size, rank, 0)
+whole, shard = collate_for_rank(items, 0), collate_for_rank(items, 0, Layout(size, rank, size))
 
 
 def loss(m, b):
@@ -150,8 +153,7 @@ res["grad"] = max(rel(p.grad, q.grad) for p, q in zip(model.parameters(), ref_mo
 
 # the self-check runs sliced, and refuses a leak across conversations
 preflight.self_check(model, 128, torch.device("cpu"), bf16=False, sequence_parallel_size=size)
-sequence_parallel.varlen_attention = lambda q, k, v, cu, m, window=None, backend=None, **variant: (
-    varlen_attention_sdpa(q, k, v, cu, window=window, leak=True, **variant))
+sequence_parallel.varlen_attention = leaky_attention
 try:
     preflight.self_check(model, 128, torch.device("cpu"), bf16=False, sequence_parallel_size=size)
     res["leak refused"] = False
@@ -160,7 +162,7 @@ except TrainError as e:
 with open(f"{out}.{rank}", "w") as fh:
     json.dump(res, fh)
 dist.barrier()
-os._exit(0)  # see tests/training/test_hf_weights.py: gloo's thread may outlive interpreter teardown
+os._exit(0)  # see tests/model/test_hf_weights.py: gloo's thread may outlive interpreter teardown
 '''
 
 

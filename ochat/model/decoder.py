@@ -1,0 +1,366 @@
+"""PackedCausalLM: a padding-free decoder (Llama 2/3, Mistral, Qwen2/3, Gemma 2/3, Phi-3/4, OLMo 2) on packed tokens.
+
+Architecture (parameter names identical to Hugging Face, so state dicts map 1:1; what differs between the
+families is `ModelConfig.arch`, see model_config.py):
+- embed_tokens (Gemma: x sqrt(hidden_size)) -> N x DecoderLayer -> RMSNorm -> lm_head (tied to embed_tokens or
+  not; Gemma 2: final logits soft-capped, c * tanh(logits / c)).
+- DecoderLayer: `x + out_norm(attention(in_norm(x)))`, then the same with the MLP; each family has its own
+  norms: Llama-style pre-norms only, Gemma's pre- and post-norms, OLMo 2's post-norms only. RMSNorm scales by
+  `w` (Gemma: `1 + w`), in the family's cast order.
+- Attention: GQA; q/k/v projections (Phi-3: one fused qkv_proj) with optional biases; optional q/k RMSNorm
+  per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2); RoPE from position_ids (per layer: Gemma 3's
+  sliding layers have their own base; Phi-3's LongRoPE takes its short or long factors per conversation, from
+  that conversation's length, as transformers does for each sequence alone; partial rotary for Phi-4-mini);
+  varlen causal attention over cu_seqlens with the layer's sliding window, the softmax scale (Gemma's
+  query_pre_attn_scalar) and attention-logit soft-capping (Gemma 2).
+- MLP: `down(act(gate) * up)`, SwiGLU or Gemma's GeGLU (tanh GELU); Phi-3: one fused gate_up_proj.
+- Inputs are flat: input_ids [T], position_ids [T] (restart at 0 per conversation), cu_seqlens int32
+  [B+1], max_seqlen. No padding and no attention across conversation boundaries.
+- With labels/label_weights (already shifted) the forward returns LossSums from the fused, chunked
+  linear cross-entropy: the full [T, V] logits are never held. The loss runs inside `lm_head.forward`
+  so DeepSpeed ZeRO-3 gathers the lm_head weight (the tied weight too: it is a parameter of lm_head).
+- Gradient checkpointing per decoder layer, non-reentrant (`torch.utils.checkpoint`, use_reentrant=False),
+  of all layers or of an evenly spread fraction of them. Optionally each decoder layer is compiled
+  (`compile_layers`, torch.compile).
+- Dropout is not applied (the supported checkpoints train with 0); every embedding row that occurs gets a
+  gradient (transformers' `padding_idx` freezes the pad token's row).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ochat.kernels.attention import resolve_backend, varlen_attention
+from ochat.kernels.linear_cross_entropy import soft_cap, weighted_linear_cross_entropy
+from ochat.kernels.rms_norm import rms_norm
+from ochat.kernels.rope import apply_rotary
+from ochat.kernels.swiglu import glu
+from ochat.model import hf_weights
+from ochat.model.config import ModelConfig, Rotary
+
+
+def rope_inv_freq(rotary: Rotary, device=None, long: bool = False) -> torch.Tensor:
+    """Inverse RoPE frequencies [dim/2] in float32, with linear, Llama 3 ("llama3") or LongRoPE scaling applied
+    (LongRoPE: the short factors, or the long ones with `long=True`)."""
+    d = rotary.dim
+    base = rotary.theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
+    rs = rotary.scaling_dict
+    if rs is not None and rs["rope_type"] == "longrope":
+        factors = torch.tensor(rs["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
+        return 1.0 / (factors * base)
+    inv = 1.0 / base
+    if rs is None:
+        return inv
+    if rs["rope_type"] == "linear":
+        return inv / rs["factor"]
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old = rs["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old / lo, old / hi
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _recompute_in_backward(layer, *inputs):
+    """torch's non-reentrant activation checkpoint of one decoder layer."""
+    return checkpoint(layer, *inputs, use_reentrant=False)
+
+
+@torch.compiler.disable
+def _attend(attention, *args, **kwargs):
+    """Runs `attention` as it is, also inside a compiled decoder layer: its FlashAttention kernels (and the
+    sequence-parallel all-to-all) are opaque to torch.compile, so the compiled graph stops before it and resumes
+    after it."""
+    return attention(*args, **kwargs)
+
+
+def rope_attention_factor(rotary: Rotary) -> float:
+    """What cos and sin are multiplied by: LongRoPE's sqrt(1 + ln(factor) / ln(original context)), else 1."""
+    rs = rotary.scaling_dict
+    if rs is None or rs["rope_type"] != "longrope":
+        return 1.0
+    if rs.get("attention_factor") is not None:
+        return rs["attention_factor"]
+    old = rs["original_max_position_embeddings"]
+    factor = rs.get("factor")
+    if factor is None:
+        factor = rotary.max_position_embeddings / old
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in the architecture's style (`ModelConfig.arch`: weight offset and cast order)."""
+
+    def __init__(self, size: int, c: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = c.rms_norm_eps
+        self.offset = c.arch.norm_offset
+        self.scale_in_float32 = c.arch.norm_scale_in_float32
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps, self.offset, self.scale_in_float32)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int):
+        super().__init__()
+        arch = c.arch
+        self.hq, self.hkv, self.d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        qkv_bias = arch.qkv_bias or c.attention_bias
+        self.fused = arch.fused_projections
+        if self.fused:
+            self.qkv_proj = nn.Linear(c.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=qkv_bias)
+        else:
+            self.q_proj = nn.Linear(c.hidden_size, self.hq * self.d, bias=qkv_bias)
+            self.k_proj = nn.Linear(c.hidden_size, self.hkv * self.d, bias=qkv_bias)
+            self.v_proj = nn.Linear(c.hidden_size, self.hkv * self.d, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.hq * self.d, c.hidden_size, bias=c.attention_bias)
+        self.qk_norm = arch.qk_norm
+        if arch.qk_norm is not None:
+            per_head = arch.qk_norm == "head"
+            self.q_norm = RMSNorm(self.d if per_head else self.hq * self.d, c)
+            self.k_norm = RMSNorm(self.d if per_head else self.hkv * self.d, c)
+        self.window = c.layer_window(layer)
+        # the variants this model has (softmax scale, soft-capping) and nothing else: a Llama's call stays the plain one
+        self.variant = {k: v for k, v in (("scale", c.attention_scale), ("softcap", c.attn_logit_softcapping))
+                        if v is not None}
+        self.attention_hook = None  # replaces varlen_attention when set (sequence parallelism routes it over ranks)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend):
+        t = x.shape[0]
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split((self.hq * self.d, self.hkv * self.d, self.hkv * self.d), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(t, self.hq, self.d)  # [T, Hq, D]
+        k = k.view(t, self.hkv, self.d)  # [T, Hkv, D]
+        v = v.view(t, self.hkv, self.d)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, k, cos, sin)
+        o = _attend(self.attention_hook or varlen_attention, q, k, v, cu_seqlens, max_seqlen, window=self.window,
+                    backend=backend, **self.variant)
+        return self.o_proj(o.reshape(t, self.hq * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.fused = c.arch.fused_projections
+        if self.fused:
+            self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+            self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.act = c.hidden_act
+
+    def forward(self, x):
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(glu(gate, up, self.act))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(c, layer)
+        self.mlp = MLP(c)
+        self.norm_of_role = dict(c.arch.norms)  # attn_in / attn_out / mlp_in / mlp_out -> Hugging Face module name
+        for name in self.norm_of_role.values():
+            setattr(self, name, RMSNorm(c.hidden_size, c))
+
+    def _norm(self, role, x):
+        name = self.norm_of_role.get(role)
+        return x if name is None else getattr(self, name)(x)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend):
+        x = x + self._norm("attn_out", self.self_attn(self._norm("attn_in", x), cos, sin, cu_seqlens, max_seqlen,
+                                                      backend))
+        return x + self._norm("mlp_out", self.mlp(self._norm("mlp_in", x)))
+
+
+class Backbone(nn.Module):
+    """HF's `model.` prefix: embeddings, layers, final norm."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c)
+
+
+class LMHead(nn.Module):
+    """The output projection; computes logits (soft-capped for Gemma 2) or (inside its own forward, for ZeRO-3)
+    the loss sums."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(c.vocab_size, c.hidden_size))
+        self.softcap = c.final_logit_softcapping
+
+    def forward(self, hidden, labels=None, label_weights=None):
+        if labels is None:
+            return soft_cap(hidden @ self.weight.t(), self.softcap)
+        return weighted_linear_cross_entropy(hidden, self.weight, labels, label_weights, softcap=self.softcap)
+
+
+class PackedCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, attn_impl: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.attn_impl = attn_impl
+        self.model = Backbone(config)
+        self.lm_head = LMHead(config)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.checkpointed_layers: frozenset[int] = frozenset()  # decoder layers recomputed in the backward
+        self.checkpoint_fn = _recompute_in_backward  # (layer, *inputs) -> outputs; offload swaps in DeepSpeed's
+        self._layer_rotary = [config.layer_rotary(i) for i in range(config.num_hidden_layers)]
+        self._inv_freq: dict[tuple[torch.device, Rotary], tuple] = {}
+        self._attn_backend: dict[torch.device, str] = {}  # attn_impl resolved once per device
+        if self.lm_head.weight.device.type != "meta":
+            self.reset_parameters()
+
+    # ---------------------------------------------------------------- init
+    def reset_parameters(self, std: float = 0.02):
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.constant_(m.weight, 1.0 - m.offset)  # the identity scale
+        if not self.config.tie_word_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+
+    def gradient_checkpointing_enable(self, fraction: float = 1.0):
+        """Recompute the activations of `fraction` of the decoder layers (evenly spread) in the backward.
+
+        1.0 checkpoints every layer (least memory, about a third more compute); a fraction between
+        trades the memory left on the GPU for speed (0.5: every other layer).
+        """
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"gradient checkpointing fraction must be in [0, 1], got {fraction}")
+        n = len(self.model.layers)
+        k = round(fraction * n)
+        self.checkpointed_layers = frozenset(i * n // k for i in range(k))
+
+    def gradient_checkpointing_disable(self):
+        self.checkpointed_layers = frozenset()
+
+    def compile_layers(self) -> None:
+        """Compile each decoder layer's forward (and, through it, backward) with torch.compile.
+
+        The token count is dynamic, so packs of any size reuse one compiled graph, and the layers share it. Inside,
+        the norms, RoPE and the GLU are their PyTorch definitions, which the compiler fuses with the residual adds
+        and with float8 casts (`--fp8`); attention runs its own kernel between two compiled pieces. Recompute
+        (gradient checkpointing) reruns the compiled forward."""
+        for layer in self.model.layers:
+            layer.forward = torch.compile(layer.forward, dynamic=True)
+
+    # ---------------------------------------------------------------- forward
+    def _rope(self, rotary: Rotary, position_ids, cu_seqlens, dtype):
+        """cos, sin [T, rotary dim] of one rotary embedding for the packed tokens."""
+        dev = position_ids.device
+        if (dev, rotary) not in self._inv_freq:
+            long = rotary.scaling_dict is not None and rotary.scaling_dict["rope_type"] == "longrope"
+            self._inv_freq[dev, rotary] = (rope_inv_freq(rotary, dev), rope_inv_freq(rotary, dev, long=True) if long
+                                           else None, rope_attention_factor(rotary))
+        inv, inv_long, factor = self._inv_freq[dev, rotary]
+        if inv_long is not None:  # LongRoPE: a conversation longer than the original context takes the long factors
+            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+            conversation = torch.searchsorted(cu_seqlens[1:], torch.arange(len(position_ids), device=dev,
+                                                                           dtype=cu_seqlens.dtype), right=True)
+            is_long = lengths[conversation] > rotary.scaling_dict["original_max_position_embeddings"]
+            inv = torch.where(is_long[:, None], inv_long[None, :], inv[None, :])
+        freqs = position_ids.float()[:, None] * inv  # [T, D/2], float32
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if factor != 1.0:
+            cos, sin = cos * factor, sin * factor
+        return cos.to(dtype), sin.to(dtype)
+
+    def _backend(self, device) -> str:
+        """attn_impl resolved once per device, for this model's attention variant."""
+        if device not in self._attn_backend:
+            c = self.config
+            self._attn_backend[device] = resolve_backend(
+                self.attn_impl, device, softcap=c.attn_logit_softcapping is not None,
+                window=c.sliding_window is not None, scale=c.attention_scale is not None)
+        return self._attn_backend[device]
+
+    def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen):
+        """Final-normed hidden states [T, H]."""
+        x = self.model.embed_tokens(input_ids)
+        if self.config.arch.embed_scale:  # sqrt(hidden) as a float32 tensor cast to the embedding dtype, as Gemma does
+            x = x * torch.tensor(self.config.hidden_size ** 0.5).to(x.dtype)
+        backend = self._backend(x.device)
+        cu_seqlens = cu_seqlens.to(torch.int32)
+        max_seqlen = int(max_seqlen)
+        ropes = {r: self._rope(r, position_ids, cu_seqlens, x.dtype) for r in dict.fromkeys(self._layer_rotary)}
+        recompute = self.training and torch.is_grad_enabled()
+        for i, layer in enumerate(self.model.layers):
+            cos, sin = ropes[self._layer_rotary[i]]
+            if recompute and i in self.checkpointed_layers:
+                x = self.checkpoint_fn(layer, x, cos, sin, cu_seqlens, max_seqlen, backend)
+            else:
+                x = layer(x, cos, sin, cu_seqlens, max_seqlen, backend)
+        return self.model.norm(x)
+
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen, labels=None, label_weights=None,
+                target_index=None):
+        """Logits [T, V], or LossSums when labels and label_weights (shifted: row t predicts labels[t]) are given.
+
+        target_index (optional, int64 [N], from the collate): only those rows go through lm_head/loss.
+        """
+        h = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen)
+        if labels is None:
+            return self.lm_head(h)
+        if label_weights is None:
+            label_weights = (labels >= 0).float()
+        if target_index is not None:
+            h, labels, label_weights = h[target_index], labels[target_index], label_weights[target_index]
+        return self.lm_head(h, labels, label_weights)
+
+    # ---------------------------------------------------------------- loading and saving
+    @classmethod
+    def from_config(cls, config: ModelConfig, dtype=torch.float32, device="cpu", attn_impl="auto"):
+        with torch.device(device):
+            model = cls(config, attn_impl=attn_impl)
+        return model.to(dtype)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", attn_impl="auto") -> "PackedCausalLM":
+        """Load a HF checkpoint folder (safetensors or .bin, single or sharded) without a second copy:
+        the module is built on the meta device and each tensor, read from the file, is assigned in place."""
+        config = ModelConfig.from_hf_config(path)
+        with torch.device("meta"):
+            model = cls(config, attn_impl=attn_impl)
+        return hf_weights.load_weights(model, path, dtype, device)
+
+    @classmethod
+    def from_pretrained_partitioned(cls, path, ds_config: dict, attn_impl="auto") -> "PackedCausalLM":
+        """ZeRO-3: a HF checkpoint folder loaded already partitioned over the ranks (`deepspeed.zero.Init` with
+        `ds_config`, whose bf16 setting decides the dtype), so no rank holds the whole model. Collective."""
+        import deepspeed
+
+        config = ModelConfig.from_hf_config(path)
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = cls(config, attn_impl=attn_impl)
+        return hf_weights.load_partitioned(model, path)
+
+    def save_pretrained(self, path, max_shard_bytes: int = hf_weights.MAX_SHARD_BYTES):
+        """Write config.json + safetensors that transformers loads (sharded with an index above max_shard_bytes)."""
+        hf_weights.save_weights(path, hf_weights.full_state_dict(self), self.config, max_shard_bytes=max_shard_bytes)

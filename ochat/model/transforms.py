@@ -1,0 +1,94 @@
+"""Every change training makes to a built model, in one place, in one order, with the combinations refused.
+
+`PackedCausalLM.from_pretrained` gives the checkpoint's plain decoder. `apply_transforms(model, transforms)`
+then changes it, always in this order:
+
+1. fp8            the decoder layers' linear layers become torchao Float8Linear (fp8.py); each one's forward is
+                  compiled unless step 5 compiles the whole layer.
+2. recompute      which decoder layers are recomputed in the backward: a fraction of them, evenly spread
+                  (`auto` starts with all of them and is settled after two steps by recompute.AutoRecompute).
+3. tiled MLP      each decoder layer's MLP runs over N slices of the tokens (memory.py, DeepSpeed's TiledMLP).
+4. offload        the inputs of checkpointed layers wait in CPU memory (memory.py, DeepSpeed's checkpointing).
+5. compile        each decoder layer compiled by torch.compile (after fp8: the float8 casts compile with it).
+6. sequence parallelism   every attention routed over the ranks of a sequence-parallel group
+                  (sequence_parallel.py); attention stays outside compiled graphs, so it composes with 1-4.
+
+Later transforms (LoRA adapters, expert layers) join this list. `refusals` holds every rule about which
+combinations are refused; the trainer asks it at parse time, with the DeepSpeed config, and before training.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from ochat.model.config import ModelConfig
+from ochat.utils.log import log
+
+
+@dataclass(frozen=True)
+class ModelTransforms:
+    """What to change in a built model (the trainer's flags of the same names)."""
+
+    fp8: str | None = None  # tensorwise | rowwise
+    recompute: float | str = 0.0  # share of decoder layers checkpointed, or "auto"
+    tiled_mlp: int = 1  # slices per MLP; 1: off
+    offload_activations: bool = False
+    compile: bool = False
+    sequence_parallel: int = 1  # ranks per group sharing a pack; 1: off
+
+
+def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatter: bool = True,
+             cuda: bool | None = None, model: ModelConfig | None = None, world_size: int | None = None) -> list[str]:
+    """Why this combination cannot train, one line each (empty: it can). Each rule runs once its facts are given:
+    the flags alone at parse time; the DeepSpeed config's ZeRO stage and reduce_scatter once it is read; the
+    device, the model's shape and the number of ranks before the model is loaded."""
+    from ochat.model import sequence_parallel
+
+    out = []
+    if t.offload_activations and not t.recompute:
+        out.append("--offload-activations moves the inputs of checkpointed layers to CPU memory: add "
+                   "--gradient-checkpointing")
+    if t.compile and (t.sequence_parallel > 1 or t.tiled_mlp > 1 or t.offload_activations):
+        out.append("--compile compiles whole decoder layers, which --sequence-parallel, --tiled-mlp and "
+                   "--offload-activations change: drop --compile or those flags")
+    if t.compile and zero_stage == 3:
+        out.append("--compile needs ZeRO stage 2 or lower (ZeRO-3 gathers each layer's weights in hooks that a "
+                   "compiled layer cannot run)")
+    if t.sequence_parallel > 1 and not reduce_scatter:  # the gradient averaging ochat.training.loss relies on
+        out.append("--sequence-parallel needs ZeRO's reduce_scatter (remove \"reduce_scatter\": false)")
+    if t.offload_activations and cuda is False:
+        out.append("--offload-activations moves activations from GPU to CPU memory: it needs a GPU")
+    try:
+        if world_size is not None:
+            sequence_parallel.Layout(world_size, 0, t.sequence_parallel)
+        if model is not None and t.sequence_parallel > 1:
+            sequence_parallel.kv_repeats(model.num_attention_heads, model.num_key_value_heads, t.sequence_parallel)
+    except ValueError as e:
+        out.append(str(e))
+    return out
+
+
+def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | None = None,
+                     emulate_fp8: bool = False) -> None:
+    """Change `model` (a PackedCausalLM) in place as `t` asks, in the module's order. `ds_config`: DeepSpeed's
+    config, whose activation_checkpointing section configures offload; `emulate_fp8`: float8 casts with
+    higher-precision matmuls (CPUs). Sequence parallelism creates DeepSpeed's groups: collective, once per
+    process, after torch.distributed started."""
+    from ochat.model import memory, sequence_parallel
+    from ochat.model.fp8 import enable_fp8
+
+    if t.fp8:
+        converted = enable_fp8(model, t.fp8, compile=not t.compile, emulate=emulate_fp8)
+        log(f"fp8 ({t.fp8} scaling): {converted} linear layers of the decoder layers train in float8")
+    if t.recompute == "auto":
+        model.gradient_checkpointing_enable(1.0)  # what fits if anything does, until AutoRecompute decides
+    elif t.recompute:
+        model.gradient_checkpointing_enable(t.recompute)
+    memory.tile_mlp(model, t.tiled_mlp)
+    if t.offload_activations:
+        memory.offload_checkpoints(model, ds_config or {})
+    if t.compile:
+        model.compile_layers()
+        log("compile: each decoder layer runs compiled (torch.compile); the first steps include compiling")
+    sequence_parallel.enable(model, t.sequence_parallel)

@@ -1,0 +1,78 @@
+"""The model transforms: applied in their fixed order as the flags ask, and the refused combinations in one place."""
+import pytest
+import torch
+
+from ochat.model import ModelConfig, ModelTransforms, PackedCausalLM, apply_transforms
+from ochat.model.transforms import refusals
+
+
+def tiny():
+    return PackedCausalLM(ModelConfig.debug(num_hidden_layers=4, vocab_size=256, hidden_size=64, intermediate_size=128),
+                          attn_impl="sdpa")
+
+
+def _compiled(fn) -> bool:
+    return getattr(fn, "_torchdynamo_orig_callable", None) is not None
+
+
+def test_nothing_asked_changes_nothing():
+    model = tiny()
+    apply_transforms(model, ModelTransforms())
+    assert model.checkpointed_layers == frozenset()
+    assert not any(_compiled(layer.forward) for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("recompute, layers", [(1.0, {0, 1, 2, 3}), (0.5, {0, 2}), ("auto", {0, 1, 2, 3})])
+def test_recompute_checkpoints_an_evenly_spread_share(recompute, layers):
+    model = tiny()
+    apply_transforms(model, ModelTransforms(recompute=recompute))  # auto: every layer until AutoRecompute decides
+    assert model.checkpointed_layers == frozenset(layers)
+
+
+def test_fp8_then_compile_compiles_the_layer_not_each_linear():
+    pytest.importorskip("torchao")
+    from torchao.float8.float8_linear import Float8Linear
+
+    model = tiny()
+    apply_transforms(model, ModelTransforms(fp8="tensorwise", compile=True), emulate_fp8=True)
+    linears = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    assert len(linears) == 4 * 7  # q, k, v, o, gate, up, down of each decoder layer; lm_head stays
+    assert all(_compiled(layer.forward) for layer in model.model.layers)
+    assert not any(_compiled(m.forward) for m in linears)
+    alone = tiny()
+    apply_transforms(alone, ModelTransforms(fp8="tensorwise"), emulate_fp8=True)
+    assert all(_compiled(m.forward) for m in alone.modules() if isinstance(m, Float8Linear))
+
+
+def test_tiled_mlp_keeps_the_result():
+    pytest.importorskip("deepspeed")
+    model = tiny()
+    ids = torch.randint(0, 256, (37,))
+    pos, cu = torch.arange(37), torch.tensor([0, 37], dtype=torch.int32)
+    with torch.no_grad():
+        plain = model(ids, pos, cu, 37)
+        apply_transforms(model, ModelTransforms(tiled_mlp=4))
+        torch.testing.assert_close(model(ids, pos, cu, 37), plain)
+
+
+@pytest.mark.parametrize("t, facts, message", [
+    (ModelTransforms(offload_activations=True), {}, "add --gradient-checkpointing"),
+    (ModelTransforms(compile=True, tiled_mlp=2), {}, "--compile compiles whole decoder layers"),
+    (ModelTransforms(compile=True), {"zero_stage": 3}, "--compile needs ZeRO stage 2 or lower"),
+    (ModelTransforms(sequence_parallel=2), {"reduce_scatter": False}, "needs ZeRO's reduce_scatter"),
+    (ModelTransforms(offload_activations=True, recompute=1.0), {"cuda": False}, "it needs a GPU"),
+    (ModelTransforms(sequence_parallel=3), {"world_size": 4}, "must divide the number of ranks (4)"),
+    (ModelTransforms(sequence_parallel=4), {"model": ModelConfig.debug(hidden_size=96, num_attention_heads=6,
+                                                                       num_key_value_heads=3)},
+     "must divide the model's 6 attention heads"),
+])
+def test_each_refused_combination_says_why(t, facts, message):
+    problems = refusals(t, **facts)
+    assert len(problems) == 1 and message in problems[0]
+    assert refusals(t) == ([] if facts else problems)  # a rule waits for its facts
+
+
+def test_combinations_that_work_are_not_refused():
+    assert refusals(ModelTransforms(fp8="rowwise", compile=True, recompute="auto"), zero_stage=2, cuda=True) == []
+    assert refusals(ModelTransforms(sequence_parallel=2, tiled_mlp=4, offload_activations=True, recompute=1.0),
+                    zero_stage=3, cuda=True, world_size=4, model=ModelConfig.debug()) == []
