@@ -14,11 +14,21 @@ so attention and the loss are unchanged).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 
 RECIPES = ("tensorwise", "rowwise")
 FP8_TOKEN_MULTIPLE = 16
+
+
+class _UnusedKernelLibraries(logging.Filter):
+    """torchao warns at import about optional kernel libraries built for other GPUs or Pythons (`Failed to load
+    .../_C_mxfp8...so`); float8 training through Float8Linear uses none of them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to load")
 
 
 def _in_decoder_layers(module: nn.Module, fqn: str) -> bool:
@@ -32,6 +42,7 @@ def enable_fp8(model: nn.Module, recipe: str, *, compile: bool = True, emulate: 
     `emulate` runs the float8 casts with higher-precision matmuls (CPUs, tests)."""
     import dataclasses
 
+    logging.getLogger("torchao").addFilter(_UnusedKernelLibraries())
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     from torchao.float8.float8_linear import Float8Linear
 

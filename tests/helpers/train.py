@@ -8,6 +8,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# A guard against hangs, not a speed check: a loaded 2-core machine runs a tiny training several times slower.
+RUN_TIMEOUT = 1200
 COMMON = ["--epochs", "2", "--batch-max-len", "2048", "--lr", "3e-3", "--lr-warmup-steps", "2", "--log-every", "1",
           "--save-every", "1"]
 
@@ -30,13 +32,13 @@ def trainer_command(ranks: int, model: str, data: str, out: str, *extra: str) ->
             "--model-path", model, "--data-path", data, "--save-path", out, *COMMON, *extra]
 
 
-def run_trainer(ranks: int, model: str, data: str, out: str, *extra: str, timeout: int = 400):
+def run_trainer(ranks: int, model: str, data: str, out: str, *extra: str, timeout: int = RUN_TIMEOUT):
     return subprocess.run(trainer_command(ranks, model, data, out, *extra), env=_env(), capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
 
 
 def run_trainer_until(line_part: str, ranks: int, model: str, data: str, out: str, *extra: str,
-                      sig: int = signal.SIGKILL, group: bool = True, timeout: int = 400) -> tuple[int, str]:
+                      sig: int = signal.SIGKILL, group: bool = True, timeout: int = RUN_TIMEOUT) -> tuple[int, str]:
     """Start the trainer; once a stdout line contains `line_part`, send `sig` to its whole process group (or,
     group=False, to the `deepspeed` runner alone). Returns (the runner's exit status, all output) once every
     process of the group has ended: ranks still saving keep the test waiting, and none is left behind."""

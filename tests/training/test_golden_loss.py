@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.helpers.train import REPO, make_sample_dataset, metrics
+from tests.helpers.train import REPO, RUN_TIMEOUT, make_sample_dataset, metrics
 
 pytestmark = pytest.mark.slow
 GOLDEN = os.path.join(REPO, "tests", "assets", "golden_loss_tiny.json")
@@ -29,7 +29,7 @@ def test_first_20_losses_of_the_tiny_model_are_pinned(tmp_path, extra):
     env = dict(os.environ, PYTHONPATH=REPO)
     r = subprocess.run([sys.executable, "-m", "ochat.training.train", "--model-path", model, "--data-path", data,
                         "--save-path", str(tmp_path / "out"), *FLAGS, *extra], env=env, capture_output=True, text=True,
-                       timeout=300, cwd=REPO)
+                       timeout=RUN_TIMEOUT, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert ("compile: each decoder layer runs compiled" in r.stdout) == bool(extra)
     got = [round(m["loss"], 7) for m in metrics(str(tmp_path / "out"))]

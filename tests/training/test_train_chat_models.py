@@ -20,7 +20,7 @@ from ochat.config import get_model_type
 from ochat.data import load_tokenizer, open_dataset
 from tests.helpers.data import sample_conversations
 from tests.helpers.tokenizers import llama3_tokenizer, qwen_style_tokenizer
-from tests.helpers.train import REPO, metrics
+from tests.helpers.train import REPO, RUN_TIMEOUT, metrics
 
 pytestmark = pytest.mark.slow
 TEMPLATES = Path(REPO) / "tests" / "data" / "chat_templates"
@@ -74,12 +74,12 @@ def test_pre_tokenize_train_and_serve(tmp_path, make):
     data, out = tmp_path / "data", tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "ochat.data.generate_dataset", "--model-type", model_type, *template_flags,
                         "--tokenizer", str(model), "--out-dir", str(data), "--quiet", "--workers", "1"],
-                       env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+                       env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([sys.executable, "-m", "ochat.training.train", "--model-path", str(model), "--data-path",
                         str(data), "--save-path", str(out), "--max-steps", "4", "--batch-max-len", "4096",
                         "--lr", "3e-3", "--lr-warmup-steps", "1", "--eval-every", "0"],
-                       env=env, capture_output=True, text=True, timeout=400, cwd=REPO)
+                       env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     losses = [m["loss"] for m in metrics(str(out))]
     assert len(losses) == 4 and losses[-1] < losses[0]
