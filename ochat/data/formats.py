@@ -61,12 +61,16 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _has_surrogate(obj) -> bool:
-    if isinstance(obj, str):
-        return not obj.isascii() and _SURROGATE.search(obj) is not None
-    if isinstance(obj, dict):
-        return any(_has_surrogate(v) for v in obj.values())
-    if isinstance(obj, list):
-        return any(_has_surrogate(v) for v in obj)
+    stack = [obj]  # not recursive: a record may nest as deep as the JSON parser allows
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            if not x.isascii() and _SURROGATE.search(x) is not None:
+                return True
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
     return False
 
 

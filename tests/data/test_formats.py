@@ -209,3 +209,16 @@ def test_lone_surrogates_are_skipped():
     assert norm(rec) == F.INVALID_UNICODE
     assert norm({**msgs(("user", "q"), ("assistant", "a")), "system": "\udfff"}) == F.INVALID_UNICODE
     assert norm(msgs(("user", "😀 é"), ("assistant", "a"))).messages[0]["content"] == "😀 é"
+
+
+def test_deeply_nested_record_is_no_recursion_error():
+    params = leaf = {}
+    for _ in range(5000):  # deeper than Python recurses; built without recursion
+        leaf["a"] = {}
+        leaf = leaf["a"]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": params}}]
+    c = norm({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": tools})
+    assert c.tools == tools
+    leaf["s"] = "\ud800"
+    assert norm({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                 "tools": tools}) == F.INVALID_UNICODE
