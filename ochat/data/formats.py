@@ -1,8 +1,10 @@
-"""Records -> conversations: validation and normalisation of ShareGPT and OpenAI-style records.
+"""Records -> conversations: validation and normalisation of ShareGPT, OpenAI-style and Alpaca records.
 
-Records: ShareGPT (`conversations` or `items`: [{"from", "value"}]) or OpenAI-style (`messages`:
-[{"role", "content", "tool_calls"?, "tool_call_id"?, "name"?}]), both with optional `model`, `condition`,
-`system` and `tools`; mixed freely. A key whose value is null counts as absent (Parquet and Hugging Face
+Records: ShareGPT (`conversations` or `items`: [{"from", "value"}]), OpenAI-style (`messages`:
+[{"role", "content", "tool_calls"?, "tool_call_id"?, "name"?}]) or Alpaca (`instruction`, `input`?,
+`output`: one user turn, the instruction followed by the input after a blank line ("\\n\\n") when the input is
+not empty, and one assistant turn, the output), all with optional `model`, `condition`, `system` and `tools`;
+mixed freely. A key whose value is null counts as absent (Parquet and Hugging Face
 datasets store a missing field as null). A record that cannot be used gives a skip reason (a string)
 that the CLI counts; see `normalize` for the rules.
 """
@@ -202,6 +204,17 @@ def _message(m, rkey: str, ckey: str) -> dict | Skip:
     return msg
 
 
+def _alpaca(rec: Mapping) -> list | None | Skip:
+    """An Alpaca record's two turns, OpenAI-style; None when it is not one (no `instruction` or `output`)."""
+    instruction, output, extra = rec.get("instruction"), rec.get("output"), rec.get("input")
+    if instruction is None or output is None:
+        return None
+    if not all(isinstance(x, str) for x in (instruction, output, extra or "")):
+        return Skip(NON_STRING_CONTENT)
+    return [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
+            {"role": "assistant", "content": output}]
+
+
 def normalize(rec, chat_format, weights, default_condition, file_condition=None):
     """-> Conversation, or a skip-reason string.
 
@@ -225,7 +238,9 @@ def normalize(rec, chat_format, weights, default_condition, file_condition=None)
             msgs = rec[key]
             break
     else:
-        return NO_CONVERSATION
+        msgs, rkey, ckey = _alpaca(rec), "role", "content"
+        if isinstance(msgs, Skip):
+            return str(msgs)
     if not isinstance(msgs, list):
         return NO_CONVERSATION
     cond = condition_of(rec, chat_format, weights, default_condition, file_condition)

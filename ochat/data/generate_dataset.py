@@ -120,7 +120,7 @@ def build_parser():
     from ochat.assets import LLAMA2_TOKENIZER, SHAREGPT_SAMPLE
 
     p = _Parser(prog="python -m ochat.data.generate_dataset", allow_abbrev=False,
-                description="Tokenize ShareGPT / OpenAI-messages conversations into Arrow files.")
+                description="Tokenize ShareGPT, OpenAI-messages and Alpaca conversations into Arrow files.")
     p.add_argument("--model-type", default="openchat_v3.2", help=f"one of {', '.join(CHAT_FORMATS)} (default: %(default)s)")
     p.add_argument("--chat-template", default=None, metavar="FILE|NAME",
                    help="chat_template type: a Jinja file or a bundled preset (chatml, llama3, gemma); default: the tokenizer's own")

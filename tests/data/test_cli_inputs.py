@@ -172,3 +172,22 @@ def test_deeply_nested_json_is_a_bad_line(tmp_path, capsys):
     offset = len("[" + json.dumps(conversation(0)) + ", ")
     assert capsys.readouterr().err == (f"generate_dataset: error: {array}: invalid JSON at byte offset {offset} "
                                        f"(line 1, column {offset + 1}): nested too deeply to parse\n")
+
+
+def test_alpaca_records(tmp_path):
+    recs = [{"instruction": "Give the square of 3.", "input": "", "output": "9"},
+            {"instruction": "Translate to French.", "input": "cat", "output": "chat", "system": "Be brief."}]
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(recs))
+    run_ok("--in-files", path, "--out-dir", tmp_path / "o")
+    assert json.loads((tmp_path / "o" / "meta.json").read_text())["report"]["written"] == 2
+    from ochat.assets import LLAMA2_TOKENIZER
+    from ochat.data import load_tokenizer
+    mt = get_model_type("openchat_v3.2")
+    tok = load_tokenizer(LLAMA2_TOKENIZER, mt)
+    want = [mt.template.encode([{"role": "user", "content": "Give the square of 3."}, {"role": "assistant", "content": "9"}], tok),
+            mt.template.encode([{"role": "user", "content": "Translate to French.\n\ncat"},
+                                {"role": "assistant", "content": "chat"}], tok, system="Be brief.")]
+    got = dataset_rows(tmp_path / "o")
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert all(np.allclose(g, w) for (_, g), (_, w) in zip(got, want))
