@@ -126,10 +126,10 @@ def build_parser():
                    help="chat_template type: a Jinja file or a bundled preset (chatml, llama3, gemma); default: the tokenizer's own")
     p.add_argument("--tokenizer", default=str(LLAMA2_TOKENIZER),
                    help="SentencePiece .model file or Hugging Face tokenizer dir (default: bundled Llama 2)")
-    p.add_argument("--in-files", nargs="+", default=[str(SHAREGPT_SAMPLE)], metavar="PATH[:CONDITION]",
+    p.add_argument("--in-files", nargs="+", default=None, metavar="PATH[:CONDITION]",
                    help="JSON array, JSONL (optionally .gz/.bz2/.xz/.zst), Parquet, Arrow files or Hugging Face "
                         "save_to_disk folders; PATH:CONDITION sets the condition of the file's records "
-                        "(default: the bundled ShareGPT sample)")
+                        f"(default: the bundled ShareGPT sample, {SHAREGPT_SAMPLE}, with a note)")
     p.add_argument("--out-dir", default="data/sample", help="output directory (default: %(default)s)")
     p.add_argument("--max-length", type=_int_at_least(2), default=None,
                    help="truncate at this many tokens (default: the model type's context)")
@@ -346,7 +346,14 @@ def _notify(msg: str) -> None:
 
 
 def _plan(args) -> Plan:
+    """Check the run's flags and open its inputs; no --in-files becomes the bundled sample (`args.in_files`
+    is set to it, so meta.json records it), noted once all else is checked."""
+    from ochat.assets import SHAREGPT_SAMPLE
     from ochat.data.tokenizer import load_tokenizer
+
+    bundled_sample = args.in_files is None
+    if bundled_sample:
+        args.in_files = [str(SHAREGPT_SAMPLE)]
 
     try:
         base_mt = get_chat_format(args.model_type, args.chat_template)
@@ -372,6 +379,8 @@ def _plan(args) -> Plan:
     opened = [sources.open_source(spec.path) for spec in inputs]  # file-level problems stop the run here
     out_dir = Path(args.out_dir)
     _check_out_dir(out_dir, [spec.path for spec in inputs] + [args.tokenizer])
+    if bundled_sample:
+        _notify(f"no --in-files: tokenizing the bundled 500-conversation ShareGPT sample ({SHAREGPT_SAMPLE})")
     return Plan(mt, weights, default_condition, args.max_length or mt.context_length,
                 args.workers or os.cpu_count() or 1, inputs, opened, tok, out_dir)
 
@@ -384,6 +393,8 @@ def run(args) -> dict:
     try:
         with atomic_directory(plan.out_dir, DATASET_KIND, overwrite=args.overwrite, notify=_notify) as tmp:
             stats = _write_splits(plan, args, tmp, tally)
+            if tally.records_read == 0:
+                raise InputError(", ".join(str(spec.path) for spec in plan.inputs) + ": no records")
             if sum(tally.written.values()) == 0:
                 raise InputError("no conversation was written (every record was skipped: "
                                  + ", ".join(f"{k}={v}" for k, v in sorted(tally.skipped.items())) + ")")

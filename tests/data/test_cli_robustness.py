@@ -114,7 +114,10 @@ def test_memory_does_not_grow_with_the_input(tmp_path):
 
 
 def test_progress_lines_without_a_terminal(tmp_path):
-    r = subprocess.run([*COMMAND, "--out-dir", str(tmp_path / "o"), "--progress-interval", "0.001"],
+    from ochat.assets import SHAREGPT_SAMPLE
+
+    r = subprocess.run([*COMMAND, "--in-files", str(SHAREGPT_SAMPLE), "--out-dir", str(tmp_path / "o"),
+                        "--progress-interval", "0.001"],
                        capture_output=True, text=True, env=ENV, timeout=120)
     assert r.returncode == 0
     lines = r.stderr.strip().splitlines()
