@@ -163,10 +163,26 @@ def _init_worker(chat_format_name, weights, default_condition, tokenizer_path, m
     _W.update(mt=mt, tok=load_tokenizer(tokenizer_path, mt), max_length=max_length)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """Block SIGINT and SIGTERM in this thread meanwhile (a signal that comes is delivered on exit). Workers
+    forked meanwhile start with them blocked, so the parent's handler (Interrupted) never runs in a worker
+    that has not set its own yet: pool.terminate() would make it print a traceback."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _init_pool_worker(*init):
     # Ctrl-C reaches the whole process group: the main process alone handles it (and terminates the pool)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent while it forked us
     _init_worker(*init)
 
 
@@ -312,8 +328,10 @@ def _tokenized(chunks, workers: int, init):
             yield chunk, _tokenize_chunk(chunk.convs)
         return
     ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
-    pool = ctx.Pool(workers, initializer=_init_pool_worker, initargs=init)
+    pool = None
     try:
+        with _stop_signals_blocked():
+            pool = ctx.Pool(workers, initializer=_init_pool_worker, initargs=init)
         in_flight = deque()
         for chunk in chunks:
             in_flight.append((chunk, pool.apply_async(_tokenize_chunk, (chunk.convs,))))
@@ -326,7 +344,8 @@ def _tokenized(chunks, workers: int, init):
         pool.close()
         pool.join()
     finally:
-        pool.terminate()
+        if pool is not None:
+            pool.terminate()
 
 
 # ----------------------------------------------------------------------------- main
