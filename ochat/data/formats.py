@@ -35,6 +35,7 @@ MISPLACED_SYSTEM = "misplaced_system"
 INVALID_UNICODE = "invalid_unicode"  # a lone surrogate escape ("\ud800"): valid JSON, but no text a tokenizer encodes
 NO_ASSISTANT = "no_assistant"
 NO_TARGET_AFTER_TRUNCATION = "no_target_after_truncation"
+TOO_LONG = "too_long"  # far longer than --max-length: see text_size
 
 # changes normalisation made to a kept conversation (counted in the report)
 DROPPED_LEADING = "dropped_leading_turns"
@@ -213,6 +214,15 @@ def _alpaca(rec: Mapping) -> list | None | Skip:
         return Skip(NON_STRING_CONTENT)
     return [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
             {"role": "assistant", "content": output}]
+
+
+def text_size(conv: Conversation) -> int:
+    """Characters of text a template renders from `conv`: contents, system prompt, tool-call arguments and
+    tool definitions (as JSON)."""
+    size = len(conv.system or "") + (len(json.dumps(conv.tools, ensure_ascii=False)) if conv.tools else 0)
+    for m in conv.messages:
+        size += len(m["content"]) + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls", ()))
+    return size
 
 
 def normalize(rec, chat_format, weights, default_condition, file_condition=None):

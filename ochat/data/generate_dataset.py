@@ -10,7 +10,10 @@ line or index, reason) and ochat's marker file. The folder is written under a te
 swapped in at the end (ochat.utils.atomic), so a failed or interrupted run leaves DIR as it was.
 
 Pipeline, streamed (memory is bounded by a few chunks, not by the input): records are read one at a time
-(ochat.data.sources) and normalised (ochat.data.formats) in this process -> chunks of conversations,
+(ochat.data.sources) and normalised (ochat.data.formats) in this process; one far longer than --max-length
+(more characters than --max-record-chars, or more messages than --max-length tokens) is skipped as
+`too_long` before it is tokenized, so one huge record costs little more memory than its own text ->
+chunks of conversations,
 tokenized in order by --workers processes (a few chunks in flight) -> truncated -> each conversation goes to
 eval when a seeded hash of its record's position is below --eval-ratio -> appended to the Arrow files. The
 output depends only on the inputs, --seed and the flags that change tokens, never on --workers.
@@ -45,6 +48,9 @@ CHUNK_CHARS = 1 << 21  # ... or fewer, when they hold this many characters
 CHUNK_SKIPS = 4096  # ... or none, after this many skipped records (their log waits for the chunk)
 IN_FLIGHT_PER_WORKER = 2  # chunks queued per worker process
 LINES_PER_REASON = 20  # malformed lines listed per file and reason in the report
+# default --max-record-chars per --max-length token: no tokenizer averages more characters per token over a
+# record (whitespace runs of 16+ characters are single tokens in some, but not a whole record of them)
+CHARS_PER_TOKEN_BOUND = 64
 PROG = "generate_dataset"
 
 # tokenization status per conversation
@@ -133,6 +139,9 @@ def build_parser():
     p.add_argument("--out-dir", default="data/sample", help="output directory (default: %(default)s)")
     p.add_argument("--max-length", type=_int_at_least(2), default=None,
                    help="truncate at this many tokens (default: the model type's context)")
+    p.add_argument("--max-record-chars", type=_int_at_least(1), default=None,
+                   help="skip (as too_long) a record with more characters of text than this, instead of tokenizing "
+                        f"it all to keep --max-length tokens (default: {CHARS_PER_TOKEN_BOUND} x --max-length)")
     p.add_argument("--eval-ratio", type=_ratio, default=0.01,
                    help="probability that a conversation goes to eval.arrow, in [0, 1) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="seed of the train/eval split (default: %(default)s)")
@@ -237,6 +246,7 @@ class Plan:
     weights: dict
     default_condition: str
     max_length: int
+    max_record_chars: int
     workers: int
     inputs: list  # InputSpec per --in-files entry
     opened: list  # sources.Source per input
@@ -272,6 +282,17 @@ class Tally:
     conditions: dict = field(default_factory=lambda: {s: Counter() for s in SPLITS})
 
 
+def _too_long(conv, plan: Plan) -> str | None:
+    """Why a conversation is too long to tokenize (more text than --max-record-chars, or more messages than
+    --max-length tokens: each renders at least one), or None."""
+    size = formats.text_size(conv)
+    if size > plan.max_record_chars:
+        return f"{size} characters of text, over --max-record-chars {plan.max_record_chars}"
+    if len(conv.messages) > plan.max_length:
+        return f"{len(conv.messages)} messages, over --max-length {plan.max_length}"
+    return None
+
+
 def _chunks(plan: Plan, skip_bad_lines: bool, tally: Tally):
     """Stream all records into Chunks (normalised conversations and the skipped records among them)."""
     chunk = Chunk()
@@ -291,12 +312,14 @@ def _chunks(plan: Plan, skip_bad_lines: bool, tally: Tally):
                 conv = formats.normalize(rec, plan.mt, plan.weights, plan.default_condition, spec.condition)
                 if isinstance(conv, str):
                     chunk.skips.append((file_index, position, conv, None))
+                elif too_long := _too_long(conv, plan):
+                    chunk.skips.append((file_index, position, formats.TOO_LONG, too_long))
                 else:
                     tally.changes.update(conv.changes)
                     chunk.convs.append(conv)
                     chunk.where.append((file_index, position))
                     chunk.ordinals.append(tally.records_read - 1)
-                    chunk.chars += sum(len(m["content"]) for m in conv.messages) + len(conv.system or "")
+                    chunk.chars += formats.text_size(conv)
             if len(chunk.convs) >= CHUNK or chunk.chars >= CHUNK_CHARS or len(chunk.skips) >= CHUNK_SKIPS:
                 yield chunk
                 chunk = Chunk()
@@ -400,7 +423,8 @@ def _plan(args) -> Plan:
     _check_out_dir(out_dir, [spec.path for spec in inputs] + [args.tokenizer])
     if bundled_sample:
         _notify(f"no --in-files: tokenizing the bundled 500-conversation ShareGPT sample ({SHAREGPT_SAMPLE})")
-    return Plan(mt, weights, default_condition, args.max_length or mt.context_length,
+    max_length = args.max_length or mt.context_length
+    return Plan(mt, weights, default_condition, max_length, args.max_record_chars or CHARS_PER_TOKEN_BOUND * max_length,
                 args.workers or os.cpu_count() or 1, inputs, opened, tok, out_dir)
 
 

@@ -212,3 +212,28 @@ def test_long_conversations_and_truncation_report(tmp_path, tok):
     assert report["longest_before_truncation"] == full
     ds = open_dataset(out)
     assert ds.lengths.tolist()[0] == 262_144 and ds[0][1][-1] > 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in KiB on Linux")
+def test_huge_records_are_skipped_before_tokenizing(tmp_path):
+    # a 20 MB line (5M tokens) and one of 300,000 turns: tokenized whole, then cut to --max-length, they took
+    # over 1 GB (and 25 s); skipped as too_long, barely more than the lines themselves
+    good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    text = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "lorem ipsum dolor " * 1_100_000}]}
+    turns = {"conversations": [{"from": ("human", "gpt")[i % 2], "value": ""} for i in range(300_000)]}
+    big, small = tmp_path / "big.jsonl", tmp_path / "small.jsonl"
+    big.write_text("".join(json.dumps(r) + "\n" for r in (good, text, good, turns)))
+    small.write_text(json.dumps(good) + "\n")
+    base = peak_rss_kb("--in-files", str(small), "--out-dir", str(tmp_path / "o1"))
+    peak = peak_rss_kb("--in-files", str(big), "--out-dir", str(tmp_path / "o2"))
+    assert peak - base < 300_000, f"peak RSS {peak / 1024:.0f} MiB on two huge records vs {base / 1024:.0f} MiB on one small"
+    report = json.loads((tmp_path / "o2" / "meta.json").read_text())["report"]
+    assert report["written"] == 2 and report["skipped"] == {"too_long": 2}
+    assert [json.loads(line) for line in (tmp_path / "o2" / "skipped.jsonl").read_text().splitlines()] == [
+        {"file": str(big), "line": 2, "reason": "too_long",
+         "detail": "19800001 characters of text, over --max-record-chars 262144"},
+        {"file": str(big), "line": 4, "reason": "too_long", "detail": "300000 messages, over --max-length 4096"}]
+    # a smaller cap skips what it exceeds; the report lists the reason
+    r = subprocess.run([*COMMAND, "--in-files", str(small), "--out-dir", str(tmp_path / "o3"), "--max-record-chars", "1",
+                        "--eval-ratio", "0"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 2 and "too_long=1" in r.stderr
