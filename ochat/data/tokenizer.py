@@ -16,7 +16,6 @@ import hashlib
 import re
 from pathlib import Path
 
-
 # files transformers builds a tokenizer from (tokenizer.json; else a slow tokenizer's vocabulary, converted)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model", "tekken.json")

@@ -187,8 +187,8 @@ GOOD = ([[1, 2, 3], [4, 5]], [[0, 1, 1], [0, 1]], [3, 2])
 @pytest.mark.parametrize("bad,msg", [
     (([[1, 2, 3, 4, 5]], [[0, 0, 1, 1, 1]], [50]), "row 2: `length` is 50 but the row has 5 tokens and 5 weights"),
     (([[1, 2, 3]], [[0, 1]], [3]), "row 2: `length` is 3 but the row has 3 tokens and 2 weights"),
-    (([[7], [1, 2, 3, 100, 5]], [[1], [0, 0, 1, 1, 1]], [1, 5]), "row 3: token id 100 at position 3 is outside [0, 100) "
-                                                                 "(meta.json's vocab_size)"),
+    (([[7], [1, 2, 3, 100, 5]], [[1], [0, 0, 1, 1, 1]], [1, 5]),
+     "row 3: token id 100 at position 3 is outside [0, 100) (meta.json's vocab_size)"),
     (([[1, -1]], [[0, 1]], [2]), "row 2: token id -1 at position 1 is outside [0, 100)"),
     (([[1, 2], [1, 2]], [[0, 1], [float("nan"), 1]], [2, 2]), "row 3: weight nan at position 0 (weights must be finite and >= 0)"),
     (([[1, 2]], [[0, -0.5]], [2]), "row 2: weight -0.5 at position 1 (weights must be finite and >= 0)"),
@@ -213,8 +213,8 @@ def test_rows_checked_without_meta(tmp_path):
 
 
 @pytest.mark.parametrize("text,msg", [
-    ('{"ochat_dataset": 1, "model_type": "openchat_v3.2", "vocab', "not valid JSON (line 1, column 53: "
-                                                                   "Unterminated string starting at)"),
+    ('{"ochat_dataset": 1, "model_type": "openchat_v3.2", "vocab',
+     "not valid JSON (line 1, column 53: Unterminated string starting at)"),
     ('{"ochat_dataset": 1, "model_type": "openchat_v3.2",', "not valid JSON (line 1, column 52: Expecting property name"),
     ("[1, 2]", "a JSON array, not an object"),
     ('"openchat_v3.2"', "a JSON string, not an object"),
