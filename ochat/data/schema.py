@@ -108,9 +108,9 @@ def check_rows(batches: Iterable[pa.RecordBatch], path, vocab_size: int | None =
         if len(ids) and (ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size)):
             k = _first((ids < 0) | (ids >= vocab_size if vocab_size is not None else False))
             row = int(np.searchsorted(to, to[0] + k, side="right")) - 1
-            allowed = f"[0, {vocab_size}) (meta.json's vocab_size)" if vocab_size is not None else ">= 0"
+            wrong = f"is outside [0, {vocab_size}) (meta.json's vocab_size)" if vocab_size is not None else "is negative"
             raise DatasetFormatError(f"{path}: row {start + row}: token id {ids[k]} at position {to[0] + k - to[row]} "
-                                     f"is outside {allowed}")
+                                     f"{wrong}")
         weights = w.values.to_numpy()[wo[0]:wo[-1]]
         if len(weights) and not (weights.min() >= 0 and weights.max() < np.inf):  # NaN fails both
             k = _first(~((weights >= 0) & (weights < np.inf)))

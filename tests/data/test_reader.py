@@ -210,6 +210,9 @@ def test_rows_checked_without_meta(tmp_path):
     # without a vocab_size, ids are only checked to be >= 0
     write_rows(tmp_path / "e", [([[1, 10**6]], [[0, 1]], [2])], meta={})
     assert TokenizedDataset(tmp_path / "e" / "train.arrow")[0][0].tolist() == [1, 10**6]
+    write_rows(tmp_path / "f", [([[1, -3]], [[0, 1]], [2])], meta={})
+    with pytest.raises(DatasetFormatError, match=r"row 0: token id -3 at position 1 is negative$"):
+        TokenizedDataset(tmp_path / "f" / "train.arrow")
 
 
 @pytest.mark.parametrize("text,msg", [
