@@ -1,8 +1,10 @@
-"""Records -> conversations: validation and normalisation of ShareGPT and OpenAI-style records.
+"""Records -> conversations: validation and normalisation of ShareGPT, OpenAI-style and Alpaca records.
 
-Records: ShareGPT (`conversations` or `items`: [{"from", "value"}]) or OpenAI-style (`messages`:
-[{"role", "content", "tool_calls"?, "tool_call_id"?, "name"?}]), both with optional `model`, `condition`,
-`system` and `tools`; mixed freely. A key whose value is null counts as absent (Parquet and Hugging Face
+Records: ShareGPT (`conversations` or `items`: [{"from", "value"}]), OpenAI-style (`messages`:
+[{"role", "content", "tool_calls"?, "tool_call_id"?, "name"?}]) or Alpaca (`instruction`, `input`?,
+`output`: one user turn, the instruction followed by the input after a blank line ("\\n\\n") when the input is
+not empty, and one assistant turn, the output), all with optional `model`, `condition`, `system` and `tools`;
+mixed freely. A key whose value is null counts as absent (Parquet and Hugging Face
 datasets store a missing field as null). A record that cannot be used gives a skip reason (a string)
 that the CLI counts; see `normalize` for the rules.
 """
@@ -33,6 +35,7 @@ MISPLACED_SYSTEM = "misplaced_system"
 INVALID_UNICODE = "invalid_unicode"  # a lone surrogate escape ("\ud800"): valid JSON, but no text a tokenizer encodes
 NO_ASSISTANT = "no_assistant"
 NO_TARGET_AFTER_TRUNCATION = "no_target_after_truncation"
+TOO_LONG = "too_long"  # far longer than --max-length: see text_size
 
 # changes normalisation made to a kept conversation (counted in the report)
 DROPPED_LEADING = "dropped_leading_turns"
@@ -61,12 +64,16 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _has_surrogate(obj) -> bool:
-    if isinstance(obj, str):
-        return not obj.isascii() and _SURROGATE.search(obj) is not None
-    if isinstance(obj, dict):
-        return any(_has_surrogate(v) for v in obj.values())
-    if isinstance(obj, list):
-        return any(_has_surrogate(v) for v in obj)
+    stack = [obj]  # not recursive: a record may nest as deep as the JSON parser allows
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            if not x.isascii() and _SURROGATE.search(x) is not None:
+                return True
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
     return False
 
 
@@ -198,6 +205,26 @@ def _message(m, rkey: str, ckey: str) -> dict | Skip:
     return msg
 
 
+def _alpaca(rec: Mapping) -> list | None | Skip:
+    """An Alpaca record's two turns, OpenAI-style; None when it is not one (no `instruction` or `output`)."""
+    instruction, output, extra = rec.get("instruction"), rec.get("output"), rec.get("input")
+    if instruction is None or output is None:
+        return None
+    if not all(isinstance(x, str) for x in (instruction, output, extra or "")):
+        return Skip(NON_STRING_CONTENT)
+    return [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
+            {"role": "assistant", "content": output}]
+
+
+def text_size(conv: Conversation) -> int:
+    """Characters of text a template renders from `conv`: contents, system prompt, tool-call arguments and
+    tool definitions (as JSON)."""
+    size = len(conv.system or "") + (len(json.dumps(conv.tools, ensure_ascii=False)) if conv.tools else 0)
+    for m in conv.messages:
+        size += len(m["content"]) + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls", ()))
+    return size
+
+
 def normalize(rec, chat_format, weights, default_condition, file_condition=None):
     """-> Conversation, or a skip-reason string.
 
@@ -221,7 +248,9 @@ def normalize(rec, chat_format, weights, default_condition, file_condition=None)
             msgs = rec[key]
             break
     else:
-        return NO_CONVERSATION
+        msgs, rkey, ckey = _alpaca(rec), "role", "content"
+        if isinstance(msgs, Skip):
+            return str(msgs)
     if not isinstance(msgs, list):
         return NO_CONVERSATION
     cond = condition_of(rec, chat_format, weights, default_condition, file_condition)

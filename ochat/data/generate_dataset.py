@@ -10,7 +10,10 @@ line or index, reason) and ochat's marker file. The folder is written under a te
 swapped in at the end (ochat.utils.atomic), so a failed or interrupted run leaves DIR as it was.
 
 Pipeline, streamed (memory is bounded by a few chunks, not by the input): records are read one at a time
-(ochat.data.sources) and normalised (ochat.data.formats) in this process -> chunks of conversations,
+(ochat.data.sources) and normalised (ochat.data.formats) in this process; one far longer than --max-length
+(more characters than --max-record-chars, or more messages than --max-length tokens) is skipped as
+`too_long` before it is tokenized, so one huge record costs little more memory than its own text ->
+chunks of conversations,
 tokenized in order by --workers processes (a few chunks in flight) -> truncated -> each conversation goes to
 eval when a seeded hash of its record's position is below --eval-ratio -> appended to the Arrow files. The
 output depends only on the inputs, --seed and the flags that change tokens, never on --workers.
@@ -45,6 +48,9 @@ CHUNK_CHARS = 1 << 21  # ... or fewer, when they hold this many characters
 CHUNK_SKIPS = 4096  # ... or none, after this many skipped records (their log waits for the chunk)
 IN_FLIGHT_PER_WORKER = 2  # chunks queued per worker process
 LINES_PER_REASON = 20  # malformed lines listed per file and reason in the report
+# default --max-record-chars per --max-length token: no tokenizer averages more characters per token over a
+# record (whitespace runs of 16+ characters are single tokens in some, but not a whole record of them)
+CHARS_PER_TOKEN_BOUND = 64
 PROG = "generate_dataset"
 
 # tokenization status per conversation
@@ -120,19 +126,22 @@ def build_parser():
     from ochat.assets import LLAMA2_TOKENIZER, SHAREGPT_SAMPLE
 
     p = _Parser(prog="python -m ochat.data.generate_dataset", allow_abbrev=False,
-                description="Tokenize ShareGPT / OpenAI-messages conversations into Arrow files.")
+                description="Tokenize ShareGPT, OpenAI-messages and Alpaca conversations into Arrow files.")
     p.add_argument("--model-type", default="openchat_v3.2", help=f"one of {', '.join(CHAT_FORMATS)} (default: %(default)s)")
     p.add_argument("--chat-template", default=None, metavar="FILE|NAME",
                    help="chat_template type: a Jinja file or a bundled preset (chatml, llama3, gemma); default: the tokenizer's own")
     p.add_argument("--tokenizer", default=str(LLAMA2_TOKENIZER),
                    help="SentencePiece .model file or Hugging Face tokenizer dir (default: bundled Llama 2)")
-    p.add_argument("--in-files", nargs="+", default=[str(SHAREGPT_SAMPLE)], metavar="PATH[:CONDITION]",
+    p.add_argument("--in-files", nargs="+", default=None, metavar="PATH[:CONDITION]",
                    help="JSON array, JSONL (optionally .gz/.bz2/.xz/.zst), Parquet, Arrow files or Hugging Face "
                         "save_to_disk folders; PATH:CONDITION sets the condition of the file's records "
-                        "(default: the bundled ShareGPT sample)")
+                        f"(default: the bundled ShareGPT sample, {SHAREGPT_SAMPLE}, with a note)")
     p.add_argument("--out-dir", default="data/sample", help="output directory (default: %(default)s)")
     p.add_argument("--max-length", type=_int_at_least(2), default=None,
                    help="truncate at this many tokens (default: the model type's context)")
+    p.add_argument("--max-record-chars", type=_int_at_least(1), default=None,
+                   help="skip (as too_long) a record with more characters of text than this, instead of tokenizing "
+                        f"it all to keep --max-length tokens (default: {CHARS_PER_TOKEN_BOUND} x --max-length)")
     p.add_argument("--eval-ratio", type=_ratio, default=0.01,
                    help="probability that a conversation goes to eval.arrow, in [0, 1) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="seed of the train/eval split (default: %(default)s)")
@@ -163,10 +172,26 @@ def _init_worker(chat_format_name, weights, default_condition, tokenizer_path, m
     _W.update(mt=mt, tok=load_tokenizer(tokenizer_path, mt), max_length=max_length)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """Block SIGINT and SIGTERM in this thread meanwhile (a signal that comes is delivered on exit). Workers
+    forked meanwhile start with them blocked, so the parent's handler (Interrupted) never runs in a worker
+    that has not set its own yet: pool.terminate() would make it print a traceback."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _init_pool_worker(*init):
     # Ctrl-C reaches the whole process group: the main process alone handles it (and terminates the pool)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent while it forked us
     _init_worker(*init)
 
 
@@ -221,6 +246,7 @@ class Plan:
     weights: dict
     default_condition: str
     max_length: int
+    max_record_chars: int
     workers: int
     inputs: list  # InputSpec per --in-files entry
     opened: list  # sources.Source per input
@@ -256,6 +282,17 @@ class Tally:
     conditions: dict = field(default_factory=lambda: {s: Counter() for s in SPLITS})
 
 
+def _too_long(conv, plan: Plan) -> str | None:
+    """Why a conversation is too long to tokenize (more text than --max-record-chars, or more messages than
+    --max-length tokens: each renders at least one), or None."""
+    size = formats.text_size(conv)
+    if size > plan.max_record_chars:
+        return f"{size} characters of text, over --max-record-chars {plan.max_record_chars}"
+    if len(conv.messages) > plan.max_length:
+        return f"{len(conv.messages)} messages, over --max-length {plan.max_length}"
+    return None
+
+
 def _chunks(plan: Plan, skip_bad_lines: bool, tally: Tally):
     """Stream all records into Chunks (normalised conversations and the skipped records among them)."""
     chunk = Chunk()
@@ -275,12 +312,14 @@ def _chunks(plan: Plan, skip_bad_lines: bool, tally: Tally):
                 conv = formats.normalize(rec, plan.mt, plan.weights, plan.default_condition, spec.condition)
                 if isinstance(conv, str):
                     chunk.skips.append((file_index, position, conv, None))
+                elif too_long := _too_long(conv, plan):
+                    chunk.skips.append((file_index, position, formats.TOO_LONG, too_long))
                 else:
                     tally.changes.update(conv.changes)
                     chunk.convs.append(conv)
                     chunk.where.append((file_index, position))
                     chunk.ordinals.append(tally.records_read - 1)
-                    chunk.chars += sum(len(m["content"]) for m in conv.messages) + len(conv.system or "")
+                    chunk.chars += formats.text_size(conv)
             if len(chunk.convs) >= CHUNK or chunk.chars >= CHUNK_CHARS or len(chunk.skips) >= CHUNK_SKIPS:
                 yield chunk
                 chunk = Chunk()
@@ -312,8 +351,10 @@ def _tokenized(chunks, workers: int, init):
             yield chunk, _tokenize_chunk(chunk.convs)
         return
     ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
-    pool = ctx.Pool(workers, initializer=_init_pool_worker, initargs=init)
+    pool = None
     try:
+        with _stop_signals_blocked():
+            pool = ctx.Pool(workers, initializer=_init_pool_worker, initargs=init)
         in_flight = deque()
         for chunk in chunks:
             in_flight.append((chunk, pool.apply_async(_tokenize_chunk, (chunk.convs,))))
@@ -326,7 +367,8 @@ def _tokenized(chunks, workers: int, init):
         pool.close()
         pool.join()
     finally:
-        pool.terminate()
+        if pool is not None:
+            pool.terminate()
 
 
 # ----------------------------------------------------------------------------- main
@@ -346,7 +388,14 @@ def _notify(msg: str) -> None:
 
 
 def _plan(args) -> Plan:
+    """Check the run's flags and open its inputs; no --in-files becomes the bundled sample (`args.in_files`
+    is set to it, so meta.json records it), noted once all else is checked."""
+    from ochat.assets import SHAREGPT_SAMPLE
     from ochat.data.tokenizer import load_tokenizer
+
+    bundled_sample = args.in_files is None
+    if bundled_sample:
+        args.in_files = [str(SHAREGPT_SAMPLE)]
 
     try:
         base_mt = get_chat_format(args.model_type, args.chat_template)
@@ -372,7 +421,10 @@ def _plan(args) -> Plan:
     opened = [sources.open_source(spec.path) for spec in inputs]  # file-level problems stop the run here
     out_dir = Path(args.out_dir)
     _check_out_dir(out_dir, [spec.path for spec in inputs] + [args.tokenizer])
-    return Plan(mt, weights, default_condition, args.max_length or mt.context_length,
+    if bundled_sample:
+        _notify(f"no --in-files: tokenizing the bundled 500-conversation ShareGPT sample ({SHAREGPT_SAMPLE})")
+    max_length = args.max_length or mt.context_length
+    return Plan(mt, weights, default_condition, max_length, args.max_record_chars or CHARS_PER_TOKEN_BOUND * max_length,
                 args.workers or os.cpu_count() or 1, inputs, opened, tok, out_dir)
 
 
@@ -384,6 +436,8 @@ def run(args) -> dict:
     try:
         with atomic_directory(plan.out_dir, DATASET_KIND, overwrite=args.overwrite, notify=_notify) as tmp:
             stats = _write_splits(plan, args, tmp, tally)
+            if tally.records_read == 0:
+                raise InputError(", ".join(str(spec.path) for spec in plan.inputs) + ": no records")
             if sum(tally.written.values()) == 0:
                 raise InputError("no conversation was written (every record was skipped: "
                                  + ", ".join(f"{k}={v}" for k, v in sorted(tally.skipped.items())) + ")")

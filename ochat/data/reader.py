@@ -1,22 +1,24 @@
 """Memory-mapped reader of the Arrow IPC files that `generate_dataset` writes.
 
-Opening maps the file; only the `length` column and the list offsets are read (a few bytes
-per conversation), so a 100M-token dataset raises resident memory by well under 100 MB.
-Items are zero-copy numpy views of the map.
+Opening maps the file and checks every row (schema.check_rows: lengths, token ids against meta.json's
+vocab_size, weights) through a second map that is released at once, so the pages the check reads do not
+stay resident: a 100M-token dataset raises resident memory by well under 100 MB. Items are zero-copy
+numpy views of the map.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from ochat.data.schema import DatasetFormatError, check_format_version, check_schema
+from ochat.data.schema import (DatasetFormatError, check_format_version, check_meta, check_rows, check_schema,
+                                load_meta)
 
 
 class TokenizedDataset:
-    """One split's Arrow file; `meta` defaults to the meta.json beside it (not checked: see open_dataset)."""
+    """One split's Arrow file; `meta` defaults to the meta.json beside it (its format version and model type
+    are not checked: see open_dataset). The rows are checked (DatasetFormatError naming the first bad one)."""
 
     def __init__(self, path, meta: dict | None = None):
         self.path = str(path)
@@ -36,6 +38,7 @@ class TokenizedDataset:
         self.lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
         self._starts = np.asarray(starts, dtype=np.int64)
         self.meta = meta if meta is not None else _read_meta(Path(self.path).parent)
+        _check_rows(self.path, self.meta.get("vocab_size"))
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -57,17 +60,23 @@ class TokenizedDataset:
             yield self[i]
 
 
+def _check_rows(path: str, vocab_size: int | None) -> None:
+    """check_rows through a map of its own, released on return, so that the pages it reads leave this
+    process's resident memory (the dataset's map is only read where items are)."""
+    with pa.memory_map(path, "r") as source:
+        reader = pa.ipc.open_file(source)
+        check_rows((reader.get_batch(b) for b in range(reader.num_record_batches)), path, vocab_size)
+
+
 def _read_meta(out_dir: Path) -> dict:
     p = Path(out_dir) / "meta.json"
-    if p.is_file():
-        with open(p) as f:
-            return json.load(f)
-    return {}
+    return load_meta(p) if p.is_file() else {}
 
 
 def open_dataset(out_dir, split: str = "train") -> TokenizedDataset:
-    """Memory-map one split of a dataset folder; its meta.json must be of this ochat's format version
-    (else DatasetFormatError, one line naming both versions)."""
+    """Memory-map one split of a dataset folder. Its meta.json must be a JSON object of this ochat's format
+    version naming a known model type, and every row must be sound (schema.check_rows); else
+    DatasetFormatError, one line naming the file."""
     out_dir = Path(out_dir)
     path = out_dir / f"{split}.arrow"
     if not path.is_file():
@@ -75,6 +84,7 @@ def open_dataset(out_dir, split: str = "train") -> TokenizedDataset:
     if not (out_dir / "meta.json").is_file():
         raise DatasetFormatError(f"{out_dir}/meta.json not found: not a dataset folder; write one with "
                                  "`python -m ochat.data.generate_dataset`")
-    meta = _read_meta(out_dir)
+    meta = load_meta(out_dir / "meta.json")
     check_format_version(meta, out_dir)
+    check_meta(meta, out_dir / "meta.json")
     return TokenizedDataset(path, meta=meta)

@@ -44,6 +44,82 @@ def check_format_version(meta: dict, folder) -> None:
                                  f"version {FORMAT_VERSION}: re-run `python -m ochat.data.generate_dataset`")
 
 
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def load_meta(path) -> dict:
+    """A meta.json's JSON object; DatasetFormatError (one line naming the file) when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetFormatError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                                 "re-run `python -m ochat.data.generate_dataset`") from None
+    except UnicodeDecodeError as e:
+        raise DatasetFormatError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+    if not isinstance(meta, dict):
+        raise DatasetFormatError(f"{path}: a JSON {_JSON_TYPES.get(type(meta), type(meta).__name__)}, not an object")
+    return meta
+
+
+def check_meta(meta: dict, path) -> None:
+    """Raise DatasetFormatError unless `meta` names a known chat format as its "model_type" and its
+    "vocab_size", when present, is a positive integer."""
+    from ochat.data.chat_formats import CHAT_FORMATS
+
+    model_type = meta.get("model_type")
+    if model_type is None:
+        raise DatasetFormatError(f"{path} has no \"model_type\" (the chat format the dataset was tokenized with: "
+                                 f"one of {', '.join(CHAT_FORMATS)})")
+    if not isinstance(model_type, str) or model_type not in CHAT_FORMATS:
+        raise DatasetFormatError(f"{path}: unknown model_type {model_type!r} (known: {', '.join(CHAT_FORMATS)})")
+    vocab_size = meta.get("vocab_size")
+    if vocab_size is not None and (type(vocab_size) is not int or vocab_size < 1):
+        raise DatasetFormatError(f"{path}: vocab_size {vocab_size!r} is not a positive integer")
+
+
+def _first(bad: np.ndarray) -> int:
+    return int(np.argmax(bad))
+
+
+def check_rows(batches: Iterable[pa.RecordBatch], path, vocab_size: int | None = None) -> None:
+    """Raise DatasetFormatError, naming the first bad row, unless every row has no nulls, a `length` equal to
+    its numbers of tokens and of weights, token ids in [0, vocab_size) (>= 0 when vocab_size is None) and
+    finite weights >= 0. Vectorised per record batch: min / max first, the bad row only on failure."""
+    start = 0
+    for rb in batches:
+        tok, w, length = rb.column("tokens"), rb.column("weights"), rb.column("length")
+        for name, col in (("tokens", tok), ("weights", w), ("length", length)):
+            if col.null_count:
+                raise DatasetFormatError(f"{path}: row {start + _first(col.is_null().to_numpy(zero_copy_only=False))}: "
+                                         f"`{name}` is null")
+        to, wo = tok.offsets.to_numpy(), w.offsets.to_numpy()
+        lengths = length.to_numpy()
+        bad = (np.diff(to) != lengths) | (np.diff(wo) != lengths)
+        if bad.any():
+            i = _first(bad)
+            raise DatasetFormatError(f"{path}: row {start + i}: `length` is {lengths[i]} but the row has "
+                                     f"{to[i + 1] - to[i]} tokens and {wo[i + 1] - wo[i]} weights")
+        for name, col, offsets in (("tokens", tok, to), ("weights", w, wo)):
+            if col.values.null_count:
+                raise DatasetFormatError(f"{path}: a null in `{name}` (rows {start} to {start + len(rb) - 1})")
+        ids = tok.values.to_numpy()[to[0]:to[-1]]
+        if len(ids) and (ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size)):
+            k = _first((ids < 0) | (ids >= vocab_size if vocab_size is not None else False))
+            row = int(np.searchsorted(to, to[0] + k, side="right")) - 1
+            wrong = f"is outside [0, {vocab_size}) (meta.json's vocab_size)" if vocab_size is not None else "is negative"
+            raise DatasetFormatError(f"{path}: row {start + row}: token id {ids[k]} at position {to[0] + k - to[row]} "
+                                     f"{wrong}")
+        weights = w.values.to_numpy()[wo[0]:wo[-1]]
+        if len(weights) and not (weights.min() >= 0 and weights.max() < np.inf):  # NaN fails both
+            k = _first(~((weights >= 0) & (weights < np.inf)))
+            row = int(np.searchsorted(wo, wo[0] + k, side="right")) - 1
+            raise DatasetFormatError(f"{path}: row {start + row}: weight {weights[k]} at position "
+                                     f"{wo[0] + k - wo[row]} (weights must be finite and >= 0)")
+        start += len(rb)
+
+
 def check_schema(schema: pa.Schema, path) -> None:
     """Raise DatasetFormatError unless an Arrow file's schema is ARROW_SCHEMA."""
     if not schema.remove_metadata().equals(ARROW_SCHEMA):
@@ -141,7 +217,9 @@ def write_dataset(out_dir, train: Iterable, eval: Iterable = (), *, meta: dict |
 
     `meta`: what the trainer checks (e.g. "model_type", "vocab_size", "eot_token_id", "bos_token_id",
     "max_length"); the format version and length statistics are added. The folder is written atomically
-    and replaces an earlier ochat dataset (anything else only with `overwrite`). Returns the meta written."""
+    and replaces an earlier ochat dataset (anything else only with `overwrite`). Returns the meta written.
+    DatasetFormatError when `meta` lacks a known "model_type" (open_dataset would refuse the folder)."""
+    check_meta(meta or {}, "write_dataset's meta")
     with atomic_directory(out_dir, DATASET_KIND, overwrite=overwrite) as tmp:
         stats = {}
         for split, items in (("train", train), ("eval", eval)):

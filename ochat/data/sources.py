@@ -4,8 +4,9 @@ A source yields (position, record) pairs without holding the file in memory: pos
 (1-based) in JSONL and the index (0-based) elsewhere. Formats, detected by name and content:
 
 - JSONL: one JSON value per line, lines split on "\\n" only (a raw U+2028 or U+0085 inside a string is
-  valid JSON, not a line break); blank lines ignored. A malformed line comes as a `BadLine`, which the CLI
-  turns into an error or (with --skip-bad-lines) a counted skip.
+  valid JSON, not a line break); blank lines ignored. A malformed line (not UTF-8, not JSON, or nested too
+  deeply to parse) comes as a `BadLine`, which the CLI turns into an error or (with --skip-bad-lines) a
+  counted skip.
 - a JSON array of records (or one JSON value: a pretty-printed single record), streamed element by element;
   an error in it stops the run (no way to find the next element reliably).
 - either of those compressed: `.gz`, `.bz2`, `.xz`, `.zst` (the `zstandard` package; every frame is read).
@@ -32,6 +33,7 @@ from typing import Any, Callable, Iterator
 # skip reasons of malformed JSONL lines (counted like record skip reasons)
 INVALID_JSON = "invalid_json"
 NOT_UTF8 = "not_utf8"
+TOO_DEEP = "too_deep"  # nested deeper than Python's json parser recurses
 
 _BOM = b"\xef\xbb\xbf"
 _JSON_WS = " \t\n\r"
@@ -48,7 +50,7 @@ class InputError(Exception):
 class BadLine:
     """A JSONL line that is not valid UTF-8 or not valid JSON."""
 
-    reason: str  # INVALID_JSON or NOT_UTF8
+    reason: str  # INVALID_JSON, NOT_UTF8 or TOO_DEEP
     message: str  # the one-line error: file, line, what is wrong
 
 
@@ -187,6 +189,8 @@ class _JsonText:
             grow = max(_READ_BLOCK, len(self.buf) - self.pos)  # doubling: a large value is parsed O(1) times
             try:
                 obj, end = _DECODER.raw_decode(self.buf, self.pos)
+            except RecursionError:
+                raise self.error("nested too deeply to parse", self.pos) from None
             except json.JSONDecodeError as e:
                 # an error at the end of the text read so far (or a string running past it) may only mean
                 # that the value continues in the next block
@@ -242,7 +246,10 @@ def _jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             if not line.strip(_JSON_WS):
                 continue
             try:
-                yield lineno, json.loads(line)
+                value = json.loads(line)
+            except RecursionError:
+                yield lineno, BadLine(TOO_DEEP, f"{path}: JSON nested too deeply to parse on line {lineno}")
+                continue
             except json.JSONDecodeError as e:
                 if lineno == 1 and line.lstrip(_JSON_WS).startswith("{"):
                     whole = _single_pretty_printed_value(path)
@@ -250,6 +257,8 @@ def _jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                         yield 1, whole[0]
                         return
                 yield lineno, BadLine(INVALID_JSON, f"{path}: invalid JSON on line {lineno} (column {e.colno}): {e.msg}")
+                continue
+            yield lineno, value
 
 
 def _single_pretty_printed_value(path: Path) -> tuple[Any] | None:

@@ -16,6 +16,10 @@ import hashlib
 import re
 from pathlib import Path
 
+# files transformers builds a tokenizer from (tokenizer.json; else a slow tokenizer's vocabulary, converted)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tekken.json")
+
 
 def _sha256(paths) -> str:
     h = hashlib.sha256()
@@ -117,7 +121,10 @@ class HFTokenizer(Tokenizer):
         from transformers import AutoTokenizer
 
         self.path = str(path)
-        self.hf = AutoTokenizer.from_pretrained(self.path)
+        try:
+            self.hf = AutoTokenizer.from_pretrained(self.path)
+        except (OSError, ValueError) as e:  # transformers' messages span several lines
+            raise ValueError(f"{path}: transformers cannot load its tokenizer: {' '.join(str(e).split())}") from None
         if not self.hf.is_fast:
             raise ValueError(f"{path}: transformers gave a tokenizer without a `tokenizers` backend")
         self._vocab = self.hf.get_vocab()
@@ -164,14 +171,17 @@ class HFTokenizer(Tokenizer):
 
 def load_tokenizer(path, chat_format) -> Tokenizer:
     """A SentencePiece `.model` file or a Hugging Face tokenizer folder, fitted to `chat_format` (a ChatFormat
-    or its name). FileNotFoundError when nothing is there; a one-line ValueError for a tokenizer that cannot
-    serve the model type."""
+    or its name). FileNotFoundError when nothing is there (or a folder holds none of TOKENIZER_FILES); a
+    one-line ValueError for a tokenizer that cannot be loaded or cannot serve the model type."""
     from ochat.data.chat_formats import get_chat_format
 
     if isinstance(chat_format, str):
         chat_format = get_chat_format(chat_format)
     p = Path(path)
     if p.is_dir():
+        if not any((p / name).is_file() for name in TOKENIZER_FILES):
+            raise FileNotFoundError(f"no tokenizer in the folder {path}: expected one of {', '.join(TOKENIZER_FILES)} "
+                                    "(a Hugging Face tokenizer folder, as save_pretrained writes it)")
         if not (p / "tokenizer.json").is_file() and (p / "tokenizer.model").is_file() and _is_tiktoken(p / "tokenizer.model"):
             raise _refuse_tiktoken(p / "tokenizer.model")
         tok = HFTokenizer(p)

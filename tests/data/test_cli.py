@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ochat.assets import SHAREGPT_SAMPLE
 from ochat.config import get_model_type
 from ochat.data import open_dataset
 from ochat.data.generate_dataset import main
@@ -140,7 +141,7 @@ def test_a_meta_json_does_not_make_a_folder_ochat_output(tmp_path):
     (project / "src" / "main.py").write_text("print('hi')")
     (project / "README").write_text("readme")
     (project / "meta.json").write_text(json.dumps({"ochat_dataset": 1}))
-    r = cli("--out-dir", str(project), "--quiet")
+    r = cli("--in-files", str(SHAREGPT_SAMPLE), "--out-dir", str(project), "--quiet")
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert f"--out-dir {project} is not empty and was not written by ochat" in r.stderr and "--overwrite" in r.stderr
     assert (project / "src" / "main.py").read_text() == "print('hi')" and sorted(os.listdir(tmp_path)) == ["project"]
@@ -158,8 +159,6 @@ def test_refuses_out_dir_holding_an_input(tmp_path):
 
 
 def test_deterministic_across_workers(tmp_path):
-    from ochat.assets import SHAREGPT_SAMPLE
-
     recs = json.loads(Path(SHAREGPT_SAMPLE).read_text())
     # > one chunk so two workers really split the work; mix in OpenAI records and conditions
     many = []
@@ -184,6 +183,27 @@ def test_deterministic_across_workers(tmp_path):
 
 def test_unwritable_out_dir_is_one_line(tmp_path):
     (tmp_path / "file.txt").write_text("x")
-    r = cli("--out-dir", str(tmp_path / "file.txt" / "out"), "--quiet")
+    r = cli("--in-files", str(SHAREGPT_SAMPLE), "--out-dir", str(tmp_path / "file.txt" / "out"), "--quiet")
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert f"--out-dir {tmp_path / 'file.txt' / 'out'}: cannot write: " in r.stderr
+
+
+def test_no_records_is_one_line(tmp_path, capsys):
+    empty, blank, array = tmp_path / "empty.jsonl", tmp_path / "blank.jsonl", tmp_path / "empty.json"
+    empty.write_text("")
+    blank.write_text("\n \n")
+    array.write_text("[]")
+    for files in ([empty], [blank, array]):
+        assert main(["--in-files", *map(str, files), "--out-dir", str(tmp_path / "o"), "--quiet"]) == 2
+        assert capsys.readouterr().err == f"generate_dataset: error: {', '.join(map(str, files))}: no records\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_bundled_sample_is_noted(tmp_path, capsys):
+    assert main(["--out-dir", str(tmp_path / "o"), "--quiet", "--workers", "1"]) == 0
+    assert capsys.readouterr().err == ("generate_dataset: note: no --in-files: tokenizing the bundled 500-conversation "
+                                       f"ShareGPT sample ({SHAREGPT_SAMPLE})\n")
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["args"]["in_files"] == [str(SHAREGPT_SAMPLE)] and meta["report"]["records_read"] == 500
+    assert main(["--in-files", str(SHAREGPT_SAMPLE), "--out-dir", str(tmp_path / "o"), "--quiet", "--workers", "1"]) == 0
+    assert capsys.readouterr().err == ""

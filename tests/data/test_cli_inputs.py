@@ -149,3 +149,45 @@ def test_numeric_flags_range_checked(tmp_path, flag, value, msg):
     assert r.returncode == 2 and msg in r.stderr, r.stderr
     assert r.stderr.startswith("generate_dataset: error: ") and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_deeply_nested_json_is_a_bad_line(tmp_path, capsys):
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join([json.dumps(conversation(0)), deep, '{"messages": ' + deep + "}", json.dumps(conversation(1))]))
+    out = tmp_path / "o"
+    assert main(["--in-files", str(path), "--out-dir", str(out), "--quiet", "--workers", "1"]) == 2
+    assert capsys.readouterr().err == (f"generate_dataset: error: {path}: JSON nested too deeply to parse on line 2 "
+                                       "(--skip-bad-lines skips such lines)\n")
+    run_ok("--in-files", path, "--out-dir", out, "--skip-bad-lines")
+    report = json.loads((out / "meta.json").read_text())["report"]
+    assert report["written"] == 2 and report["skipped"] == {"too_deep": 2}
+    assert report["bad_lines"] == {str(path): {"too_deep": {"count": 2, "lines": [2, 3]}}}
+    assert [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()] == [
+        {"file": str(path), "line": n, "reason": "too_deep", "detail": f"{path}: JSON nested too deeply to parse on line {n}"}
+        for n in (2, 3)]
+    array = tmp_path / "in.json"
+    array.write_text("[" + json.dumps(conversation(0)) + ", " + deep + "]")
+    assert main(["--in-files", str(array), "--out-dir", str(out), "--quiet", "--workers", "1"]) == 2
+    offset = len("[" + json.dumps(conversation(0)) + ", ")
+    assert capsys.readouterr().err == (f"generate_dataset: error: {array}: invalid JSON at byte offset {offset} "
+                                       f"(line 1, column {offset + 1}): nested too deeply to parse\n")
+
+
+def test_alpaca_records(tmp_path):
+    recs = [{"instruction": "Give the square of 3.", "input": "", "output": "9"},
+            {"instruction": "Translate to French.", "input": "cat", "output": "chat", "system": "Be brief."}]
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(recs))
+    run_ok("--in-files", path, "--out-dir", tmp_path / "o")
+    assert json.loads((tmp_path / "o" / "meta.json").read_text())["report"]["written"] == 2
+    from ochat.assets import LLAMA2_TOKENIZER
+    from ochat.data import load_tokenizer
+    mt = get_model_type("openchat_v3.2")
+    tok = load_tokenizer(LLAMA2_TOKENIZER, mt)
+    want = [mt.template.encode([{"role": "user", "content": "Give the square of 3."}, {"role": "assistant", "content": "9"}], tok),
+            mt.template.encode([{"role": "user", "content": "Translate to French.\n\ncat"},
+                                {"role": "assistant", "content": "chat"}], tok, system="Be brief.")]
+    got = dataset_rows(tmp_path / "o")
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert all(np.allclose(g, w) for (_, g), (_, w) in zip(got, want))

@@ -40,12 +40,30 @@ def temporaries(parent, name):
 def start_and_wait_for_temporary(tmp_path, *args):
     proc = subprocess.Popen([*COMMAND, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 60
-    while not temporaries(tmp_path, "out"):
+    while not any((tmp_path / name / ".ochat.json").is_file() for name in temporaries(tmp_path, "out")):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.01)
-    time.sleep(0.3)  # into the tokenizing loop
-    assert proc.poll() is None, "finished before it could be interrupted: use a larger input"
     return proc
+
+
+def start_and_wait_for_progress(*args, command=COMMAND):
+    """Start a run and return once it reports its first chunk written (it is in the tokenizing loop, its
+    workers started), however loaded the machine: -> (process, the stderr lines read so far)."""
+    proc = subprocess.Popen([*command, *args, "--progress-interval", "0.001"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    lines = [proc.stderr.readline()]
+    assert "records read" in lines[0], lines[0] + proc.communicate()[1]
+    assert proc.poll() is None, "finished before it could be interrupted: use a larger input"
+    return proc, lines
+
+
+def assert_interrupted(proc, sig, out, stderr_lines):
+    """The run ended on `sig`: its exit status, and on stderr only progress lines then the one-line notice."""
+    stdout, stderr = proc.communicate(timeout=120)
+    *progress, last = (stderr_lines + stderr.splitlines()) or [""]
+    assert proc.returncode == 128 + sig, stderr
+    assert last == f"generate_dataset: interrupted by {sig.name}: {out} left as it was, temporary folder removed"
+    assert all(line.startswith("generate_dataset: ") and "records read" in line for line in progress), progress
 
 
 @pytest.mark.parametrize("sig,workers", [(signal.SIGTERM, "2"), (signal.SIGINT, "1")])
@@ -54,12 +72,46 @@ def test_signal_cleans_up(tmp_path, sig, workers):
     out = tmp_path / "out"
     assert main(["--out-dir", str(out), "--quiet"]) == 0  # an earlier output, which must survive
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    proc = start_and_wait_for_temporary(tmp_path, "--in-files", big, "--out-dir", str(out), "--workers", workers, "--quiet")
+    proc, lines = start_and_wait_for_progress("--in-files", big, "--out-dir", str(out), "--workers", workers)
+    assert temporaries(tmp_path, "out")
     proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + sig
-    assert stderr.strip() == f"generate_dataset: interrupted by {sig.name}: {out} left as it was, temporary folder removed"
+    assert_interrupted(proc, sig, out, lines)
     assert temporaries(tmp_path, "out") == [] and {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+SLOW_WORKERS = r"""
+import sys, time
+from pathlib import Path
+from ochat.data import generate_dataset
+
+init = generate_dataset._init_pool_worker
+
+def slow_init(*args):  # a worker the loaded machine runs late: the stop comes before it set its handlers
+    Path(sys.argv[1], str(time.time())).touch()
+    time.sleep(1)
+    init(*args)
+
+generate_dataset._init_pool_worker = slow_init
+sys.exit(generate_dataset.main(sys.argv[2:]))
+"""
+
+
+def test_signal_before_workers_set_their_handlers(tmp_path):
+    # pool.terminate() sends SIGTERM to workers that may not have run their initializer yet: they must not
+    # run the parent's handler (Interrupted, a traceback on stderr)
+    big = many_conversations(tmp_path / "big.jsonl", 5_000)
+    out, started = tmp_path / "out", tmp_path / "started"
+    started.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WORKERS, str(started), "--in-files", big, "--out-dir", str(out),
+                             "--workers", "2", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV)
+    deadline = time.time() + 60
+    while len(list(started.iterdir())) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert_interrupted(proc, signal.SIGTERM, out, [])
+    assert temporaries(tmp_path, "out") == [] and not out.exists()
 
 
 def test_killed_run_leftovers_are_cleaned_by_the_next_run(tmp_path):
@@ -114,7 +166,10 @@ def test_memory_does_not_grow_with_the_input(tmp_path):
 
 
 def test_progress_lines_without_a_terminal(tmp_path):
-    r = subprocess.run([*COMMAND, "--out-dir", str(tmp_path / "o"), "--progress-interval", "0.001"],
+    from ochat.assets import SHAREGPT_SAMPLE
+
+    r = subprocess.run([*COMMAND, "--in-files", str(SHAREGPT_SAMPLE), "--out-dir", str(tmp_path / "o"),
+                        "--progress-interval", "0.001"],
                        capture_output=True, text=True, env=ENV, timeout=120)
     assert r.returncode == 0
     lines = r.stderr.strip().splitlines()
@@ -157,3 +212,28 @@ def test_long_conversations_and_truncation_report(tmp_path, tok):
     assert report["longest_before_truncation"] == full
     ds = open_dataset(out)
     assert ds.lengths.tolist()[0] == 262_144 and ds[0][1][-1] > 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in KiB on Linux")
+def test_huge_records_are_skipped_before_tokenizing(tmp_path):
+    # a 20 MB line (5M tokens) and one of 300,000 turns: tokenized whole, then cut to --max-length, they took
+    # over 1 GB (and 25 s); skipped as too_long, barely more than the lines themselves
+    good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    text = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "lorem ipsum dolor " * 1_100_000}]}
+    turns = {"conversations": [{"from": ("human", "gpt")[i % 2], "value": ""} for i in range(300_000)]}
+    big, small = tmp_path / "big.jsonl", tmp_path / "small.jsonl"
+    big.write_text("".join(json.dumps(r) + "\n" for r in (good, text, good, turns)))
+    small.write_text(json.dumps(good) + "\n")
+    base = peak_rss_kb("--in-files", str(small), "--out-dir", str(tmp_path / "o1"))
+    peak = peak_rss_kb("--in-files", str(big), "--out-dir", str(tmp_path / "o2"))
+    assert peak - base < 300_000, f"peak RSS {peak / 1024:.0f} MiB on two huge records vs {base / 1024:.0f} MiB on one small"
+    report = json.loads((tmp_path / "o2" / "meta.json").read_text())["report"]
+    assert report["written"] == 2 and report["skipped"] == {"too_long": 2}
+    assert [json.loads(line) for line in (tmp_path / "o2" / "skipped.jsonl").read_text().splitlines()] == [
+        {"file": str(big), "line": 2, "reason": "too_long",
+         "detail": "19800001 characters of text, over --max-record-chars 262144"},
+        {"file": str(big), "line": 4, "reason": "too_long", "detail": "300000 messages, over --max-length 4096"}]
+    # a smaller cap skips what it exceeds; the report lists the reason
+    r = subprocess.run([*COMMAND, "--in-files", str(small), "--out-dir", str(tmp_path / "o3"), "--max-record-chars", "1",
+                        "--eval-ratio", "0"], capture_output=True, text=True, env=ENV, timeout=120, check=False)
+    assert r.returncode == 2 and "too_long=1" in r.stderr

@@ -209,3 +209,30 @@ def test_lone_surrogates_are_skipped():
     assert norm(rec) == F.INVALID_UNICODE
     assert norm({**msgs(("user", "q"), ("assistant", "a")), "system": "\udfff"}) == F.INVALID_UNICODE
     assert norm(msgs(("user", "😀 é"), ("assistant", "a"))).messages[0]["content"] == "😀 é"
+
+
+def test_deeply_nested_record_is_no_recursion_error():
+    params = leaf = {}
+    for _ in range(5000):  # deeper than Python recurses; built without recursion
+        leaf["a"] = {}
+        leaf = leaf["a"]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": params}}]
+    c = norm({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": tools})
+    assert c.tools == tools
+    leaf["s"] = "\ud800"
+    assert norm({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                 "tools": tools}) == F.INVALID_UNICODE
+
+
+def test_alpaca_records():
+    c = norm({"instruction": "Translate", "input": "chat", "output": "cat", "system": "S"})
+    assert c.messages == [{"role": "user", "content": "Translate\n\nchat"}, {"role": "assistant", "content": "cat"}]
+    assert c.system == "S" and c.condition == "GPT4"
+    for empty in ({"input": ""}, {"input": None}, {}):
+        c = norm({"instruction": "Say hi", "output": "hi", **empty})
+        assert c.messages == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+        assert c.system is None
+    assert norm({"instruction": "Say hi", "output": "hi", "condition": "GPT3"}).condition == "GPT3"
+    assert norm({"instruction": "Say hi", "output": 3}) == F.NON_STRING_CONTENT
+    assert norm({"instruction": "Say hi", "input": ["x"], "output": "hi"}) == F.NON_STRING_CONTENT
+    assert norm({"instruction": "Say hi"}) == F.NO_CONVERSATION

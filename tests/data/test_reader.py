@@ -65,17 +65,18 @@ def test_write_dataset_round_trip(tmp_path):
     for i, (t, w) in enumerate(train):
         assert np.array_equal(ds[i][0], t) and np.array_equal(ds[i][1], w)
     # a second write replaces it (ochat wrote it); a folder ochat did not write is refused
-    write_dataset(tmp_path / "syn", train[:1])
+    write_dataset(tmp_path / "syn", train[:1], meta={"model_type": "openchat_v3.2"})
     assert len(open_dataset(tmp_path / "syn")) == 1
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("x")
     with pytest.raises(Exception, match="not empty and was not written by ochat"):
-        write_dataset(tmp_path / "mine", train)
+        write_dataset(tmp_path / "mine", train, meta={"model_type": "openchat_v3.2"})
     assert os.listdir(tmp_path / "mine") == ["notes.txt"]
 
 
 def test_format_version_checked(tmp_path):
-    write_dataset(tmp_path / "d", [(np.arange(5, dtype=np.int32), np.ones(5, np.float32))])
+    write_dataset(tmp_path / "d", [(np.arange(5, dtype=np.int32), np.ones(5, np.float32))],
+                  meta={"model_type": "openchat_v3.2"})
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     (tmp_path / "d" / "meta.json").write_text(json.dumps(dict(meta, ochat_dataset=FORMAT_VERSION + 1)))
     with pytest.raises(DatasetFormatError, match=rf"d is an ochat dataset of format version {FORMAT_VERSION + 1}, "
@@ -165,3 +166,75 @@ def test_open_100m_tokens_rss(tmp_path):
     assert total == rows * per == 100_000_000 and n == rows
     assert grew < 100 * 2**20, f"RSS grew by {grew / 2**20:.1f} MB on open + lengths + 3 items"
     assert anon < 20 * 2**20, f"private (anonymous) memory grew by {anon / 2**20:.1f} MB after 50 items"
+
+
+def write_rows(folder, batches, meta=None):
+    """A dataset folder whose rows are given column by column: batches of (tokens, weights, lengths) lists."""
+    folder.mkdir(exist_ok=True)
+    with pa.OSFile(str(folder / "train.arrow"), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as w:
+        for tokens, weights, lengths in batches:
+            w.write_batch(pa.record_batch([pa.array(tokens, pa.list_(pa.int32())),
+                                           pa.array(weights, pa.list_(pa.float32())),
+                                           pa.array(lengths, pa.int32())], schema=SCHEMA))
+    meta = {"ochat_dataset": FORMAT_VERSION, "model_type": "openchat_v3.2", "vocab_size": 100} if meta is None else meta
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder / "train.arrow"
+
+
+GOOD = ([[1, 2, 3], [4, 5]], [[0, 1, 1], [0, 1]], [3, 2])
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (([[1, 2, 3, 4, 5]], [[0, 0, 1, 1, 1]], [50]), "row 2: `length` is 50 but the row has 5 tokens and 5 weights"),
+    (([[1, 2, 3]], [[0, 1]], [3]), "row 2: `length` is 3 but the row has 3 tokens and 2 weights"),
+    (([[7], [1, 2, 3, 100, 5]], [[1], [0, 0, 1, 1, 1]], [1, 5]),
+     "row 3: token id 100 at position 3 is outside [0, 100) (meta.json's vocab_size)"),
+    (([[1, -1]], [[0, 1]], [2]), "row 2: token id -1 at position 1 is outside [0, 100)"),
+    (([[1, 2], [1, 2]], [[0, 1], [float("nan"), 1]], [2, 2]), "row 3: weight nan at position 0 (weights must be finite and >= 0)"),
+    (([[1, 2]], [[0, -0.5]], [2]), "row 2: weight -0.5 at position 1 (weights must be finite and >= 0)"),
+    (([[1, 2]], [[float("inf"), 1]], [2]), "row 2: weight inf at position 0"),
+    (([None], [[1.0]], [1]), "row 2: `tokens` is null"),
+])
+def test_rows_checked_on_open(tmp_path, bad, msg):
+    # the bad rows come in a second record batch: the row named is the index in the whole file
+    path = write_rows(tmp_path / "d", [GOOD, bad])
+    with pytest.raises(DatasetFormatError) as e:
+        open_dataset(tmp_path / "d")
+    assert str(e.value).startswith(f"{path}: {msg}") and "\n" not in str(e.value)
+
+
+def test_rows_checked_without_meta(tmp_path):
+    path = write_rows(tmp_path / "d", [([[1, 2, 3]], [[0, 1, 1]], [30])], meta={})
+    with pytest.raises(DatasetFormatError, match=r"row 0: `length` is 30 but the row has 3 tokens and 3 weights"):
+        TokenizedDataset(path)
+    # without a vocab_size, ids are only checked to be >= 0
+    write_rows(tmp_path / "e", [([[1, 10**6]], [[0, 1]], [2])], meta={})
+    assert TokenizedDataset(tmp_path / "e" / "train.arrow")[0][0].tolist() == [1, 10**6]
+    write_rows(tmp_path / "f", [([[1, -3]], [[0, 1]], [2])], meta={})
+    with pytest.raises(DatasetFormatError, match=r"row 0: token id -3 at position 1 is negative$"):
+        TokenizedDataset(tmp_path / "f" / "train.arrow")
+
+
+@pytest.mark.parametrize("text,msg", [
+    ('{"ochat_dataset": 1, "model_type": "openchat_v3.2", "vocab',
+     "not valid JSON (line 1, column 53: Unterminated string starting at)"),
+    ('{"ochat_dataset": 1, "model_type": "openchat_v3.2",', "not valid JSON (line 1, column 52: Expecting property name"),
+    ("[1, 2]", "a JSON array, not an object"),
+    ('"openchat_v3.2"', "a JSON string, not an object"),
+    ('{"ochat_dataset": 1}', 'has no "model_type" (the chat format the dataset was tokenized with: one of openchat_v3.2, '),
+    ('{"ochat_dataset": 1, "model_type": "llama"}', "unknown model_type 'llama' (known: openchat_v3.2, "),
+    ('{"ochat_dataset": 1, "model_type": ["openchat_v3.2"]}', "unknown model_type ['openchat_v3.2'] (known: "),
+    ('{"ochat_dataset": 1, "model_type": "openchat_v3.2", "vocab_size": "32001"}', "vocab_size '32001' is not a positive integer"),
+])
+def test_bad_meta_json_is_one_line(tmp_path, text, msg):
+    write_rows(tmp_path / "d", [GOOD])
+    (tmp_path / "d" / "meta.json").write_text(text)
+    with pytest.raises(DatasetFormatError) as e:
+        open_dataset(tmp_path / "d")
+    assert str(e.value).startswith(str(tmp_path / "d" / "meta.json")) and msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_write_dataset_needs_a_model_type(tmp_path):
+    with pytest.raises(DatasetFormatError, match="write_dataset's meta has no \"model_type\""):
+        write_dataset(tmp_path / "d", [(np.arange(3, dtype=np.int32), np.ones(3, np.float32))])
+    assert not (tmp_path / "d").exists()

@@ -77,3 +77,15 @@ def test_meta_llama3_tokenizer_model_refused(tmp_path):
     shutil.copyfile(meta, tmp_path / "tokenizer.model")
     with pytest.raises(ValueError, match="tiktoken BPE file"):
         load_tokenizer(tmp_path, "openchat_3.6")
+
+
+def test_folder_without_tokenizer_files_is_one_full_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")  # a model folder whose tokenizer files were not copied
+    with pytest.raises(FileNotFoundError) as e:
+        load_tokenizer(tmp_path, "openchat_v3.2")
+    msg = (f"no tokenizer in the folder {tmp_path}: expected one of tokenizer.json, tokenizer.model, vocab.json, "
+           "vocab.txt, spiece.model, sentencepiece.bpe.model, tekken.json (a Hugging Face tokenizer folder, as "
+           "save_pretrained writes it)")
+    assert str(e.value) == msg
+    assert generate_dataset(["--tokenizer", str(tmp_path), "--out-dir", str(tmp_path / "out"), "--quiet"]) == 2
+    assert capsys.readouterr().err == f"generate_dataset: error: {msg}\n"
