@@ -12,8 +12,10 @@ import os
 import re
 import shutil
 import signal
+import time
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -215,3 +217,24 @@ def test_a_planted_pickle_in_a_resume_state_never_runs(setup, zero2_run, tmp_pat
     errors = [line for line in r.stderr.splitlines() if line.startswith("ochat.training.train: error:")]
     assert len(errors) == 1 and "would run code to load" in errors[0] and "refused" in errors[0], r.stderr[-2000:]
 
+
+
+def test_a_bad_row_ends_every_rank_within_seconds(setup, tmp_path):
+    """A row whose weights are shorter than its tokens (it once hung a 2-rank job for minutes in a DataLoader
+    worker): refused when the dataset opens, one line naming the file and the row, every rank gone."""
+    root, data, model = setup
+    bad = tmp_path / "bad"
+    shutil.copytree(data, bad)
+    with pa.OSFile(str(bad / "train.arrow"), "rb") as source:  # read into memory, not mapped: rewritten below
+        table = pa.ipc.open_file(source).read_all()
+    weights = table.column("weights").to_pylist()
+    weights[7] = weights[7][:-3]
+    table = table.set_column(table.schema.get_field_index("weights"), table.schema.field("weights"),
+                             pa.array(weights, type=table.schema.field("weights").type))
+    with pa.OSFile(str(bad / "train.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    t0 = time.time()
+    r = run_trainer(2, model, str(bad), str(tmp_path / "o"))
+    assert r.returncode == 1 and time.time() - t0 < 90, r.stderr[-3000:]  # startup included; no wait for a hang
+    errors = [line for line in r.stderr.splitlines() if line.startswith("ochat.training.train: error:")]
+    assert len(errors) == 1 and "train.arrow: row 7: `length` is" in errors[0], r.stderr[-2000:]
