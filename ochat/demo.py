@@ -1,6 +1,6 @@
 """The golden path on a laptop: pre-tokenize, train a tiny random Llama with DeepSpeed, load, generate.
 
-    python -m ochat.demo [--work-dir runs/demo] [--epochs 3] [--num-gpus 2] [--verbose]
+    python -m ochat.demo [--work-dir runs/demo] [--epochs 3] [--max-steps N] [--num-gpus 2] [--verbose]
 
 1. `python -m ochat.data.generate_dataset` on the bundled ShareGPT sample and Llama 2 tokenizer.
 2. A tiny random Llama (2 layers, hidden 64, vocabulary 32001 = Llama 2 + <|end_of_turn|>) saved in
@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 
-from ochat.assets import LLAMA2_TOKENIZER
+from ochat.assets import LLAMA2_TOKENIZER, SHAREGPT_SAMPLE
 
 
 def make_tiny_llama(out_dir, *, vocab_size=32001, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, seed=0):
@@ -56,6 +56,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m ochat.demo", description=__doc__.split("\n")[0])
     p.add_argument("--work-dir", default="runs/demo")
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (a quick check)")
     p.add_argument("--num-gpus", type=int, default=None, help="ranks (default: the GPUs, or 2 CPU ranks)")
     p.add_argument("--verbose", action="store_true", help="show the DeepSpeed launcher's output too")
     args = p.parse_args(argv)
@@ -69,8 +70,8 @@ def main(argv=None):
     n = args.num_gpus or gpus or 2
     data, model, out = (os.path.join(args.work_dir, d) for d in ("data", "tiny-llama", "out"))
     _say(f"1/4 pre-tokenizing the bundled ShareGPT sample -> {data}")
-    subprocess.run([sys.executable, "-m", "ochat.data.generate_dataset", "--out-dir", data, "--overwrite", "--quiet"],
-                   check=True)
+    subprocess.run([sys.executable, "-m", "ochat.data.generate_dataset", "--in-files", str(SHAREGPT_SAMPLE), "--out-dir",
+                    data, "--overwrite", "--quiet"], check=True)
     _say(f"2/4 a tiny random Llama (vocabulary 32001) -> {model}")
     make_tiny_llama(model)
     _say(f"3/4 training {args.epochs} epochs with DeepSpeed on {n} {'GPU' if gpus else 'CPU'} ranks -> {out}")
@@ -79,7 +80,7 @@ def main(argv=None):
     cmd = ["deepspeed", "--num_gpus", str(n), "--master_port", str(29500 + os.getpid() % 1000), "--module",
            "ochat.training.train", "--model-path", model, "--data-path", data, "--save-path", out, "--overwrite",
            "--epochs", str(args.epochs), "--batch-max-len", "1024", "--lr", "3e-3", "--lr-warmup-steps", "2",
-           "--log-every", "5"]
+           "--log-every", "5"] + (["--max-steps", str(args.max_steps)] if args.max_steps else [])
     status = _train(cmd, args.verbose)
     if status != 0:
         raise SystemExit(f"[demo] training failed (exit {status}); run again with --verbose for the launcher's output")
