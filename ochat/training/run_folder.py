@@ -134,7 +134,8 @@ class RunFolder:
         """The Hugging Face folder `name`, then the resume state that records it as the last checkpoint."""
         path = self.checkpoint_path(name)
         save_hf_checkpoint(self.engine.module, path, tokenizer=self.tokenizer, chat_format=self.chat_format,
-                           train_config_json=self.cfg.to_json())
+                           train_config_json=self.cfg.to_json(), base_model=self.cfg.model_path,
+                           merge_lora=self.cfg.merge_lora)
         state.last_checkpoint = path
         log(f"saved {path}")
         self.save_state(state)
