@@ -147,7 +147,7 @@ class TrainConfig:
                                offload_activations=self.offload_activations, compile=self.compile,
                                sequence_parallel=self.sequence_parallel, lora_rank=self.lora_rank,
                                lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                               lora_targets=self.lora_targets)
+                               lora_targets=self.lora_targets, seed=self.seed)
 
     @property
     def wandb_enabled(self) -> bool:

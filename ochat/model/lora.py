@@ -43,17 +43,21 @@ def lora_config(model: nn.Module, rank: int, alpha: float, dropout: float, targe
     names = sorted(present & set(TARGETS[targets]))
     if not names:
         raise ValueError(f"--lora-targets {targets}: the decoder layers have none of {', '.join(TARGETS[targets])}")
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none")
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none",
+                      task_type="CAUSAL_LM")
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: str) -> int:
+def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: str, seed: int = 0) -> int:
     """Wrap `targets` ("attention", "mlp" or "all") of every decoder layer of `model` with float32 LoRA adapters
-    of `rank` (scale alpha / rank; dropout on the adapters' input) and freeze every other parameter. Returns the
-    number of trainable parameters."""
+    of `rank` (scale alpha / rank; dropout on the adapters' input; peft's init, A from `seed`, B zero) and freeze
+    every other parameter. Returns the number of trainable parameters."""
     from peft import inject_adapter_in_model
 
     config = lora_config(model, rank, alpha, dropout, targets)
-    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    # A's init from `seed` alone: the same adapters whatever drew random numbers before (ZeRO-3's zero.Init does)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     trainable = 0
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter_weight(name))

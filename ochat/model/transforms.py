@@ -44,6 +44,7 @@ class ModelTransforms:
     lora_alpha: float | None = None  # None: lora.default_alpha(rank)
     lora_dropout: float = 0.0
     lora_targets: str = "all"  # a preset of lora.TARGETS
+    seed: int = 0  # of what a transform draws at random (LoRA's initial A)
 
 
 def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatter: bool = True,
@@ -97,7 +98,7 @@ def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | 
 
     if t.lora_rank:
         alpha = default_alpha(t.lora_rank) if t.lora_alpha is None else t.lora_alpha
-        trainable = add_lora(model, t.lora_rank, alpha, t.lora_dropout, t.lora_targets)
+        trainable = add_lora(model, t.lora_rank, alpha, t.lora_dropout, t.lora_targets, t.seed)
         log(f"LoRA (rank {t.lora_rank}, alpha {alpha:g}, targets {t.lora_targets}): {trainable} trainable "
             f"parameters, the rest frozen")
     if t.fp8:
