@@ -1,12 +1,13 @@
 """The real trainer with LoRA (--lora-rank) on 2 CPU ranks (gloo, float32): the loss falls, only the adapters train,
 final/ holds the adapter in PEFT's format that peft loads on the --model-path model; ZeRO-3 gathers the same
-adapter as ZeRO-2, and --merge-lora's merged weights serve the logits of base + adapter."""
+adapter as ZeRO-2, --merge-lora's merged weights serve the logits of base + adapter, and a run killed and resumed
+from its adapter-only resume states ends bit-for-bit equal."""
 import os
 
 import pytest
 import torch
 
-from tests.helpers.train import make_sample_dataset, metrics, run_trainer
+from tests.helpers.train import make_sample_dataset, metrics, run_trainer, run_trainer_until
 
 pytestmark = pytest.mark.slow
 LORA = ["--lora-rank", "4", "--lr", "1e-2", "--epochs", "1", "--max-steps", "4"]
@@ -79,3 +80,19 @@ def test_zero3_saves_the_zero2_adapter_and_merge_lora_serves_base_plus_adapter(s
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, with_adapter(base, out)(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_resume_after_a_hard_kill_is_bit_for_bit_from_adapter_only_states(setup, zero2_run):
+    root, data, model = setup
+    out = str(root / "killed")
+    status, log = run_trainer_until("(global step 2)", 2, model, data, out, *LORA, "--save-state-every", "2")
+    assert status != 0 and not os.path.exists(os.path.join(out, "final")), log[-3000:]
+    state = os.path.join(out, "ds_state", "step2", "mp_rank_00_model_states.pt")
+    assert os.path.getsize(state) < 200_000  # the adapters (~10 KB), not the 16 MB base
+    r = run_trainer(2, model, data, out, *LORA, "--resume", "--save-state-every", "2")
+    assert r.returncode == 0 and "resumed at epoch 0 step-in-epoch 2 (global step 2)" in r.stdout, r.stdout[-3000:]
+    a, b = adapter(zero2_run), adapter(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(zero2_run)]
+    r = run_trainer(2, model, data, out, *LORA, "--resume", "--lora-targets", "mlp")
+    assert r.returncode == 1 and "adapters: LoRA rank 4 alpha 8 targets all" in r.stderr, r.stderr[-2000:]
