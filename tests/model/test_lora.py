@@ -103,7 +103,7 @@ def test_only_adapter_weights_change_after_optimizer_steps():
     assert all(not torch.equal(after[n], t) for n, t in adapters.items())
 
 
-@pytest.mark.parametrize("name", ["llama2", "phi3_longrope"])
+@pytest.mark.parametrize("name", ["llama2", "qwen2_bias", "phi3_longrope"])  # qwen2: q/k/v biases kept in merging
 def test_saved_adapter_loads_in_peft_and_merged_weights_in_transformers(name, tmp_path):
     cfg, ours, _ = lora_pair(name)
     seqs, ids, pos, cu, mx = make_pack(cfg)
