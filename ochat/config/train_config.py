@@ -25,6 +25,7 @@ from ochat.config.deepspeed import DEEPSPEED_CONFIGS
 from ochat.config.errors import ConfigError
 from ochat.kernels.attention import BACKENDS as ATTENTION_BACKENDS
 from ochat.model.fp8 import RECIPES as FP8_RECIPES
+from ochat.model.lora import TARGETS as LORA_TARGETS
 from ochat.model.transforms import ModelTransforms, refusals
 
 PROG = "ochat.training.train"
@@ -97,6 +98,18 @@ class TrainConfig:
     compile: bool = _opt(False, "compile each decoder layer with torch.compile: norms, RoPE, SwiGLU, residual adds and "
                                 "float8 casts fused by the compiler (the first step also compiles); "
                                 "ZeRO-2 or lower, without --sequence-parallel, --tiled-mlp or --offload-activations")
+    lora_rank: int = _opt(0, "train LoRA adapters of this rank on the decoder layers' linear layers (peft), the "
+                             "base model frozen; adapters created in float32, their master weights and optimizer "
+                             "state float32 (bf16 runs compute them in bf16); each checkpoint folder gets them in "
+                             "PEFT's format in adapter/; 0: off (full fine-tuning)", low=0)
+    lora_alpha: Optional[float] = _opt(None, "LoRA scale numerator: adapters add (alpha / rank) B A (default: 2 x "
+                                             "--lora-rank)", low=0.0, low_open=True)
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA adapters' input", low=0.0, high=1.0)
+    lora_targets: str = _opt("all", "linear layers that get LoRA adapters, in every decoder layer (never lm_head or "
+                                    "the embeddings): attention (q/k/v/o projections, Phi-3's qkv_proj), mlp (gate/up/"
+                                    "down, Phi-3's gate_up_proj), all: both", choices=tuple(LORA_TARGETS))
+    merge_lora: bool = _opt(False, "with --lora-rank: checkpoint folders also hold the full model with the adapters "
+                                   "merged into its weights (default: only adapter/, tokenizer and config)")
     attn_impl: str = _opt("auto", "attention backend (auto: the fastest available on the device)",
                           choices=("auto",) + ATTENTION_BACKENDS)
     dtype: str = _opt("auto", "auto: bf16 on GPUs, float32 on CPUs (exact tests and resume)", choices=DTYPE_CHOICES)
@@ -132,7 +145,9 @@ class TrainConfig:
         """The model transforms these flags ask for (ochat.model.transforms)."""
         return ModelTransforms(fp8=self.fp8, recompute=self.gradient_checkpointing, tiled_mlp=self.tiled_mlp,
                                offload_activations=self.offload_activations, compile=self.compile,
-                               sequence_parallel=self.sequence_parallel)
+                               sequence_parallel=self.sequence_parallel, lora_rank=self.lora_rank,
+                               lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                               lora_targets=self.lora_targets, seed=self.seed)
 
     @property
     def wandb_enabled(self) -> bool:
@@ -235,6 +250,8 @@ def check(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{_flags(f.name)[0]} must be a finite number {want} (got {value})")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("give --resume (continue the run in --save-path) or --overwrite (replace it), not both")
+    if cfg.merge_lora and not cfg.lora_rank:
+        raise ConfigError("--merge-lora merges LoRA adapters into the checkpoints: add --lora-rank")
     problems = refusals(cfg.transforms)
     if problems:
         raise ConfigError(problems[0])

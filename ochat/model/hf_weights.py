@@ -7,7 +7,8 @@
 - `load_partitioned`: ZeRO-3, a model built already partitioned, filled one parameter at a time.
 - `full_state_dict`: the module's tensors on rank 0, gathered parameter by parameter under ZeRO-3 (a no-op
   gather otherwise), so a checkpoint is written the same way whatever the DeepSpeed stage.
-- `save_weights`: config.json + safetensors, sharded with Hugging Face's index above 5 GB.
+- `save_weights`: config.json + safetensors, sharded with Hugging Face's index above 5 GB; `save_config`:
+  config.json alone.
 
 Tied embeddings: `lm_head.weight` is the embedding matrix itself; it is never read from nor written to a
 checkpoint (transformers does the same), so every writer and reader treats a tied model alike.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -146,14 +148,16 @@ def load_partitioned(model: nn.Module, path) -> nn.Module:
     return model
 
 
-def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor] | None:
-    """Every parameter of `module` as a contiguous CPU tensor on rank 0 (None on other ranks), without a tied
-    lm_head. Under ZeRO-3 each parameter is gathered in turn, so no rank holds more than one extra tensor on
-    the GPU. Collective: every rank calls it."""
+def full_state_dict(module: nn.Module, only: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor] | None:
+    """Every parameter of `module` (or those whose name `only` accepts) as a contiguous CPU tensor on rank 0 (None
+    on other ranks), without a tied lm_head. Under ZeRO-3 each parameter is gathered in turn, so no rank holds
+    more than one extra tensor on the GPU. Collective: every rank calls it."""
     import deepspeed
 
     out = {} if is_main() else None
     for name, p in module.named_parameters():  # a tied lm_head is listed once, as the embedding
+        if only is not None and not only(name):
+            continue
         with deepspeed.zero.GatheredParameters([p]):  # no-op for parameters that are not partitioned
             if out is not None:
                 out[name] = p.data.detach().to("cpu", copy=True).contiguous()
@@ -176,8 +180,13 @@ def save_weights(path, state_dict: dict[str, torch.Tensor], config: ModelConfig,
     if split.is_sharded:
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
             json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, fh, indent=2)
+    save_config(path, config, next(iter(state_dict.values())).dtype, **config_overrides)
+
+
+def save_config(path, config: ModelConfig, dtype: torch.dtype, **config_overrides) -> None:
+    """Write config.json (`ModelConfig.to_hf_config`, torch_dtype `dtype`, updated by `config_overrides`)."""
     hf = config.to_hf_config()
-    hf["torch_dtype"] = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     hf.update(config_overrides)
     with open(os.path.join(path, "config.json"), "w") as fh:
         json.dump(hf, fh, indent=2)

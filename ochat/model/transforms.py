@@ -3,6 +3,10 @@
 `PackedCausalLM.from_pretrained` gives the checkpoint's plain decoder. `apply_transforms(model, transforms)`
 then changes it, always in this order:
 
+0. LoRA           the decoder layers' linear layers chosen by --lora-targets get float32 LoRA adapters (lora.py,
+                  peft's layers) and every other parameter is frozen. First, so that the later steps see the
+                  wrapped layers; with LoRA, fp8, compile, tiled MLP, offload and sequence parallelism are refused
+                  (not yet tested together), so only recompute (step 2) acts on an adapted model.
 1. fp8            the decoder layers' linear layers become torchao Float8Linear (fp8.py); each one's forward is
                   compiled unless step 5 compiles the whole layer.
 2. recompute      which decoder layers are recomputed in the backward: a fraction of them, evenly spread
@@ -13,7 +17,7 @@ then changes it, always in this order:
 6. sequence parallelism   every attention routed over the ranks of a sequence-parallel group
                   (sequence_parallel.py); attention stays outside compiled graphs, so it composes with 1-4.
 
-Later transforms (LoRA adapters, expert layers) join this list. `refusals` holds every rule about which
+Later transforms (expert layers) join this list. `refusals` holds every rule about which
 combinations are refused; the trainer asks it at parse time, with the DeepSpeed config, and before training.
 """
 from __future__ import annotations
@@ -36,6 +40,11 @@ class ModelTransforms:
     offload_activations: bool = False
     compile: bool = False
     sequence_parallel: int = 1  # ranks per group sharing a pack; 1: off
+    lora_rank: int = 0  # LoRA adapters' rank; 0: off (full fine-tuning)
+    lora_alpha: float | None = None  # None: lora.default_alpha(rank)
+    lora_dropout: float = 0.0
+    lora_targets: str = "all"  # a preset of lora.TARGETS
+    seed: int = 0  # of what a transform draws at random (LoRA's initial A)
 
 
 def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatter: bool = True,
@@ -59,6 +68,14 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
         out.append("--sequence-parallel needs ZeRO's reduce_scatter (remove \"reduce_scatter\": false)")
     if t.offload_activations and cuda is False:
         out.append("--offload-activations moves activations from GPU to CPU memory: it needs a GPU")
+    if t.lora_rank:
+        others = [flag for flag, on in (("--fp8", t.fp8), ("--compile", t.compile), ("--tiled-mlp", t.tiled_mlp > 1),
+                                        ("--offload-activations", t.offload_activations),
+                                        ("--sequence-parallel", t.sequence_parallel > 1)) if on]
+        if others:
+            out.append(f"--lora-rank is not yet supported with {', '.join(others)}: drop one or the other")
+    elif t.lora_alpha is not None or t.lora_dropout:
+        out.append("--lora-alpha and --lora-dropout configure LoRA adapters: add --lora-rank")
     try:
         if world_size is not None:
             sequence_parallel.Layout(world_size, 0, t.sequence_parallel)
@@ -77,7 +94,13 @@ def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | 
     process, after torch.distributed started."""
     from ochat.model import memory, sequence_parallel
     from ochat.model.fp8 import enable_fp8
+    from ochat.model.lora import add_lora, default_alpha
 
+    if t.lora_rank:
+        alpha = default_alpha(t.lora_rank) if t.lora_alpha is None else t.lora_alpha
+        trainable = add_lora(model, t.lora_rank, alpha, t.lora_dropout, t.lora_targets, t.seed)
+        log(f"LoRA (rank {t.lora_rank}, alpha {alpha:g}, targets {t.lora_targets}): {trainable} trainable "
+            f"parameters, the rest frozen")
     if t.fp8:
         converted = enable_fp8(model, t.fp8, compile=not t.compile, emulate=emulate_fp8)
         log(f"fp8 ({t.fp8} scaling): {converted} linear layers of the decoder layers train in float8")

@@ -50,8 +50,9 @@ def _is_matrix(p: torch.nn.Parameter) -> bool:
 
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on the weight matrices only; norms and biases get none."""
-    params = list(model.parameters())
+    """The trainable parameters (with LoRA, only the adapters'), weight decay on the matrices only; norms and
+    biases get none."""
+    params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if _is_matrix(p)], "weight_decay": weight_decay},
             {"params": [p for p in params if not _is_matrix(p)], "weight_decay": 0.0}]
 

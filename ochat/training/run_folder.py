@@ -3,7 +3,8 @@
     save_path/
       .ochat.lock          held (flock) by rank 0 while a run writes here; it names that run's process
       ep_N/, final/        Hugging Face checkpoints (ochat.training.checkpoint), each an atomic directory
-      ds_state/stepS/      resume states: DeepSpeed's files + run_state.json (ours) + train_config.json
+      ds_state/stepS/      resume states: DeepSpeed's files + run_state.json (ours) + train_config.json; with
+                           LoRA without the frozen base (it is --model-path's)
       ds_state/latest      the tag of the newest complete resume state
       metrics.jsonl        one JSON line per step and per eval
       wandb/               Weights & Biases files, when enabled
@@ -62,6 +63,11 @@ class RunFolder:
     @property
     def states_dir(self) -> str:
         return os.path.join(self.path, STATES)
+
+    @property
+    def _adapters_only(self) -> bool:
+        """LoRA: resume states hold only the trainable adapters (the frozen base is reloaded from --model-path)."""
+        return self.cfg.lora_rank > 0
 
     @property
     def metrics_path(self) -> str:
@@ -134,7 +140,8 @@ class RunFolder:
         """The Hugging Face folder `name`, then the resume state that records it as the last checkpoint."""
         path = self.checkpoint_path(name)
         save_hf_checkpoint(self.engine.module, path, tokenizer=self.tokenizer, chat_format=self.chat_format,
-                           train_config_json=self.cfg.to_json())
+                           train_config_json=self.cfg.to_json(), base_model=self.cfg.model_path,
+                           merge_lora=self.cfg.merge_lora)
         state.last_checkpoint = path
         log(f"saved {path}")
         self.save_state(state)
@@ -148,7 +155,7 @@ class RunFolder:
         folder = os.path.join(d, tag)
         try:
             # save_latest=False: DeepSpeed writes `latest` on rank 0 before the other ranks are known to be done
-            self.engine.save_checkpoint(d, tag=tag, save_latest=False)
+            self.engine.save_checkpoint(d, tag=tag, save_latest=False, exclude_frozen_parameters=self._adapters_only)
             sums = _gather(_checksums(folder, _own_files(folder)))
             if is_main():
                 _write_synced(os.path.join(folder, "train_config.json"), self.cfg.to_json())
@@ -198,7 +205,7 @@ class RunFolder:
         self.engine.checkpoint_engine = SafeCheckpointEngine(self.engine._config)
         try:
             self.engine.load_checkpoint(self.states_dir, tag=self._resume_tag, load_optimizer_states=True,
-                                        load_lr_scheduler_states=True)
+                                        load_lr_scheduler_states=True, load_module_strict=not self._adapters_only)
         except UnsafeState as e:
             raise TrainError(f"--resume: {e}; only states ochat wrote can be resumed") from None
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ochat.config.deepspeed import load_deepspeed_config
 from ochat.config.errors import ConfigError
 from ochat.config.train_config import PROG, TrainConfig, parse_args
+from ochat.model import lora
 from ochat.model.fp8 import FP8_TOKEN_MULTIPLE
 from ochat.model.recompute import AutoRecompute
 from ochat.training import preflight
@@ -134,7 +135,16 @@ def _run_settings(cfg: TrainConfig, plan: PackPlan, train_ds) -> RunSettings:
     return RunSettings(dataset=RunSettings.dataset_fingerprint(train_ds.lengths, train_ds.meta.get("tokenizer_sha256")),
                        batch_max_len=plan.sampler.batch_max_length, world_size=plan.world_size, slots=plan.slots,
                        seed=cfg.seed, epochs=cfg.epochs,
-                       total_steps=total, warmup_steps=warmup)
+                       total_steps=total, warmup_steps=warmup, adapters=_adapters(cfg))
+
+
+def _adapters(cfg: TrainConfig) -> str:
+    """The LoRA adapters a run trains, as RunSettings records them."""
+    if not cfg.lora_rank:
+        return "none"
+    t = cfg.transforms
+    return (f"LoRA rank {t.lora_rank} alpha {t.lora_alpha or lora.default_alpha(t.lora_rank):g} targets "
+            f"{t.lora_targets} on {cfg.model_path}")
 
 
 def _resume(run: RunFolder, settings: RunSettings) -> TrainState:
@@ -146,7 +156,8 @@ def _resume(run: RunFolder, settings: RunSettings) -> TrainState:
     changed = settings.differences(saved_settings)
     if changed:
         raise TrainError(f"--resume: the saved run differs ({'; '.join(changed)}): resume with its settings (the "
-                         f"same data, --batch-max-len, --seed, --epochs, --max-steps, GPUs and --grad-accum), or start "
+                         f"same data, --batch-max-len, --seed, --epochs, --max-steps, GPUs, --grad-accum; with LoRA "
+                         f"its flags and --model-path), or start "
                          f"a new --save-path")
     if state.global_step < settings.total_steps:  # a finished run has nothing to load
         run.load_state()

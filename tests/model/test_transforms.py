@@ -65,6 +65,13 @@ def test_tiled_mlp_keeps_the_result():
     (ModelTransforms(sequence_parallel=4), {"model": ModelConfig.debug(hidden_size=96, num_attention_heads=6,
                                                                        num_key_value_heads=3)},
      "must divide the model's 6 attention heads"),
+    (ModelTransforms(lora_rank=8, fp8="rowwise"), {}, "--lora-rank is not yet supported with --fp8"),
+    (ModelTransforms(lora_rank=8, compile=True), {}, "--lora-rank is not yet supported with --compile"),
+    (ModelTransforms(lora_rank=8, tiled_mlp=2), {}, "--lora-rank is not yet supported with --tiled-mlp"),
+    (ModelTransforms(lora_rank=8, sequence_parallel=2), {}, "--lora-rank is not yet supported with --sequence-parallel"),
+    (ModelTransforms(lora_rank=8, offload_activations=True, recompute=1.0), {},
+     "--lora-rank is not yet supported with --offload-activations"),
+    (ModelTransforms(lora_alpha=16.0), {}, "--lora-alpha and --lora-dropout configure LoRA adapters: add --lora-rank"),
 ])
 def test_each_refused_combination_says_why(t, facts, message):
     problems = refusals(t, **facts)
@@ -76,3 +83,5 @@ def test_combinations_that_work_are_not_refused():
     assert refusals(ModelTransforms(fp8="rowwise", compile=True, recompute="auto"), zero_stage=2, cuda=True) == []
     assert refusals(ModelTransforms(sequence_parallel=2, tiled_mlp=4, offload_activations=True, recompute=1.0),
                     zero_stage=3, cuda=True, world_size=4, model=ModelConfig.debug()) == []
+    assert refusals(ModelTransforms(lora_rank=8, lora_alpha=32.0, lora_dropout=0.1, lora_targets="mlp", recompute=0.5),
+                    zero_stage=3, cuda=True, world_size=2, model=ModelConfig.debug()) == []

@@ -54,3 +54,35 @@ def test_an_existing_folder_is_replaced_whole(tmp_path, tokenizer):
                        train_config_json="{}")
     assert not (path / "stale.txt").exists() and (path / "model.safetensors").exists()
     assert sorted(os.listdir(tmp_path)) == ["ep_0"]
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_lora_folder_holds_the_adapter_for_peft_and_merged_weights_only_when_asked(tmp_path, tokenizer, merge):
+    import peft
+
+    from ochat.model.transforms import ModelTransforms, apply_transforms
+
+    torch.manual_seed(0)
+    model = PackedCausalLM(ModelConfig.debug(vocab_size=32001), attn_impl="sdpa")
+    base = str(tmp_path / "base")
+    model.save_pretrained(base)
+    apply_transforms(model, ModelTransforms(lora_rank=4, lora_targets="attention"))
+    with torch.no_grad():  # trained adapters: B no longer zero
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(std=0.1)
+    path = str(tmp_path / "final")
+    save_hf_checkpoint(model, path, tokenizer=tokenizer, chat_format=get_model_type("openchat_v3.2"),
+                       train_config_json="{}", base_model=base, merge_lora=merge)
+    assert sorted(os.listdir(os.path.join(path, "adapter"))) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert os.path.exists(os.path.join(path, "model.safetensors")) == merge
+    assert json.loads(open(os.path.join(path, "config.json")).read())["eos_token_id"] == 32000
+    ids = torch.randint(0, 32001, (1, 40))
+    with torch.no_grad():
+        ours = model(ids[0], torch.arange(40), torch.tensor([0, 40], dtype=torch.int32), 40)
+        served = [peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                                 os.path.join(path, "adapter"))]
+        if merge:
+            served.append(transformers.AutoModelForCausalLM.from_pretrained(path))
+        for hf in served:
+            torch.testing.assert_close(hf.float().eval()(input_ids=ids).logits[0], ours, rtol=1e-5, atol=1e-5)

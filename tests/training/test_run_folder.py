@@ -178,7 +178,7 @@ def test_a_state_file_that_would_run_code_is_refused(tmp_path):
 
 def test_disk_full_while_saving_a_state_is_one_line_naming_the_newest_good_state(tmp_path):
     class FullDisk:
-        def save_checkpoint(self, d, tag, save_latest):
+        def save_checkpoint(self, d, tag, save_latest, exclude_frozen_parameters=False):
             raise OSError(28, "No space left on device")
 
     from ochat.training.state import TrainState

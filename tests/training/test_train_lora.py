@@ -1,0 +1,98 @@
+"""The real trainer with LoRA (--lora-rank) on 2 CPU ranks (gloo, float32): the loss falls, only the adapters train,
+final/ holds the adapter in PEFT's format that peft loads on the --model-path model; ZeRO-3 gathers the same
+adapter as ZeRO-2, --merge-lora's merged weights serve the logits of base + adapter, and a run killed and resumed
+from its adapter-only resume states ends bit-for-bit equal."""
+import os
+
+import pytest
+import torch
+
+from tests.helpers.train import make_sample_dataset, metrics, run_trainer, run_trainer_until
+
+pytestmark = pytest.mark.slow
+LORA = ["--lora-rank", "4", "--lr", "1e-2", "--epochs", "1", "--max-steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_lora")
+    data, model = make_sample_dataset(str(root / "data")), str(root / "tiny")
+    from ochat.demo import make_tiny_llama
+    make_tiny_llama(model)
+    return root, data, model
+
+
+def train(setup, name, *extra):
+    root, data, model = setup
+    out = str(root / name)
+    r = run_trainer(2, model, data, out, *LORA, *extra)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
+
+
+def adapter(out):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(out, "final", "adapter", "adapter_model.safetensors"))
+
+
+def with_adapter(base, out):
+    import peft
+    from transformers import AutoModelForCausalLM
+    return peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), os.path.join(out, "final",
+                                                                                                   "adapter"))
+
+
+@pytest.fixture(scope="module")
+def zero2_run(setup):
+    return train(setup, "zero2")
+
+
+def test_lora_trains_only_the_adapter_and_peft_loads_it(setup, zero2_run):
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    _, _, base = setup
+    ls = [m["loss"] for m in metrics(zero2_run)]
+    assert len(ls) == 4 and ls[-1] < ls[0], ls
+    final = os.path.join(zero2_run, "final")
+    assert "model.safetensors" not in os.listdir(final) and "config.json" in os.listdir(final)
+    model = with_adapter(base, zero2_run)
+    saved = adapter(zero2_run)
+    assert set(saved) == set(peft.get_peft_model_state_dict(model)) and len(saved) == 2 * 2 * 7  # 2 layers x 7 linears
+    assert all(t.dtype == torch.float32 and t.abs().sum() > 0 for t in saved.values())
+    assert model.peft_config["default"].base_model_name_or_path == base
+    ids = torch.tensor([[1, 450, 4996, 17354, 1701]])
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, AutoModelForCausalLM.from_pretrained(base)(
+            input_ids=ids).logits, atol=1e-4)
+
+
+def test_zero3_saves_the_zero2_adapter_and_merge_lora_serves_base_plus_adapter(setup, zero2_run):
+    from transformers import AutoModelForCausalLM
+
+    _, _, base = setup
+    out = train(setup, "zero3_merged", "--deepspeed-config", "zero3", "--gradient-checkpointing", "--merge-lora")
+    a, b = adapter(zero2_run), adapter(out)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "final"))
+    ids = torch.tensor([[1, 450, 4996, 17354, 1701]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, with_adapter(base, out)(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_resume_after_a_hard_kill_is_bit_for_bit_from_adapter_only_states(setup, zero2_run):
+    root, data, model = setup
+    out = str(root / "killed")
+    status, log = run_trainer_until("(global step 2)", 2, model, data, out, *LORA, "--save-state-every", "2")
+    assert status != 0 and not os.path.exists(os.path.join(out, "final")), log[-3000:]
+    state = os.path.join(out, "ds_state", "step2", "mp_rank_00_model_states.pt")
+    assert os.path.getsize(state) < 200_000  # the adapters (~10 KB), not the 16 MB base
+    r = run_trainer(2, model, data, out, *LORA, "--resume", "--save-state-every", "2")
+    assert r.returncode == 0 and "resumed at epoch 0 step-in-epoch 2 (global step 2)" in r.stdout, r.stdout[-3000:]
+    a, b = adapter(zero2_run), adapter(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(zero2_run)]
+    r = run_trainer(2, model, data, out, *LORA, "--resume", "--lora-targets", "mlp")
+    assert r.returncode == 1 and "adapters: LoRA rank 4 alpha 8 targets all" in r.stderr, r.stderr[-2000:]
