@@ -249,7 +249,7 @@ def main() -> int:
         return 0
     if args.tiny:  # half the tiny optimizer in CPU memory: the partial offload of the ZeRO-3 plan runs too
         args.shapes, args.size_list = "tiny,tiny-zero3", args.size_list or [256, 512]
-        args.optimizer_host_gb = OPTIMIZER_BYTES * TINY.num_params() / 2 / 2**30
+        args.optimizer_host_gb = OPTIMIZER_BYTES * SHAPES["tiny"].num_params() / 2 / 2**30
     start = time.time()
     shapes = args.shapes.split(",")
     results = []

@@ -1,4 +1,5 @@
-"""Shared pytest setup: Triton kernels run interpreted on the CPU; the `gpu` marker skips without CUDA."""
+"""Shared pytest setup: Triton kernels run interpreted on the CPU; the `gpu` marker skips without CUDA; the inputs of
+the tests that run the real trainer (the bundled sample pre-tokenized and a tiny random Llama), made once."""
 import os
 
 import pytest
@@ -17,3 +18,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_inputs(tmp_path_factory) -> tuple[str, str]:
+    """(dataset folder, model folder), read-only: the bundled ShareGPT sample and a tiny Llama (4 query heads, 2 KV
+    heads, vocabulary 32001), made once per session."""
+    from ochat.demo import make_tiny_llama
+    from tests.helpers.train import make_sample_dataset
+
+    root = tmp_path_factory.mktemp("inputs")
+    data, model = make_sample_dataset(str(root / "data")), str(root / "tiny")
+    make_tiny_llama(model)
+    return data, model

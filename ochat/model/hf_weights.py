@@ -2,7 +2,8 @@
 
 - `CheckpointReader`: a checkpoint folder's tensors by name (safetensors read lazily, .bin memory-mapped), so
   no caller needs the whole state dict in memory; `check_names` compares them with a model's parameters.
-- `read_state_dict`: every tensor of a checkpoint folder by name (what add_tokens edits).
+- `read_state_dict`: every tensor of a checkpoint folder by name, checked against a model (what add_tokens
+  edits).
 - `load_weights`: fill a model built on the meta device (no second copy of the weights).
 - `load_partitioned`: ZeRO-3, a model built already partitioned, filled one parameter at a time.
 - `full_state_dict`: the module's tensors on rank 0, gathered parameter by parameter under ZeRO-3 (a no-op
@@ -112,9 +113,12 @@ def _weight_files(path) -> list[str]:
     raise FileNotFoundError(f"no safetensors or .bin weights in {path}")
 
 
-def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint folder, by its Hugging Face name, in the checkpoint's dtype."""
+def read_state_dict(path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder by its Hugging Face name, in the checkpoint's dtype, after checking that
+    they are the parameters of `model` (built from the folder's config.json, on the meta device) with their shapes
+    (a ValueError naming the first difference otherwise)."""
     reader = CheckpointReader(path)
+    reader.check_names(model, model.config)
     return {name: reader.get(name) for name in sorted(reader.names())}
 
 

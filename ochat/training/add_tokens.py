@@ -24,6 +24,7 @@ import torch
 
 from ochat.model import hf_weights
 from ochat.model.config import ModelConfig
+from ochat.model.decoder import PackedCausalLM
 from ochat.training.checkpoint import CHECKPOINT_KIND
 from ochat.utils.atomic import RefusedOverwrite, atomic_directory, check_replaceable
 from ochat.utils.log import log
@@ -63,7 +64,9 @@ def add_tokens(model_path: str, out_dir: str, tokens: list[str], init_mean: list
     if missing:
         tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
     new_vocab = max(len(tok), config.vocab_size)
-    state = hf_weights.read_state_dict(model_path)
+    with torch.device("meta"):  # the shapes config.json gives, to check the tensors against
+        described = PackedCausalLM(config)
+    state = hf_weights.read_state_dict(model_path, described)
     for name in (EMBEDDING, hf_weights.TIED_NAME):
         if name in state and not (config.tie_word_embeddings and name == hf_weights.TIED_NAME):
             state[name] = mean_rows(state[name], new_vocab, init_ids, ordinary)

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 
-
 from ochat.config import get_model_type
-from ochat.data.chat_formats import Encoded, UnsupportedConversation
 from ochat.data import load_tokenizer
+from ochat.data.chat_formats import Encoded, UnsupportedConversation
 from tests.helpers.data import sample_conversations
 from tests.helpers.tokenizers import mistral_v3_tokenizer
 

@@ -100,10 +100,10 @@ def test_foreign_columns_rejected(tmp_path):
 
 
 def test_cli_output_matches_template(tmp_path):
+    from ochat.assets import LLAMA2_TOKENIZER
     from ochat.config import get_model_type
     from ochat.data import load_tokenizer
     from ochat.data.generate_dataset import main
-    from ochat.assets import LLAMA2_TOKENIZER
 
     recs = [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": f"q{i}"},
                           {"role": "assistant", "content": f"a{i}"}], "condition": ["GPT4", "GPT3"][i % 2]}

@@ -53,17 +53,15 @@ def test_rowwise_keeps_conversations_apart_and_tensorwise_shares_a_scale(recipe,
 
 
 @pytest.mark.slow
-def test_fp8_trains_the_same_under_zero2_and_zero3_and_saves_plain_weights(tmp_path):
+def test_fp8_trains_the_same_under_zero2_and_zero3_and_saves_plain_weights(tmp_path, tiny_inputs):
     """The real trainer with --fp8 rowwise (emulated on CPU ranks): ZeRO-3's partitioned weights give the same
     losses as ZeRO-2's whole ones, and the checkpoint holds ordinary bf16/float32 Linear weights that load in
     transformers."""
     from transformers import AutoModelForCausalLM
 
-    from ochat.demo import make_tiny_llama
-    from tests.helpers.train import make_sample_dataset, metrics, run_trainer
+    from tests.helpers.train import metrics, run_trainer
 
-    data, model = make_sample_dataset(str(tmp_path / "data")), str(tmp_path / "tiny")
-    make_tiny_llama(model)
+    data, model = tiny_inputs
     losses = {}
     for zero, ranks in (("zero2", 1), ("zero3", 2)):
         out = str(tmp_path / zero)

@@ -181,6 +181,11 @@ def test_add_tokens_refuses_what_it_cannot_do_and_keeps_other_folders(tmp_path):
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
     add_tokens_main(["--model-path", str(tmp_path / "in"), "--out-dir", str(mine), "--overwrite"])
     assert not (mine / "notes.txt").exists() and (mine / "config.json").exists()
+    config = json.loads((tmp_path / "in" / "config.json").read_text())  # a config.json that lies about the tensors
+    (tmp_path / "in" / "config.json").write_text(json.dumps(dict(config, hidden_size=config["hidden_size"] // 2)))
+    assert "config.json does not describe these weights" in add_tokens_error(
+        ["--model-path", str(tmp_path / "in"), "--out-dir", str(tmp_path / "lying")])
+    assert not (tmp_path / "lying").exists()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.helpers.train import REPO, RUN_TIMEOUT, make_sample_dataset, metrics
+from tests.helpers.train import REPO, RUN_TIMEOUT, metrics
 
 pytestmark = pytest.mark.slow
 GOLDEN = os.path.join(REPO, "tests", "assets", "golden_loss_tiny.json")
@@ -22,10 +22,8 @@ FLAGS = ["--max-steps", "20", "--batch-max-len", "2048", "--lr", "3e-3", "--lr-w
 
 
 @pytest.mark.parametrize("extra", [[], ["--compile"]], ids=["eager", "compiled"])
-def test_first_20_losses_of_the_tiny_model_are_pinned(tmp_path, extra):
-    from ochat.demo import make_tiny_llama
-
-    data, model = make_sample_dataset(str(tmp_path / "data")), make_tiny_llama(str(tmp_path / "tiny"))
+def test_first_20_losses_of_the_tiny_model_are_pinned(tmp_path, extra, tiny_inputs):
+    data, model = tiny_inputs
     env = dict(os.environ, PYTHONPATH=REPO)
     r = subprocess.run([sys.executable, "-m", "ochat.training.train", "--model-path", model, "--data-path", data,
                         "--save-path", str(tmp_path / "out"), *FLAGS, *extra], env=env, capture_output=True, text=True,

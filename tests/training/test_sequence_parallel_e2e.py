@@ -13,7 +13,7 @@ import torch
 
 from ochat.data import open_dataset
 from ochat.training.packs import PackPlan
-from tests.helpers.train import make_sample_dataset, metrics, run_trainer, run_trainer_until, weights
+from tests.helpers.train import metrics, run_trainer, run_trainer_until, weights
 
 pytestmark = pytest.mark.slow
 
@@ -23,15 +23,6 @@ SP2 = ["--sequence-parallel", "2", "--batch-max-len", "64", *STEPS]
 # memory flags change how the layers run: the 2-rank runs use them all
 SP2_ZERO3 = [*SP2, "--deepspeed-config", "zero3", "--tiled-mlp", "4", "--gradient-checkpointing",
              "--save-state-every", "3"]
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sp")
-    data, model = make_sample_dataset(str(root / "data")), str(root / "tiny")
-    from ochat.demo import make_tiny_llama
-    make_tiny_llama(model)  # 4 query heads, 2 KV heads
-    return root, data, model
 
 
 def _train(ranks, setup, name, *flags) -> str:

@@ -20,18 +20,9 @@ import pytest
 import torch
 
 from tests.helpers.hostile import CodeRunningPickle
-from tests.helpers.train import make_sample_dataset, metrics, run_trainer, run_trainer_until, weights
+from tests.helpers.train import metrics, run_trainer, run_trainer_until, weights
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    data, model = make_sample_dataset(str(root / "data")), str(root / "tiny")
-    from ochat.demo import make_tiny_llama
-    make_tiny_llama(model)
-    return root, data, model
 
 
 @pytest.fixture(scope="module")

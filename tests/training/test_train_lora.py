@@ -7,19 +7,10 @@ import os
 import pytest
 import torch
 
-from tests.helpers.train import make_sample_dataset, metrics, run_trainer, run_trainer_until
+from tests.helpers.train import metrics, run_trainer, run_trainer_until
 
 pytestmark = pytest.mark.slow
 LORA = ["--lora-rank", "4", "--lr", "1e-2", "--epochs", "1", "--max-steps", "4"]
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_lora")
-    data, model = make_sample_dataset(str(root / "data")), str(root / "tiny")
-    from ochat.demo import make_tiny_llama
-    make_tiny_llama(model)
-    return root, data, model
 
 
 def train(setup, name, *extra):
