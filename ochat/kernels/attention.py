@@ -38,25 +38,37 @@ except Exception:  # not installed or broken build
     _fa_varlen = None
     _FA_PARAMS = set()
 
-try:
-    from torch.nn.attention.varlen import varlen_attn as _torch_varlen
-    _TV_PARAMS = set(inspect.signature(_torch_varlen).parameters)
-except Exception:
-    _torch_varlen = None
-    _TV_PARAMS = set()
+_LAZY = {}  # kernels imported at their first use (None: not installed or cannot load here)
 
 
-_FA4 = {}  # the FlashAttention-4 varlen function, imported at its first use ("fn": None when not installed)
+def _lazy(name: str, load):
+    if name not in _LAZY:
+        try:
+            _LAZY[name] = load()
+        except Exception:  # not installed, or cannot load on this machine
+            _LAZY[name] = None
+    return _LAZY[name]
 
 
 def _fa4_varlen():
-    if "fn" not in _FA4:
-        try:
-            from flash_attn.cute import flash_attn_varlen_func
-            _FA4["fn"] = flash_attn_varlen_func
-        except Exception:  # not installed, or its CuTe DSL cannot load here
-            _FA4["fn"] = None
-    return _FA4["fn"]
+    """FlashAttention-4's varlen function (its CuTe DSL loads at import)."""
+    def load():
+        from flash_attn.cute import flash_attn_varlen_func
+        return flash_attn_varlen_func
+    return _lazy("flash_attn_4", load)
+
+
+def _torch_varlen():
+    """torch's varlen_attn: imported only where it can run (its import pulls in torch._dynamo, seconds)."""
+    def load():
+        from torch.nn.attention.varlen import varlen_attn
+        return varlen_attn
+    return _lazy("torch_varlen", load)
+
+
+def _tv_params() -> set[str]:
+    fn = _torch_varlen()
+    return set(inspect.signature(fn).parameters) if fn is not None else set()
 
 
 def available(name: str, device) -> bool:
@@ -66,7 +78,7 @@ def available(name: str, device) -> bool:
     if name == "flash_attn":
         return _fa_varlen is not None and dev == "cuda"
     if name == "torch_varlen":
-        return _torch_varlen is not None and dev == "cuda"
+        return dev == "cuda" and _torch_varlen() is not None
     if name == "sdpa":
         return True
     raise ValueError(f"unknown attention backend {name!r} (one of {BACKENDS} or 'auto')")
@@ -80,9 +92,9 @@ def unsupported(name: str, *, softcap: bool = False, window: bool = False, scale
     if name == "torch_varlen":
         if softcap:
             return "torch's varlen_attn has no attention-logit soft-capping"
-        if window and "window_size" not in _TV_PARAMS:
+        if window and "window_size" not in _tv_params():
             return "this torch's varlen_attn has no window_size: sliding windows unsupported"
-        if scale and "scale" not in _TV_PARAMS:
+        if scale and "scale" not in _tv_params():
             return "this torch's varlen_attn has no scale argument"
     return None
 
@@ -106,7 +118,7 @@ def resolve_backend(name: str, device, *, softcap: bool = False, window: bool = 
         if not available(name, dev):
             raise RuntimeError(f"attention backend {name!r} is not available on {dev} (flash_attn_4: "
                                f"{_fa4_varlen() is not None}, flash_attn: {_fa_varlen is not None}, torch varlen_attn: "
-                               f"{_torch_varlen is not None}; flash_attn_4 needs an SM90+ GPU)")
+                               f"{_torch_varlen() is not None}; flash_attn_4 needs an SM90+ GPU)")
         candidates = [b for b in BACKENDS[BACKENDS.index(name):] if available(b, dev)]
     for chosen in candidates:
         reason = unsupported(chosen, softcap=softcap, window=window, scale=scale)
@@ -174,11 +186,11 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, window=None, backend="auto
             k = k.repeat_interleave(hq // hkv, dim=1)
             v = v.repeat_interleave(hq // hkv, dim=1)
         kw = {} if scale is None else {"scale": scale}
-        if "window_size" in _TV_PARAMS:
+        if "window_size" in _tv_params():
             kw["window_size"] = (-1, 0) if window is None else (window - 1, 0)
         else:
             kw["is_causal"] = True
-        return _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
+        return _torch_varlen()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
     return varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen, window, scale=scale, softcap=softcap)
 
 
@@ -193,8 +205,8 @@ def _torch_varlen_gqa() -> bool:
             q = torch.randn(4, 4, 64, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(4, 2, 64, device="cuda", dtype=torch.bfloat16)
             cu = torch.tensor([0, 4], dtype=torch.int32, device="cuda")
-            kw = {"window_size": (-1, 0)} if "window_size" in _TV_PARAMS else {"is_causal": True}
-            out = _torch_varlen(q, k, k, cu, cu, 4, 4, **kw)
+            kw = {"window_size": (-1, 0)} if "window_size" in _tv_params() else {"is_causal": True}
+            out = _torch_varlen()(q, k, k, cu, cu, 4, 4, **kw)
             ref = varlen_attention_sdpa(q.float(), k.float(), k.float(), cu)
             _GQA_OK = bool((out.float() - ref).abs().max() < 0.05)
         except Exception:

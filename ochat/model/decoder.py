@@ -72,11 +72,10 @@ def _recompute_in_backward(layer, *inputs):
     return checkpoint(layer, *inputs, use_reentrant=False)
 
 
-@torch.compiler.disable
 def _attend(attention, *args, **kwargs):
-    """Runs `attention` as it is, also inside a compiled decoder layer: its FlashAttention kernels (and the
-    sequence-parallel all-to-all) are opaque to torch.compile, so the compiled graph stops before it and resumes
-    after it."""
+    """Runs `attention` as it is. A compiled decoder layer calls it through torch.compiler.disable
+    (`compile_layers`): FlashAttention kernels (and the sequence-parallel all-to-all) are opaque to the compiler, so
+    the compiled graph stops before attention and resumes after it."""
     return attention(*args, **kwargs)
 
 
@@ -132,6 +131,7 @@ class Attention(nn.Module):
         self.variant = {k: v for k, v in (("scale", c.attention_scale), ("softcap", c.attn_logit_softcapping))
                         if v is not None}
         self.attention_hook = None  # replaces varlen_attention when set (sequence parallelism routes it over ranks)
+        self.attend = _attend  # how attention is called: outside the graph once the layer is compiled
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend):
         t = x.shape[0]
@@ -147,7 +147,7 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, cos, sin)
-        o = _attend(self.attention_hook or varlen_attention, q, k, v, cu_seqlens, max_seqlen, window=self.window,
+        o = self.attend(self.attention_hook or varlen_attention, q, k, v, cu_seqlens, max_seqlen, window=self.window,
                     backend=backend, **self.variant)
         return self.o_proj(o.reshape(t, self.hq * self.d))
 
@@ -267,7 +267,9 @@ class PackedCausalLM(nn.Module):
         the norms, RoPE and the GLU are their PyTorch definitions, which the compiler fuses with the residual adds
         and with float8 casts (`--fp8`); attention runs its own kernel between two compiled pieces. Recompute
         (gradient checkpointing) reruns the compiled forward."""
+        attend_outside_graph = torch.compiler.disable(_attend)  # made here: it imports the compiler (seconds)
         for layer in self.model.layers:
+            layer.self_attn.attend = attend_outside_graph
             layer.forward = torch.compile(layer.forward, dynamic=True)
 
     # ---------------------------------------------------------------- forward

@@ -91,3 +91,8 @@ def test_a_conversation_must_fit_the_pack_of_a_group():
     preflight.check_lengths(64, 2, train=_Lengths(100, 128), eval=None)
     with pytest.raises(TrainError, match="129 tokens, longer than --batch-max-len 64 x --sequence-parallel 2"):
         preflight.check_lengths(64, 2, train=_Lengths(129), eval=None)
+
+
+def test_an_attention_backend_that_is_not_installed_is_one_line():
+    with pytest.raises(TrainError, match="--attn-impl flash_attn: attention backend 'flash_attn' is not available"):
+        preflight.check_attention("flash_attn", torch.device("cpu"))

@@ -59,6 +59,12 @@ def test_overwrite_never_deletes_through_a_symbolic_link(tmp_path):
     assert (foreign / "precious.txt").read_text() == "keep" and (run / "final").is_symlink()
 
 
+def test_a_save_path_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "run").write_text("")
+    with pytest.raises(TrainError, match=r"--save-path .*run is a file, not a folder"):
+        RunFolder.open(config(tmp_path))
+
+
 def test_two_runs_cannot_write_one_save_path(tmp_path):
     held = RunFolder.open(config(tmp_path))
     with pytest.raises(TrainError, match="is being written by another run"):

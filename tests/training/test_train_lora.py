@@ -85,5 +85,3 @@ def test_resume_after_a_hard_kill_is_bit_for_bit_from_adapter_only_states(setup,
     a, b = adapter(zero2_run), adapter(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(zero2_run)]
-    r = run_trainer(2, model, data, out, *LORA, "--resume", "--lora-targets", "mlp")
-    assert r.returncode == 1 and "adapters: LoRA rank 4 alpha 8 targets all" in r.stderr, r.stderr[-2000:]
