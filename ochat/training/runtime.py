@@ -44,10 +44,6 @@ class Runtime:
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -30,7 +30,6 @@ def test_recompute_checkpoints_an_evenly_spread_share(recompute, layers):
 
 
 def test_fp8_then_compile_compiles_the_layer_not_each_linear():
-    pytest.importorskip("torchao")
     from torchao.float8.float8_linear import Float8Linear
 
     model = tiny()
@@ -45,7 +44,6 @@ def test_fp8_then_compile_compiles_the_layer_not_each_linear():
 
 
 def test_tiled_mlp_keeps_the_result():
-    pytest.importorskip("deepspeed")
     model = tiny()
     ids = torch.randint(0, 256, (37,))
     pos, cu = torch.arange(37), torch.tensor([0, 37], dtype=torch.int32)

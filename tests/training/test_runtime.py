@@ -109,7 +109,6 @@ def test_a_port_in_use_is_one_line_saying_how_to_pick_another():
 
 
 def test_weights_and_biases_without_a_login_is_one_line(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
     from ochat.config.train_config import TrainConfig
     from ochat.model.config import ModelConfig
     from ochat.training.metrics import ProgressLog
