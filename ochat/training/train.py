@@ -19,6 +19,9 @@ import traceback
 import torch
 import torch.distributed as dist
 
+if not torch.cuda.is_available():  # before DeepSpeed is imported: its accelerator detection warns on every CPU rank
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 from ochat.config.deepspeed import load_deepspeed_config
 from ochat.config.errors import ConfigError
 from ochat.config.train_config import PROG, TrainConfig, parse_args

@@ -71,9 +71,18 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
-def make_sample_dataset(out: str) -> str:
-    subprocess.run([sys.executable, "-m", "ochat.data.generate_dataset", "--out-dir", out, "--quiet"], check=True,
-                   cwd=REPO, env=_env())
+def make_sample_dataset(out: str, conversations: int | None = None) -> str:
+    """The bundled ShareGPT sample pre-tokenized into `out` (its first `conversations` records when given)."""
+    inputs = []
+    if conversations is not None:
+        with open(os.path.join(REPO, "ochat", "assets", "sharegpt_sample.json")) as fh:
+            records = json.load(fh)[:conversations]
+        source = out.rstrip(os.sep) + "_source.json"
+        with open(source, "w") as fh:
+            json.dump(records, fh)
+        inputs = ["--in-files", source]
+    subprocess.run([sys.executable, "-m", "ochat.data.generate_dataset", "--out-dir", out, "--quiet", *inputs],
+                   check=True, cwd=REPO, env=_env())
     return out
 
 

@@ -77,7 +77,7 @@ def test_pre_tokenize_train_and_serve(tmp_path, make):
                        env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([sys.executable, "-m", "ochat.training.train", "--model-path", str(model), "--data-path",
-                        str(data), "--save-path", str(out), "--max-steps", "4", "--batch-max-len", "4096",
+                        str(data), "--save-path", str(out), "--max-steps", "4", "--batch-max-len", "1024",
                         "--lr", "3e-3", "--lr-warmup-steps", "1", "--eval-every", "0"],
                        env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
