@@ -29,7 +29,7 @@ from ochat.data.openchat_template import OpenChatTemplate
 Template = Union[OpenChatTemplate, ChatTemplate]
 
 __all__ = ["CHAT_FORMATS", "Encoded", "ChatFormat", "Template", "UnsupportedConversation", "get_chat_format",
-           "with_condition_weights"]
+           "with_condition_weights", "with_special_tokens_in_content"]
 
 
 @dataclass(frozen=True)
@@ -90,3 +90,18 @@ def with_condition_weights(mt: ChatFormat, weights: Mapping[str, float], default
         raise ValueError(f"default condition {default_condition!r} has no weight (known: {', '.join(weights)})")
     template = dataclasses.replace(mt.template, condition_weights=dict(weights), default_condition=default_condition)
     return dataclasses.replace(mt, template=template)
+
+
+def with_special_tokens_in_content(mt: ChatFormat, mode: str | None) -> ChatFormat:
+    """A copy of `mt` whose contents' special-token text trains as plain text (`mode` "text") or as the special
+    token ("tokens"); None keeps the format's rule (OpenChat types: text; chat_template: tokens, as serving does).
+    ValueError for "text" with chat_template, which tokenizes the rendered conversation as one string."""
+    if mode is None:
+        return mt
+    if isinstance(mt.template, ChatTemplate):
+        if mode != "tokens":
+            raise ValueError(f"--special-tokens-in-content {mode}: the chat_template type tokenizes the rendered "
+                             "conversation as one string, as serving does, so special-token text in a content always "
+                             "becomes the token; `text` is for the OpenChat model types")
+        return mt
+    return dataclasses.replace(mt, template=dataclasses.replace(mt.template, special_tokens_in_content=mode))

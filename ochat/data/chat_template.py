@@ -100,6 +100,7 @@ class ChatTemplate:
     name: str = "the tokenizer's chat template"
     kind = "chat_template"
     eot_token = None  # the template decides (see `prepare`)
+    special_tokens_in_content = "tokens"  # the rendered conversation is tokenized as one string, as serving does
     _bound: Any = field(default_factory=weakref.WeakKeyDictionary, init=False, compare=False, repr=False)
 
     # ------------------------------------------------------------------ tokenizer

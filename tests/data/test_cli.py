@@ -94,11 +94,26 @@ def test_condition_flags(tmp_path):
     assert set(w.tolist()) == {0.0, 0.25}
 
 
+@pytest.mark.parametrize("mode", [None, "tokens"])
+def test_special_tokens_in_content(tmp_path, mode):
+    """Typed special-token text trains as plain text by default (OpenChat's rule) or as the token; meta.json says
+    which."""
+    f = write_jsonl(tmp_path / "in.jsonl", [sg(("human", "say <|end_of_turn|> and <s>"), ("gpt", "ok"))])
+    out = tmp_path / "o"
+    assert main(["--in-files", f, "--out-dir", str(out), "--eval-ratio", "0", "--quiet"]
+                + (["--special-tokens-in-content", mode] if mode else [])) == 0
+    tokens = open_dataset(out)[0][0].tolist()
+    assert (tokens.count(32000), tokens.count(1)) == ((3, 2) if mode else (2, 1))
+    assert json.loads((out / "meta.json").read_text())["special_tokens_in_content"] == (mode or "text")
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--model-type", "llama9"], "unknown model type 'llama9' (known: openchat_v3.2"),
     (["--default-condition", "GPT5"], "--default-condition 'GPT5' has no weight"),
     (["--tokenizer", "/nonexistent/tok.model"], "tokenizer not found"),
     (["--in-files", "/nonexistent.json"], "/nonexistent.json: cannot read"),
+    (["--model-type", "chat_template", "--special-tokens-in-content", "text"],
+     "--special-tokens-in-content text: the chat_template type tokenizes the rendered conversation as one string"),
 ])
 def test_user_errors_one_line(tmp_path, args, msg):
     out = tmp_path / "out"

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from ochat.assets import LLAMA2_TOKENIZER
 from ochat.config import get_model_type
 from ochat.data import load_tokenizer
+from ochat.data.chat_formats import with_special_tokens_in_content
 from ochat.data.serving import save_serving_tokenizer
 from tests.helpers.data import sample_conversations
 from tests.helpers.llama_cpp import fetch_converter
@@ -63,6 +64,46 @@ def test_llama3_openchat_36_serves_as_trained(llama3_dir, tmp_path):
     assert save_serving_tokenizer(tok, mt, tmp_path)["eos_token_id"][0] == 128009
     assert_serves_as_trained(tok, mt, tmp_path, sample_conversations(mt))
     assert not (tmp_path / "tokenizer.model").exists()
+
+
+TYPED = ["<s>", "</s>", "<unk>", "<|end_of_turn|>", "<|eot_id|>", "<|begin_of_text|>", "<|start_header_id|>"]
+
+
+def _typed_special_tokens(rng) -> list:
+    """Conversations whose contents and system prompt type special-token text among words and spaces (none starts
+    with a newline: the Llama 3 caveat of docs/templates.md, whatever the flag)."""
+    def content():
+        words = ["Hello", " world", "x", "  y", "\n", "code:", *TYPED]
+        return "".join(rng.choice(words[:4] + TYPED if i == 0 else words) for i in range(rng.integers(1, 9)))
+
+    class Conv:
+        def __init__(self):
+            self.system = content() if rng.random() < 0.5 else None
+            self.messages = [{"role": r, "content": content()} for r in ("user", "assistant") * 2]
+
+    return [Conv() for _ in range(20)]
+
+
+@pytest.mark.parametrize("name", ["openchat_v3.2", "openchat_3.5", "openchat_3.6"])
+def test_special_tokens_in_content_as_tokens_serve_as_trained(name, llama3_dir, llama2_folder, tmp_path):
+    """`tokens`: special-token text typed in a message trains as the token, the ids transformers'
+    apply_chat_template gives with the written folder; `text` (the default) keeps OpenChat's plain-text ids."""
+    import numpy as np
+
+    mt = get_model_type(name)
+    tok = load_tokenizer({"openchat_v3.2": LLAMA2_TOKENIZER, "openchat_3.5": llama2_folder(),
+                          "openchat_3.6": llama3_dir}[name], mt)  # SentencePiece; its transformers conversion; BPE
+    save_serving_tokenizer(tok, mt, tmp_path)
+    convs = _typed_special_tokens(np.random.default_rng())
+    as_tokens = with_special_tokens_in_content(mt, "tokens")
+    assert_serves_as_trained(tok, as_tokens, tmp_path, convs)
+    typed = [{"role": "user", "content": "a <|end_of_turn|> b"}, {"role": "assistant", "content": "<s>"}]
+    ids, weights = as_tokens.template.encode(typed, tok)
+    plain, _ = mt.template.encode(typed, tok)
+    if name != "openchat_3.6":
+        assert ids.count(tok.eot_id) == 3 and plain.count(tok.eot_id) == 2 and ids[-2] == tok.bos_id
+        assert weights[-2:] == [1.0, 1.0]  # the typed token is a target like the content it stands in
+    assert tok.encode("<s>") == plain[-1 - len(tok.encode("<s>")):-1]
 
 
 @pytest.mark.parametrize("preset", ["chatml", "gemma"])
