@@ -236,6 +236,7 @@ class PackedCausalLM(nn.Module):
         self.lm_head = LMHead(config)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.router_aux_loss_coef = config.router_aux_loss_coef  # expert models; --router-aux-loss-coef overrides
         self.checkpointed_layers: frozenset[int] = frozenset()  # decoder layers recomputed in the backward
         self.checkpoint_fn = _recompute_in_backward  # (layer, *inputs) -> outputs; offload swaps in DeepSpeed's
         self._layer_rotary = [config.layer_rotary(i) for i in range(config.num_hidden_layers)]
@@ -349,8 +350,8 @@ class PackedCausalLM(nn.Module):
 
         target_index (optional, int64 [N], from the collate): only those rows go through lm_head/loss.
         real_tokens (optional, from the collate): the pack's tokens that are not filler (default: all); an expert
-        model's `aux_loss` is router_aux_loss_coef x real_tokens x the pack's load-balancing loss, and its
-        `expert_tokens` [layers with experts, E] the tokens routed to each expert.
+        model's `aux_loss` is `router_aux_loss_coef` x real_tokens x the pack's load-balancing loss (None when the
+        coefficient is 0), and its `expert_tokens` [layers with experts, E] the tokens routed to each expert.
         """
         h, routing = self._run_layers(input_ids, position_ids, cu_seqlens, max_seqlen)
         if labels is None:
@@ -363,8 +364,8 @@ class PackedCausalLM(nn.Module):
         if routing is None:
             return sums
         n = len(input_ids) if real_tokens is None else int(real_tokens)
-        aux = (self.config.router_aux_loss_coef * n * load_balancing_loss(routing, len(input_ids))
-               if self.config.router_aux_loss_coef else None)
+        coef = self.router_aux_loss_coef
+        aux = coef * n * load_balancing_loss(routing, len(input_ids)) if coef else None
         return sums._replace(aux_loss=aux, expert_tokens=routing[:, 0].detach())
 
     # ---------------------------------------------------------------- loading and saving
