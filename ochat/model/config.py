@@ -93,8 +93,9 @@ ARCHITECTURES: dict[str, Architecture] = {
                             key_names=(("num_experts", "num_local_experts"),), fixed=(("router_jitter_noise", 0.0),)),
     "olmoe": Architecture("OlmoeForCausalLM", LLAMA_NORMS, keys=("attention_bias", "norm_topk_prob") + MOE_KEYS,
                           qk_norm="projection", experts=ExpertLayout(), fixed=(("clip_qkv", None),)),
-    "qwen2_moe": Architecture("Qwen2MoeForCausalLM", LLAMA_NORMS, keys=QWEN_MOE_KEYS + ("shared_expert_intermediate_size",),
-                              qkv_bias=True, experts=ExpertLayout(), fixed=(("qkv_bias", True),)),
+    "qwen2_moe": Architecture("Qwen2MoeForCausalLM", LLAMA_NORMS,
+                              keys=QWEN_MOE_KEYS + ("shared_expert_intermediate_size",), qkv_bias=True,
+                              experts=ExpertLayout(), fixed=(("qkv_bias", True),)),
     "qwen3_moe": Architecture("Qwen3MoeForCausalLM", LLAMA_NORMS, keys=("attention_bias",) + QWEN_MOE_KEYS,
                               qk_norm="head", experts=ExpertLayout()),
 }
@@ -158,7 +159,7 @@ class ModelConfig:
     num_experts_per_tok: int = 0  # experts each token is routed to (top-k)
     moe_intermediate_size: int | None = None  # Qwen MoE: an expert's intermediate size (else intermediate_size)
     norm_topk_prob: bool = False  # the top-k routing probabilities renormalised to sum 1 (Mixtral: always)
-    shared_expert_intermediate_size: int | None = None  # Qwen2-MoE: a shared expert, sigmoid-gated, beside the routed ones
+    shared_expert_intermediate_size: int | None = None  # Qwen2-MoE: a sigmoid-gated shared expert beside the rest
     decoder_sparse_step: int = 1  # Qwen MoE: layer i has experts when (i + 1) % step == 0 ...
     mlp_only_layers: tuple[int, ...] = ()  # ... and it is not listed here (those keep a dense MLP)
     router_aux_loss_coef: float = 0.0  # the load-balancing loss's weight in the training loss (0: off)
@@ -343,12 +344,13 @@ class ModelConfig:
         """Training FLOPs (forward + backward) per token.
 
         6 * N (every parameter outside the embedding lookup, the lm_head included; the norm weights and biases
-        are a rounding error but counted; of the experts only the top-k a token runs through) plus causal attention: QK^T and AV are 2 * 2 * Hq * D flops per token
-        pair, halved by causality, x3 for fwd+bwd: 6 * Hq * D * (sum(len^2) / tokens) per full-attention layer,
-        with `mean_len_sq_over_tokens` = sum over sequences of len^2 divided by the number of tokens (= len for a
-        single sequence). A sliding-window layer (window W) sees at most W keys per token:
-        6 * Hq * D * min(sum(len^2) / tokens, 2 W), exact for conversations up to W tokens and at most a third
-        high beyond. Not counted: softmax, soft-capping, norms and activations (elementwise work).
+        are a rounding error but counted; of the experts only the top-k a token runs through) plus causal
+        attention: QK^T and AV are 2 * 2 * Hq * D flops per token pair, halved by causality, x3 for fwd+bwd:
+        6 * Hq * D * (sum(len^2) / tokens) per full-attention layer, with `mean_len_sq_over_tokens` = sum over
+        sequences of len^2 divided by the number of tokens (= len for a single sequence). A sliding-window layer
+        (window W) sees at most W keys per token: 6 * Hq * D * min(sum(len^2) / tokens, 2 W), exact for
+        conversations up to W tokens and at most a third high beyond. Not counted: softmax, soft-capping, norms
+        and activations (elementwise work).
         """
         n_matmul = self.num_params(embeddings=False, active=True) + self.vocab_size * self.hidden_size
         per_layer = 6 * self.num_attention_heads * self.head_dim

@@ -19,8 +19,9 @@ then changes it, always in this order:
 
 The load-balancing loss's coefficient (`--router-aux-loss-coef`) replaces config.json's on an expert model (any
 time: it is read at each forward). Mixture-of-experts models take recompute only for now: LoRA, fp8, tiled MLP,
-offload, compile and sequence parallelism are refused with them (not yet built or tested on expert blocks). `refusals` holds every rule about which
-combinations are refused; the trainer asks it at parse time, with the DeepSpeed config, and before training.
+offload, compile and sequence parallelism are refused with them (not yet built or tested on expert blocks).
+`refusals` holds every rule about which combinations are refused; the trainer asks it at parse time, with the
+DeepSpeed config, and before training.
 """
 from __future__ import annotations
 

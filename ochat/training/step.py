@@ -4,8 +4,8 @@ benchmarks call too.
 Loss of the step = sum(w * CE) over every target of all ranks and micro-steps / sum(w) (ochat.training.loss),
 plus, for a mixture-of-experts model, router_aux_loss_coef x the token-weighted mean of the packs' load-balancing
 losses (ochat.model.experts). The step's weight sum and token count are known before its first forward pass (the
-micro-batches are collated ahead), so each micro-step's backward is already scaled right. One value is read back to the host per step: the
-reduced statistics, after the optimizer step.
+micro-batches are collated ahead), so each micro-step's backward is already scaled right. One value is read back
+to the host per step: the reduced statistics (with an expert model's tokens per expert), after the optimizer step.
 """
 from __future__ import annotations
 
@@ -34,8 +34,7 @@ class StepStats:
     lr: float
     seconds: float
     stop_requested: bool  # some rank was asked to stop (ochat.training.runtime.StopRequest)
-    aux_loss: float = 0.0  # mixture of experts: coef x the token-weighted mean load-balancing loss (trained on, with
-    # `loss`, but not part of it)
+    aux_loss: float = 0.0  # expert models: coef x token-weighted mean load-balancing loss (trained on, not in `loss`)
     expert_load: float = 0.0  # mixture of experts: max / mean tokens per expert, worst layer (step.expert_load)
 
     @property

@@ -179,7 +179,8 @@ def test_config_reads_transformers_defaults_and_counts_active_parameters(tmp_pat
         assert cfg.num_params() == sum(p.numel() for p in hf.parameters())
         routed = cfg.expert_layers * (cfg.num_experts - cfg.num_experts_per_tok) * 3 * 32 * cfg.expert_intermediate_size
         assert cfg.num_params() - cfg.num_params(active=True) == routed
-    assert ModelConfig.from_hf_config(MOE["mixtral"] | {"model_type": "mixtral"}).to_hf_config()["num_local_experts"] == 4
+    mixtral = ModelConfig.from_hf_config(MOE["mixtral"] | {"model_type": "mixtral"})
+    assert mixtral.to_hf_config()["num_local_experts"] == 4  # the Hub's spelling
     for mt, bad in (("mixtral", dict(router_jitter_noise=0.1)), ("olmoe", dict(clip_qkv=8.0)),
                     ("qwen3_moe", dict(use_sliding_window=True, sliding_window=16))):
         with pytest.raises(ValueError, match="not supported"):
