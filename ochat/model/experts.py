@@ -61,13 +61,14 @@ class Router(nn.Module):
 
 
 def grouped_mm_runs(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether `torch._grouped_mm` runs on these operands: torch has it, every row is 16-byte aligned, and the
-    device is a CPU (torch >= 2.9: float32, bfloat16, float16) or a CUDA GPU of compute capability 9.0 or newer."""
-    if not hasattr(torch, "_grouped_mm"):
+    """Whether ochat runs `torch._grouped_mm` on these operands: torch has it, every row is 16-byte aligned, and the
+    device is a CPU (float32, bfloat16 and float16 measured in torch 2.13) or, in bfloat16, a CUDA GPU of compute
+    capability 9.0 or newer (its CUTLASS kernels); the per-expert loop elsewhere."""
+    if not hasattr(torch, "_grouped_mm") or x.device.type not in ("cpu", "cuda"):
         return False
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (9, 0):
+    if x.device.type == "cuda" and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0)):
         return False
-    return x.device.type in ("cpu", "cuda") and all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x,) + weights)
+    return all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x,) + weights)
 
 
 def expert_grouped(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
