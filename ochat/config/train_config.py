@@ -110,6 +110,10 @@ class TrainConfig:
                                     "down, Phi-3's gate_up_proj), all: both", choices=tuple(LORA_TARGETS))
     merge_lora: bool = _opt(False, "with --lora-rank: checkpoint folders also hold the full model with the adapters "
                                    "merged into its weights (default: only adapter/, tokenizer and config)")
+    router_aux_loss_coef: Optional[float] = _opt(None, "mixture-of-experts models: weight of the router's "
+                                                       "load-balancing loss, added to the weighted cross-entropy "
+                                                       "(default: config.json's router_aux_loss_coef; 0: off)",
+                                                 low=0.0)
     attn_impl: str = _opt("auto", "attention backend (auto: the fastest available on the device)",
                           choices=("auto",) + ATTENTION_BACKENDS)
     dtype: str = _opt("auto", "auto: bf16 on GPUs, float32 on CPUs (exact tests and resume)", choices=DTYPE_CHOICES)
@@ -147,7 +151,8 @@ class TrainConfig:
                                offload_activations=self.offload_activations, compile=self.compile,
                                sequence_parallel=self.sequence_parallel, lora_rank=self.lora_rank,
                                lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                               lora_targets=self.lora_targets, seed=self.seed)
+                               lora_targets=self.lora_targets, seed=self.seed,
+                               router_aux_loss_coef=self.router_aux_loss_coef)
 
     @property
     def wandb_enabled(self) -> bool:

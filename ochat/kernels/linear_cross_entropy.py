@@ -39,6 +39,8 @@ class LossSums(NamedTuple):
     weight: torch.Tensor  # sum(w), float32 scalar
     correct: torch.Tensor  # number of tokens with w > 0 whose argmax equals the label, float32 scalar
     targets: torch.Tensor  # number of tokens with w > 0, float32 scalar
+    aux_loss: torch.Tensor | None = None  # a model's auxiliary loss, a sum like weighted_loss (ochat.model.experts)
+    expert_tokens: torch.Tensor | None = None  # an expert model's tokens per expert [expert layers, E], no gradient
 
 
 def soft_cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:

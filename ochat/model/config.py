@@ -3,8 +3,10 @@
 Two parts:
 - `ARCHITECTURES` (one `Architecture` per supported Hugging Face `model_type`): how that family lays out a
   decoder layer (where its RMSNorms sit and how they scale, q/k norms, fused projections, embedding scale,
-  which config.json keys it has). Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Phi-3 / Phi-4 and
-  OLMo 2. Anything else (mixture-of-experts, linear attention, ...) is refused in one line naming it.
+  which config.json keys it has). Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Phi-3 / Phi-4,
+  OLMo 2, and the mixture-of-experts families Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE (`ExpertLayout`: how
+  their checkpoints name the experts, how the router normalises). Anything else (gpt-oss, linear attention, ...)
+  is refused in one line naming it.
 - `ModelConfig`: the numbers of one config.json (sizes, RoPE, sliding windows, soft-capping), read through
   transformers' own config class (so its defaults and older spellings are honoured) and written back as a
   config.json that transformers loads.
@@ -27,8 +29,22 @@ OLMO2_NORMS = (("attn_out", "post_attention_layernorm"), ("mlp_out", "post_feedf
 
 # ModelConfig fields that only some architectures have (each lists its own in Architecture.keys).
 OPTIONAL_FIELDS = ("attention_bias", "mlp_bias", "query_pre_attn_scalar", "attn_logit_softcapping",
-                   "final_logit_softcapping", "rope_local_base_freq", "partial_rotary_factor")
+                   "final_logit_softcapping", "rope_local_base_freq", "partial_rotary_factor", "num_experts",
+                   "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "shared_expert_intermediate_size",
+                   "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef")
+MOE_KEYS = ("num_experts", "num_experts_per_tok", "router_aux_loss_coef")  # every mixture-of-experts family's
+QWEN_MOE_KEYS = MOE_KEYS + ("moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How a mixture-of-experts family stores and routes its experts (ochat holds them stacked, as transformers v5's
+    modules do: `mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I], router `mlp.gate.weight`)."""
+
+    block: str = "mlp"  # the expert block's module name in checkpoints (Mixtral: block_sparse_moe)
+    projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert names (Mixtral: w1, w3, w2)
+    always_norm_topk: bool = False  # Mixtral: the top-k probabilities always renormalised to sum 1
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,9 @@ class Architecture:
     embed_scale: bool = False  # Gemma: embeddings x sqrt(hidden_size), rounded to the embedding dtype
     act_key: str = "hidden_act"  # config.json key of the MLP activation
     sliding: str = "none"  # which layers use `sliding_window`: "none", "all", or config.json's "layer_types"
+    experts: ExpertLayout | None = None  # mixture-of-experts families
+    key_names: tuple[tuple[str, str], ...] = ()  # (field, config.json key) where the family spells a key its own way
+    fixed: tuple[tuple[str, Any], ...] = ()  # (config.json key, the one value ochat supports): anything else refused
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -69,6 +88,16 @@ ARCHITECTURES: dict[str, Architecture] = {
                          sliding="all"),
     "olmo2": Architecture("Olmo2ForCausalLM", OLMO2_NORMS, keys=("attention_bias",), qk_norm="projection",
                           norm_scale_in_float32=True),
+    "mixtral": Architecture("MixtralForCausalLM", LLAMA_NORMS, keys=MOE_KEYS, sliding="all",
+                            experts=ExpertLayout("block_sparse_moe", ("w1", "w3", "w2"), always_norm_topk=True),
+                            key_names=(("num_experts", "num_local_experts"),), fixed=(("router_jitter_noise", 0.0),)),
+    "olmoe": Architecture("OlmoeForCausalLM", LLAMA_NORMS, keys=("attention_bias", "norm_topk_prob") + MOE_KEYS,
+                          qk_norm="projection", experts=ExpertLayout(), fixed=(("clip_qkv", None),)),
+    "qwen2_moe": Architecture("Qwen2MoeForCausalLM", LLAMA_NORMS,
+                              keys=QWEN_MOE_KEYS + ("shared_expert_intermediate_size",), qkv_bias=True,
+                              experts=ExpertLayout(), fixed=(("qkv_bias", True),)),
+    "qwen3_moe": Architecture("Qwen3MoeForCausalLM", LLAMA_NORMS, keys=("attention_bias",) + QWEN_MOE_KEYS,
+                              qk_norm="head", experts=ExpertLayout()),
 }
 
 # config.json keys whose facts ModelConfig holds in another form (rebuilt by to_hf_config), or that describe the
@@ -76,7 +105,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 _REWRITTEN_KEYS = {"rope_parameters", "rope_scaling", "rope_theta", "rope_local_base_freq", "partial_rotary_factor",
                    "sliding_window_pattern", "_sliding_window_pattern", "use_sliding_window", "max_window_layers",
                    "layer_types", "hidden_act", "hidden_activation", "architectures", "torch_dtype", "dtype",
-                   "transformers_version", "use_cache"}
+                   "transformers_version", "use_cache", "num_experts", "num_local_experts"}
 
 
 def unsupported_model_type(model_type: str) -> str:
@@ -126,6 +155,14 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: Any = 2
     pad_token_id: int | None = None
+    num_experts: int = 0  # mixture of experts: routed experts per expert layer (0: a dense model)
+    num_experts_per_tok: int = 0  # experts each token is routed to (top-k)
+    moe_intermediate_size: int | None = None  # Qwen MoE: an expert's intermediate size (else intermediate_size)
+    norm_topk_prob: bool = False  # the top-k routing probabilities renormalised to sum 1 (Mixtral: always)
+    shared_expert_intermediate_size: int | None = None  # Qwen2-MoE: a sigmoid-gated shared expert beside the rest
+    decoder_sparse_step: int = 1  # Qwen MoE: layer i has experts when (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and it is not listed here (those keep a dense MLP)
+    router_aux_loss_coef: float = 0.0  # the load-balancing loss's weight in the training loss (0: off)
     extra: tuple = field(default=(), compare=False)  # other HF keys, kept for to_hf_config
 
     def __post_init__(self):
@@ -151,6 +188,9 @@ class ModelConfig:
                     not set(self.layer_types) <= {"sliding_attention", "full_attention"}:
                 raise ValueError(f"layer_types must give each of the {self.num_hidden_layers} layers "
                                  f"'sliding_attention' or 'full_attention', got {self.layer_types}")
+        if arch.experts is not None and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"{self.model_type}: num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
+                             f"got {self.num_experts_per_tok}")
         rt = (self.rope_scaling_dict or {}).get("rope_type", "default")
         if rt not in ROPE_TYPES:
             raise ValueError(f"rope_scaling type {rt!r} not supported (one of {ROPE_TYPES})")
@@ -175,6 +215,23 @@ class ModelConfig:
         if self.rope_local_base_freq is not None and self.layer_type(i) == "sliding_attention":
             return Rotary(self.rope_local_base_freq, self.rotary_dim, None, self.max_position_embeddings)
         return Rotary(self.rope_theta, self.rotary_dim, self.rope_scaling, self.max_position_embeddings)
+
+    def layer_has_experts(self, i: int) -> bool:
+        """Whether decoder layer i has a mixture-of-experts block (else a dense MLP): the one place that decides."""
+        return (self.arch.experts is not None and i not in self.mlp_only_layers
+                and (i + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def expert_layers(self) -> int:
+        return sum(map(self.layer_has_experts, range(self.num_hidden_layers)))
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
+
+    @property
+    def normalizes_topk(self) -> bool:
+        return self.norm_topk_prob or (self.arch.experts is not None and self.arch.experts.always_norm_topk)
 
     @property
     def rotary_dim(self) -> int:
@@ -229,7 +286,9 @@ class ModelConfig:
             pad_token_id=self.pad_token_id, torch_dtype="float32",
         )
         d[arch.act_key] = self.hidden_act
-        d.update({k: getattr(self, k) for k in arch.keys})
+        names = dict(arch.key_names)
+        d.update({names.get(k, k): list(v) if isinstance(v, tuple) else v
+                  for k, v in ((k, getattr(self, k)) for k in arch.keys)})
         if arch.sliding != "none":
             d["sliding_window"] = self.sliding_window
         if arch.sliding == "layer_types":
@@ -256,9 +315,11 @@ class ModelConfig:
         return cls(**kw)
 
     # ---------------------------------------------------------------- counting
-    def num_params(self, embeddings: bool = True) -> int:
+    def num_params(self, embeddings: bool = True, active: bool = False) -> int:
         """Parameters of the module: every projection (fused or not, same count) and its biases, every RMSNorm
-        weight (the layer's two or four, q/k norms, the final norm), the embedding and an untied lm_head."""
+        weight (the layer's two or four, q/k norms, the final norm), the embedding and an untied lm_head.
+        Expert layers count their router, their experts (with `active`: only the top-k a token runs through) and a
+        shared expert with its gate."""
         h, d, arch = self.hidden_size, self.head_dim, self.arch
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
         attn = h * q + 2 * h * kv + q * h
@@ -268,9 +329,12 @@ class ModelConfig:
             attn += 2 * d
         elif arch.qk_norm == "projection":
             attn += q + kv
-        mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h if self.mlp_bias else 0)
-        layer = attn + mlp + len(arch.norms) * h
-        n = self.num_hidden_layers * layer + h
+        dense = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h if self.mlp_bias else 0)
+        experts = self.num_experts_per_tok if active else self.num_experts
+        sparse = (h * self.num_experts + experts * 3 * h * self.expert_intermediate_size
+                  + (3 * h * self.shared_expert_intermediate_size + h if self.shared_expert_intermediate_size else 0))
+        layer = attn + len(arch.norms) * h
+        n = sum(layer + (sparse if self.layer_has_experts(i) else dense) for i in range(self.num_hidden_layers)) + h
         emb = self.vocab_size * h
         if embeddings:
             n += emb if self.tie_word_embeddings else 2 * emb
@@ -280,14 +344,15 @@ class ModelConfig:
         """Training FLOPs (forward + backward) per token.
 
         6 * N (every parameter outside the embedding lookup, the lm_head included; the norm weights and biases
-        are a rounding error but counted) plus causal attention: QK^T and AV are 2 * 2 * Hq * D flops per token
-        pair, halved by causality, x3 for fwd+bwd: 6 * Hq * D * (sum(len^2) / tokens) per full-attention layer,
-        with `mean_len_sq_over_tokens` = sum over sequences of len^2 divided by the number of tokens (= len for a
-        single sequence). A sliding-window layer (window W) sees at most W keys per token:
-        6 * Hq * D * min(sum(len^2) / tokens, 2 W), exact for conversations up to W tokens and at most a third
-        high beyond. Not counted: softmax, soft-capping, norms and activations (elementwise work).
+        are a rounding error but counted; of the experts only the top-k a token runs through) plus causal
+        attention: QK^T and AV are 2 * 2 * Hq * D flops per token pair, halved by causality, x3 for fwd+bwd:
+        6 * Hq * D * (sum(len^2) / tokens) per full-attention layer, with `mean_len_sq_over_tokens` = sum over
+        sequences of len^2 divided by the number of tokens (= len for a single sequence). A sliding-window layer
+        (window W) sees at most W keys per token: 6 * Hq * D * min(sum(len^2) / tokens, 2 W), exact for
+        conversations up to W tokens and at most a third high beyond. Not counted: softmax, soft-capping, norms
+        and activations (elementwise work).
         """
-        n_matmul = self.num_params(embeddings=False) + self.vocab_size * self.hidden_size
+        n_matmul = self.num_params(embeddings=False, active=True) + self.vocab_size * self.hidden_size
         per_layer = 6 * self.num_attention_heads * self.head_dim
         attn = sum(per_layer * (mean_len_sq_over_tokens if w is None else min(mean_len_sq_over_tokens, 2 * w))
                    for w in map(self.layer_window, range(self.num_hidden_layers)))
@@ -321,6 +386,11 @@ def _read_transformers_config(cfg: dict) -> dict:
     hf = AutoConfig.for_model(**cfg)
     if getattr(hf, "use_bidirectional_attention", False):
         raise ValueError(f"{mt} with use_bidirectional_attention (an encoder) not supported")
+    for key, supported in arch.fixed:
+        if getattr(hf, key, supported) != supported:
+            raise ValueError(f"{mt} with {key}={getattr(hf, key)!r} not supported (only {supported!r})")
+    if arch.sliding == "none" and getattr(hf, "sliding_window", None):
+        raise ValueError(f"{mt} with a sliding window not supported")
     kw = {name: getattr(hf, name) for name in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id",
@@ -340,6 +410,8 @@ def _read_transformers_config(cfg: dict) -> dict:
     if "partial_rotary_factor" in arch.keys:
         kw["partial_rotary_factor"] = partial
     kw.update({k: getattr(hf, k) for k in arch.keys if k not in ("rope_local_base_freq", "partial_rotary_factor")})
+    if "mlp_only_layers" in kw:
+        kw["mlp_only_layers"] = tuple(kw["mlp_only_layers"])
     if arch.sliding != "none" and getattr(hf, "sliding_window", None) is not None:
         kw["sliding_window"] = hf.sliding_window
         types = tuple(getattr(hf, "layer_types", None) or ()) if arch.sliding == "layer_types" else ()

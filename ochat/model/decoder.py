@@ -13,7 +13,10 @@ families is `ModelConfig.arch`, see model_config.py):
   that conversation's length, as transformers does for each sequence alone; partial rotary for Phi-4-mini);
   varlen causal attention over cu_seqlens with the layer's sliding window, the softmax scale (Gemma's
   query_pre_attn_scalar) and attention-logit soft-capping (Gemma 2).
-- MLP: `down(act(gate) * up)`, SwiGLU or Gemma's GeGLU (tanh GELU); Phi-3: one fused gate_up_proj.
+- MLP: `down(act(gate) * up)`, SwiGLU or Gemma's GeGLU (tanh GELU); Phi-3: one fused gate_up_proj. Mixture-of-experts
+  families (Mixtral, OLMoE, Qwen2/3-MoE) have an `ExpertBlock` (experts.py) in place of the MLP in the layers
+  `ModelConfig.layer_has_experts` names; with labels the forward also returns the load-balancing loss
+  (`LossSums.aux_loss`, see experts.py for how it joins the step's loss) and the tokens routed to each expert.
 - Inputs are flat: input_ids [T], position_ids [T] (restart at 0 per conversation), cu_seqlens int32
   [B+1], max_seqlen. No padding and no attention across conversation boundaries.
 - With labels/label_weights (already shifted) the forward returns LossSums from the fused, chunked
@@ -40,6 +43,7 @@ from ochat.kernels.rope import apply_rotary
 from ochat.kernels.swiglu import glu
 from ochat.model import hf_weights
 from ochat.model.config import ModelConfig, Rotary
+from ochat.model.experts import ExpertBlock, Experts, Router, load_balancing_loss
 
 
 def rope_inv_freq(rotary: Rotary, device=None, long: bool = False) -> torch.Tensor:
@@ -173,10 +177,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Attention and an MLP or, where the config says so, an expert block; the latter's layer returns
+    (x, routing sums [2, E])."""
+
     def __init__(self, c: ModelConfig, layer: int):
         super().__init__()
         self.self_attn = Attention(c, layer)
-        self.mlp = MLP(c)
+        self.has_experts = c.layer_has_experts(layer)
+        self.mlp = ExpertBlock(c) if self.has_experts else MLP(c)
         self.norm_of_role = dict(c.arch.norms)  # attn_in / attn_out / mlp_in / mlp_out -> Hugging Face module name
         for name in self.norm_of_role.values():
             setattr(self, name, RMSNorm(c.hidden_size, c))
@@ -188,6 +196,9 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, backend):
         x = x + self._norm("attn_out", self.self_attn(self._norm("attn_in", x), cos, sin, cu_seqlens, max_seqlen,
                                                       backend))
+        if self.has_experts:
+            y, routing = self.mlp(self._norm("mlp_in", x))
+            return x + self._norm("mlp_out", y), routing
         return x + self._norm("mlp_out", self.mlp(self._norm("mlp_in", x)))
 
 
@@ -225,6 +236,7 @@ class PackedCausalLM(nn.Module):
         self.lm_head = LMHead(config)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.router_aux_loss_coef = config.router_aux_loss_coef  # expert models; --router-aux-loss-coef overrides
         self.checkpointed_layers: frozenset[int] = frozenset()  # decoder layers recomputed in the backward
         self.checkpoint_fn = _recompute_in_backward  # (layer, *inputs) -> outputs; offload swaps in DeepSpeed's
         self._layer_rotary = [config.layer_rotary(i) for i in range(config.num_hidden_layers)]
@@ -236,8 +248,10 @@ class PackedCausalLM(nn.Module):
     # ---------------------------------------------------------------- init
     def reset_parameters(self, std: float = 0.02):
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=std)
+            if isinstance(m, (nn.Linear, nn.Embedding, Router, Experts)):
+                for p in m.parameters(recurse=False):
+                    if p.dim() > 1:
+                        nn.init.normal_(p, std=std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
@@ -305,6 +319,11 @@ class PackedCausalLM(nn.Module):
 
     def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen):
         """Final-normed hidden states [T, H]."""
+        return self._run_layers(input_ids, position_ids, cu_seqlens, max_seqlen)[0]
+
+    def _run_layers(self, input_ids, position_ids, cu_seqlens, max_seqlen):
+        """Final-normed hidden states [T, H] and the expert layers' routing sums [layers with experts, 2, E] (None
+        for a dense model)."""
         x = self.model.embed_tokens(input_ids)
         if self.config.arch.embed_scale:  # sqrt(hidden) as a float32 tensor cast to the embedding dtype, as Gemma does
             x = x * torch.tensor(self.config.hidden_size ** 0.5).to(x.dtype)
@@ -313,28 +332,41 @@ class PackedCausalLM(nn.Module):
         max_seqlen = int(max_seqlen)
         ropes = {r: self._rope(r, position_ids, cu_seqlens, x.dtype) for r in dict.fromkeys(self._layer_rotary)}
         recompute = self.training and torch.is_grad_enabled()
+        routing = []
         for i, layer in enumerate(self.model.layers):
             cos, sin = ropes[self._layer_rotary[i]]
             if recompute and i in self.checkpointed_layers:
                 x = self.checkpoint_fn(layer, x, cos, sin, cu_seqlens, max_seqlen, backend)
             else:
                 x = layer(x, cos, sin, cu_seqlens, max_seqlen, backend)
-        return self.model.norm(x)
+            if layer.has_experts:
+                x, sums = x
+                routing.append(sums)
+        return self.model.norm(x), torch.stack(routing) if routing else None
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen, labels=None, label_weights=None,
-                target_index=None):
+                target_index=None, real_tokens=None):
         """Logits [T, V], or LossSums when labels and label_weights (shifted: row t predicts labels[t]) are given.
 
         target_index (optional, int64 [N], from the collate): only those rows go through lm_head/loss.
+        real_tokens (optional, from the collate): the pack's tokens that are not filler (default: all); an expert
+        model's `aux_loss` is `router_aux_loss_coef` x real_tokens x the pack's load-balancing loss (None when the
+        coefficient is 0), and its `expert_tokens` [layers with experts, E] the tokens routed to each expert.
         """
-        h = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen)
+        h, routing = self._run_layers(input_ids, position_ids, cu_seqlens, max_seqlen)
         if labels is None:
             return self.lm_head(h)
         if label_weights is None:
             label_weights = (labels >= 0).float()
         if target_index is not None:
             h, labels, label_weights = h[target_index], labels[target_index], label_weights[target_index]
-        return self.lm_head(h, labels, label_weights)
+        sums = self.lm_head(h, labels, label_weights)
+        if routing is None:
+            return sums
+        n = len(input_ids) if real_tokens is None else int(real_tokens)
+        coef = self.router_aux_loss_coef
+        aux = coef * n * load_balancing_loss(routing, len(input_ids)) if coef else None
+        return sums._replace(aux_loss=aux, expert_tokens=routing[:, 0].detach())
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod

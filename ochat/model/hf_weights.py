@@ -11,6 +11,10 @@
 - `save_weights`: config.json + safetensors, sharded with Hugging Face's index above 5 GB; `save_config`:
   config.json alone.
 
+Expert layers: ochat stacks each layer's experts in one parameter per projection, the checkpoints keep the Hub's
+per-expert tensors; `checkpoint_names` / `from_checkpoint` / `to_checkpoint` (ochat.model.experts) map between
+them, so every reader and writer here deals in the model's parameter names.
+
 Tied embeddings: `lm_head.weight` is the embedding matrix itself; it is never read from nor written to a
 checkpoint (transformers does the same), so every writer and reader treats a tied model alike.
 """
@@ -25,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from ochat.model.config import ModelConfig
+from ochat.model.experts import checkpoint_names, from_checkpoint, to_checkpoint
 from ochat.utils.ranks import is_main
 
 TIED_NAME = "lm_head.weight"
@@ -64,8 +69,13 @@ class CheckpointReader:
 
     def check_names(self, model: nn.Module, config: ModelConfig) -> list[str]:
         """The model's parameter names (a tied lm_head counted once), after checking that the checkpoint
-        has each of them and nothing else; raises ValueError naming the differences."""
-        wanted = [n for n, _ in model.named_parameters()]  # deduplicated: a tied lm_head.weight is not listed
+        has the tensors of each of them and nothing else; raises ValueError naming the differences."""
+        params = [n for n, _ in model.named_parameters()]  # deduplicated: a tied lm_head.weight is not listed
+        shapes = {}
+        for n, p in model.named_parameters():
+            meta = torch.empty(tuple(getattr(p, "ds_shape", p.shape)), device="meta")
+            shapes.update((k, tuple(t.shape)) for k, t in to_checkpoint(n, meta, config).items())
+        wanted = list(shapes)
         have = self.names()
         if config.tie_word_embeddings:
             have.discard(TIED_NAME)
@@ -74,14 +84,17 @@ class CheckpointReader:
         missing, unexpected = sorted(set(wanted) - have), sorted(have - set(wanted))
         if missing or unexpected:
             raise ValueError(f"{self.path}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
-        shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
         wrong = [n for n in wanted if self._shape[n] != shapes[n]]
         if wrong:
             n = wrong[0]
             raise ValueError(f"{self.path}: {n} has shape {list(self._shape[n])} where config.json makes it "
                              f"{list(shapes[n])} ({len(wrong)} tensor(s) differ): config.json does not describe "
                              f"these weights")
-        return wanted
+        return params
+
+    def parameter(self, name: str, config: ModelConfig) -> torch.Tensor:
+        """The model parameter `name` from its checkpoint tensor(s)."""
+        return from_checkpoint(name, [self.get(n) for n in checkpoint_names(name, config)], config)
 
     def get(self, name: str) -> torch.Tensor:
         f = self._where[name]
@@ -114,12 +127,15 @@ def _weight_files(path) -> list[str]:
 
 
 def read_state_dict(path, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint folder by its Hugging Face name, in the checkpoint's dtype, after checking that
-    they are the parameters of `model` (built from the folder's config.json, on the meta device) with their shapes
-    (a ValueError naming the first difference otherwise)."""
+    """Every parameter of a checkpoint folder by its name in `model` (a tied lm_head.weight the checkpoint holds
+    too), in the checkpoint's dtype, after checking that they are the parameters of `model` (built from the folder's
+    config.json, on the meta device) with their shapes (a ValueError naming the first difference otherwise)."""
     reader = CheckpointReader(path)
-    reader.check_names(model, model.config)
-    return {name: reader.get(name) for name in sorted(reader.names())}
+    names = reader.check_names(model, model.config)
+    out = {name: reader.parameter(name, model.config) for name in names}
+    if TIED_NAME in reader.names() and TIED_NAME not in out:
+        out[TIED_NAME] = reader.get(TIED_NAME)
+    return dict(sorted(out.items()))
 
 
 def tie_embeddings(model: nn.Module, config: ModelConfig) -> None:
@@ -132,7 +148,8 @@ def load_weights(model: nn.Module, path, dtype: torch.dtype, device) -> nn.Modul
     """Fill `model` (built on the meta device) with the checkpoint's tensors, cast to dtype on device."""
     reader = CheckpointReader(path)
     names = reader.check_names(model, model.config)
-    model.load_state_dict({n: reader.get(n).to(device=device, dtype=dtype) for n in names}, strict=False, assign=True)
+    model.load_state_dict({n: reader.parameter(n, model.config).to(device=device, dtype=dtype) for n in names},
+                          strict=False, assign=True)
     tie_embeddings(model, model.config)
     return model
 
@@ -148,7 +165,7 @@ def load_partitioned(model: nn.Module, path) -> nn.Module:
     for name in reader.check_names(model, model.config):  # the same order on every rank: each gather is collective
         with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
             if is_main():
-                params[name].data.copy_(reader.get(name))
+                params[name].data.copy_(reader.parameter(name, model.config))
     return model
 
 
@@ -171,13 +188,14 @@ def full_state_dict(module: nn.Module, only: Callable[[str], bool] | None = None
 def save_weights(path, state_dict: dict[str, torch.Tensor], config: ModelConfig, *,
                  max_shard_bytes: int = MAX_SHARD_BYTES, **config_overrides) -> None:
     """Write config.json (`ModelConfig.to_hf_config`: what the model type's transformers config reads) and the
-    weights as safetensors, sharded above `max_shard_bytes` with Hugging Face's index. `config_overrides` update
-    config.json."""
+    weights (`state_dict` by the model's parameter names) as safetensors under their checkpoint names, sharded above
+    `max_shard_bytes` with Hugging Face's index. `config_overrides` update config.json."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    state_dict = {k: v for k, v in state_dict.items() if not (config.tie_word_embeddings and k == TIED_NAME)}
+    state_dict = {name: t for k, v in state_dict.items() if not (config.tie_word_embeddings and k == TIED_NAME)
+                  for name, t in to_checkpoint(k, v, config).items()}
     split = split_torch_state_dict_into_shards(state_dict, max_shard_size=max_shard_bytes)
     for fname, names in split.filename_to_tensors.items():
         save_file({n: state_dict[n] for n in names}, os.path.join(path, fname), metadata={"format": "pt"})

@@ -17,8 +17,11 @@ then changes it, always in this order:
 6. sequence parallelism   every attention routed over the ranks of a sequence-parallel group
                   (sequence_parallel.py); attention stays outside compiled graphs, so it composes with 1-4.
 
-Later transforms (expert layers) join this list. `refusals` holds every rule about which
-combinations are refused; the trainer asks it at parse time, with the DeepSpeed config, and before training.
+The load-balancing loss's coefficient (`--router-aux-loss-coef`) replaces config.json's on an expert model (any
+time: it is read at each forward). Mixture-of-experts models take recompute only for now: LoRA, fp8, tiled MLP,
+offload, compile and sequence parallelism are refused with them (not yet built or tested on expert blocks).
+`refusals` holds every rule about which combinations are refused; the trainer asks it at parse time, with the
+DeepSpeed config, and before training.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ class ModelTransforms:
     lora_dropout: float = 0.0
     lora_targets: str = "all"  # a preset of lora.TARGETS
     seed: int = 0  # of what a transform draws at random (LoRA's initial A)
+    router_aux_loss_coef: float | None = None  # expert models' load-balancing loss weight; None: config.json's
 
 
 def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatter: bool = True,
@@ -76,6 +80,17 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
             out.append(f"--lora-rank is not yet supported with {', '.join(others)}: drop one or the other")
     elif t.lora_alpha is not None or t.lora_dropout:
         out.append("--lora-alpha and --lora-dropout configure LoRA adapters: add --lora-rank")
+    if model is not None and model.arch.experts is not None:
+        unsupported = [flag for flag, on in (("--lora-rank", t.lora_rank), ("--fp8", t.fp8), ("--compile", t.compile),
+                                             ("--tiled-mlp", t.tiled_mlp > 1),
+                                             ("--offload-activations", t.offload_activations),
+                                             ("--sequence-parallel", t.sequence_parallel > 1)) if on]
+        if unsupported:
+            out.append(f"{', '.join(unsupported)} not yet supported with a mixture-of-experts model "
+                       f"({model.model_type})")
+    elif model is not None and t.router_aux_loss_coef is not None:
+        out.append(f"--router-aux-loss-coef weighs the load-balancing loss of mixture-of-experts models; "
+                   f"{model.model_type} has no experts")
     try:
         if world_size is not None:
             sequence_parallel.Layout(world_size, 0, t.sequence_parallel)
@@ -96,6 +111,8 @@ def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | 
     from ochat.model.fp8 import enable_fp8
     from ochat.model.lora import add_lora, default_alpha
 
+    if t.router_aux_loss_coef is not None:
+        model.router_aux_loss_coef = t.router_aux_loss_coef
     if t.lora_rank:
         alpha = default_alpha(t.lora_rank) if t.lora_alpha is None else t.lora_alpha
         trainable = add_lora(model, t.lora_rank, alpha, t.lora_dropout, t.lora_targets, t.seed)

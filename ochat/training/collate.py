@@ -10,8 +10,8 @@ Example: a pack of two conversations, tokens [a b c] and [d e] with target weigh
     target_index = [0 1 3]              (rows with weight > 0, computed here on the CPU)
 
 `collate_for_rank` is what training collates: a pack padded with weight-0 filler tokens (a conversation of
-their own) to the multiple that float8 matmuls or sequence parallelism need, then, under sequence parallelism,
-this rank's slice of it (`ochat.model.sequence_parallel.rank_slice`).
+their own, after the `real_tokens` of the pack) to the multiple that float8 matmuls or sequence parallelism
+need, then, under sequence parallelism, this rank's slice of it (`ochat.model.sequence_parallel.rank_slice`).
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ def collate_pack(items):
         "labels": torch.from_numpy(labels),
         "label_weights": torch.from_numpy(label_weights),
         "target_index": torch.from_numpy(target_index),
+        "real_tokens": total,  # tokens that are not filler (collate_for_rank's fillers come after them)
     }
 
 
@@ -64,5 +65,5 @@ def collate_for_rank(items, filler_token: int, layout: Layout = Layout(1, 0), to
     pad = -total % multiple if total else multiple
     if pad:
         items = list(items) + [(np.full(pad, filler_token, np.int32), np.zeros(pad, np.float32))]
-    pack = collate_pack(items)
+    pack = collate_pack(items) | {"real_tokens": total}  # without the fillers
     return pack if layout.size == 1 else rank_slice(pack, layout.size, layout.sp_rank)

@@ -98,6 +98,8 @@ class ProgressLog:
         if not self.is_main:
             return
         tps = stats.tokens / self.world_size / max(stats.seconds, 1e-9)
+        # expert models: the load-balancing loss trained on and the busiest expert's load over the mean
+        experts = dict(aux_loss=stats.aux_loss, expert_load=stats.expert_load) if stats.expert_load else {}
         mfu = (step_flops(self.config, stats.tokens, stats.sum_len_sq) / self.world_size / stats.seconds / self.peak
                if self.peak else float("nan"))
         if self.bar is not None:
@@ -106,14 +108,16 @@ class ProgressLog:
             self.bar.update(1)
         elif global_step % self.cfg.log_every == 0 or global_step == 1:
             log(f"epoch {epoch} step {global_step}/{self.total_steps} loss {stats.loss:.4f} lr {stats.lr:.3e} "
-                f"grad_norm {stats.grad_norm:.3f} tokens/s/gpu {tps:.0f} mfu {_pct(mfu)} eta {eta_seconds / 60:.1f}m")
+                f"grad_norm {stats.grad_norm:.3f} tokens/s/gpu {tps:.0f} mfu {_pct(mfu)} eta {eta_seconds / 60:.1f}m"
+                + "".join(f" {k} {v:.4f}" for k, v in experts.items()))
         self._record(step=global_step, epoch=epoch, loss=stats.loss, lr=stats.lr, grad_norm=stats.grad_norm,
                      token_accuracy=stats.token_accuracy, tokens=stats.tokens, seconds=stats.seconds,
-                     tokens_per_s_per_gpu=tps, mfu=mfu if math.isfinite(mfu) else None)
+                     tokens_per_s_per_gpu=tps, mfu=mfu if math.isfinite(mfu) else None, **experts)
         if self.wandb is not None:
             self.wandb.log({"train/loss": stats.loss, "train/token_accuracy": stats.token_accuracy, "train/lr": stats.lr,
                             "train/grad_norm": stats.grad_norm, "train/tokens_per_s_per_gpu": tps, "train/mfu": mfu,
-                            "train/packing_efficiency": packing_efficiency, "epoch": epoch}, step=global_step)
+                            "train/packing_efficiency": packing_efficiency, "epoch": epoch,
+                            **{f"train/{k}": v for k, v in experts.items()}}, step=global_step)
 
     def eval(self, epoch: int, global_step: int, loss: float) -> None:
         if not self.is_main:

@@ -115,9 +115,13 @@ def check_lengths(batch_max_len: int, sequence_parallel: int = 1, **splits: Toke
 def check_transforms(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
     """The model transforms the flags ask for must work with this many ranks, this device and the model's shape
     (ochat.model.transforms.refusals: --sequence-parallel must divide the ranks and the attention heads,
-    --offload-activations needs a GPU)."""
+    --offload-activations needs a GPU, mixture-of-experts models take none of the transforms not yet built for
+    them). The model's config.json is read only when a flag depends on it."""
+    t = cfg.transforms
+    shaped = (t.sequence_parallel > 1 or t.lora_rank or t.fp8 or t.compile or t.tiled_mlp > 1 or t.offload_activations
+              or t.router_aux_loss_coef is not None)
     try:
-        model = ModelConfig.from_hf_config(cfg.model_path) if cfg.sequence_parallel > 1 else None
+        model = ModelConfig.from_hf_config(cfg.model_path) if shaped else None
     except (OSError, ValueError) as e:
         raise TrainError(f"cannot read the model config in {cfg.model_path}: {e}") from None
     problems = refusals(cfg.transforms, cuda=device.type == "cuda", model=model, world_size=world_size)

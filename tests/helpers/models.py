@@ -42,14 +42,17 @@ VARIANTS = {
 HF_CLASSES = {name: arch.hf_class for name, arch in ARCHITECTURES.items()}
 
 
-def make_pair(name, seed=0):
+def make_pair(name, seed=0, variants=VARIANTS):
+    """ochat's model of variants[name] (random weights) and transformers' with the same weights (float32, eager)."""
     torch.manual_seed(seed)
-    cfg = ModelConfig.debug(**VARIANTS[name])
+    cfg = ModelConfig.debug(**variants[name])
     ours = PackedCausalLM(cfg, attn_impl="sdpa")
-    with torch.no_grad():  # non-trivial norms and biases
+    with torch.no_grad():  # non-trivial norms and biases; routers far from ties (std 1)
         for n, p in ours.named_parameters():
             if n.endswith("layernorm.weight") or n.endswith("norm.weight") or n.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
+            elif n.endswith("mlp.gate.weight"):
+                p.mul_(50.0)
     hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf_config())
     hf_cfg._attn_implementation = "eager"
     hf = getattr(transformers, HF_CLASSES[cfg.model_type])(hf_cfg).float()

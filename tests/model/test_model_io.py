@@ -75,12 +75,12 @@ def test_ochat_loads_what_transformers_writes_from_its_own_defaults(tmp_path, mo
 
 
 def test_unsupported_architectures_are_refused_in_one_line(tmp_path):
-    for model_type in ("mixtral", "qwen3_moe", "qwen3_next", "gemma3"):
+    for model_type in ("gpt_oss", "qwen3_next", "gemma3"):
         hf_cfg = transformers.AutoConfig.for_model(model_type)
         (tmp_path / "config.json").write_text(hf_cfg.to_json_string())
         with pytest.raises(ValueError, match=rf"config.json: model_type '{model_type}' not supported "
                                              rf"\(supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, "
-                                             rf"phi3, olmo2\)$"):
+                                             rf"phi3, olmo2, mixtral, olmoe, qwen2_moe, qwen3_moe\)$"):
             PackedCausalLM.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(dict(model_type="llama", rope_scaling=dict(
         rope_type="yarn", factor=4.0, original_max_position_embeddings=16))))

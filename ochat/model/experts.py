@@ -1,0 +1,215 @@
+"""Mixture-of-experts blocks on the packed token stream: router, dropless experts, the load-balancing loss.
+
+A block (`ExpertBlock`, in place of a decoder layer's MLP, where `ModelConfig.layer_has_experts` says so):
+- Router (`mlp.gate.weight` [E, H]): logits and softmax in float32, top-k experts per token (`torch.topk` on the
+  probabilities, as transformers does, so tied scores pick the same experts), the k weights renormalised to sum 1
+  where the family does it (`ModelConfig.normalizes_topk`).
+- Experts, stacked as transformers v5 holds them: `gate_up_proj` [E, 2I, H] (gate rows, then up rows) and
+  `down_proj` [E, H, I]. The (token, expert) pairs are sorted by expert once; each expert's rows are contiguous,
+  so one grouped GEMM (`torch._grouped_mm`) computes every gate/up projection and one every down projection.
+  Dropless: no token is dropped, nothing is padded to a capacity. Each row is scaled by its routing weight and
+  added back to its token (`index_add_`). `expert_loop` is the plain reference (one matmul per expert), used
+  where grouped GEMMs cannot run.
+- Qwen2-MoE: a shared expert (a dense MLP) on every token, scaled by sigmoid(shared_expert_gate(x)).
+- Checkpoints keep the Hub's per-expert names (`mlp.experts.{e}.gate_proj.weight`, Mixtral's
+  `block_sparse_moe.experts.{e}.w1.weight`, ...): `to_checkpoint` splits a stacked parameter into them,
+  `checkpoint_names` / `from_checkpoint` stack them back (hf_weights applies both).
+
+Load-balancing loss (transformers' `load_balancing_loss_func`, Switch Transformer): over the tokens of one forward
+and every expert layer together, f_e = (top-k assignments to expert e) / (layers x tokens), P_e = (sum of expert
+e's router probability) / (layers x tokens), aux = E * sum_e f_e P_e. Only P carries a gradient.
+
+How it joins ochat's exact loss: transformers computes aux over one forward's batch (the tokens of its attention
+mask); ochat computes it per pack, over the pack's real tokens (a pack of filler tokens alone counts none), and
+the step's auxiliary term is the token-weighted mean over all the step's packs (every micro-step, every rank),
+times `router_aux_loss_coef`:
+
+    loss = sum(w * CE) / sum(w) + coef * sum_packs(n_p * aux_p) / sum_packs(n_p)
+
+The model returns `coef * n_p * aux_p` (`LossSums.aux_loss`, a sum like `weighted_loss`), so the training step
+divides it by the step's token count N just as it divides the weighted CE by W (`ochat.training.loss`). For a step
+that is one pack this is transformers' loss on that batch. The router z-loss is not computed: none of these
+families defines one in transformers.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ochat.kernels.swiglu import glu
+from ochat.model.config import ModelConfig
+
+
+class Router(nn.Module):
+    """Top-k routing: float32 probabilities [T, E], the top-k weights [T, k] (float32) and experts [T, k]."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(c.num_experts, c.hidden_size))
+        self.top_k = c.num_experts_per_tok
+        self.normalize = c.normalizes_topk
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(F.linear(x.float(), self.weight.float()), dim=-1)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return probs, weights, experts
+
+
+def grouped_mm_runs(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether ochat runs `torch._grouped_mm` on these operands: torch has it, every row is 16-byte aligned, and the
+    device is a CPU (float32, bfloat16 and float16 measured in torch 2.13) or, in bfloat16, a CUDA GPU of compute
+    capability 9.0 or newer (its CUTLASS kernels); the per-expert loop elsewhere."""
+    if not hasattr(torch, "_grouped_mm") or x.device.type not in ("cpu", "cuda"):
+        return False
+    if x.device.type == "cuda" and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0)):
+        return False
+    return all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x,) + weights)
+
+
+def expert_grouped(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                   act: str) -> torch.Tensor:
+    """The experts on rows sorted by expert (`counts[e]` rows for expert e, in order): two grouped GEMMs."""
+    offsets = counts.cumsum(0).to(torch.int32)
+    gate, up = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+    return torch._grouped_mm(glu(gate, up, act).contiguous(), down.transpose(-2, -1), offs=offsets)
+
+
+def expert_loop(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                act: str) -> torch.Tensor:
+    """The reference of `expert_grouped`: one matmul per expert and projection (reads `counts` on the host)."""
+    out, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        gate, up = F.linear(x[start:start + n], gate_up[e]).chunk(2, dim=-1)
+        out.append(F.linear(glu(gate, up, act), down[e]))
+        start += n
+    return torch.cat(out) if out else x.new_zeros(0, down.shape[1])
+
+
+IMPLEMENTATIONS = ("auto", "grouped", "loop")
+
+
+class Experts(nn.Module):
+    """E stacked SwiGLU experts; `impl`: grouped GEMMs, the per-expert loop, or auto (grouped where it runs)."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        e, h, i = c.num_experts, c.hidden_size, c.expert_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.act = c.hidden_act
+        self.impl = "auto"
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x [T, H], routing weights and experts [T, k] -> the weighted sum of each token's experts [T, H]."""
+        k = experts.shape[1]
+        flat = experts.reshape(-1)
+        order = flat.argsort(stable=True)  # (token, slot) pairs sorted by expert, tokens in order within each
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        token = order // k
+        grouped = self.impl == "grouped" or (self.impl == "auto" and grouped_mm_runs(x, self.gate_up_proj,
+                                                                                         self.down_proj))
+        run = expert_grouped if grouped else expert_loop
+        y = run(x[token], counts, self.gate_up_proj, self.down_proj, self.act)
+        y = y * weights.reshape(-1)[order, None].to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+
+class SharedExpert(nn.Module):
+    """Qwen2-MoE's shared expert: a SwiGLU MLP on every token (`shared_expert.{gate,up,down}_proj`)."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        h, i = c.hidden_size, c.shared_expert_intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+        self.act = c.hidden_act
+
+    def forward(self, x):
+        return self.down_proj(glu(self.gate_proj(x), self.up_proj(x), self.act))
+
+
+class ExpertBlock(nn.Module):
+    """A decoder layer's mixture of experts: x [T, H] -> (output [T, H], routing sums [2, E]).
+
+    The routing sums of the block's tokens: row 0 the top-k assignments per expert (no gradient), row 1 the
+    router probabilities summed per expert (float32, with gradient): what the load-balancing loss and the
+    router statistics need, summed over the layers by the model."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate = Router(c)
+        self.experts = Experts(c)
+        if c.shared_expert_intermediate_size:
+            self.shared_expert = SharedExpert(c)
+            self.shared_expert_gate = nn.Linear(c.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs, weights, experts = self.gate(x)
+        out = self.experts(x, weights, experts)
+        if hasattr(self, "shared_expert"):
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        counts = torch.zeros_like(probs[0]).index_add_(0, experts.reshape(-1), probs.new_ones(experts.numel()))
+        return out, torch.stack([counts, probs.sum(0)])
+
+
+def load_balancing_loss(sums: torch.Tensor, tokens: int) -> torch.Tensor:
+    """transformers' load-balancing loss from the routing sums of every expert layer [L, 2, E] over `tokens`
+    tokens: E * sum_e f_e P_e (module docstring); 0 for no tokens."""
+    layers, _, e = sums.shape
+    if tokens == 0:
+        return sums[:, 1].sum() * 0.0
+    total = sums.sum(0) / (layers * tokens)
+    return e * (total[0].detach() * total[1]).sum()
+
+
+# ---------------------------------------------------------------- checkpoint names
+_STACKED = re.compile(r"^(model\.layers\.\d+\.)mlp\.(experts\.(gate_up_proj|down_proj)|gate\.weight)$")
+
+
+def _block(name: str, c: ModelConfig):
+    """(layer prefix, what) of a parameter of an expert block that checkpoints store differently, else None."""
+    m = _STACKED.match(name) if c.arch.experts is not None else None
+    return (m.group(1), m.group(3) or "gate") if m else None
+
+
+def checkpoint_names(name: str, c: ModelConfig) -> list[str]:
+    """The checkpoint tensors a parameter is made of (the Hub's per-expert names for stacked experts, gate rows and
+    up rows of each expert in turn for gate_up_proj; the parameter's own name for everything else)."""
+    where = _block(name, c)
+    if where is None:
+        return [name]
+    prefix, what = where
+    layout = c.arch.experts
+    base = f"{prefix}{layout.block}."
+    if what == "gate":
+        return [base + "gate.weight"]
+    gate, up, down = layout.projections
+    parts = (gate, up) if what == "gate_up_proj" else (down,)
+    return [f"{base}experts.{e}.{p}.weight" for e in range(c.num_experts) for p in parts]
+
+
+def from_checkpoint(name: str, tensors: list[torch.Tensor], c: ModelConfig) -> torch.Tensor:
+    """The parameter `name` from its checkpoint tensors, in `checkpoint_names` order."""
+    where = _block(name, c)
+    if where is None or where[1] == "gate":
+        return tensors[0]
+    if where[1] == "gate_up_proj":
+        tensors = [torch.cat(tensors[i:i + 2]) for i in range(0, len(tensors), 2)]
+    return torch.stack(tensors)
+
+
+def to_checkpoint(name: str, tensor: torch.Tensor, c: ModelConfig) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one parameter (the inverse of `from_checkpoint`), each contiguous."""
+    names = checkpoint_names(name, c)
+    if len(names) == 1:
+        return {names[0]: tensor}
+    per_expert = tensor.unbind(0)
+    if _block(name, c)[1] == "gate_up_proj":
+        per_expert = [half for t in per_expert for half in t.chunk(2)]
+    return {n: t.contiguous() for n, t in zip(names, per_expert)}

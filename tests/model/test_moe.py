@@ -1,0 +1,241 @@
+"""Mixture-of-experts models against transformers (CPU, float32, tiny random configs): logits, the load-balancing
+loss and every gradient per conversation, packed = alone, grouped GEMMs = the per-expert loop, tied routing,
+checkpoints both ways, the aux-loss coefficient."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from ochat.config.train_config import parse_args
+from ochat.model import experts as experts_mod
+from ochat.model.config import ModelConfig
+from ochat.model.decoder import PackedCausalLM
+from ochat.model.transforms import ModelTransforms, apply_transforms, refusals
+from tests.helpers.models import assert_close, make_pack, make_pair
+
+MOE = {
+    # top-4 of 8, renormalised; q/k norms per head; layer 1 dense (mlp_only_layers)
+    "qwen3_moe": dict(model_type="qwen3_moe", num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
+                      norm_topk_prob=True, mlp_only_layers=(1,), router_aux_loss_coef=0.1),
+    # top-2 of 4, always renormalised; experts of intermediate_size; Hub names block_sparse_moe.experts.{e}.w1/w2/w3
+    "mixtral": dict(model_type="mixtral", num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.1),
+    # top-2 of 8, not renormalised; q/k norms over the projection
+    "olmoe": dict(model_type="olmoe", num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.1),
+    # a sigmoid-gated shared expert beside the routed ones; q/k/v biases
+    "qwen2_moe": dict(model_type="qwen2_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, router_aux_loss_coef=0.1),
+}
+
+
+def pair(name):
+    return make_pair(name, variants=MOE)
+
+
+def padded(seqs):
+    """The conversations as one right-padded batch and its attention mask."""
+    n = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    return ids, mask
+
+
+def targets(n, vocab, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    weights = (torch.rand(n, generator=g) < 0.6).float() * torch.where(torch.rand(n, generator=g) < 0.5, 1.0, 0.1)
+    return labels, weights
+
+
+@pytest.mark.parametrize("name", list(MOE))
+def test_logits_aux_loss_and_grads_match_transformers(name):
+    """Logits per conversation alone, the load-balancing loss of the conversations as one padded batch (its
+    attention mask leaves the padding out), and every gradient of weighted CE + coef x aux."""
+    cfg, ours, hf = pair(name)
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    labels, weights = targets(len(ids), cfg.vocab_size)
+    out = ours(ids, pos, cu, mx, labels=labels, label_weights=weights)
+    (out.weighted_loss + out.aux_loss).backward()
+
+    with torch.no_grad():
+        logits = ours(ids, pos, cu, mx)
+        for i, s in enumerate(seqs):
+            assert_close(logits[cu[i]:cu[i + 1]], hf(input_ids=s[None]).logits[0], what=f"{name} logits {i}")
+    batch, mask = padded(seqs)
+    ref = hf(input_ids=batch, attention_mask=mask, output_router_logits=True)
+    ref_logits = ref.logits[mask.bool()]  # the real tokens, in pack order
+    ce = F.cross_entropy(ref_logits, labels, reduction="none")
+    coef = cfg.router_aux_loss_coef
+    ((weights * ce).sum() + coef * len(ids) * ref.aux_loss).backward()
+
+    assert_close(out.aux_loss.detach() / (coef * len(ids)), ref.aux_loss.detach(), what=f"{name} aux loss")
+    hf_params = dict(hf.named_parameters())
+    for n, p in ours.named_parameters():
+        assert_close(p.grad, hf_params[n].grad, what=f"{name} grad {n}")
+    assert out.expert_tokens.shape == (cfg.expert_layers, cfg.num_experts)
+    assert out.expert_tokens.sum().item() == cfg.expert_layers * len(ids) * cfg.num_experts_per_tok
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe"])
+def test_packed_equals_alone(name):
+    cfg, ours, _ = pair(name)
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    with torch.no_grad():
+        packed = ours(ids, pos, cu, mx)
+        for i, s in enumerate(seqs):
+            alone = ours(s, torch.arange(len(s)), torch.tensor([0, len(s)], dtype=torch.int32), len(s))
+            assert_close(packed[cu[i]:cu[i + 1]], alone, rtol=1e-6, what=f"{name} conversation {i}")
+
+
+def test_grouped_gemms_equal_the_per_expert_loop():
+    """torch._grouped_mm runs on the CPU (torch >= 2.9): forward and every gradient equal the per-expert loop;
+    the sorted bookkeeping also holds with an expert that gets no token."""
+    cfg, ours, _ = pair("mixtral")
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    labels, weights = targets(len(ids), cfg.vocab_size)
+    x = torch.randn(len(ids), cfg.hidden_size)
+    assert experts_mod.grouped_mm_runs(x, ours.model.layers[0].mlp.experts.gate_up_proj)
+    results = {}
+    for impl in ("grouped", "loop"):
+        for m in ours.modules():
+            if isinstance(m, experts_mod.Experts):
+                m.impl = impl
+        ours.zero_grad()
+        out = ours(ids, pos, cu, mx, labels=labels, label_weights=weights)
+        (out.weighted_loss + out.aux_loss).backward()
+        results[impl] = out.weighted_loss.detach(), {n: p.grad.clone() for n, p in ours.named_parameters()}
+    assert_close(results["grouped"][0], results["loop"][0], rtol=1e-6, what="loss")
+    for n, g in results["loop"][1].items():
+        assert_close(results["grouped"][1][n], g, rtol=1e-6, what=f"grad {n}")
+
+    experts = ours.model.layers[0].mlp.experts
+    idx = torch.tensor([[0, 2], [2, 3], [0, 3]])  # expert 1 idle
+    w = torch.rand(3, 2)
+    xs = torch.randn(3, cfg.hidden_size)
+    experts.impl = "grouped"
+    got = experts(xs, w, idx)
+    want = torch.zeros_like(xs)
+    for t in range(3):
+        for j in range(2):
+            e = idx[t, j]
+            gate, up = F.linear(xs[t], experts.gate_up_proj[e]).chunk(2)
+            want[t] += w[t, j] * F.linear(F.silu(gate) * up, experts.down_proj[e])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_tied_router_scores_pick_transformers_experts():
+    """All router logits equal (router weights zero): the same experts as transformers, so the same logits."""
+    cfg, ours, hf = pair("qwen3_moe")
+    with torch.no_grad():
+        for model in (ours, hf):
+            for n, p in model.named_parameters():
+                if n.endswith("mlp.gate.weight"):
+                    p.zero_()
+        x = torch.randn(20, cfg.hidden_size)
+        _, w, e = ours.model.layers[0].mlp.gate(x)
+        _, hf_w, hf_e = hf.model.layers[0].mlp.gate(x)
+        assert torch.equal(e, hf_e) and torch.equal(w, hf_w)
+        seqs, ids, pos, cu, mx = make_pack(cfg)
+        logits = ours(ids, pos, cu, mx)
+        for i, s in enumerate(seqs):
+            assert_close(logits[cu[i]:cu[i + 1]], hf(input_ids=s[None]).logits[0], what=f"conversation {i}")
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_checkpoints_round_trip_with_the_hubs_per_expert_names(tmp_path, name):
+    cfg, ours, hf = pair(name)
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = PackedCausalLM.from_pretrained(tmp_path / "hf", attn_impl="sdpa")
+    assert loaded.config == cfg
+    for (n, a), b in zip(loaded.state_dict().items(), ours.state_dict().values()):
+        assert torch.equal(a, b), n
+    loaded.save_pretrained(tmp_path / "ours")
+    from safetensors import safe_open
+    with safe_open(tmp_path / "ours" / "model.safetensors", "pt") as f, \
+            safe_open(tmp_path / "hf" / "model.safetensors", "pt") as g:
+        assert set(f.keys()) == set(g.keys())
+        assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
+    block = "block_sparse_moe.experts.3.w3" if name == "mixtral" else "mlp.experts.7.up_proj"
+    assert f"model.layers.1.{block}.weight" in set(safe_open(tmp_path / "ours" / "model.safetensors", "pt").keys())
+    theirs, from_ours = (transformers.AutoModelForCausalLM.from_pretrained(tmp_path / d).eval() for d in ("hf", "ours"))
+    assert type(from_ours) is type(hf)
+    ids = torch.randint(0, cfg.vocab_size, (1, 40))
+    with torch.no_grad():
+        assert torch.equal(from_ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+
+def test_config_reads_transformers_defaults_and_counts_active_parameters(tmp_path):
+    for mt, kw in (("qwen3_moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16)),
+                   ("mixtral", dict(num_local_experts=4)), ("olmoe", dict(num_experts=4, num_experts_per_tok=2))):
+        hf_cfg = transformers.AutoConfig.for_model(mt, vocab_size=64, hidden_size=32, intermediate_size=48,
+                                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                   **kw)
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+        cfg = ModelConfig.from_hf_config(hf_cfg.to_dict())
+        assert cfg.router_aux_loss_coef == hf_cfg.router_aux_loss_coef > 0
+        assert cfg.num_params() == sum(p.numel() for p in hf.parameters())
+        routed = cfg.expert_layers * (cfg.num_experts - cfg.num_experts_per_tok) * 3 * 32 * cfg.expert_intermediate_size
+        assert cfg.num_params() - cfg.num_params(active=True) == routed
+    mixtral = ModelConfig.from_hf_config(MOE["mixtral"] | {"model_type": "mixtral"})
+    assert mixtral.to_hf_config()["num_local_experts"] == 4  # the Hub's spelling
+    for mt, bad in (("mixtral", dict(router_jitter_noise=0.1)), ("olmoe", dict(clip_qkv=8.0)),
+                    ("qwen3_moe", dict(use_sliding_window=True, sliding_window=16))):
+        with pytest.raises(ValueError, match="not supported"):
+            ModelConfig.from_hf_config(dict(model_type=mt, **bad))
+
+
+def test_aux_loss_coefficient_zero_switches_it_off_and_the_flag_overrides_config_json(tmp_path):
+    cfg, ours, _ = pair("olmoe")
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    labels, weights = targets(len(ids), cfg.vocab_size)
+    on = ours(ids, pos, cu, mx, labels=labels, label_weights=weights, real_tokens=len(ids) - 7)
+    apply_transforms(ours, ModelTransforms(router_aux_loss_coef=0.0))
+    off = ours(ids, pos, cu, mx, labels=labels, label_weights=weights)
+    assert on.aux_loss > 0 and off.aux_loss is None
+    assert torch.equal(on.weighted_loss, off.weighted_loss) and torch.equal(on.expert_tokens, off.expert_tokens)
+    apply_transforms(ours, ModelTransforms(router_aux_loss_coef=0.5))
+    half = ours(ids, pos, cu, mx, labels=labels, label_weights=weights, real_tokens=len(ids) - 7)
+    assert_close(half.aux_loss.detach(), on.aux_loss.detach() * 5, what="coefficient 0.5 vs config.json's 0.1")
+
+    args = ["--model-path", str(tmp_path), "--data-path", str(tmp_path), "--save-path", str(tmp_path / "out")]
+    assert parse_args(args).transforms.router_aux_loss_coef is None  # config.json's
+    assert parse_args(args + ["--router-aux-loss-coef", "0"]).transforms.router_aux_loss_coef == 0.0
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_config()))
+    moe = ModelConfig.from_hf_config(tmp_path)
+    assert moe.router_aux_loss_coef == 0.1
+    for t in (ModelTransforms(lora_rank=4), ModelTransforms(fp8="tensorwise"), ModelTransforms(compile=True),
+              ModelTransforms(tiled_mlp=2), ModelTransforms(sequence_parallel=2)):
+        assert any("mixture-of-experts" in p for p in refusals(t, model=moe)), t
+    assert refusals(ModelTransforms(router_aux_loss_coef=0.1), model=ModelConfig.debug())
+    assert not refusals(ModelTransforms(router_aux_loss_coef=0.1, recompute=1.0), model=moe)
+
+
+@pytest.mark.gpu
+def test_grouped_gemms_on_the_gpu_equal_the_per_expert_loop_in_bf16():
+    """GPU (compute capability 9.0+, bf16): the grouped path runs and equals the loop within bf16 rounding, forward
+    and every gradient (experts of a Qwen3-MoE-like width, a few thousand tokens)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("grouped GEMMs need compute capability 9.0+")
+    cfg = ModelConfig.debug(model_type="qwen3_moe", hidden_size=512, num_attention_heads=8, num_experts=32,
+                            num_experts_per_tok=4, moe_intermediate_size=256, norm_topk_prob=True)
+    torch.manual_seed(0)
+    block = experts_mod.ExpertBlock(cfg).cuda()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    block = block.bfloat16()
+    x = torch.randn(3000, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    proj = torch.randn_like(x)
+    assert experts_mod.grouped_mm_runs(x, block.experts.gate_up_proj, block.experts.down_proj)
+    results = {}
+    for impl in ("grouped", "loop"):
+        block.experts.impl = impl
+        block.zero_grad()
+        xi = x.clone().requires_grad_()
+        out, _ = block(xi)
+        (out.float() * proj).sum().backward()
+        results[impl] = [out.float(), xi.grad.float()] + [p.grad.float() for p in block.parameters()]
+    for a, b in zip(results["grouped"], results["loop"]):
+        assert_close(a, b, rtol=2e-2, what="grouped vs loop (bf16)")
