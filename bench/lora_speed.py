@@ -17,7 +17,7 @@ gate, up, down), alpha 2 x rank, no dropout:
                    (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) where installed, the packed row with
                    FlashAttention-4 through transformers' attention interface where installed, else torch varlen_attn
                    (FA2; on the CPU SDPA per conversation): throughput.py's hf_liger_fa4 / hf_liger peer
-  ochat_full       (not by default) full fine-tuning of the same model, for LoRA's speedup over it
+  ochat_full       full fine-tuning of the same model (AdamW over every weight), for LoRA's speedup over it
 Both sides: bf16 base; adapters held, computed and stepped in bf16 by AdamW over the adapters alone (the trainer's
 DeepSpeed engine computes them in bf16 too, from a float32 master copy whose step, a few MB here, is not timed);
 activation checkpointing of every decoder layer on both sides or on neither (--ckpt).
@@ -26,7 +26,8 @@ outside the embedding, lm_head included; no weight gradient) + causal attention 
 ModelConfig.flops_per_token) + 6 per adapter weight; ochat_full counts 6 N. Peak memory:
 torch.cuda.max_memory_allocated from after the build. Writes lora_speed.json and lora_speed.md into --out and
 prints the table last. On an H200: about 4-6 minutes for both shapes at both ranks (each configuration: build,
-2 warm-up and 5 timed steps).
+2 warm-up and 5 timed steps; full fine-tuning of the 8B shape without checkpointing may not fit: its row then
+says so and the others run).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ from ochat.model import lora
 from ochat.model.config import ModelConfig
 
 CONFIGS = ("ochat_lora", "ochat_lora_peft", "ochat_qlora", "hf_peft", "ochat_full")
-DEFAULT_CONFIGS = "ochat_lora,ochat_lora_peft,ochat_qlora,hf_peft"
+DEFAULT_CONFIGS = ",".join(CONFIGS)
 
 
 def lora_flops(config: ModelConfig, packs, model) -> float:
@@ -136,17 +137,23 @@ def runs_of(shape: str, config: ModelConfig, configs: list[str], ranks: list[int
 
 
 def table(results: list[dict]) -> list[str]:
-    """Markdown rows: tokens/s, the ratio to hf_peft of the same shape and rank, MFU, peak memory."""
-    peers = {(r["shape"], r["rank"]): r for r in results if r["config"] == "hf_peft" and "tokens_per_s" in r}
-    lines = ["| configuration | tokens/s | / hf_peft | MFU (LoRA basis) | peak GiB |", "| --- | --- | --- | --- | --- |"]
+    """Markdown rows: tokens/s, the ratios to hf_peft of the same shape and rank and to full fine-tuning of the
+    same shape, MFU, peak memory."""
+    ok = [r for r in results if "tokens_per_s" in r]
+    peers = {(r["shape"], r["rank"]): r for r in ok if r["config"] == "hf_peft"}
+    full = {r["shape"]: r for r in ok if r["config"] == "ochat_full"}
+
+    def ratio(r, other):
+        return f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}x" if other and other is not r else "-"
+
+    lines = ["| configuration | tokens/s | / hf_peft | / full fine-tuning | MFU | peak GiB |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:80]} | | | |")
+            lines.append(f"| {r['name']} | failed: {r['error'][:80]} | | | | |")
             continue
-        peer = peers.get((r["shape"], r["rank"]))
-        ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "-"
-        lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {ratio} | {100 * r['mfu']:.1f}% | "
-                     f"{r['peak_gb'] or 0:.1f} |")
+        lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {ratio(r, peers.get((r['shape'], r['rank'])))} | "
+                     f"{ratio(r, full.get(r['shape']))} | {100 * r['mfu']:.1f}% | {r['peak_gb'] or 0:.1f} |")
     return lines
 
 
