@@ -15,6 +15,8 @@
 #   curves the real trainer (no FlashAttention-4 needed): loss curves of the 1.1B shape, STEPS steps (300) for
 #          each of RECIPES ("bf16 tensorwise")
 #   trainer the real trainer: fp8 rowwise under ZeRO-3, and `--gradient-checkpointing auto` on 128k-token packs
+#   lora   the fused RMSNorm's frozen-weight GPU test; LoRA and QLoRA speed (bench/lora_speed.py: 1.1B and Llama 3
+#          8B shapes, ranks 16 and 64, against transformers + peft + Liger and full fine-tuning)
 # The device returns at most 8 files: pack OUT_DIR into one archive when a stage writes more.
 set -uo pipefail
 stage=$1
@@ -78,8 +80,12 @@ trainer)
     step ckpt_auto 180 python3 bench/train_run.py --work-dir /tmp/fp8run --steps 10 --batch-max-len 131072 \
         --out "$out/ckpt_auto" --conversations 2500 -- --gradient-checkpointing auto
     ;;
+lora)
+    step gpu_tests_lora 120 python3 -m pytest -m gpu tests/kernels/test_rms_norm.py -q -p no:cacheprovider
+    step lora_speed 450 python3 bench/lora_speed.py --out "$out"
+    ;;
 *)
-    echo "unknown stage $stage (fa2, fa4, fa4_7b, long, curves, trainer)" >&2
+    echo "unknown stage $stage (fa2, fa4, fa4_7b, long, curves, trainer, lora)" >&2
     exit 2
     ;;
 esac

@@ -143,7 +143,7 @@ def _hf_attention(backend):
     return attention
 
 
-HF_ATTENTION = {"ochat_varlen": "torch_varlen", "ochat_fa4": "flash_attn_4"}  # registered name -> kernel
+HF_ATTENTION = {"ochat_varlen": "torch_varlen", "ochat_fa4": "flash_attn_4", "ochat_sdpa": "sdpa"}  # name -> kernel
 
 
 def _register_varlen():
@@ -342,13 +342,17 @@ def ochat_step_fn(model, device, token_multiple=1, auto_recompute_tokens=None):
 
 
 # ----------------------------------------------------------------------------- harness
-def run_config(name, build, make_step, packs, warmup, device, config: ModelConfig):
+def run_config(name, build, make_step, packs, warmup, device, config: ModelConfig, flops=None):
+    """Build, warm up and time one configuration: AdamW over its trainable parameters, one step per pack; peak
+    memory from after the build (a transient float32 copy while building is not training's). `flops(config,
+    packs, model)`: the FLOPs MFU counts (default: model_flops, full fine-tuning's)."""
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     model = build()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=(device == "cuda"))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=(device == "cuda"))
     step = make_step(model)
 
     def one(items):
@@ -369,7 +373,7 @@ def run_config(name, build, make_step, packs, warmup, device, config: ModelConfi
     timed = packs[warmup:]
     tokens = sum(len(t) for p in timed for t, _ in p)
     res = dict(name=name, steps=len(timed), tokens=tokens, seconds=dt, tokens_per_s=tokens / dt,
-               mfu=model_flops(config, timed) / dt / PEAK,
+               mfu=(flops(config, timed, model) if flops else model_flops(config, timed)) / dt / PEAK,
                peak_gb=(torch.cuda.max_memory_allocated() / 2**30) if device == "cuda" else None)
     print(f"[run] {name:28s} {res['tokens_per_s']:9.0f} tok/s  MFU {100 * res['mfu']:5.1f}%  "
           f"peak {res['peak_gb'] or 0:6.1f} GB  ({dt:.1f} s)", flush=True)

@@ -51,8 +51,8 @@ if triton is not None:
 
     @triton.jit
     def _rms_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, M, N, offset, ROWS: tl.constexpr,
-                        BLOCK: tl.constexpr, SCALE_F32: tl.constexpr):
-        """Each program handles ROWS rows and writes one row of partial dw sums."""
+                        BLOCK: tl.constexpr, SCALE_F32: tl.constexpr, WRITE_DW: tl.constexpr):
+        """Each program handles ROWS rows and (WRITE_DW) writes one row of partial dw sums."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -65,14 +65,16 @@ if triton is not None:
                 dy = tl.load(dy_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
                 rstd = tl.load(rstd_ptr + row)
                 n = x * rstd
-                if SCALE_F32:
-                    dw += dy * n
-                else:
-                    dw += dy * n.to(x_ptr.dtype.element_ty).to(tl.float32)
+                if WRITE_DW:
+                    if SCALE_F32:
+                        dw += dy * n
+                    else:
+                        dw += dy * n.to(x_ptr.dtype.element_ty).to(tl.float32)
                 dn = dy * w
                 dx = rstd * (dn - n * (tl.sum(dn * n, 0) / N))
                 tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        tl.store(dw_ptr + pid * N + cols, dw, mask=mask)
+        if WRITE_DW:
+            tl.store(dw_ptr + pid * N + cols, dw, mask=mask)
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -98,14 +100,18 @@ class _RMSNormFn(torch.autograd.Function):
         m, n = x2.shape
         dy2 = dy.reshape(m, n).contiguous()
         dx = torch.empty_like(x2)
+        need_dw = ctx.needs_input_grad[1]  # a frozen weight (LoRA) gets no partial sums and no reduction
         rows = 16 if x2.is_cuda else 4
+        if not need_dw:
+            rows = 1  # one row per program, as many programs as rows: no dw to accumulate per program
         grid = max(1, triton.cdiv(m, rows))
-        dw_part = torch.zeros((grid, n), dtype=torch.float32, device=x2.device)
+        dw_part = torch.zeros((grid, n) if need_dw else (1, 1), dtype=torch.float32, device=x2.device)
         block = triton.next_power_of_2(n)
         if m:
             _rms_bwd_kernel[(grid,)](dy2, x2, weight, rstd, dx, dw_part, m, n, ctx.offset, ROWS=rows, BLOCK=block,
-                                     SCALE_F32=ctx.scale_in_float32, num_warps=8 if block >= 2048 else 4)
-        return dx.view(ctx.shape), dw_part.sum(0).to(weight.dtype), None, None, None
+                                     SCALE_F32=ctx.scale_in_float32, WRITE_DW=need_dw,
+                                     num_warps=8 if block >= 2048 else 4)
+        return dx.view(ctx.shape), dw_part.sum(0).to(weight.dtype) if need_dw else None, None, None, None
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,

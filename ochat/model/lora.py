@@ -6,6 +6,11 @@ as they are, and freezes everything else. The adapters are created in float32; a
 computes them in bf16 like the base, from float32 master weights and optimizer state, and they are saved in
 float32.
 
+Each wrapped layer runs as one autograd node (ochat.kernels.lora_linear: the adapter's product accumulated into
+the base's output by the matmul, no weight gradient for the frozen base) instead of peft's separate scale and add
+passes, where nothing needs peft's: no dropout, one dtype, the weights not partitioned by ZeRO-3 (whose hooks
+gather a module's weights when its own forward runs); otherwise peft's forward runs.
+
 Names: a wrapped layer's weight becomes `<layer>.base_layer.weight` and its adapter `<layer>.lora_A.default.weight`
 and `<layer>.lora_B.default.weight`. Because ochat's names are Hugging Face's, the PEFT file names of the
 transformers model are these with the adapter name dropped and `base_model.model.` in front
@@ -14,6 +19,7 @@ transformers model are these with the adapter name dropped and `base_model.model
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
@@ -64,7 +70,30 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
         if p.requires_grad:
             p.data = p.data.float()
             trainable += p.numel()
+    if not dropout and not any(hasattr(p, "ds_id") for p in model.parameters()):
+        for layer in wrapped_layers(model):
+            layer.forward = functools.partial(_one_node_forward, layer)
     return trainable
+
+
+def wrapped_layers(model: nn.Module) -> list[nn.Module]:
+    """peft's LoRA layers in `model`."""
+    from peft.tuners.lora import Linear
+
+    return [m for m in model.modules() if isinstance(m, Linear)]
+
+
+def _one_node_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer`'s output through ochat.kernels.lora_linear, or peft's forward where that does not apply (adapters
+    merged or disabled, or dtypes that differ: peft casts)."""
+    from ochat.kernels.lora_linear import lora_linear
+
+    base, a, b = layer.base_layer, layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+    quantized = type(base.weight).__name__ == "NF4Tensor"  # dequantised to x's dtype in each matmul
+    if layer.merged or layer.disable_adapters or not (x.dtype == a.dtype == b.dtype and
+                                                      (quantized or base.weight.dtype == x.dtype)):
+        return type(layer).forward(layer, x)
+    return lora_linear(x, base.weight, base.bias, a, b, layer.scaling[ADAPTER])
 
 
 def adapter_config(model: nn.Module):

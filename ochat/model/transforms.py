@@ -6,7 +6,8 @@ then changes it, always in this order:
 0. LoRA           the decoder layers' linear layers chosen by --lora-targets get float32 LoRA adapters (lora.py,
                   peft's layers) and every other parameter is frozen. First, so that the later steps see the
                   wrapped layers; with LoRA, fp8, compile, tiled MLP, offload and sequence parallelism are refused
-                  (not yet tested together), so only recompute (step 2) acts on an adapted model.
+                  (not yet tested together), so only recompute (step 2) acts on an adapted model. With --qlora
+                  the frozen linear layers of the decoder layers then become 4-bit NF4 (qlora.py).
 1. fp8            the decoder layers' linear layers become torchao Float8Linear (fp8.py); each one's forward is
                   compiled unless step 5 compiles the whole layer.
 2. recompute      which decoder layers are recomputed in the backward: a fraction of them, evenly spread
@@ -47,6 +48,7 @@ class ModelTransforms:
     lora_alpha: float | None = None  # None: lora.default_alpha(rank)
     lora_dropout: float = 0.0
     lora_targets: str = "all"  # a preset of lora.TARGETS
+    qlora: bool = False  # the frozen decoder linears in 4-bit NF4 under the LoRA adapters
     seed: int = 0  # of what a transform draws at random (LoRA's initial A)
     router_aux_loss_coef: float | None = None  # expert models' load-balancing loss weight; None: config.json's
 
@@ -91,6 +93,11 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
     elif model is not None and t.router_aux_loss_coef is not None:
         out.append(f"--router-aux-loss-coef weighs the load-balancing loss of mixture-of-experts models; "
                    f"{model.model_type} has no experts")
+    if t.qlora and not t.lora_rank:
+        out.append("--qlora quantises the frozen base under LoRA adapters: add --lora-rank")
+    if t.qlora and zero_stage == 3:
+        out.append("--qlora needs ZeRO stage 2 or lower (ZeRO-3 partitions every weight, and torchao's 4-bit NF4 "
+                   "weights cannot be partitioned by DeepSpeed)")
     try:
         if world_size is not None:
             sequence_parallel.Layout(world_size, 0, t.sequence_parallel)
@@ -110,6 +117,7 @@ def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | 
     from ochat.model import memory, sequence_parallel
     from ochat.model.fp8 import enable_fp8
     from ochat.model.lora import add_lora, default_alpha
+    from ochat.model.qlora import nf4_bytes_per_weight, quantize_base
 
     if t.router_aux_loss_coef is not None:
         model.router_aux_loss_coef = t.router_aux_loss_coef
@@ -118,6 +126,10 @@ def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | 
         trainable = add_lora(model, t.lora_rank, alpha, t.lora_dropout, t.lora_targets, t.seed)
         log(f"LoRA (rank {t.lora_rank}, alpha {alpha:g}, targets {t.lora_targets}): {trainable} trainable "
             f"parameters, the rest frozen")
+    if t.qlora:
+        quantized = quantize_base(model)
+        log(f"QLoRA: {quantized} frozen linear layers of the decoder layers in 4-bit NF4 "
+            f"({nf4_bytes_per_weight():.3f} bytes per weight), dequantised in each forward")
     if t.fp8:
         converted = enable_fp8(model, t.fp8, compile=not t.compile, emulate=emulate_fp8)
         log(f"fp8 ({t.fp8} scaling): {converted} linear layers of the decoder layers train in float8")

@@ -19,14 +19,15 @@ from ochat.utils.log import log
 def load_model(cfg: TrainConfig, rt: Runtime, ds_config: dict) -> PackedCausalLM:
     """The checkpoint at cfg.model_path with the flags' transforms applied (ochat.model.transforms): partitioned
     from the start under ZeRO-3 (no rank holds the whole model), else whole in float32 on this rank's device
-    (DeepSpeed keeps the fp32 master copy and casts the module to bf16)."""
+    (DeepSpeed keeps the fp32 master copy and casts the module to bf16; with --qlora in bf16 when the run is)."""
     zero3 = zero_stage(ds_config) == 3
     t0 = time.time()
     try:
         if zero3:
             model = PackedCausalLM.from_pretrained_partitioned(cfg.model_path, ds_config, cfg.attn_impl)
-        else:
-            model = PackedCausalLM.from_pretrained(cfg.model_path, dtype=torch.float32, device=rt.device,
+        else:  # QLoRA quantises the frozen base from bf16, and needs no float32 master copy of it
+            dtype = torch.bfloat16 if cfg.qlora and ds_config["bf16"]["enabled"] else torch.float32
+            model = PackedCausalLM.from_pretrained(cfg.model_path, dtype=dtype, device=rt.device,
                                                    attn_impl=cfg.attn_impl)
     except (OSError, ValueError) as e:
         raise TrainError(f"cannot load the model from {cfg.model_path}: {e}") from None

@@ -147,7 +147,7 @@ def _adapters(cfg: TrainConfig) -> str:
         return "none"
     t = cfg.transforms
     return (f"LoRA rank {t.lora_rank} alpha {t.lora_alpha or lora.default_alpha(t.lora_rank):g} targets "
-            f"{t.lora_targets} on {cfg.model_path}")
+            f"{t.lora_targets} on {'the NF4-quantised ' if t.qlora else ''}{cfg.model_path}")
 
 
 def _resume(run: RunFolder, settings: RunSettings) -> TrainState:

@@ -31,6 +31,40 @@ def _check(shape, device, dtype, tol, style="llama", seed=0):
         assert _rel(a, b) < tol
 
 
+def _check_frozen_weight(shape, device, dtype, style):
+    """A frozen weight (LoRA): the kernel's input gradient is the trainable weight's, and no weight gradient is
+    computed (the backward returns None for it)."""
+    offset, scale_in_float32 = STYLES[style]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g).to(device, dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(device, dtype)
+    dy = torch.randn(*shape, generator=g).to(device, dtype)
+    grads = []
+    for trainable in (True, False):
+        x.grad = None
+        w.requires_grad_(trainable)
+        y = rn.rms_norm_triton(x, w, 1e-6, offset, scale_in_float32)
+        if not trainable:
+            assert y.grad_fn.apply(dy)[1] is None  # what the backward returns for the weight
+        y.backward(dy)
+        grads.append(x.grad.clone())
+    assert w.grad is not None and torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_interpreted_frozen_weight_gets_no_gradient(style):
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton interpreter off (CUDA present): the gpu tests cover the kernel")
+    _check_frozen_weight((3, 5, 24), "cpu", torch.float32, style)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("style", list(STYLES))
+def test_gpu_frozen_weight_gets_no_gradient(style):
+    _check_frozen_weight((4099, 2048), "cuda", torch.bfloat16, style)
+
+
 @pytest.mark.parametrize("style", list(STYLES))
 def test_interpreted_float32(style):
     pytest.importorskip("triton")
