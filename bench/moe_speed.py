@@ -7,8 +7,10 @@ The shape: hidden 2048, GQA 32/4 of head_dim 128, 128 experts of intermediate 76
 151,936; `--layers` of its 48 decoder layers (weights, gradients and activations of all 48 do not fit one GPU).
 Same sequences for both: OpenChat V1-like lengths (bench/model_speed.py) greedily packed into `--budget`-token
 packs. ochat: each pack flat (varlen attention, experts sorted once, grouped GEMMs or `--ochat-experts loop`).
-transformers: each pack's sequences as one padded batch (SDPA, attention_mask) with its `experts_implementation`
-(grouped_mm by default). Both train on weighted CE + router_aux_loss_coef x the load-balancing loss; no optimizer.
+transformers, with its `experts_implementation` (grouped_mm by default): each pack's sequences as one padded batch
+(SDPA, attention_mask), and each pack as one packed row (position_ids, cu_seq_lens: FlashAttention-4 where
+installed, else torch's varlen_attn, through the attention interface as bench/throughput.py registers it) with
+Liger's Qwen3-MoE kernels where its version has them: the strongest peer configuration. All train on weighted CE + router_aux_loss_coef x the load-balancing loss; no optimizer.
 Tokens/s counts real tokens; MFU counts the active parameters (router, top-8 experts) against 790 TFLOP/s
 (`ModelConfig.flops_per_token`). Prints a table; writes moe_speed.json / moe_speed.md under --out ($OUT).
 """
@@ -19,6 +21,7 @@ import os
 import time
 
 import numpy as np
+import throughput  # same folder: transformers' packed-row attention functions
 import torch
 from model_speed import hf_batch, make_packs, ochat_batch, v1_lengths
 
@@ -79,6 +82,43 @@ def ochat_step(model, b):
     model.zero_grad(set_to_none=True)
 
 
+def hf_packed_batch(pack, vocab, dev):
+    """One pack as transformers' packed row: position_ids restart per sequence, cu_seq_lens for varlen attention,
+    labels unshifted (transformers shifts them) with each sequence's first token ignored."""
+    b = ochat_batch(pack, vocab, dev)
+    cu, ids = b["cu_seqlens"], b["input_ids"]
+    labels = ids.clone()
+    labels[cu[:-1].long()] = -100
+    return dict(input_ids=ids[None], position_ids=b["position_ids"][None], labels=labels[None], cu_seq_lens_q=cu,
+                cu_seq_lens_k=cu, max_length_q=b["max_seqlen"], max_length_k=b["max_seqlen"])
+
+
+def apply_liger_qwen3_moe() -> bool:
+    """Liger's kernels on transformers' Qwen3-MoE (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy), if this
+    Liger version has them; they patch the classes for the whole process."""
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen3_moe
+    except ImportError:
+        return False
+    apply_liger_kernel_to_qwen3_moe(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+    return True
+
+
+def build_hf(cfg: ModelConfig, attn: str, experts: str, state: dict, dtype, dev):
+    """transformers' model of `cfg` with ochat's weights `state`, in training mode."""
+    import transformers
+
+    hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf_config())
+    with torch.device(dev):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn,
+                                                           experts_implementation=experts).to(dtype)
+    hf.load_state_dict(state, strict=False)
+    hf.config.use_cache = False
+    hf.train()
+    return hf
+
+
 def hf_step(model, b):
     model(**b, output_router_logits=True).loss.backward()
     model.zero_grad(set_to_none=True)
@@ -122,16 +162,26 @@ def main():
     if dev == "cuda":
         torch.cuda.empty_cache()
 
-    hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf_config())
-    with torch.device(dev):
-        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa",
-                                                           experts_implementation=args.hf_experts).to(dtype)
-    hf.load_state_dict(state, strict=False)
-    del state
-    hf.train()
+    hf = build_hf(cfg, "sdpa", args.hf_experts, state, dtype, dev)
     hbatches = [hf_batch(p, cfg.vocab_size, dev) for p in packs]
     results.append(timed(f"transformers padded (SDPA), experts {args.hf_experts}", hf, hbatches, hf_step,
                          args.warmup, args.steps, cfg, lambda b: b["attention_mask"].sum(1).tolist(), dev))
+    del hf, hbatches
+    gc.collect()
+
+    from ochat.kernels.attention import available
+
+    throughput._register_varlen()
+    attn = "ochat_fa4" if dev == "cuda" and available("flash_attn_4", dev) else "ochat_varlen" if dev == "cuda" \
+        else "ochat_sdpa"
+    liger = apply_liger_qwen3_moe() if dev == "cuda" else False
+    hf = build_hf(cfg, attn, args.hf_experts, state, dtype, dev)
+    hbatches = [hf_packed_batch(p, cfg.vocab_size, dev) for p in packs]
+    name = f"transformers packed row ({throughput.HF_ATTENTION[attn]}{', Liger' if liger else ''}), experts " \
+           f"{args.hf_experts}"
+    results.append(timed(name, hf, hbatches, hf_step, args.warmup, args.steps, cfg,
+                         lambda b: (b["cu_seq_lens_q"][1:] - b["cu_seq_lens_q"][:-1]).tolist(), dev))
+    del state
 
     meta = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", torch=torch.__version__,
                 transformers=transformers.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -113,3 +113,23 @@ def test_a_lora_model_computes_no_gradient_of_a_frozen_weight(quantized):
         model(ids, pos, cu, mx, labels=ids, label_weights=torch.ones(len(ids))).weighted_loss.backward()
     assert not frozen_shapes & set(ops.matmul_shapes())
     assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nf4", [False, True])
+def test_bf16_on_the_gpu_matches_peft_in_float32(nf4):
+    """On a GPU in bf16 (a dense or an NF4 base weight): the output and gradients of peft's computation in float32
+    on the same bf16 values, within bf16 rounding."""
+    x, w, b, a, bb = (t.detach().cuda().to(torch.bfloat16) for t in inputs(torch.float32, t=4099, d_in=1024,
+                                                                            d_out=2048, r=16))
+    base = qlora.quantize(w) if nf4 else w
+    ours = [x.requires_grad_(), base, b.requires_grad_(), a.requires_grad_(), bb.requires_grad_()]
+    ref_base = qlora.dequantize(base) if nf4 else w
+    refs = [t.detach().float().requires_grad_(t is not ref_base) for t in (x, ref_base, b, a, bb)]
+    (out, grads), (ref, ref_grads) = run(lora_linear, *ours), run(lora_linear_reference, *refs)
+    scale = ref.abs().max()
+    assert (out.float() - ref).abs().max() < 2e-2 * scale
+    for g, r in zip(grads, ref_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert (g.float() - r).abs().max() < 2e-2 * r.abs().max(), (g.float() - r).abs().max()
