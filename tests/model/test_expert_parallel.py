@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from ochat.config.errors import ConfigError
+from ochat.config.train_config import parse_args
 from ochat.model.config import ModelConfig
 from ochat.model.transforms import ModelTransforms, refusals
 from tests.helpers.train import REPO
@@ -169,3 +171,10 @@ def test_refusals():
     assert any("--sequence-parallel" in p for p in refusals(ModelTransforms(expert_parallel=2, sequence_parallel=2)))
     assert any("ZeRO-3" in p for p in refusals(t, zero_stage=3))
     assert any("reduce_scatter" in p for p in refusals(t, zero_stage=2, reduce_scatter=False))
+
+
+def test_the_trainer_refuses_the_flag_until_deepspeeds_engine_runs_it(tmp_path):
+    args = ["--model-path", str(tmp_path), "--data-path", str(tmp_path), "--save-path", str(tmp_path / "out")]
+    assert parse_args(args + ["--expert-parallel", "1"]).transforms.expert_parallel == 1
+    with pytest.raises(ConfigError, match="--expert-parallel is not run by the trainer yet"):
+        parse_args(args + ["--expert-parallel", "2"])
