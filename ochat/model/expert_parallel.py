@@ -29,7 +29,8 @@ Gradient reduction is DeepSpeed's for its MoE parameters: the expert weights are
 `group_name = "ep_size_N"` (`deepspeed.moe.utils.is_moe_param`); ZeRO-1/2 reduces them over the expert-data-parallel
 group only, every other parameter over all ranks, and divides both by the world size. That sum over the
 expert-data-parallel group of what each rank's experts received from its expert-parallel group is the sum over every
-rank's tokens, so the averaged gradients equal those of the same packs without expert parallelism.
+rank's tokens, so the averaged gradients equal those of the same packs without expert parallelism. DeepSpeed's engine
+does this only for a model it finds a `deepspeed.moe.layer.MoE` in: `show_deepspeed` adds one that holds nothing.
 """
 from __future__ import annotations
 
@@ -146,3 +147,25 @@ def gather(p: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, shard, group=group)
     return torch.cat(parts)
+
+
+def show_deepspeed(model: nn.Module, size: int) -> None:
+    """Make DeepSpeed's engine treat `model` as a mixture of experts (it looks for `deepspeed.moe.layer.MoE`
+    modules): a parameterless `MoE` on the model, so ZeRO reduces the marked expert shards over their
+    expert-data-parallel group. Nothing when size is 1."""
+    if size == 1:
+        return
+    from deepspeed.moe.layer import MoE
+
+    class ExpertLayers(MoE):
+        """ochat's expert layers as DeepSpeed counts them; holds nothing, never runs."""
+
+        def __init__(self):
+            nn.Module.__init__(self)  # DeepSpeed's MoE would build its own experts
+            self.num_experts, self.ep_size = model.config.num_experts, size
+            self.num_local_experts, self.expert_group_name = self.num_experts // size, group_name(size)
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass  # `enable` made the groups
+
+    model.deepspeed_moe = ExpertLayers()

@@ -8,7 +8,7 @@ import torch
 
 from ochat.config.deepspeed import offloads_optimizer, zero_stage
 from ochat.config.train_config import TrainConfig
-from ochat.model import sequence_parallel
+from ochat.model import expert_parallel, sequence_parallel
 from ochat.model.decoder import PackedCausalLM
 from ochat.model.transforms import apply_transforms
 from ochat.training.runtime import Runtime, TrainError
@@ -65,6 +65,12 @@ def build_engine(cfg: TrainConfig, rt: Runtime, model: PackedCausalLM, ds_config
     import deepspeed
 
     groups = weight_decay_groups(model, cfg.weight_decay)
+    if cfg.expert_parallel > 1:  # the expert shards in groups of their own, as DeepSpeed's ZeRO wants them
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer(
+            [dict(g, name=f"group_{i}") for i, g in enumerate(groups)])
+        expert_parallel.show_deepspeed(model, cfg.expert_parallel)
     adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if offloads_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam

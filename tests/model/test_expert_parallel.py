@@ -173,8 +173,10 @@ def test_refusals():
     assert any("reduce_scatter" in p for p in refusals(t, zero_stage=2, reduce_scatter=False))
 
 
-def test_the_trainer_refuses_the_flag_until_deepspeeds_engine_runs_it(tmp_path):
-    args = ["--model-path", str(tmp_path), "--data-path", str(tmp_path), "--save-path", str(tmp_path / "out")]
-    assert parse_args(args + ["--expert-parallel", "1"]).transforms.expert_parallel == 1
-    with pytest.raises(ConfigError, match="--expert-parallel is not run by the trainer yet"):
-        parse_args(args + ["--expert-parallel", "2"])
+def test_the_trainer_refuses_resume_states_with_expert_parallelism(tmp_path):
+    args = ["--model-path", str(tmp_path), "--data-path", str(tmp_path), "--save-path", str(tmp_path / "out"),
+            "--expert-parallel", "2"]
+    assert parse_args(args).transforms.expert_parallel == 2
+    for extra in (["--resume"], ["--save-state-every", "5"]):
+        with pytest.raises(ConfigError, match="not yet supported with --expert-parallel"):
+            parse_args(args + extra)
