@@ -99,6 +99,8 @@ class ShardedExperts(Experts):
         self.group, self.size = group, size
 
     def run_sorted(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """This rank's rows sorted by expert (`counts` [num_experts]) through whichever rank holds each expert:
+        dispatch, the local experts, combine (module docstring); one host read of the exchanged counts."""
         n, local = self.size, len(self.held)
         send = counts.view(n, local)  # [destination rank, its expert]
         recv = torch.empty_like(send)  # [source rank, my expert]
@@ -113,8 +115,9 @@ class ShardedExperts(Experts):
 
 def enable(model: nn.Module, size: int) -> None:
     """Create DeepSpeed's expert-parallel groups of `size` ranks (once) and keep in each expert layer of `model` only
-    this rank's experts (`ShardedExperts`, sliced from the layer's, or meta tensors on a meta model). Nothing when
-    size is 1. Collective: every rank calls it after torch.distributed started."""
+    this rank's experts (`ShardedExperts`, sliced from the layer's, or meta tensors on a meta model; layers sharded
+    already stay as they are). Nothing when size is 1. Collective: every rank calls it after torch.distributed
+    started."""
     if size == 1:
         return
     import deepspeed.comm as ds_dist
@@ -129,7 +132,8 @@ def enable(model: nn.Module, size: int) -> None:
     blocks = [m for m in model.modules() if isinstance(m, ExpertBlock)]
     assert blocks, "no expert layer found"
     for block in blocks:
-        block.experts = ShardedExperts(block.experts, groups._get_expert_parallel_group(name), size, rank)
+        if not isinstance(block.experts, ShardedExperts):
+            block.experts = ShardedExperts(block.experts, groups._get_expert_parallel_group(name), size, rank)
 
 
 def held_experts(p: torch.Tensor) -> range | None:

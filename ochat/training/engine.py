@@ -19,7 +19,8 @@ from ochat.utils.log import log
 def load_model(cfg: TrainConfig, rt: Runtime, ds_config: dict) -> PackedCausalLM:
     """The checkpoint at cfg.model_path with the flags' transforms applied (ochat.model.transforms): partitioned
     from the start under ZeRO-3 (no rank holds the whole model), else whole in float32 on this rank's device
-    (DeepSpeed keeps the fp32 master copy and casts the module to bf16)."""
+    (DeepSpeed keeps the fp32 master copy and casts the module to bf16); with --expert-parallel each rank reads
+    only its experts."""
     zero3 = zero_stage(ds_config) == 3
     t0 = time.time()
     try:
@@ -27,7 +28,7 @@ def load_model(cfg: TrainConfig, rt: Runtime, ds_config: dict) -> PackedCausalLM
             model = PackedCausalLM.from_pretrained_partitioned(cfg.model_path, ds_config, cfg.attn_impl)
         else:
             model = PackedCausalLM.from_pretrained(cfg.model_path, dtype=torch.float32, device=rt.device,
-                                                   attn_impl=cfg.attn_impl)
+                                                   attn_impl=cfg.attn_impl, expert_parallel=cfg.expert_parallel)
     except (OSError, ValueError) as e:
         raise TrainError(f"cannot load the model from {cfg.model_path}: {e}") from None
     log(f"model: {_count(model.config.num_params())} parameters from {cfg.model_path} in {time.time() - t0:.1f}s"
