@@ -376,12 +376,18 @@ class PackedCausalLM(nn.Module):
         return model.to(dtype)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", attn_impl="auto") -> "PackedCausalLM":
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", attn_impl="auto",
+                        expert_parallel: int = 1) -> "PackedCausalLM":
         """Load a HF checkpoint folder (safetensors or .bin, single or sharded) without a second copy:
-        the module is built on the meta device and each tensor, read from the file, is assigned in place."""
+        the module is built on the meta device and each tensor, read from the file, is assigned in place.
+        `expert_parallel` N > 1: the expert layers are sharded first (ochat.model.expert_parallel.enable:
+        collective), so this rank reads only its experts."""
+        from ochat.model import expert_parallel as ep
+
         config = ModelConfig.from_hf_config(path)
         with torch.device("meta"):
             model = cls(config, attn_impl=attn_impl)
+        ep.enable(model, expert_parallel)
         return hf_weights.load_weights(model, path, dtype, device)
 
     @classmethod

@@ -101,6 +101,7 @@ class Experts(nn.Module):
         e, h, i = c.num_experts, c.hidden_size, c.expert_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.num_experts = e  # the layer's experts, also where expert parallelism holds only some of them
         self.act = c.hidden_act
         self.impl = "auto"
 
@@ -109,14 +110,18 @@ class Experts(nn.Module):
         k = experts.shape[1]
         flat = experts.reshape(-1)
         order = flat.argsort(stable=True)  # (token, slot) pairs sorted by expert, tokens in order within each
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        counts = torch.bincount(flat, minlength=self.num_experts)
         token = order // k
-        grouped = self.impl == "grouped" or (self.impl == "auto" and grouped_mm_runs(x, self.gate_up_proj,
-                                                                                         self.down_proj))
-        run = expert_grouped if grouped else expert_loop
-        y = run(x[token], counts, self.gate_up_proj, self.down_proj, self.act)
+        y = self.run_sorted(x[token], counts)
         y = y * weights.reshape(-1)[order, None].to(y.dtype)
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+    def run_sorted(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The experts on rows sorted by expert (`counts[e]` rows for expert e): grouped GEMMs or the loop."""
+        grouped = self.impl == "grouped" or (self.impl == "auto" and grouped_mm_runs(rows, self.gate_up_proj,
+                                                                                         self.down_proj))
+        run = expert_grouped if grouped else expert_loop
+        return run(rows, counts, self.gate_up_proj, self.down_proj, self.act)
 
 
 class SharedExpert(nn.Module):

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ochat.model import expert_parallel
 from ochat.model.config import ModelConfig
 from ochat.model.experts import checkpoint_names, from_checkpoint, to_checkpoint
 from ochat.utils.ranks import is_main
@@ -73,7 +74,7 @@ class CheckpointReader:
         params = [n for n, _ in model.named_parameters()]  # deduplicated: a tied lm_head.weight is not listed
         shapes = {}
         for n, p in model.named_parameters():
-            meta = torch.empty(tuple(getattr(p, "ds_shape", p.shape)), device="meta")
+            meta = torch.empty(_full_shape(p, config), device="meta")
             shapes.update((k, tuple(t.shape)) for k, t in to_checkpoint(n, meta, config).items())
         wanted = list(shapes)
         have = self.names()
@@ -92,9 +93,14 @@ class CheckpointReader:
                              f"these weights")
         return params
 
-    def parameter(self, name: str, config: ModelConfig) -> torch.Tensor:
-        """The model parameter `name` from its checkpoint tensor(s)."""
-        return from_checkpoint(name, [self.get(n) for n in checkpoint_names(name, config)], config)
+    def parameter(self, name: str, config: ModelConfig, experts: range | None = None) -> torch.Tensor:
+        """The model parameter `name` from its checkpoint tensor(s); of stacked experts only `experts` (expert
+        parallelism: a rank's share), read alone."""
+        names = checkpoint_names(name, config)
+        if experts is not None:
+            per_expert = len(names) // config.num_experts
+            names = names[experts.start * per_expert:experts.stop * per_expert]
+        return from_checkpoint(name, [self.get(n) for n in names], config)
 
     def get(self, name: str) -> torch.Tensor:
         f = self._where[name]
@@ -103,6 +109,14 @@ class CheckpointReader:
         from safetensors import safe_open
         with safe_open(f, framework="pt") as fh:
             return fh.get_tensor(name)
+
+
+def _full_shape(p: torch.Tensor, config: ModelConfig) -> tuple[int, ...]:
+    """A parameter's shape in the whole model: a ZeRO-3 partition's `ds_shape`, all the layer's experts of an
+    expert-parallel shard."""
+    if expert_parallel.held_experts(p) is not None:
+        return (config.num_experts,) + tuple(p.shape[1:])
+    return tuple(getattr(p, "ds_shape", p.shape))
 
 
 def _weight_files(path) -> list[str]:
@@ -145,11 +159,16 @@ def tie_embeddings(model: nn.Module, config: ModelConfig) -> None:
 
 
 def load_weights(model: nn.Module, path, dtype: torch.dtype, device) -> nn.Module:
-    """Fill `model` (built on the meta device) with the checkpoint's tensors, cast to dtype on device."""
+    """Fill `model` (built on the meta device) with the checkpoint's tensors, cast to dtype on device; of the
+    expert layers of an expert-parallel model (ochat.model.expert_parallel) only the experts this rank holds are
+    read."""
     reader = CheckpointReader(path)
     names = reader.check_names(model, model.config)
-    model.load_state_dict({n: reader.parameter(n, model.config).to(device=device, dtype=dtype) for n in names},
-                          strict=False, assign=True)
+    params = dict(model.named_parameters())
+    tensors = {n: reader.parameter(n, model.config, expert_parallel.held_experts(params[n])) for n in names}
+    model.load_state_dict({n: t.to(device=device, dtype=dtype) for n, t in tensors.items()}, strict=False, assign=True)
+    for n, before in params.items():  # assign=True made new Parameters: keep the marks set on the old ones
+        model.get_parameter(n).__dict__.update(before.__dict__)
     tie_embeddings(model, model.config)
     return model
 
@@ -172,12 +191,18 @@ def load_partitioned(model: nn.Module, path) -> nn.Module:
 def full_state_dict(module: nn.Module, only: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor] | None:
     """Every parameter of `module` (or those whose name `only` accepts) as a contiguous CPU tensor on rank 0 (None
     on other ranks), without a tied lm_head. Under ZeRO-3 each parameter is gathered in turn, so no rank holds
-    more than one extra tensor on the GPU. Collective: every rank calls it."""
+    more than one extra tensor on the GPU; the experts of an expert-parallel model are gathered from their group
+    (every expert, as without expert parallelism). Collective: every rank calls it."""
     import deepspeed
 
     out = {} if is_main() else None
     for name, p in module.named_parameters():  # a tied lm_head is listed once, as the embedding
         if only is not None and not only(name):
+            continue
+        if expert_parallel.held_experts(p) is not None:
+            whole = expert_parallel.gather(p)
+            if out is not None:
+                out[name] = whole.to("cpu", copy=True).contiguous()
             continue
         with deepspeed.zero.GatheredParameters([p]):  # no-op for parameters that are not partitioned
             if out is not None:

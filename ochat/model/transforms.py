@@ -17,6 +17,9 @@ then changes it, always in this order:
 5. compile        each decoder layer compiled by torch.compile (after fp8: the float8 casts compile with it).
 6. sequence parallelism   every attention routed over the ranks of a sequence-parallel group
                   (sequence_parallel.py); attention stays outside compiled graphs, so it composes with 1-4.
+7. expert parallelism     each expert layer keeps only this rank's share of the experts, the rows routed to them
+                  exchanged by all-to-all over an expert-parallel group (expert_parallel.py); composes with
+                  recompute (tested), is refused with sequence parallelism and ZeRO-3.
 
 The load-balancing loss's coefficient (`--router-aux-loss-coef`) replaces config.json's on an expert model (any
 time: it is read at each forward). Mixture-of-experts models take recompute only for now: LoRA, fp8, tiled MLP,
@@ -51,6 +54,7 @@ class ModelTransforms:
     qlora: bool = False  # the frozen decoder linears in 4-bit NF4 under the LoRA adapters
     seed: int = 0  # of what a transform draws at random (LoRA's initial A)
     router_aux_loss_coef: float | None = None  # expert models' load-balancing loss weight; None: config.json's
+    expert_parallel: int = 1  # ranks per group splitting each expert layer's experts; 1: off
 
 
 def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatter: bool = True,
@@ -58,7 +62,7 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
     """Why this combination cannot train, one line each (empty: it can). Each rule runs once its facts are given:
     the flags alone at parse time; the DeepSpeed config's ZeRO stage and reduce_scatter once it is read; the
     device, the model's shape and the number of ranks before the model is loaded."""
-    from ochat.model import sequence_parallel
+    from ochat.model import expert_parallel, sequence_parallel
 
     out = []
     if t.offload_activations and not t.recompute:
@@ -90,9 +94,15 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
         if unsupported:
             out.append(f"{', '.join(unsupported)} not yet supported with a mixture-of-experts model "
                        f"({model.model_type})")
-    elif model is not None and t.router_aux_loss_coef is not None:
-        out.append(f"--router-aux-loss-coef weighs the load-balancing loss of mixture-of-experts models; "
-                   f"{model.model_type} has no experts")
+    elif model is not None:
+        out += [f"{flag} {what} mixture-of-experts models; {model.model_type} has no experts" for flag, what, on in (
+            ("--router-aux-loss-coef", "weighs the load-balancing loss of", t.router_aux_loss_coef is not None),
+            ("--expert-parallel", "splits the experts of", t.expert_parallel > 1)) if on]
+    if t.expert_parallel > 1 and t.sequence_parallel > 1:
+        out.append("--expert-parallel is not yet supported with --sequence-parallel: drop one or the other")
+    if t.expert_parallel > 1 and zero_stage is not None and (zero_stage != 2 or not reduce_scatter):
+        out.append("--expert-parallel needs ZeRO stage 2 with reduce_scatter (DeepSpeed's reduction of MoE gradients; "
+                   "ZeRO-3 would partition each rank's experts over all ranks, stages 0-1 are untested)")
     if t.qlora and not t.lora_rank:
         out.append("--qlora quantises the frozen base under LoRA adapters: add --lora-rank")
     if t.qlora and zero_stage == 3:
@@ -103,6 +113,9 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
             sequence_parallel.Layout(world_size, 0, t.sequence_parallel)
         if model is not None and t.sequence_parallel > 1:
             sequence_parallel.kv_repeats(model.num_attention_heads, model.num_key_value_heads, t.sequence_parallel)
+        if t.expert_parallel > 1 and (model is None or model.arch.experts is not None):
+            expert_parallel.check_sizes(model.num_experts if model is not None else None, t.expert_parallel,
+                                        world_size)
     except ValueError as e:
         out.append(str(e))
     return out
@@ -113,8 +126,8 @@ def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | 
     """Change `model` (a PackedCausalLM) in place as `t` asks, in the module's order. `ds_config`: DeepSpeed's
     config, whose activation_checkpointing section configures offload; `emulate_fp8`: float8 casts with
     higher-precision matmuls (CPUs). Sequence parallelism creates DeepSpeed's groups: collective, once per
-    process, after torch.distributed started."""
-    from ochat.model import memory, sequence_parallel
+    process, after torch.distributed started; so does expert parallelism."""
+    from ochat.model import expert_parallel, memory, sequence_parallel
     from ochat.model.fp8 import enable_fp8
     from ochat.model.lora import add_lora, default_alpha
     from ochat.model.qlora import nf4_bytes_per_weight, quantize_base
@@ -144,3 +157,4 @@ def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | 
         model.compile_layers()
         log("compile: each decoder layer runs compiled (torch.compile); the first steps include compiling")
     sequence_parallel.enable(model, t.sequence_parallel)
+    expert_parallel.enable(model, t.expert_parallel)

@@ -8,7 +8,7 @@ import torch
 
 from ochat.config.deepspeed import offloads_optimizer, zero_stage
 from ochat.config.train_config import TrainConfig
-from ochat.model import sequence_parallel
+from ochat.model import expert_parallel, sequence_parallel
 from ochat.model.decoder import PackedCausalLM
 from ochat.model.transforms import apply_transforms
 from ochat.training.runtime import Runtime, TrainError
@@ -19,7 +19,8 @@ from ochat.utils.log import log
 def load_model(cfg: TrainConfig, rt: Runtime, ds_config: dict) -> PackedCausalLM:
     """The checkpoint at cfg.model_path with the flags' transforms applied (ochat.model.transforms): partitioned
     from the start under ZeRO-3 (no rank holds the whole model), else whole in float32 on this rank's device
-    (DeepSpeed keeps the fp32 master copy and casts the module to bf16; with --qlora in bf16 when the run is)."""
+    (DeepSpeed keeps the fp32 master copy and casts the module to bf16; with --qlora in bf16 when the run is); with
+    --expert-parallel each rank reads only its experts."""
     zero3 = zero_stage(ds_config) == 3
     t0 = time.time()
     try:
@@ -28,7 +29,7 @@ def load_model(cfg: TrainConfig, rt: Runtime, ds_config: dict) -> PackedCausalLM
         else:  # QLoRA quantises the frozen base from bf16, and needs no float32 master copy of it
             dtype = torch.bfloat16 if cfg.qlora and ds_config["bf16"]["enabled"] else torch.float32
             model = PackedCausalLM.from_pretrained(cfg.model_path, dtype=dtype, device=rt.device,
-                                                   attn_impl=cfg.attn_impl)
+                                                   attn_impl=cfg.attn_impl, expert_parallel=cfg.expert_parallel)
     except (OSError, ValueError) as e:
         raise TrainError(f"cannot load the model from {cfg.model_path}: {e}") from None
     log(f"model: {_count(model.config.num_params())} parameters from {cfg.model_path} in {time.time() - t0:.1f}s"
@@ -66,6 +67,12 @@ def build_engine(cfg: TrainConfig, rt: Runtime, model: PackedCausalLM, ds_config
     import deepspeed
 
     groups = weight_decay_groups(model, cfg.weight_decay)
+    if cfg.expert_parallel > 1:  # the expert shards in groups of their own, as DeepSpeed's ZeRO wants them
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer(
+            [dict(g, name=f"group_{i}") for i, g in enumerate(groups)])
+        expert_parallel.show_deepspeed(model, cfg.expert_parallel)
     adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if offloads_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam

@@ -116,10 +116,11 @@ def check_transforms(cfg: TrainConfig, world_size: int, device: torch.device) ->
     """The model transforms the flags ask for must work with this many ranks, this device and the model's shape
     (ochat.model.transforms.refusals: --sequence-parallel must divide the ranks and the attention heads,
     --offload-activations needs a GPU, mixture-of-experts models take none of the transforms not yet built for
-    them). The model's config.json is read only when a flag depends on it."""
+    them, --expert-parallel must divide the experts and the ranks). The model's config.json is read only when a flag
+    depends on it."""
     t = cfg.transforms
     shaped = (t.sequence_parallel > 1 or t.lora_rank or t.fp8 or t.compile or t.tiled_mlp > 1 or t.offload_activations
-              or t.router_aux_loss_coef is not None)
+              or t.router_aux_loss_coef is not None or t.expert_parallel > 1)
     try:
         model = ModelConfig.from_hf_config(cfg.model_path) if shaped else None
     except (OSError, ValueError) as e:

@@ -146,11 +146,18 @@ class RunFolder:
         log(f"saved {path}")
         self.save_state(state)
 
+    @property
+    def writes_states(self) -> bool:
+        """Whether the run writes resume states: not with --no-save, nor yet with --expert-parallel."""
+        return not self.cfg.no_save and self.cfg.expert_parallel == 1
+
     def save_state(self, state: TrainState) -> None:
         """The DeepSpeed state (weights, optimizer, scheduler) with the run's state, settings, resolved config and
         the checksums of its files, as tag `step<global_step>` (collective: every rank calls). `latest` is pointed
         at the new tag once every rank has written and fsynced its files; then tags beyond the newest
-        KEEP_STATES are deleted."""
+        KEEP_STATES are deleted. Nothing where the run writes no resume states."""
+        if not self.writes_states:
+            return
         d, tag = self.states_dir, f"step{state.global_step}"
         folder = os.path.join(d, tag)
         try:

@@ -182,8 +182,9 @@ def _stop_for_signal(run: RunFolder, state: TrainState, stop: StopRequest, saved
     """Save the resume state after this step (unless --no-save, or `saved` already) and end the run with the
     signal's exit status."""
     name = signal.Signals(stop.signal or signal.SIGTERM).name  # a rank that got no signal stops for another's
-    if run.cfg.no_save:
-        raise Stopped(f"stopped by {name} after step {state.global_step} (--no-save: nothing saved)", stop.exit_status)
+    if not run.writes_states:
+        why = "--no-save" if run.cfg.no_save else "--expert-parallel writes no resume state yet"
+        raise Stopped(f"stopped by {name} after step {state.global_step} ({why}: nothing saved)", stop.exit_status)
     if not saved:
         run.save_state(state)
     raise Stopped(f"stopped by {name} after step {state.global_step}; resume state saved: run the same command with "
