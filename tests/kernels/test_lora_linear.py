@@ -53,7 +53,7 @@ def run(fn, x, w, b, a, bb, scale=2.0):
         if t is not None:
             t.grad = None
     out = fn(x, w, b, a, bb, scale)
-    out.backward(torch.ones_like(out).mul_(torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)))
+    out.backward(torch.ones_like(out).mul_(torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype, device=out.device)))
     return out.detach(), [None if t is None or t.grad is None else t.grad.clone() for t in (x, w, b, a, bb)]
 
 
