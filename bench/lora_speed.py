@@ -38,9 +38,8 @@ import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-import torch
 import throughput  # same folder: packs, collate, the transformers peer, the timing loop
+import torch
 from shapes import SHAPES
 
 from ochat.model import lora
