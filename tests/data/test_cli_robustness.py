@@ -33,13 +33,16 @@ def many_conversations(path, n):
     return str(path)
 
 
+START_LIMIT = 300  # seconds for a run to start: a guard against hangs, not a speed check (a loaded 2-core machine)
+
+
 def temporaries(parent, name):
     return sorted(p.name for p in Path(parent).iterdir() if p.name.startswith(f".{name}.tmp-"))
 
 
 def start_and_wait_for_temporary(tmp_path, *args):
     proc = subprocess.Popen([*COMMAND, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + 60
+    deadline = time.time() + START_LIMIT
     while not any((tmp_path / name / ".ochat.json").is_file() for name in temporaries(tmp_path, "out")):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.01)
@@ -105,7 +108,7 @@ def test_signal_before_workers_set_their_handlers(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", SLOW_WORKERS, str(started), "--in-files", big, "--out-dir", str(out),
                              "--workers", "2", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=ENV)
-    deadline = time.time() + 60
+    deadline = time.time() + START_LIMIT
     while len(list(started.iterdir())) < 2:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.01)
