@@ -64,12 +64,17 @@ def hf_batch(pack, vocab, dev):
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
 
-def run(name, model, batches, step_fn, warmup, steps, cfg, tokens_of):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+def run(name, model, batches, step_fn, warmup, steps, cfg, tokens_of, dev="cuda"):
+    """Tokens/s, MFU and peak memory of `steps` forward+backward passes after `warmup` (on a CPU, `dev` "cpu":
+    tokens/s alone, a smoke run)."""
+    cuda = dev == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     for i in range(warmup):
         step_fn(model, batches[i % len(batches)])
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     tokens, flops = 0, 0.0
     for i in range(steps):
@@ -78,11 +83,13 @@ def run(name, model, batches, step_fn, warmup, steps, cfg, tokens_of):
         lens = tokens_of(b)
         tokens += sum(lens)
         flops += step_flops(cfg, sum(lens), sum(n * n for n in lens))
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    r = dict(config=name, tokens_per_s=tokens / dt, mfu=flops / dt / PEAK_BF16,
-             peak_gb=torch.cuda.max_memory_allocated() / 1e9, steps=steps, tokens=tokens)
-    print(f"{name:45s} {r['tokens_per_s']:9.0f} tok/s  MFU {r['mfu']:.1%}  peak {r['peak_gb']:.1f} GB", flush=True)
+    r = dict(config=name, tokens_per_s=tokens / dt, mfu=flops / dt / PEAK_BF16 if cuda else None,
+             peak_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else None, steps=steps, tokens=tokens)
+    speed = f"MFU {r['mfu']:.1%}  peak {r['peak_gb']:.1f} GB" if cuda else "(CPU)"
+    print(f"{name:55s} {r['tokens_per_s']:9.0f} tok/s  {speed}", flush=True)
     return r
 
 

@@ -23,14 +23,11 @@ import time
 import numpy as np
 import throughput  # same folder: transformers' packed-row attention functions
 import torch
-from model_speed import hf_batch, make_packs, ochat_batch, v1_lengths
+from model_speed import hf_batch, make_packs, ochat_batch, run, v1_lengths
 
 from ochat.model.config import ModelConfig
 from ochat.model.decoder import PackedCausalLM
 from ochat.model.experts import Experts
-from ochat.training.metrics import PEAK_FLOPS, step_flops
-
-PEAK_BF16 = PEAK_FLOPS["H200"]
 
 
 def qwen3_30b_a3b(layers: int) -> ModelConfig:
@@ -45,35 +42,6 @@ def qwen3_30b_a3b(layers: int) -> ModelConfig:
 TINY = ModelConfig.debug(model_type="qwen3_moe", vocab_size=512, max_position_embeddings=4096, num_experts=8,
                          num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
                          router_aux_loss_coef=0.001)
-
-
-def sync(dev):
-    if dev == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(name, model, batches, step_fn, warmup, steps, cfg, lengths_of, dev):
-    """Tokens/s, MFU and peak memory of `steps` forward+backward passes after `warmup`."""
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup):
-        step_fn(model, batches[i % len(batches)])
-    sync(dev)
-    t0 = time.perf_counter()
-    tokens, flops = 0, 0.0
-    for i in range(steps):
-        b = batches[(warmup + i) % len(batches)]
-        step_fn(model, b)
-        lens = lengths_of(b)
-        tokens += sum(lens)
-        flops += step_flops(cfg, sum(lens), sum(n * n for n in lens))
-    sync(dev)
-    dt = time.perf_counter() - t0
-    r = dict(config=name, tokens_per_s=tokens / dt, mfu=flops / dt / PEAK_BF16 if dev == "cuda" else None,
-             peak_gb=torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else None, steps=steps, tokens=tokens)
-    mfu = f"MFU {r['mfu']:.1%}  peak {r['peak_gb']:.1f} GB" if dev == "cuda" else "(CPU)"
-    print(f"{name:55s} {r['tokens_per_s']:9.0f} tok/s  {mfu}", flush=True)
-    return r
 
 
 def ochat_step(model, b):
@@ -154,7 +122,7 @@ def main():
             m.impl = args.ochat_experts
     model.train()
     batches = [ochat_batch(p, cfg.vocab_size, dev) for p in packs]
-    results.append(timed(f"ochat packed, experts {args.ochat_experts}", model, batches, ochat_step, args.warmup,
+    results.append(run(f"ochat packed, experts {args.ochat_experts}", model, batches, ochat_step, args.warmup,
                          args.steps, cfg, lambda b: (b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).tolist(), dev))
     state = model.state_dict()
     del model, batches
@@ -164,7 +132,7 @@ def main():
 
     hf = build_hf(cfg, "sdpa", args.hf_experts, state, dtype, dev)
     hbatches = [hf_batch(p, cfg.vocab_size, dev) for p in packs]
-    results.append(timed(f"transformers padded (SDPA), experts {args.hf_experts}", hf, hbatches, hf_step,
+    results.append(run(f"transformers padded (SDPA), experts {args.hf_experts}", hf, hbatches, hf_step,
                          args.warmup, args.steps, cfg, lambda b: b["attention_mask"].sum(1).tolist(), dev))
     del hf, hbatches
     gc.collect()
@@ -179,7 +147,7 @@ def main():
     hbatches = [hf_packed_batch(p, cfg.vocab_size, dev) for p in packs]
     name = f"transformers packed row ({throughput.HF_ATTENTION[attn]}{', Liger' if liger else ''}), experts " \
            f"{args.hf_experts}"
-    results.append(timed(name, hf, hbatches, hf_step, args.warmup, args.steps, cfg,
+    results.append(run(name, hf, hbatches, hf_step, args.warmup, args.steps, cfg,
                          lambda b: (b["cu_seq_lens_q"][1:] - b["cu_seq_lens_q"][:-1]).tolist(), dev))
     del state
 

@@ -61,6 +61,7 @@ class _Serving:
 
 
 _SERVING_OF = weakref.WeakKeyDictionary()  # tokenizer -> _Serving (building one takes a second)
+_SPECIALS_OF = weakref.WeakKeyDictionary()  # tokenizer -> the pattern of its special tokens' texts (or None)
 
 
 @dataclass(frozen=True)
@@ -170,10 +171,14 @@ class OpenChatTemplate:
         (same weight), the text after it the tokens serving gives it there (SPECIAL segments too: tokens given
         by their text), and a piece that starts with one ends the segment before it with the joining space
         serving's chat template puts there (JOINERS)."""
-        specials = tokenizer.special_tokens()
-        if self.special_tokens_in_content == "text" or not specials:
+        if self.special_tokens_in_content == "text":
             return segs
-        pattern = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
+        if tokenizer not in _SPECIALS_OF:
+            specials = sorted(tokenizer.special_tokens(), key=len, reverse=True)
+            _SPECIALS_OF[tokenizer] = re.compile("|".join(map(re.escape, specials))) if specials else None
+        pattern = _SPECIALS_OF[tokenizer]
+        if pattern is None:
+            return segs
         out = []
         for kind, text, w in segs:
             pos, after = 0, None

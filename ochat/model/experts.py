@@ -90,6 +90,11 @@ def expert_loop(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, do
     return torch.cat(out) if out else x.new_zeros(0, down.shape[1])
 
 
+def assignments(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many (token, slot) pairs of the top-k choices `experts` [T, k] go to each expert: [num_experts] int64."""
+    return torch.bincount(experts.reshape(-1), minlength=num_experts)
+
+
 IMPLEMENTATIONS = ("auto", "grouped", "loop")
 
 
@@ -105,12 +110,12 @@ class Experts(nn.Module):
         self.act = c.hidden_act
         self.impl = "auto"
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """x [T, H], routing weights and experts [T, k] -> the weighted sum of each token's experts [T, H]."""
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                counts: torch.Tensor) -> torch.Tensor:
+        """x [T, H], routing weights and experts [T, k], `counts` [E] the (token, slot) pairs of each expert (what
+        `assignments` gives) -> the weighted sum of each token's experts [T, H]."""
         k = experts.shape[1]
-        flat = experts.reshape(-1)
-        order = flat.argsort(stable=True)  # (token, slot) pairs sorted by expert, tokens in order within each
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        order = experts.reshape(-1).argsort(stable=True)  # (token, slot) pairs by expert, tokens in order within each
         token = order // k
         y = self.run_sorted(x[token], counts)
         y = y * weights.reshape(-1)[order, None].to(y.dtype)
@@ -156,11 +161,11 @@ class ExpertBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs, weights, experts = self.gate(x)
-        out = self.experts(x, weights, experts)
+        counts = assignments(experts, probs.shape[1])
+        out = self.experts(x, weights, experts, counts)
         if hasattr(self, "shared_expert"):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        counts = torch.zeros_like(probs[0]).index_add_(0, experts.reshape(-1), probs.new_ones(experts.numel()))
-        return out, torch.stack([counts, probs.sum(0)])
+        return out, torch.stack([counts.to(probs.dtype), probs.sum(0)])
 
 
 def load_balancing_loss(sums: torch.Tensor, tokens: int) -> torch.Tensor:

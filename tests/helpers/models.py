@@ -78,6 +78,18 @@ def assert_close(a, b, rtol=1e-5, what=""):
     assert err <= rtol * max(scale, 1e-6) + 1e-7, f"{what}: max abs err {err:.3g} vs scale {scale:.3g}"
 
 
+def packed_equals_alone(model, cfg, what: str):
+    """Run `model` on a pack of fresh conversations and check each conversation's slice against the conversation
+    run alone (rtol 1e-6); -> the pack (seqs, ids, pos, cu, max_seqlen) and the packed output."""
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    with torch.no_grad():
+        packed = model(ids, pos, cu, mx)
+        for i, s in enumerate(seqs):
+            alone = model(s, torch.arange(len(s)), torch.tensor([0, len(s)], dtype=torch.int32), len(s))
+            assert_close(packed[cu[i]:cu[i + 1]], alone, rtol=1e-6, what=f"{what} conversation {i} packed vs alone")
+    return (seqs, ids, pos, cu, mx), packed
+
+
 def leaky_attention(q, k, v, cu_seqlens, max_seqlen=None, window=None, backend=None, **variant):
     """Attention across the whole pack, ignoring conversation boundaries: what the isolation checks must catch."""
     whole = torch.tensor([0, q.shape[0]], dtype=torch.int32)

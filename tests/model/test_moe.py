@@ -13,7 +13,7 @@ from ochat.model import experts as experts_mod
 from ochat.model.config import ModelConfig
 from ochat.model.decoder import PackedCausalLM
 from ochat.model.transforms import ModelTransforms, apply_transforms, refusals
-from tests.helpers.models import assert_close, make_pack, make_pair
+from tests.helpers.models import assert_close, make_pack, make_pair, packed_equals_alone
 
 MOE = {
     # top-4 of 8, renormalised; q/k norms per head; layer 1 dense (mlp_only_layers)
@@ -82,12 +82,7 @@ def test_logits_aux_loss_and_grads_match_transformers(name):
 @pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe"])
 def test_packed_equals_alone(name):
     cfg, ours, _ = pair(name)
-    seqs, ids, pos, cu, mx = make_pack(cfg)
-    with torch.no_grad():
-        packed = ours(ids, pos, cu, mx)
-        for i, s in enumerate(seqs):
-            alone = ours(s, torch.arange(len(s)), torch.tensor([0, len(s)], dtype=torch.int32), len(s))
-            assert_close(packed[cu[i]:cu[i + 1]], alone, rtol=1e-6, what=f"{name} conversation {i}")
+    packed_equals_alone(ours, cfg, name)
 
 
 def test_grouped_gemms_equal_the_per_expert_loop():
@@ -116,7 +111,7 @@ def test_grouped_gemms_equal_the_per_expert_loop():
     w = torch.rand(3, 2)
     xs = torch.randn(3, cfg.hidden_size)
     experts.impl = "grouped"
-    got = experts(xs, w, idx)
+    got = experts(xs, w, idx, experts_mod.assignments(idx, experts.num_experts))
     want = torch.zeros_like(xs)
     for t in range(3):
         for j in range(2):
