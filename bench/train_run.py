@@ -12,6 +12,7 @@ model leaves the ln(vocab) plateau after about 110 steps and ends near the chain
 then trains with ZeRO-2, bf16, and reports tokens/s/GPU, MFU, peak memory and the loss curve.
 """
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -59,6 +60,7 @@ def make_dataset(out_dir, n, seed=0, vocab=32000, eot=32000, max_len=4096, follo
 
 
 SHAPES = {k: throughput.SHAPES[k] for k in ("1b", "7b")}  # random init, vocab 32002 (Llama 2 + OpenChat's tokens)
+SHAPES["tiny"] = dataclasses.replace(throughput.SHAPES["tiny"], vocab_size=32002)  # CPU smoke runs
 
 
 def make_model(out_dir, shape):
