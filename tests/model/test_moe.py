@@ -13,7 +13,8 @@ from ochat.model import experts as experts_mod
 from ochat.model.config import ModelConfig
 from ochat.model.decoder import PackedCausalLM
 from ochat.model.transforms import ModelTransforms, apply_transforms, refusals
-from tests.helpers.models import assert_close, make_pack, make_pair, packed_equals_alone
+from tests.helpers.models import (as_in_transformers, assert_close, make_pack, make_pair, packed_equals_alone,
+                                  rope_pairs)
 
 MOE = {
     # top-4 of 8, renormalised; q/k norms per head; layer 1 dense (mlp_only_layers)
@@ -26,6 +27,14 @@ MOE = {
     # a sigmoid-gated shared expert beside the routed ones; q/k/v biases
     "qwen2_moe": dict(model_type="qwen2_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=48, router_aux_loss_coef=0.1),
+    # biased router and experts, the clamped SwiGLU (a limit the tiny model's activations cross), attention sinks and
+    # q/k/v/o biases, a sliding then a full layer, YaRN (conversations beyond its original context of 16)
+    "gpt_oss": dict(model_type="gpt_oss", num_experts=4, num_experts_per_tok=2, head_dim=16, attention_bias=True,
+                    swiglu_limit=0.1, sliding_window=8, layer_types=("sliding_attention", "full_attention"),
+                    rope_theta=150000.0, rope_scaling=rope_pairs(rope_type="yarn", factor=4.0, beta_fast=32.0,
+                                                                 beta_slow=1.0, truncate=False,
+                                                                 original_max_position_embeddings=16),
+                    router_aux_loss_coef=0.1),
 }
 
 
@@ -74,7 +83,8 @@ def test_logits_aux_loss_and_grads_match_transformers(name):
     assert_close(out.aux_loss.detach() / (coef * len(ids)), ref.aux_loss.detach(), what=f"{name} aux loss")
     hf_params = dict(hf.named_parameters())
     for n, p in ours.named_parameters():
-        assert_close(p.grad, hf_params[n].grad, what=f"{name} grad {n}")
+        for hf_name, grad in as_in_transformers(n, p.grad, cfg).items():
+            assert_close(grad, hf_params[hf_name].grad, what=f"{name} grad {n}")
     assert out.expert_tokens.shape == (cfg.expert_layers, cfg.num_experts)
     assert out.expert_tokens.sum().item() == cfg.expert_layers * len(ids) * cfg.num_experts_per_tok
 
