@@ -134,7 +134,8 @@ class Rotary:
 
     theta: float
     dim: int  # rotating features per head (head_dim, less with Phi-3's partial_rotary_factor)
-    scaling: tuple | None  # sorted (key, value) pairs of the Hugging Face rope dict (rope_type: linear, llama3, longrope)
+    scaling: tuple | None  # sorted (key, value) pairs of the Hugging Face rope dict (rope_type: linear, llama3, longrope,
+    # yarn)
     max_position_embeddings: int  # LongRoPE's default factor is max_position_embeddings / original
 
     @property

@@ -282,3 +282,15 @@ def test_gpt_oss_config_defaults_yarn_and_the_mxfp4_refusal(tmp_path):
         "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}}))
     with pytest.raises(ValueError, match=r"config.json: gpt_oss weights quantised as MXFP4 .* dequantise them first"):
         PackedCausalLM.from_pretrained(tmp_path)
+
+
+def test_gpt_oss_expert_biases_and_sinks_get_no_weight_decay():
+    from ochat.training.engine import weight_decay_groups
+
+    cfg = ModelConfig.debug(**MOE["gpt_oss"])
+    model = PackedCausalLM(cfg, attn_impl="sdpa")
+    decayed = {id(p) for p in weight_decay_groups(model, 0.1)[0]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names and "model.layers.0.mlp.gate.weight" in names
+    assert not any(n.endswith("bias") or n.endswith("sinks") for n in names)
+    assert model.model.layers[0].mlp.experts.gate_up_proj_bias.abs().sum() == 0  # initialised to zero, as biases are
