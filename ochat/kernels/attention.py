@@ -11,7 +11,8 @@ Backends, by name:
   inside torch; causal is `window_size=(-1, 0)`; sliding windows through window_size=(W-1, 0); no soft-capping).
 - "sdpa": per-conversation `scaled_dot_product_attention`, runs anywhere (the CPU reference); a sliding
   window becomes an explicit boolean mask; soft-capping and sinks compute the scores explicitly (eager, per
-  conversation: memory quadratic in the conversation's length).
+  conversation: memory quadratic in the conversation's length), except sinks on a GPU: one more key there
+  (`sdpa_with_sink_key`, SDPA's memory-efficient kernel).
 "auto" picks the first available in that order for the device; the choice is logged once.
 
 Variants a model may need: `scale` (the softmax scale; None = 1/sqrt(head_dim); Gemma's
@@ -149,12 +150,31 @@ def resolve_backend(name: str, device, *, softcap: bool = False, window: bool = 
     return chosen
 
 
+def sdpa_with_sink_key(qi, ki, vi, mask, scale, sinks):
+    """Attention with sinks through SDPA's memory-efficient kernels (what the `sdpa` backend runs on a GPU, where
+    the explicit scores would hold [H, L, L] floats per conversation): the sink becomes one more key that every
+    query sees, with a value of zeros. q gains a feature 1, the real keys a feature 0 and the sink key the feature
+    sink / scale (and zeros elsewhere), so the sink's score is the head's sink and every other score is unchanged;
+    8 extra features keep the head size a multiple of 8. qi/ki/vi [H, L, D], mask [L, L] (True: attends)."""
+    h, n, d = qi.shape
+    pad = 8
+    zeros = qi.new_zeros(h, n, pad)
+    qa = torch.cat([qi, zeros[..., :1] + 1, zeros[..., 1:]], dim=-1)
+    sink_key = torch.cat([qi.new_zeros(h, 1, d), (sinks.float() / scale).to(qi.dtype)[:, None, None],
+                          qi.new_zeros(h, 1, pad - 1)], dim=-1)
+    ka = torch.cat([sink_key, torch.cat([ki, zeros], dim=-1)], dim=1)  # [H, L + 1, D + 8]
+    va = torch.cat([vi.new_zeros(h, 1, d + pad), torch.cat([vi, zeros], dim=-1)], dim=1)
+    m = torch.cat([mask.new_ones(n, 1), mask], dim=1)
+    return F.scaled_dot_product_attention(qa, ka, va, attn_mask=m, scale=scale)[..., :d]
+
+
 def varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen=None, window=None, scale=None, softcap=None, sinks=None):
     """Reference: SDPA per conversation (GQA by repeating k/v).
 
     With `softcap` or `sinks` the scores are computed explicitly (as transformers' eager attention does),
     soft-capped, masked, given each head's sink as one more column, softmaxed in float32, and the sink's column
-    dropped."""
+    dropped; on a GPU, sinks without soft-capping go through `sdpa_with_sink_key` instead (the same numbers, memory
+    linear in the conversation's length)."""
     t, hq, d = q.shape
     hkv = k.shape[1]
     if hq != hkv:
@@ -171,6 +191,8 @@ def varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen=None, window=None, sca
             mask = (diff >= 0) if window is None else (diff >= 0) & (diff < window)
         if softcap is None and sinks is None:
             o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=mask is None, scale=scale)
+        elif softcap is None and q.is_cuda:
+            o = sdpa_with_sink_key(qi, ki, vi, mask, d ** -0.5 if scale is None else scale, sinks)
         else:
             scores = (qi @ ki.transpose(1, 2)) * (d ** -0.5 if scale is None else scale)  # [H, L, L]
             if softcap is not None:

@@ -103,6 +103,28 @@ def test_sinks_reference_matches_a_float64_softmax_with_a_sink_logit(window):
         varlen_attention(q, k, v, cu, mx, backend="sdpa", sinks=sinks[:2])
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_sink_as_a_key_equals_the_explicit_sinks_reference(window):
+    """The GPU's sdpa path for sinks (one more key) against the explicit scores, on the CPU: output and gradients."""
+    q, k, v, _, _ = pack([13], hq=4, hkv=4)
+    sinks = torch.tensor([-1.0, 0.0, 0.7, 2.5])
+    i = torch.arange(13)
+    mask = (i[:, None] >= i[None, :]) & ((i[:, None] - i[None, :] < window) if window else True)
+    results = []
+    for run in ("key", "explicit"):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, sinks)]
+        if run == "key":
+            out = attention.sdpa_with_sink_key(*(x.transpose(0, 1) for x in leaves[:3]), mask, 0.25,
+                                               leaves[3]).transpose(0, 1)
+        else:
+            out = varlen_attention_sdpa(*leaves[:3], torch.tensor([0, 13], dtype=torch.int32), window=window,
+                                        sinks=leaves[3])
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out] + [x.grad for x in leaves])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_backends_without_sinks_fall_back():
     assert "no attention sinks" in attention.unsupported("flash_attn", sinks=True)
     assert "no attention sinks" in attention.unsupported("torch_varlen", sinks=True)
@@ -166,24 +188,25 @@ def test_gpu_backend_matches_reference_bf16(backend, window, scale, softcap):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash_attn_4", "sdpa"])
 @pytest.mark.parametrize("window", [None, 64])
-def test_gpu_flash_attn_4_sinks_match_reference_bf16(window):
-    """gpt-oss's attention sinks through FlashAttention-4's learnable_sink: output and the gradients of q, k, v and
-    the sinks against the float32 reference."""
-    if not torch.cuda.is_available() or not attention.available("flash_attn_4", "cuda"):
-        pytest.skip("flash_attn_4 not available")
-    reason = attention.unsupported("flash_attn_4", sinks=True, window=window is not None)
+def test_gpu_sinks_match_reference_bf16(backend, window):
+    """gpt-oss's attention sinks through FlashAttention-4's learnable_sink and through the sdpa backend's sink key:
+    output and the gradients of q, k, v and the sinks against the float32 explicit reference (on the CPU)."""
+    if not torch.cuda.is_available() or not attention.available(backend, "cuda"):
+        pytest.skip(f"{backend} not available")
+    reason = attention.unsupported(backend, sinks=True, window=window is not None)
     if reason:
         pytest.skip(reason)
     q, k, v, cu, mx = pack([300, 1, 1024, 77, 513], hq=8, hkv=2, d=64, device="cuda", dtype=torch.bfloat16)
     sinks = torch.linspace(-2, 2, 8, device="cuda", dtype=torch.bfloat16)
     leaves = [x.requires_grad_(True) for x in (q, k, v, sinks)]
-    out = varlen_attention(q, k, v, cu, mx, window=window, backend="flash_attn_4", sinks=sinks)
-    refs = [x.detach().float().requires_grad_(True) for x in leaves]
-    ref = varlen_attention_sdpa(*refs[:3], cu, window=window, sinks=refs[3])
-    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+    out = varlen_attention(q, k, v, cu, mx, window=window, backend=backend, sinks=sinks)
+    refs = [x.detach().float().cpu().requires_grad_(True) for x in leaves]
+    ref = varlen_attention_sdpa(*refs[:3], cu.cpu(), window=window, sinks=refs[3])
+    assert ((out.float().cpu() - ref).norm() / ref.norm()).item() < 1e-2
     go = torch.randn_like(ref)
-    out.backward(go.to(out.dtype))
+    out.backward(go.to("cuda", out.dtype))
     ref.backward(go)
     for a, b in zip(leaves, refs):
-        assert ((a.grad.float() - b.grad).norm() / b.grad.norm()).item() < 2e-2
+        assert ((a.grad.float().cpu() - b.grad).norm() / b.grad.norm()).item() < 2e-2
