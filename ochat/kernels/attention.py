@@ -3,19 +3,24 @@
 Backends, by name:
 - "flash_attn_4": FlashAttention-4 (`pip install flash-attn-4`: `flash_attn.cute.flash_attn_varlen_func`, CuTe DSL
   kernels compiled at first use of a shape; Hopper (SM90) and newer; sliding windows, softmax scale, soft-capping,
-  GQA without repeating k/v).
+  GQA without repeating k/v; attention sinks through `learnable_sink` where its backward has them too: flash-attn-4
+  4.0.0b26 and newer, on SM90 / SM100 / SM110).
 - "flash_attn": `flash_attn.flash_attn_varlen_func` (flash-attn 2, when installed; sliding windows, softmax scale,
   and attention-logit soft-capping from flash-attn 2.6).
 - "torch_varlen": `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA; FlashAttention kernels
   inside torch; causal is `window_size=(-1, 0)`; sliding windows through window_size=(W-1, 0); no soft-capping).
 - "sdpa": per-conversation `scaled_dot_product_attention`, runs anywhere (the CPU reference); a sliding
-  window becomes an explicit boolean mask; soft-capping computes the scores explicitly (eager, per conversation).
+  window becomes an explicit boolean mask; soft-capping and sinks compute the scores explicitly (eager, per
+  conversation: memory quadratic in the conversation's length), except sinks on a GPU: one more key there
+  (`sdpa_with_sink_key`, SDPA's memory-efficient kernel).
 "auto" picks the first available in that order for the device; the choice is logged once.
 
 Variants a model may need: `scale` (the softmax scale; None = 1/sqrt(head_dim); Gemma's
 `query_pre_attn_scalar ** -0.5`), `softcap` (Gemma 2: scores become `softcap * tanh(scores / softcap)` before the
-mask and softmax), `window`. A backend that cannot run a model's variant is skipped for that model, in favour of
-the next backend in the order above that can, and the reason is logged once (`resolve_backend(..., softcap=True)`).
+mask and softmax), `window`, `sinks` (gpt-oss: a learned logit per query head [Hq], a tensor with a gradient, added
+as one more term to every softmax denominator and attending to nothing: p_j = exp(s_j) / (sum_i exp(s_i) +
+exp(sink))). A backend that cannot run a model's variant is skipped for that model, in favour of the next backend in
+the order above that can, and the reason is logged once (`resolve_backend(..., softcap=True)`).
 
 Shapes: q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int32 [B+1]; returns [T, Hq, D].
 `window` is Hugging Face's `sliding_window`: a token sees itself and the `window - 1` tokens before it.
@@ -58,6 +63,15 @@ def _fa4_varlen():
     return _lazy("flash_attn_4", load)
 
 
+def _fa4_sinks() -> bool:
+    """Whether this FlashAttention-4 trains attention sinks: its backward takes `learnable_sink` (4.0.0b26+; older
+    releases ran sinks forward only and returned no gradient for them) and the GPU is SM90, SM100 or SM110."""
+    def load():
+        from flash_attn.cute import interface
+        return "learnable_sink" in inspect.signature(interface._flash_attn_bwd).parameters
+    return bool(_lazy("flash_attn_4_sinks", load)) and torch.cuda.get_device_capability()[0] in (9, 10, 11)
+
+
 def _torch_varlen():
     """torch's varlen_attn: imported only where it can run (its import pulls in torch._dynamo, seconds)."""
     def load():
@@ -84,9 +98,14 @@ def available(name: str, device) -> bool:
     raise ValueError(f"unknown attention backend {name!r} (one of {BACKENDS} or 'auto')")
 
 
-def unsupported(name: str, *, softcap: bool = False, window: bool = False, scale: bool = False) -> str | None:
-    """Why backend `name` cannot run attention with soft-capping / a sliding window / a non-default softmax scale
-    (None when it can)."""
+def unsupported(name: str, *, softcap: bool = False, window: bool = False, scale: bool = False,
+                sinks: bool = False) -> str | None:
+    """Why backend `name` cannot run attention with soft-capping / a sliding window / a non-default softmax scale /
+    attention sinks (None when it can)."""
+    if sinks and name in ("flash_attn", "torch_varlen"):
+        return f"{name} has no attention sinks"
+    if sinks and name == "flash_attn_4" and not _fa4_sinks():
+        return "this flash-attn-4 or GPU has no attention-sink backward (flash-attn-4 >= 4.0.0b26, SM90/SM100/SM110)"
     if name == "flash_attn" and softcap and "softcap" not in _FA_PARAMS:
         return "this flash-attn has no softcap (flash-attn >= 2.6 has)"
     if name == "torch_varlen":
@@ -105,11 +124,12 @@ def _log_once(key, msg, *args):
         log.info(msg, *args)
 
 
-def resolve_backend(name: str, device, *, softcap: bool = False, window: bool = False, scale: bool = False) -> str:
+def resolve_backend(name: str, device, *, softcap: bool = False, window: bool = False, scale: bool = False,
+                    sinks: bool = False) -> str:
     """The backend `name` means on `device` ("auto": the fastest available); errors if unavailable.
 
-    `softcap`, `window`, `scale`: the variants the model needs. A backend that cannot run them is replaced by the
-    next one in BACKENDS that can (sdpa always can), logging the reason once.
+    `softcap`, `window`, `scale`, `sinks`: the variants the model needs. A backend that cannot run them is replaced by
+    the next one in BACKENDS that can (sdpa always can), logging the reason once.
     """
     dev = torch.device(device)
     if name == "auto":
@@ -121,7 +141,7 @@ def resolve_backend(name: str, device, *, softcap: bool = False, window: bool = 
                                f"{_torch_varlen() is not None}; flash_attn_4 needs an SM90+ GPU)")
         candidates = [b for b in BACKENDS[BACKENDS.index(name):] if available(b, dev)]
     for chosen in candidates:
-        reason = unsupported(chosen, softcap=softcap, window=window, scale=scale)
+        reason = unsupported(chosen, softcap=softcap, window=window, scale=scale, sinks=sinks)
         if reason is None:
             break
         _log_once(("skip", chosen, reason), "attention backend %s cannot run this model (%s): trying the next", chosen,
@@ -130,11 +150,31 @@ def resolve_backend(name: str, device, *, softcap: bool = False, window: bool = 
     return chosen
 
 
-def varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen=None, window=None, scale=None, softcap=None):
+def sdpa_with_sink_key(qi, ki, vi, mask, scale, sinks):
+    """Attention with sinks through SDPA's memory-efficient kernels (what the `sdpa` backend runs on a GPU, where
+    the explicit scores would hold [H, L, L] floats per conversation): the sink becomes one more key that every
+    query sees, with a value of zeros. q gains a feature 1, the real keys a feature 0 and the sink key the feature
+    sink / scale (and zeros elsewhere), so the sink's score is the head's sink and every other score is unchanged;
+    8 extra features keep the head size a multiple of 8. qi/ki/vi [H, L, D], mask [L, L] (True: attends)."""
+    h, n, d = qi.shape
+    pad = 8
+    zeros = qi.new_zeros(h, n, pad)
+    qa = torch.cat([qi, zeros[..., :1] + 1, zeros[..., 1:]], dim=-1)
+    sink_key = torch.cat([qi.new_zeros(h, 1, d), (sinks.float() / scale).to(qi.dtype)[:, None, None],
+                          qi.new_zeros(h, 1, pad - 1)], dim=-1)
+    ka = torch.cat([sink_key, torch.cat([ki, zeros], dim=-1)], dim=1)  # [H, L + 1, D + 8]
+    va = torch.cat([vi.new_zeros(h, 1, d + pad), torch.cat([vi, zeros], dim=-1)], dim=1)
+    m = torch.cat([mask.new_ones(n, 1), mask], dim=1)
+    return F.scaled_dot_product_attention(qa, ka, va, attn_mask=m, scale=scale)[..., :d]
+
+
+def varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen=None, window=None, scale=None, softcap=None, sinks=None):
     """Reference: SDPA per conversation (GQA by repeating k/v).
 
-    With `softcap` the scores are computed explicitly (as transformers' eager attention does), soft-capped,
-    masked, and softmaxed in float32."""
+    With `softcap` or `sinks` the scores are computed explicitly (as transformers' eager attention does),
+    soft-capped, masked, given each head's sink as one more column, softmaxed in float32, and the sink's column
+    dropped; on a GPU, sinks without soft-capping go through `sdpa_with_sink_key` instead (the same numbers, memory
+    linear in the conversation's length)."""
     t, hq, d = q.shape
     hkv = k.shape[1]
     if hq != hkv:
@@ -145,16 +185,22 @@ def varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen=None, window=None, sca
     for s, e in zip(bounds[:-1], bounds[1:]):
         qi, ki, vi = (x[s:e].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
         mask = None
-        if window is not None or softcap is not None:
+        if window is not None or softcap is not None or sinks is not None:
             i = torch.arange(e - s, device=q.device)
             diff = i[:, None] - i[None, :]
             mask = (diff >= 0) if window is None else (diff >= 0) & (diff < window)
-        if softcap is None:
+        if softcap is None and sinks is None:
             o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=mask is None, scale=scale)
+        elif softcap is None and q.is_cuda:
+            o = sdpa_with_sink_key(qi, ki, vi, mask, d ** -0.5 if scale is None else scale, sinks)
         else:
             scores = (qi @ ki.transpose(1, 2)) * (d ** -0.5 if scale is None else scale)  # [H, L, L]
-            scores = torch.tanh(scores / softcap) * softcap
-            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
+            scores = scores.masked_fill(~mask, float("-inf"))
+            if sinks is not None:  # [H, L, L + 1]: the sink's logit last in every row
+                scores = torch.cat([scores, sinks.to(scores.dtype)[:, None, None].expand(-1, e - s, 1)], dim=-1)
+            probs = scores.softmax(-1, dtype=torch.float32)[..., :e - s].to(q.dtype)
             o = probs @ vi
         outs.append(o.transpose(0, 1))
     if not outs:
@@ -162,18 +208,24 @@ def varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen=None, window=None, sca
     return torch.cat(outs, 0)
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, window=None, backend="auto", scale=None, softcap=None):
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, window=None, backend="auto", scale=None, softcap=None,
+                     sinks=None):
     """Causal attention within each packed conversation; see the module docstring. `backend` is a name that
     `resolve_backend` returned (the model resolves once per device), or "auto" to resolve here."""
-    needs = dict(softcap=softcap is not None, window=window is not None, scale=scale is not None)
+    if sinks is not None and tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(f"attention sinks of shape {list(sinks.shape)} for {q.shape[1]} query heads")
+    needs = dict(softcap=softcap is not None, window=window is not None, scale=scale is not None,
+                 sinks=sinks is not None)
     name = resolve_backend(backend, q.device, **needs) if backend == "auto" else backend
     reason = unsupported(name, **needs)
     if reason is not None:
         raise NotImplementedError(f"attention backend {name!r}: {reason}")
     if name == "flash_attn_4":
+        kw = {} if sinks is None else {"learnable_sink": sinks}
         out = _fa4_varlen()(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
                             max_seqlen_k=max_seqlen, softmax_scale=scale, causal=True,
-                            window_size=(None, None) if window is None else (window - 1, 0), softcap=softcap or 0.0)
+                            window_size=(None, None) if window is None else (window - 1, 0), softcap=softcap or 0.0,
+                            **kw)
         return out[0] if isinstance(out, tuple) else out  # (out, lse) in some releases
     if name == "flash_attn":
         ws = (-1, -1) if window is None else (window - 1, 0)
@@ -191,7 +243,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, window=None, backend="auto
         else:
             kw["is_causal"] = True
         return _torch_varlen()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
-    return varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen, window, scale=scale, softcap=softcap)
+    return varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen, window, scale=scale, softcap=softcap, sinks=sinks)
 
 
 _GQA_OK = None

@@ -4,9 +4,10 @@ Two parts:
 - `ARCHITECTURES` (one `Architecture` per supported Hugging Face `model_type`): how that family lays out a
   decoder layer (where its RMSNorms sit and how they scale, q/k norms, fused projections, embedding scale,
   which config.json keys it has). Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Phi-3 / Phi-4,
-  OLMo 2, and the mixture-of-experts families Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE (`ExpertLayout`: how
-  their checkpoints name the experts, how the router normalises). Anything else (gpt-oss, linear attention, ...)
-  is refused in one line naming it.
+  OLMo 2, and the mixture-of-experts families Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE and gpt-oss (`ExpertLayout`:
+  how their checkpoints name and lay out the experts, how the router normalises, biases, the experts' activation;
+  gpt-oss also has learned attention sinks). Anything else (DeepSeek-style MoE, linear attention, ...) is refused
+  in one line naming it, as are MXFP4-quantised checkpoints (dequantise them first).
 - `ModelConfig`: the numbers of one config.json (sizes, RoPE, sliding windows, soft-capping), read through
   transformers' own config class (so its defaults and older spellings are honoured) and written back as a
   config.json that transformers loads.
@@ -31,10 +32,10 @@ OLMO2_NORMS = (("attn_out", "post_attention_layernorm"), ("mlp_out", "post_feedf
 OPTIONAL_FIELDS = ("attention_bias", "mlp_bias", "query_pre_attn_scalar", "attn_logit_softcapping",
                    "final_logit_softcapping", "rope_local_base_freq", "partial_rotary_factor", "num_experts",
                    "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "shared_expert_intermediate_size",
-                   "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef")
+                   "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "swiglu_alpha", "swiglu_limit")
 MOE_KEYS = ("num_experts", "num_experts_per_tok", "router_aux_loss_coef")  # every mixture-of-experts family's
 QWEN_MOE_KEYS = MOE_KEYS + ("moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
-ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,13 @@ class ExpertLayout:
 
     block: str = "mlp"  # the expert block's module name in checkpoints (Mixtral: block_sparse_moe)
     projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert names (Mixtral: w1, w3, w2)
-    always_norm_topk: bool = False  # Mixtral: the top-k probabilities always renormalised to sum 1
+    always_norm_topk: bool = False  # Mixtral: the top-k probabilities always renormalised to sum 1 (gpt-oss: the
+    # softmax over the k selected logits, the same numbers)
+    router: str = "gate"  # the router's module name in checkpoints (gpt-oss: router)
+    biases: bool = False  # gpt-oss: the router and every expert projection have biases
+    fused: bool = False  # gpt-oss: checkpoints hold transformers' own stacked tensors (`experts.gate_up_proj` [E, H, 2I]
+    # with gate and up columns interleaved, `experts.down_proj` [E, I, H], their biases), not per-expert ones
+    act: str | None = None  # the experts' activation when it is not config.json's: "clamped_swiglu" (gpt-oss)
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class Architecture:
     embed_scale: bool = False  # Gemma: embeddings x sqrt(hidden_size), rounded to the embedding dtype
     act_key: str = "hidden_act"  # config.json key of the MLP activation
     sliding: str = "none"  # which layers use `sliding_window`: "none", "all", or config.json's "layer_types"
+    attention_sinks: bool = False  # gpt-oss: a learned logit per head (`self_attn.sinks`) in every softmax denominator
     experts: ExpertLayout | None = None  # mixture-of-experts families
     key_names: tuple[tuple[str, str], ...] = ()  # (field, config.json key) where the family spells a key its own way
     fixed: tuple[tuple[str, Any], ...] = ()  # (config.json key, the one value ochat supports): anything else refused
@@ -98,6 +106,13 @@ ARCHITECTURES: dict[str, Architecture] = {
                               experts=ExpertLayout(), fixed=(("qkv_bias", True),)),
     "qwen3_moe": Architecture("Qwen3MoeForCausalLM", LLAMA_NORMS, keys=("attention_bias",) + QWEN_MOE_KEYS,
                               qk_norm="head", experts=ExpertLayout()),
+    # hidden_act is in config.json but unused: the experts' clamped SwiGLU takes swiglu_alpha and swiglu_limit
+    "gpt_oss": Architecture("GptOssForCausalLM", LLAMA_NORMS,
+                            keys=("attention_bias", "swiglu_alpha", "swiglu_limit") + MOE_KEYS,
+                            norm_scale_in_float32=True, sliding="layer_types", attention_sinks=True,
+                            experts=ExpertLayout(always_norm_topk=True, router="router", biases=True, fused=True,
+                                                 act="clamped_swiglu"),
+                            key_names=(("num_experts", "num_local_experts"),)),
 }
 
 # config.json keys whose facts ModelConfig holds in another form (rebuilt by to_hf_config), or that describe the
@@ -119,7 +134,8 @@ class Rotary:
 
     theta: float
     dim: int  # rotating features per head (head_dim, less with Phi-3's partial_rotary_factor)
-    scaling: tuple | None  # sorted (key, value) pairs of the Hugging Face rope dict (rope_type: linear, llama3, longrope)
+    scaling: tuple | None  # sorted (key, value) pairs of the Hugging Face rope dict (rope_type: linear, llama3, longrope,
+    # yarn)
     max_position_embeddings: int  # LongRoPE's default factor is max_position_embeddings / original
 
     @property
@@ -163,6 +179,8 @@ class ModelConfig:
     decoder_sparse_step: int = 1  # Qwen MoE: layer i has experts when (i + 1) % step == 0 ...
     mlp_only_layers: tuple[int, ...] = ()  # ... and it is not listed here (those keep a dense MLP)
     router_aux_loss_coef: float = 0.0  # the load-balancing loss's weight in the training loss (0: off)
+    swiglu_alpha: float | None = None  # gpt-oss experts: gate * sigmoid(alpha * gate) * (up + 1) ...
+    swiglu_limit: float | None = None  # ... with gate clamped above at limit, up to [-limit, limit]
     extra: tuple = field(default=(), compare=False)  # other HF keys, kept for to_hf_config
 
     def __post_init__(self):
@@ -188,6 +206,10 @@ class ModelConfig:
                     not set(self.layer_types) <= {"sliding_attention", "full_attention"}:
                 raise ValueError(f"layer_types must give each of the {self.num_hidden_layers} layers "
                                  f"'sliding_attention' or 'full_attention', got {self.layer_types}")
+        if arch.experts is not None and arch.experts.act == "clamped_swiglu":  # transformers' defaults where unset
+            for name, default in (("swiglu_alpha", 1.702), ("swiglu_limit", 7.0)):
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, default)
         if arch.experts is not None and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"{self.model_type}: num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
                              f"got {self.num_experts_per_tok}")
@@ -262,6 +284,11 @@ class ModelConfig:
         mt = cfg.get("model_type", "llama")
         if mt not in ARCHITECTURES:
             raise ValueError(f"{where}: {unsupported_model_type(mt)}")
+        quant = (cfg.get("quantization_config") or {}).get("quant_method")
+        if quant == "mxfp4":
+            raise ValueError(f"{where}: {mt} weights quantised as MXFP4 (quantization_config) not supported: dequantise "
+                             f"them first (transformers: from_pretrained(path, quantization_config=Mxfp4Config("
+                             f"dequantize=True), dtype=torch.bfloat16), then save_pretrained)")
         try:
             kw = _read_transformers_config(dict(cfg, model_type=mt))
         except ValueError as e:
@@ -319,7 +346,7 @@ class ModelConfig:
         """Parameters of the module: every projection (fused or not, same count) and its biases, every RMSNorm
         weight (the layer's two or four, q/k norms, the final norm), the embedding and an untied lm_head.
         Expert layers count their router, their experts (with `active`: only the top-k a token runs through) and a
-        shared expert with its gate."""
+        shared expert with its gate; gpt-oss's biases of router and experts, and its attention sinks (one per head)."""
         h, d, arch = self.hidden_size, self.head_dim, self.arch
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
         attn = h * q + 2 * h * kv + q * h
@@ -329,9 +356,12 @@ class ModelConfig:
             attn += 2 * d
         elif arch.qk_norm == "projection":
             attn += q + kv
+        if arch.attention_sinks:
+            attn += self.num_attention_heads
         dense = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h if self.mlp_bias else 0)
         experts = self.num_experts_per_tok if active else self.num_experts
-        sparse = (h * self.num_experts + experts * 3 * h * self.expert_intermediate_size
+        i, biases = self.expert_intermediate_size, arch.experts is not None and arch.experts.biases
+        sparse = ((h + biases) * self.num_experts + experts * (3 * h * i + biases * (2 * i + h))
                   + (3 * h * self.shared_expert_intermediate_size + h if self.shared_expert_intermediate_size else 0))
         layer = attn + len(arch.norms) * h
         n = sum(layer + (sparse if self.layer_has_experts(i) else dense) for i in range(self.num_hidden_layers)) + h

@@ -1,4 +1,5 @@
-"""PackedCausalLM: a padding-free decoder (Llama 2/3, Mistral, Qwen2/3, Gemma 2/3, Phi-3/4, OLMo 2) on packed tokens.
+"""PackedCausalLM: a padding-free decoder (Llama 2/3, Mistral, Qwen2/3, Gemma 2/3, Phi-3/4, OLMo 2, and the
+mixture-of-experts Mixtral, OLMoE, Qwen2/3-MoE, gpt-oss) on packed tokens.
 
 Architecture (parameter names identical to Hugging Face, so state dicts map 1:1; what differs between the
 families is `ModelConfig.arch`, see model_config.py):
@@ -10,11 +11,12 @@ families is `ModelConfig.arch`, see model_config.py):
 - Attention: GQA; q/k/v projections (Phi-3: one fused qkv_proj) with optional biases; optional q/k RMSNorm
   per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2); RoPE from position_ids (per layer: Gemma 3's
   sliding layers have their own base; Phi-3's LongRoPE takes its short or long factors per conversation, from
-  that conversation's length, as transformers does for each sequence alone; partial rotary for Phi-4-mini);
-  varlen causal attention over cu_seqlens with the layer's sliding window, the softmax scale (Gemma's
-  query_pre_attn_scalar) and attention-logit soft-capping (Gemma 2).
+  that conversation's length, as transformers does for each sequence alone; partial rotary for Phi-4-mini; YaRN
+  for gpt-oss); varlen causal attention over cu_seqlens with the layer's sliding window, the softmax scale (Gemma's
+  query_pre_attn_scalar), attention-logit soft-capping (Gemma 2) and gpt-oss's learned sinks (`self_attn.sinks`, one
+  logit per head in every softmax denominator).
 - MLP: `down(act(gate) * up)`, SwiGLU or Gemma's GeGLU (tanh GELU); Phi-3: one fused gate_up_proj. Mixture-of-experts
-  families (Mixtral, OLMoE, Qwen2/3-MoE) have an `ExpertBlock` (experts.py) in place of the MLP in the layers
+  families (Mixtral, OLMoE, Qwen2/3-MoE, gpt-oss) have an `ExpertBlock` (experts.py) in place of the MLP in the layers
   `ModelConfig.layer_has_experts` names; with labels the forward also returns the load-balancing loss
   (`LossSums.aux_loss`, see experts.py for how it joins the step's loss) and the tokens routed to each expert.
 - Inputs are flat: input_ids [T], position_ids [T] (restart at 0 per conversation), cu_seqlens int32
@@ -46,8 +48,38 @@ from ochat.model.config import ModelConfig, Rotary
 from ochat.model.experts import ExpertBlock, Experts, Router, load_balancing_loss
 
 
+def _yarn_factor(rotary: Rotary) -> float:
+    """YaRN's context factor (config.json's, else max_position_embeddings / the original context)."""
+    rs = rotary.scaling_dict
+    factor = rs.get("factor")
+    return rotary.max_position_embeddings / rs["original_max_position_embeddings"] if factor is None else factor
+
+
+def yarn_inv_freq(rotary: Rotary, device=None) -> torch.Tensor:
+    """YaRN (transformers' `_compute_yarn_parameters`): each frequency blends its interpolated value (divided by the
+    factor) and its original one, by a linear ramp over the dimensions between the ones that turn beta_fast and
+    beta_slow times over the original context (the ramp's ends floored / ceiled unless `truncate` is false)."""
+    rs, d = rotary.scaling_dict, rotary.dim
+    factor, old = _yarn_factor(rotary), rs["original_max_position_embeddings"]
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return d * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(rotary.theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(device)
+    pos = rotary.theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float) / d)
+    extrapolation = 1 - ramp
+    return (1.0 / (factor * pos)) * (1 - extrapolation) + (1.0 / pos) * extrapolation
+
+
 def rope_inv_freq(rotary: Rotary, device=None, long: bool = False) -> torch.Tensor:
-    """Inverse RoPE frequencies [dim/2] in float32, with linear, Llama 3 ("llama3") or LongRoPE scaling applied
+    """Inverse RoPE frequencies [dim/2] in float32, with linear, Llama 3 ("llama3"), LongRoPE or YaRN scaling applied
     (LongRoPE: the short factors, or the long ones with `long=True`)."""
     d = rotary.dim
     base = rotary.theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
@@ -55,6 +87,8 @@ def rope_inv_freq(rotary: Rotary, device=None, long: bool = False) -> torch.Tens
     if rs is not None and rs["rope_type"] == "longrope":
         factors = torch.tensor(rs["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
         return 1.0 / (factors * base)
+    if rs is not None and rs["rope_type"] == "yarn":
+        return yarn_inv_freq(rotary, device)
     inv = 1.0 / base
     if rs is None:
         return inv
@@ -84,8 +118,20 @@ def _attend(attention, *args, **kwargs):
 
 
 def rope_attention_factor(rotary: Rotary) -> float:
-    """What cos and sin are multiplied by: LongRoPE's sqrt(1 + ln(factor) / ln(original context)), else 1."""
+    """What cos and sin are multiplied by: LongRoPE's sqrt(1 + ln(factor) / ln(original context)), YaRN's
+    0.1 ln(factor) + 1 (with mscale / mscale_all_dim their ratio), config.json's attention_factor where given, else 1."""
     rs = rotary.scaling_dict
+    if rs is not None and rs["rope_type"] == "yarn":
+        if rs.get("attention_factor") is not None:
+            return rs["attention_factor"]
+
+        def mscale(factor, m=1.0):
+            return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+        factor = _yarn_factor(rotary)
+        if rs.get("mscale") and rs.get("mscale_all_dim"):
+            return float(mscale(factor, rs["mscale"]) / mscale(factor, rs["mscale_all_dim"]))
+        return mscale(factor)
     if rs is None or rs["rope_type"] != "longrope":
         return 1.0
     if rs.get("attention_factor") is not None:
@@ -130,6 +176,8 @@ class Attention(nn.Module):
             per_head = arch.qk_norm == "head"
             self.q_norm = RMSNorm(self.d if per_head else self.hq * self.d, c)
             self.k_norm = RMSNorm(self.d if per_head else self.hkv * self.d, c)
+        if arch.attention_sinks:  # gpt-oss: one learned logit per head in every softmax denominator
+            self.sinks = nn.Parameter(torch.zeros(self.hq))
         self.window = c.layer_window(layer)
         # the variants this model has (softmax scale, soft-capping) and nothing else: a Llama's call stays the plain one
         self.variant = {k: v for k, v in (("scale", c.attention_scale), ("softcap", c.attn_logit_softcapping))
@@ -151,8 +199,9 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, cos, sin)
+        sinks = {"sinks": self.sinks} if hasattr(self, "sinks") else {}
         o = self.attend(self.attention_hook or varlen_attention, q, k, v, cu_seqlens, max_seqlen, window=self.window,
-                    backend=backend, **self.variant)
+                    backend=backend, **self.variant, **sinks)
         return self.o_proj(o.reshape(t, self.hq * self.d))
 
 
@@ -249,11 +298,13 @@ class PackedCausalLM(nn.Module):
     def reset_parameters(self, std: float = 0.02):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding, Router, Experts)):
-                for p in m.parameters(recurse=False):
-                    if p.dim() > 1:
+                for n, p in m.named_parameters(recurse=False):
+                    if n == "bias" or n.endswith("_bias"):
+                        nn.init.zeros_(p)
+                    elif p.dim() > 1:
                         nn.init.normal_(p, std=std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
+            elif isinstance(m, Attention) and hasattr(m, "sinks"):
+                nn.init.zeros_(m.sinks)
             elif isinstance(m, RMSNorm):
                 nn.init.constant_(m.weight, 1.0 - m.offset)  # the identity scale
         if not self.config.tie_word_embeddings:
@@ -314,7 +365,8 @@ class PackedCausalLM(nn.Module):
             c = self.config
             self._attn_backend[device] = resolve_backend(
                 self.attn_impl, device, softcap=c.attn_logit_softcapping is not None,
-                window=c.sliding_window is not None, scale=c.attention_scale is not None)
+                window=c.sliding_window is not None, scale=c.attention_scale is not None,
+                sinks=c.arch.attention_sinks)
         return self._attn_backend[device]
 
     def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen):

@@ -10,7 +10,8 @@ the data-parallel ranks as in DeepSpeed-MoE and Megatron:
 
 Every rank runs its own packs; attention, norms, embeddings, the router and any shared expert are replicated (data
 parallel over all ranks). Of each layer's E stacked experts a rank holds the E / N of its slot (`ShardedExperts`,
-experts [slot x E/N, (slot + 1) x E/N), still named `mlp.experts.gate_up_proj` / `down_proj`), replicated over its
+experts [slot x E/N, (slot + 1) x E/N), still named `mlp.experts.gate_up_proj` / `down_proj` and gpt-oss's biases
+`gate_up_proj_bias` / `down_proj_bias`), replicated over its
 expert-data-parallel group of world / N ranks.
 
 Dispatch and combine, in `ShardedExperts.run_sorted` (the router ran on this rank's tokens, in float32, as without
@@ -89,8 +90,10 @@ class ShardedExperts(Experts):
         nn.Module.__init__(self)  # the parameters are slices of `full`'s, not new ones from a config
         local = full.num_experts // size
         self.held = range(rank * local, (rank + 1) * local)
-        for name in ("gate_up_proj", "down_proj"):
-            p = getattr(full, name)
+        for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+            p = getattr(full, name, None)
+            if p is None:  # biases: gpt-oss only
+                continue
             shard = nn.Parameter(p.data[self.held.start:self.held.stop].clone(), requires_grad=p.requires_grad)
             shard.allreduce, shard.group_name = False, group_name(size)  # DeepSpeed's MoE parameter marks
             shard.held_experts = self.held

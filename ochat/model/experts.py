@@ -11,9 +11,15 @@ A block (`ExpertBlock`, in place of a decoder layer's MLP, where `ModelConfig.la
   added back to its token (`index_add_`). `expert_loop` is the plain reference (one matmul per expert), used
   where grouped GEMMs cannot run.
 - Qwen2-MoE: a shared expert (a dense MLP) on every token, scaled by sigmoid(shared_expert_gate(x)).
+- gpt-oss: the router has a bias and takes the softmax over the k selected logits (the renormalised top-k
+  probabilities: the same numbers); every expert projection has a bias (`gate_up_proj_bias` [E, 2I],
+  `down_proj_bias` [E, H]); the experts' activation is the clamped SwiGLU `clamped_swiglu`.
 - Checkpoints keep the Hub's per-expert names (`mlp.experts.{e}.gate_proj.weight`, Mixtral's
   `block_sparse_moe.experts.{e}.w1.weight`, ...): `to_checkpoint` splits a stacked parameter into them,
-  `checkpoint_names` / `from_checkpoint` stack them back (hf_weights applies both).
+  `checkpoint_names` / `from_checkpoint` stack them back (hf_weights applies both). gpt-oss checkpoints hold
+  transformers' own stacked tensors instead (`ExpertLayout.fused`): `mlp.experts.gate_up_proj` [E, H, 2I] with gate
+  and up columns interleaved (gate, up, gate, up, ...), `down_proj` [E, I, H], the biases alike, the router as
+  `mlp.router.weight` / `.bias`; the same three functions transpose and (de-)interleave them, exactly.
 
 Load-balancing loss (transformers' `load_balancing_loss_func`, Switch Transformer): over the tokens of one forward
 and every expert layer together, f_e = (top-k assignments to expert e) / (layers x tokens), P_e = (sum of expert
@@ -29,10 +35,12 @@ times `router_aux_loss_coef`:
 The model returns `coef * n_p * aux_p` (`LossSums.aux_loss`, a sum like `weighted_loss`), so the training step
 divides it by the step's token count N just as it divides the weighted CE by W (`ochat.training.loss`). For a step
 that is one pack this is transformers' loss on that batch. The router z-loss is not computed: none of these
-families defines one in transformers.
+families defines one in transformers. The router runs in float32 whatever the model's dtype (transformers' gpt-oss
+router runs in the model's dtype; in float32 the two agree).
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -49,11 +57,13 @@ class Router(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(c.num_experts, c.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(c.num_experts)) if c.arch.experts.biases else None
         self.top_k = c.num_experts_per_tok
         self.normalize = c.normalizes_topk
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        probs = torch.softmax(F.linear(x.float(), self.weight.float()), dim=-1)
+        bias = None if self.bias is None else self.bias.float()
+        probs = torch.softmax(F.linear(x.float(), self.weight.float(), bias), dim=-1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -71,21 +81,45 @@ def grouped_mm_runs(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x,) + weights)
 
 
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's expert activation, as transformers computes it: gate clamped above at `limit`, up to [-limit, limit],
+    then `gate * sigmoid(alpha * gate) * (up + 1)`."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(gate * alpha) * (up + 1)
+
+
+def _activate(gate: torch.Tensor, up: torch.Tensor, act) -> torch.Tensor:
+    """`act`: an activation name of `glu`, or a function (gate, up) -> output."""
+    return act(gate, up) if callable(act) else glu(gate, up, act)
+
+
+def _per_row(bias: torch.Tensor | None, counts: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """Each expert's bias [E, N] repeated for its rows (sorted by expert): [rows, N]; no host read."""
+    return None if bias is None else bias.repeat_interleave(counts, dim=0, output_size=rows)
+
+
 def expert_grouped(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                   act: str) -> torch.Tensor:
-    """The experts on rows sorted by expert (`counts[e]` rows for expert e, in order): two grouped GEMMs."""
+                   act, gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The experts on rows sorted by expert (`counts[e]` rows for expert e, in order): two grouped GEMMs (plus each
+    row's expert's bias, gpt-oss)."""
     offsets = counts.cumsum(0).to(torch.int32)
-    gate, up = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
-    return torch._grouped_mm(glu(gate, up, act).contiguous(), down.transpose(-2, -1), offs=offsets)
+    h = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offsets)
+    if gate_up_bias is not None:
+        h = h + _per_row(gate_up_bias, counts, x.shape[0])
+    gate, up = h.chunk(2, dim=-1)
+    y = torch._grouped_mm(_activate(gate, up, act).contiguous(), down.transpose(-2, -1), offs=offsets)
+    return y if down_bias is None else y + _per_row(down_bias, counts, x.shape[0])
 
 
 def expert_loop(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                act: str) -> torch.Tensor:
+                act, gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> torch.Tensor:
     """The reference of `expert_grouped`: one matmul per expert and projection (reads `counts` on the host)."""
     out, start = [], 0
     for e, n in enumerate(counts.tolist()):
-        gate, up = F.linear(x[start:start + n], gate_up[e]).chunk(2, dim=-1)
-        out.append(F.linear(glu(gate, up, act), down[e]))
+        gate, up = F.linear(x[start:start + n], gate_up[e], None if gate_up_bias is None else gate_up_bias[e]).chunk(
+            2, dim=-1)
+        out.append(F.linear(_activate(gate, up, act), down[e], None if down_bias is None else down_bias[e]))
         start += n
     return torch.cat(out) if out else x.new_zeros(0, down.shape[1])
 
@@ -99,15 +133,21 @@ IMPLEMENTATIONS = ("auto", "grouped", "loop")
 
 
 class Experts(nn.Module):
-    """E stacked SwiGLU experts; `impl`: grouped GEMMs, the per-expert loop, or auto (grouped where it runs)."""
+    """E stacked SwiGLU experts (gpt-oss: with biases and the clamped SwiGLU); `impl`: grouped GEMMs, the per-expert
+    loop, or auto (grouped where it runs)."""
 
     def __init__(self, c: ModelConfig):
         super().__init__()
         e, h, i = c.num_experts, c.hidden_size, c.expert_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # gate rows, then up rows
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        if c.arch.experts.biases:
+            self.gate_up_proj_bias = nn.Parameter(torch.zeros(e, 2 * i))
+            self.down_proj_bias = nn.Parameter(torch.zeros(e, h))
         self.num_experts = e  # the layer's experts, also where expert parallelism holds only some of them
         self.act = c.hidden_act
+        if c.arch.experts.act == "clamped_swiglu":
+            self.act = functools.partial(clamped_swiglu, alpha=c.swiglu_alpha, limit=c.swiglu_limit)
         self.impl = "auto"
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
@@ -126,7 +166,8 @@ class Experts(nn.Module):
         grouped = self.impl == "grouped" or (self.impl == "auto" and grouped_mm_runs(rows, self.gate_up_proj,
                                                                                          self.down_proj))
         run = expert_grouped if grouped else expert_loop
-        return run(rows, counts, self.gate_up_proj, self.down_proj, self.act)
+        return run(rows, counts, self.gate_up_proj, self.down_proj, self.act, getattr(self, "gate_up_proj_bias", None),
+                   getattr(self, "down_proj_bias", None))
 
 
 class SharedExpert(nn.Module):
@@ -179,37 +220,61 @@ def load_balancing_loss(sums: torch.Tensor, tokens: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- checkpoint names
-_STACKED = re.compile(r"^(model\.layers\.\d+\.)mlp\.(experts\.(gate_up_proj|down_proj)|gate\.weight)$")
+_STACKED = re.compile(r"^(model\.layers\.\d+\.)mlp\.(?:experts\.(gate_up_proj|down_proj)(_bias)?|gate\.(weight|bias))$")
 
 
 def _block(name: str, c: ModelConfig):
-    """(layer prefix, what) of a parameter of an expert block that checkpoints store differently, else None."""
+    """(layer prefix, what, part) of a parameter of an expert block that checkpoints store differently, else None:
+    what is "gate_up_proj", "down_proj" or "router", part "weight" or "bias"."""
     m = _STACKED.match(name) if c.arch.experts is not None else None
-    return (m.group(1), m.group(3) or "gate") if m else None
+    if m is None:
+        return None
+    prefix, proj, bias, router_part = m.groups()
+    return (prefix, "router", router_part) if proj is None else (prefix, proj, "bias" if bias else "weight")
 
 
 def checkpoint_names(name: str, c: ModelConfig) -> list[str]:
     """The checkpoint tensors a parameter is made of (the Hub's per-expert names for stacked experts, gate rows and
-    up rows of each expert in turn for gate_up_proj; the parameter's own name for everything else)."""
+    up rows of each expert in turn for gate_up_proj; for fused layouts (gpt-oss) one tensor; the parameter's own name
+    for everything else)."""
     where = _block(name, c)
     if where is None:
         return [name]
-    prefix, what = where
+    prefix, what, part = where
     layout = c.arch.experts
     base = f"{prefix}{layout.block}."
-    if what == "gate":
-        return [base + "gate.weight"]
+    if what == "router":
+        return [f"{base}{layout.router}.{part}"]
+    if layout.fused:
+        return [f"{base}experts.{what}{'_bias' if part == 'bias' else ''}"]
     gate, up, down = layout.projections
     parts = (gate, up) if what == "gate_up_proj" else (down,)
-    return [f"{base}experts.{e}.{p}.weight" for e in range(c.num_experts) for p in parts]
+    return [f"{base}experts.{e}.{p}.{part}" for e in range(c.num_experts) for p in parts]
+
+
+def _deinterleave(t: torch.Tensor) -> torch.Tensor:
+    """Columns gate, up, gate, up, ... -> all gate columns, then all up columns (last dimension)."""
+    return torch.cat((t[..., 0::2], t[..., 1::2]), dim=-1)
+
+
+def _interleave(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_deinterleave`."""
+    return torch.stack(t.chunk(2, dim=-1), dim=-1).flatten(-2)
 
 
 def from_checkpoint(name: str, tensors: list[torch.Tensor], c: ModelConfig) -> torch.Tensor:
-    """The parameter `name` from its checkpoint tensors, in `checkpoint_names` order."""
+    """The parameter `name` from its checkpoint tensors, in `checkpoint_names` order (of a fused layout, experts
+    may be any slice of the first dimension)."""
     where = _block(name, c)
-    if where is None or where[1] == "gate":
+    if where is None or where[1] == "router":
         return tensors[0]
-    if where[1] == "gate_up_proj":
+    _, what, part = where
+    if c.arch.experts.fused:  # transformers' gpt-oss: [E, H, 2I] interleaved, [E, I, H]; biases [E, 2I], [E, H]
+        t = tensors[0]
+        if what == "gate_up_proj":
+            t = _deinterleave(t)
+        return t if part == "bias" else t.transpose(1, 2).contiguous()
+    if what == "gate_up_proj":
         tensors = [torch.cat(tensors[i:i + 2]) for i in range(0, len(tensors), 2)]
     return torch.stack(tensors)
 
@@ -217,9 +282,14 @@ def from_checkpoint(name: str, tensors: list[torch.Tensor], c: ModelConfig) -> t
 def to_checkpoint(name: str, tensor: torch.Tensor, c: ModelConfig) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one parameter (the inverse of `from_checkpoint`), each contiguous."""
     names = checkpoint_names(name, c)
-    if len(names) == 1:
+    where = _block(name, c)
+    if where is None or where[1] == "router":
         return {names[0]: tensor}
+    _, what, part = where
+    if c.arch.experts.fused:
+        t = tensor if part == "bias" else tensor.transpose(1, 2)
+        return {names[0]: (_interleave(t) if what == "gate_up_proj" else t).contiguous()}
     per_expert = tensor.unbind(0)
-    if _block(name, c)[1] == "gate_up_proj":
+    if what == "gate_up_proj":
         per_expert = [half for t in per_expert for half in t.chunk(2)]
     return {n: t.contiguous() for n, t in zip(names, per_expert)}

@@ -12,8 +12,9 @@
   config.json alone.
 
 Expert layers: ochat stacks each layer's experts in one parameter per projection, the checkpoints keep the Hub's
-per-expert tensors; `checkpoint_names` / `from_checkpoint` / `to_checkpoint` (ochat.model.experts) map between
-them, so every reader and writer here deals in the model's parameter names.
+per-expert tensors (gpt-oss: transformers' stacked tensors, in their own layout); `checkpoint_names` /
+`from_checkpoint` / `to_checkpoint` (ochat.model.experts) map between them, so every reader and writer here deals in
+the model's parameter names.
 
 Tied embeddings: `lm_head.weight` is the embedding matrix itself; it is never read from nor written to a
 checkpoint (transformers does the same), so every writer and reader treats a tied model alike.
@@ -97,18 +98,22 @@ class CheckpointReader:
         """The model parameter `name` from its checkpoint tensor(s); of stacked experts only `experts` (expert
         parallelism: a rank's share), read alone."""
         names = checkpoint_names(name, config)
+        if experts is not None and len(names) == 1:  # all the layer's experts in one tensor (gpt-oss): read a slice
+            return from_checkpoint(name, [self.get(names[0], experts)], config)
         if experts is not None:
             per_expert = len(names) // config.num_experts
             names = names[experts.start * per_expert:experts.stop * per_expert]
         return from_checkpoint(name, [self.get(n) for n in names], config)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: range | None = None) -> torch.Tensor:
+        """The tensor `name` (only `rows` of its first dimension, read alone, when given)."""
         f = self._where[name]
         if f in self._bin:
-            return self._bin[f][name]
+            t = self._bin[f][name]
+            return t if rows is None else t[rows.start:rows.stop]
         from safetensors import safe_open
         with safe_open(f, framework="pt") as fh:
-            return fh.get_tensor(name)
+            return fh.get_tensor(name) if rows is None else fh.get_slice(name)[rows.start:rows.stop]
 
 
 def _full_shape(p: torch.Tensor, config: ModelConfig) -> tuple[int, ...]:

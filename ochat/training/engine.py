@@ -53,10 +53,11 @@ def _is_matrix(p: torch.nn.Parameter) -> bool:
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """The trainable parameters (with LoRA, only the adapters'), weight decay on the matrices only; norms and
-    biases get none."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if _is_matrix(p)], "weight_decay": weight_decay},
-            {"params": [p for p in params if not _is_matrix(p)], "weight_decay": 0.0}]
+    biases get none (gpt-oss's stacked expert biases, [E, N], are biases by their name)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decayed = [_is_matrix(p) and not n.endswith("bias") for n, p in named]
+    return [{"params": [p for (_, p), d in zip(named, decayed) if d], "weight_decay": weight_decay},
+            {"params": [p for (_, p), d in zip(named, decayed) if not d], "weight_decay": 0.0}]
 
 
 def build_engine(cfg: TrainConfig, rt: Runtime, model: PackedCausalLM, ds_config: dict, *, total_steps: int,

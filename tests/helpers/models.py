@@ -5,6 +5,7 @@ import transformers
 from ochat.kernels.attention import varlen_attention_sdpa
 from ochat.model.config import ARCHITECTURES, ModelConfig
 from ochat.model.decoder import PackedCausalLM
+from ochat.model.experts import to_checkpoint
 
 LENGTHS = [7, 1, 64, 23, 40]  # includes length 1 and the tiny config's context limit (64)
 
@@ -42,21 +43,32 @@ VARIANTS = {
 HF_CLASSES = {name: arch.hf_class for name, arch in ARCHITECTURES.items()}
 
 
+def as_in_transformers(name, tensor, cfg) -> dict:
+    """An ochat parameter (or its gradient) by the names and layout of transformers' module: the same, but for
+    gpt-oss's experts and router (transformers' modules hold the checkpoint's tensors)."""
+    if cfg.arch.experts is not None and cfg.arch.experts.fused:
+        return to_checkpoint(name, tensor, cfg)
+    return {name: tensor}
+
+
 def make_pair(name, seed=0, variants=VARIANTS):
     """ochat's model of variants[name] (random weights) and transformers' with the same weights (float32, eager)."""
     torch.manual_seed(seed)
     cfg = ModelConfig.debug(**variants[name])
     ours = PackedCausalLM(cfg, attn_impl="sdpa")
-    with torch.no_grad():  # non-trivial norms and biases; routers far from ties (std 1)
+    with torch.no_grad():  # non-trivial norms, biases and attention sinks; routers far from ties (std 1)
         for n, p in ours.named_parameters():
             if n.endswith("layernorm.weight") or n.endswith("norm.weight") or n.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
             elif n.endswith("mlp.gate.weight"):
                 p.mul_(50.0)
+            elif n.endswith("self_attn.sinks"):
+                p.add_(torch.randn_like(p))
     hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf_config())
     hf_cfg._attn_implementation = "eager"
     hf = getattr(transformers, HF_CLASSES[cfg.model_type])(hf_cfg).float()
-    missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+    state = {k: v for n, t in ours.state_dict().items() for k, v in as_in_transformers(n, t, cfg).items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and all("inv_freq" in m for m in missing), (missing, unexpected)
     if cfg.tie_word_embeddings:
         assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()

@@ -74,6 +74,64 @@ def test_a_backend_that_cannot_run_a_variant_falls_back_with_the_reason_logged_o
         varlen_attention(*pack([3])[:4], 3, backend="torch_varlen", softcap=1.0)
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_sinks_reference_matches_a_float64_softmax_with_a_sink_logit(window):
+    """gpt-oss's sinks: out = sum_j exp(s_j) v_j / (sum_j exp(s_j) + exp(sink_h)), computed here in float64 from scratch
+    (each conversation alone, GQA, a window); the sinks' gradient too."""
+    lengths = [5, 1, 12, 7]
+    q, k, v, cu, mx = pack(lengths)
+    sinks = torch.tensor([-1.0, 0.0, 0.7, 2.5], requires_grad=True)
+    out = varlen_attention(q, k, v, cu, mx, window=window, backend="sdpa", sinks=sinks)
+    proj = torch.randn_like(out)
+    (out * proj).sum().backward()
+
+    sinks64 = sinks.detach().double().requires_grad_()
+    want = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        for t in range(a, b):
+            for h in range(4):
+                keys = [j for j in range(a, t + 1) if window is None or t - j < window]
+                s = torch.stack([q[t, h].double() @ k[j, h // 2].double() / 4.0 for j in keys])  # scale 16 ** -0.5
+                w = s.exp() / (s.exp().sum() + sinks64[h].exp())
+                want.append(w @ torch.stack([v[j, h // 2].double() for j in keys]))
+    want = torch.stack(want).view(sum(lengths), 4, 16)
+    (want * proj.double()).sum().backward()
+    torch.testing.assert_close(out, want.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sinks.grad, sinks64.grad.float(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, varlen_attention(q, k, v, cu, mx, window=window, backend="sdpa"), atol=1e-3)
+    with pytest.raises(ValueError, match="sinks of shape"):
+        varlen_attention(q, k, v, cu, mx, backend="sdpa", sinks=sinks[:2])
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_sink_as_a_key_equals_the_explicit_sinks_reference(window):
+    """The GPU's sdpa path for sinks (one more key) against the explicit scores, on the CPU: output and gradients."""
+    q, k, v, _, _ = pack([13], hq=4, hkv=4)
+    sinks = torch.tensor([-1.0, 0.0, 0.7, 2.5])
+    i = torch.arange(13)
+    mask = (i[:, None] >= i[None, :]) & ((i[:, None] - i[None, :] < window) if window else True)
+    results = []
+    for run in ("key", "explicit"):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, sinks)]
+        if run == "key":
+            out = attention.sdpa_with_sink_key(*(x.transpose(0, 1) for x in leaves[:3]), mask, 0.25,
+                                               leaves[3]).transpose(0, 1)
+        else:
+            out = varlen_attention_sdpa(*leaves[:3], torch.tensor([0, 13], dtype=torch.int32), window=window,
+                                        sinks=leaves[3])
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out] + [x.grad for x in leaves])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_backends_without_sinks_fall_back():
+    assert "no attention sinks" in attention.unsupported("flash_attn", sinks=True)
+    assert "no attention sinks" in attention.unsupported("torch_varlen", sinks=True)
+    assert attention.unsupported("sdpa", sinks=True, window=True, softcap=True) is None
+    assert resolve_backend("auto", "cpu", sinks=True, window=True) == "sdpa"
+
+
 def test_leaky_variant_differs():
     q, k, v, cu, mx = pack([5, 9])
     ok = varlen_attention_sdpa(q, k, v, cu)
@@ -127,3 +185,28 @@ def test_gpu_backend_matches_reference_bf16(backend, window, scale, softcap):
     ref.backward(go)
     for a, b in ((q, q32), (k, k32), (v, v32)):
         assert ((a.grad.float() - b.grad).norm() / b.grad.norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash_attn_4", "sdpa"])
+@pytest.mark.parametrize("window", [None, 64])
+def test_gpu_sinks_match_reference_bf16(backend, window):
+    """gpt-oss's attention sinks through FlashAttention-4's learnable_sink and through the sdpa backend's sink key:
+    output and the gradients of q, k, v and the sinks against the float32 explicit reference (on the CPU)."""
+    if not torch.cuda.is_available() or not attention.available(backend, "cuda"):
+        pytest.skip(f"{backend} not available")
+    reason = attention.unsupported(backend, sinks=True, window=window is not None)
+    if reason:
+        pytest.skip(reason)
+    q, k, v, cu, mx = pack([300, 1, 1024, 77, 513], hq=8, hkv=2, d=64, device="cuda", dtype=torch.bfloat16)
+    sinks = torch.linspace(-2, 2, 8, device="cuda", dtype=torch.bfloat16)
+    leaves = [x.requires_grad_(True) for x in (q, k, v, sinks)]
+    out = varlen_attention(q, k, v, cu, mx, window=window, backend=backend, sinks=sinks)
+    refs = [x.detach().float().cpu().requires_grad_(True) for x in leaves]
+    ref = varlen_attention_sdpa(*refs[:3], cu.cpu(), window=window, sinks=refs[3])
+    assert ((out.float().cpu() - ref).norm() / ref.norm()).item() < 1e-2
+    go = torch.randn_like(ref)
+    out.backward(go.to("cuda", out.dtype))
+    ref.backward(go)
+    for a, b in zip(leaves, refs):
+        assert ((a.grad.float().cpu() - b.grad).norm() / b.grad.norm()).item() < 2e-2

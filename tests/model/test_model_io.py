@@ -61,6 +61,7 @@ NATIVE = {  # transformers' own defaults for everything else (Gemma 2: soft-caps
     "llama": dict(), "mistral": dict(), "qwen2": dict(), "qwen3": dict(), "olmo2": dict(),
     "gemma2": dict(head_dim=16), "gemma3_text": dict(head_dim=16, sliding_window=8, sliding_window_pattern=2),
     "phi3": dict(pad_token_id=0),  # the default pad id (32000) is outside the tiny vocabulary
+    "gpt_oss": dict(num_local_experts=4, head_dim=16),  # YaRN, sinks, sliding window 128 / full layers
 }
 
 
@@ -75,16 +76,16 @@ def test_ochat_loads_what_transformers_writes_from_its_own_defaults(tmp_path, mo
 
 
 def test_unsupported_architectures_are_refused_in_one_line(tmp_path):
-    for model_type in ("gpt_oss", "qwen3_next", "gemma3"):
+    for model_type in ("deepseek_v3", "qwen3_next", "gemma3"):
         hf_cfg = transformers.AutoConfig.for_model(model_type)
         (tmp_path / "config.json").write_text(hf_cfg.to_json_string())
         with pytest.raises(ValueError, match=rf"config.json: model_type '{model_type}' not supported "
                                              rf"\(supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, "
-                                             rf"phi3, olmo2, mixtral, olmoe, qwen2_moe, qwen3_moe\)$"):
+                                             rf"phi3, olmo2, mixtral, olmoe, qwen2_moe, qwen3_moe, gpt_oss\)$"):
             PackedCausalLM.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(dict(model_type="llama", rope_scaling=dict(
-        rope_type="yarn", factor=4.0, original_max_position_embeddings=16))))
-    with pytest.raises(ValueError, match="rope type 'yarn' not supported"):
+        rope_type="dynamic", factor=4.0))))
+    with pytest.raises(ValueError, match="rope type 'dynamic' not supported"):
         PackedCausalLM.from_pretrained(tmp_path)
 
 

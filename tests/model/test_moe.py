@@ -10,10 +10,12 @@ import transformers
 
 from ochat.config.train_config import parse_args
 from ochat.model import experts as experts_mod
+from ochat.model import hf_weights
 from ochat.model.config import ModelConfig
 from ochat.model.decoder import PackedCausalLM
 from ochat.model.transforms import ModelTransforms, apply_transforms, refusals
-from tests.helpers.models import assert_close, make_pack, make_pair, packed_equals_alone
+from tests.helpers.models import (as_in_transformers, assert_close, make_pack, make_pair, packed_equals_alone,
+                                  rope_pairs)
 
 MOE = {
     # top-4 of 8, renormalised; q/k norms per head; layer 1 dense (mlp_only_layers)
@@ -26,6 +28,14 @@ MOE = {
     # a sigmoid-gated shared expert beside the routed ones; q/k/v biases
     "qwen2_moe": dict(model_type="qwen2_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=48, router_aux_loss_coef=0.1),
+    # biased router and experts, the clamped SwiGLU (a limit the tiny model's activations cross), attention sinks and
+    # q/k/v/o biases, a sliding then a full layer, YaRN (conversations beyond its original context of 16)
+    "gpt_oss": dict(model_type="gpt_oss", num_experts=4, num_experts_per_tok=2, head_dim=16, attention_bias=True,
+                    swiglu_limit=0.1, sliding_window=8, layer_types=("sliding_attention", "full_attention"),
+                    rope_theta=150000.0, rope_scaling=rope_pairs(rope_type="yarn", factor=4.0, beta_fast=32.0,
+                                                                 beta_slow=1.0, truncate=False,
+                                                                 original_max_position_embeddings=16),
+                    router_aux_loss_coef=0.1),
 }
 
 
@@ -74,21 +84,23 @@ def test_logits_aux_loss_and_grads_match_transformers(name):
     assert_close(out.aux_loss.detach() / (coef * len(ids)), ref.aux_loss.detach(), what=f"{name} aux loss")
     hf_params = dict(hf.named_parameters())
     for n, p in ours.named_parameters():
-        assert_close(p.grad, hf_params[n].grad, what=f"{name} grad {n}")
+        for hf_name, grad in as_in_transformers(n, p.grad, cfg).items():
+            assert_close(grad, hf_params[hf_name].grad, what=f"{name} grad {n}")
     assert out.expert_tokens.shape == (cfg.expert_layers, cfg.num_experts)
     assert out.expert_tokens.sum().item() == cfg.expert_layers * len(ids) * cfg.num_experts_per_tok
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe", "gpt_oss"])
 def test_packed_equals_alone(name):
     cfg, ours, _ = pair(name)
     packed_equals_alone(ours, cfg, name)
 
 
-def test_grouped_gemms_equal_the_per_expert_loop():
-    """torch._grouped_mm runs on the CPU (torch >= 2.9): forward and every gradient equal the per-expert loop;
-    the sorted bookkeeping also holds with an expert that gets no token."""
-    cfg, ours, _ = pair("mixtral")
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
+def test_grouped_gemms_equal_the_per_expert_loop(name):
+    """torch._grouped_mm runs on the CPU (torch >= 2.9): forward and every gradient equal the per-expert loop (gpt-oss:
+    with each row's expert's biases); the sorted bookkeeping also holds with an expert that gets no token."""
+    cfg, ours, _ = pair(name)
     seqs, ids, pos, cu, mx = make_pack(cfg)
     labels, weights = targets(len(ids), cfg.vocab_size)
     x = torch.randn(len(ids), cfg.hidden_size)
@@ -116,8 +128,10 @@ def test_grouped_gemms_equal_the_per_expert_loop():
     for t in range(3):
         for j in range(2):
             e = idx[t, j]
-            gate, up = F.linear(xs[t], experts.gate_up_proj[e]).chunk(2)
-            want[t] += w[t, j] * F.linear(F.silu(gate) * up, experts.down_proj[e])
+            b1, b2 = (getattr(experts, f"{p}_bias")[e] if name == "gpt_oss" else None for p in ("gate_up_proj", "down_proj"))
+            gate, up = F.linear(xs[t], experts.gate_up_proj[e], b1).chunk(2)
+            act = experts_mod.clamped_swiglu(gate, up, 1.702, 0.1) if name == "gpt_oss" else F.silu(gate) * up
+            want[t] += w[t, j] * F.linear(act, experts.down_proj[e], b2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -139,8 +153,9 @@ def test_tied_router_scores_pick_transformers_experts():
             assert_close(logits[cu[i]:cu[i + 1]], hf(input_ids=s[None]).logits[0], what=f"conversation {i}")
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "gpt_oss"])
 def test_checkpoints_round_trip_with_the_hubs_per_expert_names(tmp_path, name):
+    """gpt-oss: transformers' fused tensors (gate and up columns interleaved) instead of per-expert ones."""
     cfg, ours, hf = pair(name)
     hf.save_pretrained(tmp_path / "hf")
     loaded = PackedCausalLM.from_pretrained(tmp_path / "hf", attn_impl="sdpa")
@@ -153,8 +168,13 @@ def test_checkpoints_round_trip_with_the_hubs_per_expert_names(tmp_path, name):
             safe_open(tmp_path / "hf" / "model.safetensors", "pt") as g:
         assert set(f.keys()) == set(g.keys())
         assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
-    block = "block_sparse_moe.experts.3.w3" if name == "mixtral" else "mlp.experts.7.up_proj"
-    assert f"model.layers.1.{block}.weight" in set(safe_open(tmp_path / "ours" / "model.safetensors", "pt").keys())
+    block = {"mixtral": "block_sparse_moe.experts.3.w3.weight", "qwen2_moe": "mlp.experts.7.up_proj.weight",
+             "gpt_oss": "mlp.experts.gate_up_proj_bias"}[name]
+    assert f"model.layers.1.{block}" in set(safe_open(tmp_path / "ours" / "model.safetensors", "pt").keys())
+    if name == "gpt_oss":  # an expert-parallel rank reads its slice of the fused tensors
+        reader = hf_weights.CheckpointReader(tmp_path / "hf")
+        for n in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj_bias"):
+            assert torch.equal(reader.parameter(n, cfg, range(1, 3)), ours.get_parameter(n)[1:3])
     theirs, from_ours = (transformers.AutoModelForCausalLM.from_pretrained(tmp_path / d).eval() for d in ("hf", "ours"))
     assert type(from_ours) is type(hf)
     ids = torch.randint(0, cfg.vocab_size, (1, 40))
@@ -164,7 +184,8 @@ def test_checkpoints_round_trip_with_the_hubs_per_expert_names(tmp_path, name):
 
 def test_config_reads_transformers_defaults_and_counts_active_parameters(tmp_path):
     for mt, kw in (("qwen3_moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16)),
-                   ("mixtral", dict(num_local_experts=4)), ("olmoe", dict(num_experts=4, num_experts_per_tok=2))):
+                   ("mixtral", dict(num_local_experts=4)), ("olmoe", dict(num_experts=4, num_experts_per_tok=2)),
+                   ("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16))):
         hf_cfg = transformers.AutoConfig.for_model(mt, vocab_size=64, hidden_size=32, intermediate_size=48,
                                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                    **kw)
@@ -172,7 +193,9 @@ def test_config_reads_transformers_defaults_and_counts_active_parameters(tmp_pat
         cfg = ModelConfig.from_hf_config(hf_cfg.to_dict())
         assert cfg.router_aux_loss_coef == hf_cfg.router_aux_loss_coef > 0
         assert cfg.num_params() == sum(p.numel() for p in hf.parameters())
-        routed = cfg.expert_layers * (cfg.num_experts - cfg.num_experts_per_tok) * 3 * 32 * cfg.expert_intermediate_size
+        i = cfg.expert_intermediate_size
+        per_expert = 3 * 32 * i + (2 * i + 32 if mt == "gpt_oss" else 0)  # gpt-oss: + the biases
+        routed = cfg.expert_layers * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
         assert cfg.num_params() - cfg.num_params(active=True) == routed
     mixtral = ModelConfig.from_hf_config(MOE["mixtral"] | {"model_type": "mixtral"})
     assert mixtral.to_hf_config()["num_local_experts"] == 4  # the Hub's spelling
@@ -234,3 +257,40 @@ def test_grouped_gemms_on_the_gpu_equal_the_per_expert_loop_in_bf16():
         results[impl] = [out.float(), xi.grad.float()] + [p.grad.float() for p in block.parameters()]
     for a, b in zip(results["grouped"], results["loop"]):
         assert_close(a, b, rtol=2e-2, what="grouped vs loop (bf16)")
+
+
+def test_gpt_oss_config_defaults_yarn_and_the_mxfp4_refusal(tmp_path):
+    """transformers' GptOssConfig defaults read (YaRN with truncate false, alternating layers, clamped SwiGLU), YaRN's
+    frequencies and attention factor as transformers computes them (truncated or not), an MXFP4 checkpoint refused in
+    one line naming its config.json."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from ochat.model.decoder import rope_attention_factor, rope_inv_freq
+
+    hf_cfg = transformers.GptOssConfig(num_hidden_layers=4, num_local_experts=4)
+    cfg = ModelConfig.from_hf_config(hf_cfg.to_dict())
+    assert (cfg.swiglu_alpha, cfg.swiglu_limit, cfg.sliding_window, cfg.num_experts) == (1.702, 7.0, 128, 4)
+    assert [cfg.layer_window(i) for i in range(4)] == [128, None, 128, None]
+    assert cfg.rope_scaling_dict["rope_type"] == "yarn" and cfg.rope_scaling_dict["truncate"] is False
+    for truncate in (False, True):
+        hf_cfg.rope_parameters["truncate"] = truncate
+        want, factor = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg, "cpu")
+        rotary = ModelConfig.from_hf_config(hf_cfg.to_dict()).layer_rotary(0)
+        assert torch.equal(rope_inv_freq(rotary), want) and rope_attention_factor(rotary) == factor
+
+    (tmp_path / "config.json").write_text(json.dumps(hf_cfg.to_dict() | {"quantization_config": {
+        "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}}))
+    with pytest.raises(ValueError, match=r"config.json: gpt_oss weights quantised as MXFP4 .* dequantise them first"):
+        PackedCausalLM.from_pretrained(tmp_path)
+
+
+def test_gpt_oss_expert_biases_and_sinks_get_no_weight_decay():
+    from ochat.training.engine import weight_decay_groups
+
+    cfg = ModelConfig.debug(**MOE["gpt_oss"])
+    model = PackedCausalLM(cfg, attn_impl="sdpa")
+    decayed = {id(p) for p in weight_decay_groups(model, 0.1)[0]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names and "model.layers.0.mlp.gate.weight" in names
+    assert not any(n.endswith("bias") or n.endswith("sinks") for n in names)
+    assert model.model.layers[0].mlp.experts.gate_up_proj_bias.abs().sum() == 0  # initialised to zero, as biases are
