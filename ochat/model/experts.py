@@ -9,7 +9,8 @@ A block (`ExpertBlock`, in place of a decoder layer's MLP, where `ModelConfig.la
   so one grouped GEMM (`torch._grouped_mm`) computes every gate/up projection and one every down projection.
   Dropless: no token is dropped, nothing is padded to a capacity. Each row is scaled by its routing weight and
   added back to its token (`index_add_`). `expert_loop` is the plain reference (one matmul per expert), used
-  where grouped GEMMs cannot run.
+  where grouped GEMMs cannot run. With LoRA (ochat.model.lora) each projection may carry per-expert rank-r adapters,
+  their product added to its output (two thin grouped GEMMs more): W_e x + s B_e (A_e x).
 - Qwen2-MoE: a shared expert (a dense MLP) on every token, scaled by sigmoid(shared_expert_gate(x)).
 - Checkpoints keep the Hub's per-expert names (`mlp.experts.{e}.gate_proj.weight`, Mixtral's
   `block_sparse_moe.experts.{e}.w1.weight`, ...): `to_checkpoint` splits a stacked parameter into them,
@@ -71,21 +72,50 @@ def grouped_mm_runs(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x,) + weights)
 
 
+# LoRA adapters of the stacked experts (ochat.model.lora): projection name -> (A [E, r, in], B [E, out, r], scale),
+# each expert's projection becoming W_e + scale B_e A_e
+Adapters = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+
+def _grouped_low_rank(x, offsets, adapter):
+    a, b, scale = adapter
+    h = torch._grouped_mm(x, a.transpose(-2, -1), offs=offsets)  # [rows, r]
+    return torch._grouped_mm(h, b.transpose(-2, -1), offs=offsets) * scale
+
+
 def expert_grouped(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                   act: str) -> torch.Tensor:
-    """The experts on rows sorted by expert (`counts[e]` rows for expert e, in order): two grouped GEMMs."""
+                   act: str, adapters: Adapters | None = None) -> torch.Tensor:
+    """The experts on rows sorted by expert (`counts[e]` rows for expert e, in order): two grouped GEMMs (two more
+    thin ones per projection with a LoRA adapter)."""
+    adapters = adapters or {}
     offsets = counts.cumsum(0).to(torch.int32)
-    gate, up = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
-    return torch._grouped_mm(glu(gate, up, act).contiguous(), down.transpose(-2, -1), offs=offsets)
+    gate_up_out = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offsets)
+    if "gate_up_proj" in adapters:
+        gate_up_out = gate_up_out + _grouped_low_rank(x, offsets, adapters["gate_up_proj"])
+    h = glu(*gate_up_out.chunk(2, dim=-1), act).contiguous()
+    out = torch._grouped_mm(h, down.transpose(-2, -1), offs=offsets)
+    if "down_proj" in adapters:
+        out = out + _grouped_low_rank(h, offsets, adapters["down_proj"])
+    return out
+
+
+def _linear(x, weight, e, adapter):
+    """Expert e's projection of x, plus its LoRA adapter's product when there is one."""
+    y = F.linear(x, weight[e])
+    if adapter is not None:
+        a, b, scale = adapter
+        y = y + F.linear(F.linear(x, a[e]), b[e]) * scale
+    return y
 
 
 def expert_loop(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                act: str) -> torch.Tensor:
+                act: str, adapters: Adapters | None = None) -> torch.Tensor:
     """The reference of `expert_grouped`: one matmul per expert and projection (reads `counts` on the host)."""
+    adapters = adapters or {}
     out, start = [], 0
     for e, n in enumerate(counts.tolist()):
-        gate, up = F.linear(x[start:start + n], gate_up[e]).chunk(2, dim=-1)
-        out.append(F.linear(glu(gate, up, act), down[e]))
+        gate, up = _linear(x[start:start + n], gate_up, e, adapters.get("gate_up_proj")).chunk(2, dim=-1)
+        out.append(_linear(glu(gate, up, act), down, e, adapters.get("down_proj")))
         start += n
     return torch.cat(out) if out else x.new_zeros(0, down.shape[1])
 
@@ -111,22 +141,23 @@ class Experts(nn.Module):
         self.impl = "auto"
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-                counts: torch.Tensor) -> torch.Tensor:
+                counts: torch.Tensor, adapters: Adapters | None = None) -> torch.Tensor:
         """x [T, H], routing weights and experts [T, k], `counts` [E] the (token, slot) pairs of each expert (what
-        `assignments` gives) -> the weighted sum of each token's experts [T, H]."""
+        `assignments` gives) -> the weighted sum of each token's experts [T, H]. `adapters`: LoRA's, if any."""
         k = experts.shape[1]
         order = experts.reshape(-1).argsort(stable=True)  # (token, slot) pairs by expert, tokens in order within each
         token = order // k
-        y = self.run_sorted(x[token], counts)
+        y = self.run_sorted(x[token], counts, adapters)
         y = y * weights.reshape(-1)[order, None].to(y.dtype)
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
-    def run_sorted(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def run_sorted(self, rows: torch.Tensor, counts: torch.Tensor, adapters: Adapters | None = None) -> torch.Tensor:
         """The experts on rows sorted by expert (`counts[e]` rows for expert e): grouped GEMMs or the loop."""
+        factors = [t for a, b, _ in (adapters or {}).values() for t in (a, b)]
         grouped = self.impl == "grouped" or (self.impl == "auto" and grouped_mm_runs(rows, self.gate_up_proj,
-                                                                                         self.down_proj))
+                                                                                         self.down_proj, *factors))
         run = expert_grouped if grouped else expert_loop
-        return run(rows, counts, self.gate_up_proj, self.down_proj, self.act)
+        return run(rows, counts, self.gate_up_proj, self.down_proj, self.act, adapters)
 
 
 class SharedExpert(nn.Module):
