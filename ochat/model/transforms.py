@@ -8,7 +8,7 @@ then changes it, always in this order:
                   that the later steps see the wrapped layers: recompute, tiled MLP (its tiles' params include the
                   adapters), compile and sequence parallelism act on an adapted model (tested: the same loss and
                   adapter gradients); fp8 and offload are refused with it (not yet tested together), compile also
-                  with --qlora or --lora-dropout. With --qlora the frozen linear layers of the decoder layers then
+                  with --qlora or --lora-dropout, sequence parallelism with --qlora. With --qlora the frozen linear layers of the decoder layers then
                   become 4-bit NF4 (qlora.py).
 1. fp8            the decoder layers' linear layers become torchao Float8Linear (fp8.py); each one's forward is
                   compiled unless step 5 compiles the whole layer.
@@ -89,6 +89,8 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
             out.append(f"--lora-rank is not yet supported with {', '.join(others)}: drop one or the other")
         if t.compile and (t.qlora or t.lora_dropout):
             out.append("--compile with LoRA is not yet supported with --qlora or --lora-dropout: drop one or the other")
+        if t.qlora and t.sequence_parallel > 1:
+            out.append("--qlora is not yet supported with --sequence-parallel (LoRA is): drop one or the other")
     elif t.lora_alpha is not None or t.lora_dropout:
         out.append("--lora-alpha and --lora-dropout configure LoRA adapters: add --lora-rank")
     if model is not None and model.arch.experts is not None:

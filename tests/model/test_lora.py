@@ -128,22 +128,32 @@ def test_packed_equals_alone_and_recompute_gives_the_same_grads(name):
         assert torch.equal(a, b)
 
 
-def test_tiled_mlp_gives_the_same_loss_and_adapter_grads():
-    cfg, ours, _ = lora_pair("llama2")
-    tiled = copy.deepcopy(ours)
-    apply_transforms(tiled, ModelTransforms(tiled_mlp=3))  # after LoRA: the tiles' backward reaches the adapters
+@pytest.mark.parametrize("quantized", [False, True])
+def test_tiled_mlp_gives_the_same_loss_and_adapter_grads(quantized):
+    """Tiled MLP after LoRA (or QLoRA: the NF4 weights are buffers, the tiles' parameters the adapters alone)."""
+    if quantized:
+        from tests.model.test_qlora import qlora_pair
+
+        cfg, ours, _ = qlora_pair("llama2")
+        with torch.no_grad():
+            for n, p in ours.named_parameters():
+                if ".lora_B." in n:
+                    p.normal_(std=0.1)
+    else:
+        cfg, ours, _ = lora_pair("llama2")
     seqs, ids, pos, cu, mx = make_pack(cfg)
     labels, weights = weighted_labels(cfg, len(ids))
-    losses = []
-    for model in (ours, tiled):
-        losses.append(model(ids, pos, cu, mx, labels=labels, label_weights=weights).weighted_loss)
-        losses[-1].backward()
-    assert_close(losses[1].detach(), losses[0].detach(), what="tiled loss")
-    pairs = [(n, p, q) for (n, p), q in zip(tiled.named_parameters(), ours.parameters()) if p.requires_grad]
-    assert len(pairs) == 2 * 7 * cfg.num_hidden_layers
-    for n, p, q in pairs:
-        assert_close(p.grad, q.grad, what=f"tiled grad {n}")
-    assert all(p.grad is None for p in tiled.parameters() if not p.requires_grad)
+    results = []
+    for tiles in (1, 3):  # the same model untiled, then tiled (after LoRA: the tiles' backward reaches the adapters)
+        apply_transforms(ours, ModelTransforms(tiled_mlp=tiles))
+        ours.zero_grad()
+        loss = ours(ids, pos, cu, mx, labels=labels, label_weights=weights).weighted_loss
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in ours.parameters() if p.requires_grad])
+        assert all(p.grad is None for p in ours.parameters() if not p.requires_grad)
+    assert len(results[0]) == 1 + 2 * 7 * cfg.num_hidden_layers
+    for i, (a, b) in enumerate(zip(*results)):
+        assert_close(b, a, what=f"tiled vs untiled, {'loss' if i == 0 else f'adapter grad {i}'}")
 
 
 def test_compiled_layers_give_the_same_loss_and_adapter_grads():

@@ -72,6 +72,7 @@ def test_tiled_mlp_keeps_the_result():
     (ModelTransforms(lora_rank=8, offload_activations=True, recompute=1.0), {},
      "--lora-rank is not yet supported with --offload-activations"),
     (ModelTransforms(lora_rank=8, expert_parallel=2), {}, "--lora-rank is not yet supported with --expert-parallel"),
+    (ModelTransforms(lora_rank=8, qlora=True, sequence_parallel=2), {}, "--qlora is not yet supported with --sequence"),
     (ModelTransforms(lora_rank=8, qlora=True), {"model": ModelConfig.debug(**MOE)},
      "--qlora not yet supported with a mixture-of-experts model"),
     (ModelTransforms(lora_rank=8, lora_dropout=0.1), {"model": ModelConfig.debug(**MOE)},
@@ -93,10 +94,11 @@ def test_combinations_that_work_are_not_refused():
     assert refusals(ModelTransforms(lora_rank=8, lora_alpha=32.0, lora_dropout=0.1, lora_targets="mlp", recompute=0.5),
                     zero_stage=3, cuda=True, world_size=2, model=ModelConfig.debug()) == []
     # LoRA with sequence parallelism, tiled MLP and compile (tests/model/test_sequence_parallel.py, test_lora.py)
-    assert refusals(ModelTransforms(lora_rank=8, sequence_parallel=2, tiled_mlp=4, qlora=True), zero_stage=2,
+    assert refusals(ModelTransforms(lora_rank=8, sequence_parallel=2, tiled_mlp=4), zero_stage=2,
                     cuda=True, world_size=4, model=ModelConfig.debug()) == []
     assert refusals(ModelTransforms(lora_rank=8, compile=True, recompute=0.5), zero_stage=2, cuda=True,
                     model=ModelConfig.debug()) == []
+    assert refusals(ModelTransforms(lora_rank=8, qlora=True, tiled_mlp=4), zero_stage=2, model=ModelConfig.debug()) == []
     # LoRA on an expert model: attention-only under ZeRO-3 with dropout, or the experts too under ZeRO-2
     moe = ModelConfig.debug(**MOE)
     assert refusals(ModelTransforms(lora_rank=8, lora_targets="attention", lora_dropout=0.1), zero_stage=3,
