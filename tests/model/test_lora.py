@@ -11,15 +11,18 @@ import torch.nn.functional as F
 import transformers
 
 from ochat.model import hf_weights, lora
+from ochat.model.experts import Experts
 from ochat.model.transforms import ModelTransforms, apply_transforms
 from ochat.training.engine import weight_decay_groups
-from tests.helpers.models import assert_close, make_pack, make_pair
+from tests.helpers.models import VARIANTS, assert_close, make_pack, make_pair
+from tests.model.test_moe import MOE, padded
 
 
 def lora_pair(name, targets="all", rank=4):
     """ochat's tiny model with LoRA adapters (B random, not peft's zeros, so every gradient is non-trivial) and its
-    transformers twin wrapped by peft with the same adapter weights."""
-    cfg, ours, hf = make_pair(name)
+    transformers twin wrapped by peft with the same adapter weights (a dense model of VARIANTS or an expert one of
+    MOE)."""
+    cfg, ours, hf = make_pair(name, variants=MOE if name in MOE else VARIANTS)
     apply_transforms(ours, ModelTransforms(lora_rank=rank, lora_targets=targets))
     with torch.no_grad():
         for n, p in ours.named_parameters():
@@ -64,6 +67,47 @@ def test_loss_and_adapter_grads_match_transformers_with_peft_per_conversation(na
     assert all(p.grad is None for p in ours.parameters() if not p.requires_grad)
 
 
+@pytest.mark.parametrize("name,targets,impl", [("qwen3_moe", "all", "auto"), ("mixtral", "mlp", "auto"),
+                                               ("olmoe", "attention", "auto"), ("qwen2_moe", "all", "auto"),
+                                               ("qwen2_moe", "all", "loop")])
+def test_expert_models_loss_and_adapter_grads_match_transformers_with_peft(name, targets, impl):
+    """Attention, dense-MLP and shared-expert linears as peft's LoRA layers, the routed experts' stacked weights as
+    peft's ParamWrapper (target_parameters); the router untouched. Weighted CE per conversation plus the
+    load-balancing loss, against the conversations as one padded batch; the experts by grouped GEMMs (rank 4 in
+    float32: aligned rows) or by the per-expert loop."""
+    cfg, ours, twin = lora_pair(name, targets)
+    for m in ours.modules():
+        if isinstance(m, Experts):
+            m.impl = impl
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    labels, weights = weighted_labels(cfg, len(ids))
+    out = ours(ids, pos, cu, mx, labels=labels, label_weights=weights)
+    (out.weighted_loss + out.aux_loss).backward()
+    batch, mask = padded(seqs)
+    ref = twin(input_ids=batch, attention_mask=mask, output_router_logits=True)
+    ce = F.cross_entropy(ref.logits[mask.bool()], labels, reduction="none")
+    ref_aux = cfg.router_aux_loss_coef * len(ids) * ref.aux_loss
+    ((weights * ce).sum() + ref_aux).backward()
+    assert_close(out.weighted_loss.detach(), (weights * ce).sum().detach(), what=f"{name} weighted loss")
+    assert_close(out.aux_loss.detach(), ref_aux.detach(), what=f"{name} aux loss")
+
+    trained = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    experts = [n for n in trained if ".experts." in n]
+    assert len(experts) == (0 if targets == "attention" else 2 * 2 * cfg.expert_layers)  # A, B of gate_up, down
+    assert not any(".gate." in n or "shared_expert_gate" in n for n in trained)  # routers and the shared gate frozen
+    config = lora.adapter_config(ours)
+    assert not config.rank_pattern and not config.alpha_pattern  # one rank: peft's v4-to-v5 remapping had nothing to do
+    if name == "qwen3_moe":  # its dense layer's gate/up/down_proj: peft would read them as the experts' (lora.py)
+        assert not any(n.startswith("model.layers.1.mlp.") for n in trained)
+    if name == "qwen2_moe":
+        assert {n.split(".mlp.")[1].split(".lora_")[0] for n in trained if ".mlp." in n} == {
+            "experts", "experts.base_layer", "shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"}
+    twin_params = dict(twin.named_parameters())
+    for n, p in trained.items():
+        assert_close(p.grad, twin_params[lora.PEFT_PREFIX + n].grad, what=f"{name} grad {n}")
+    assert all(p.grad is None for p in ours.parameters() if not p.requires_grad)
+
+
 @pytest.mark.parametrize("name", ["llama2", "gemma2"])
 def test_packed_equals_alone_and_recompute_gives_the_same_grads(name):
     cfg, ours, _ = lora_pair(name)
@@ -82,6 +126,58 @@ def test_packed_equals_alone_and_recompute_gives_the_same_grads(name):
         grads.append([p.grad.clone() for p in ours.parameters() if p.requires_grad])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_tiled_mlp_gives_the_same_loss_and_adapter_grads(quantized):
+    """Tiled MLP after LoRA (or QLoRA: the NF4 weights are buffers, the tiles' parameters the adapters alone)."""
+    if quantized:
+        from tests.model.test_qlora import qlora_pair
+
+        cfg, ours, _ = qlora_pair("llama2")
+        with torch.no_grad():
+            for n, p in ours.named_parameters():
+                if ".lora_B." in n:
+                    p.normal_(std=0.1)
+    else:
+        cfg, ours, _ = lora_pair("llama2")
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    labels, weights = weighted_labels(cfg, len(ids))
+    results = []
+    for tiles in (1, 3):  # the same model untiled, then tiled (after LoRA: the tiles' backward reaches the adapters)
+        apply_transforms(ours, ModelTransforms(tiled_mlp=tiles))
+        ours.zero_grad()
+        loss = ours(ids, pos, cu, mx, labels=labels, label_weights=weights).weighted_loss
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in ours.parameters() if p.requires_grad])
+        assert all(p.grad is None for p in ours.parameters() if not p.requires_grad)
+    assert len(results[0]) == 1 + 2 * 7 * cfg.num_hidden_layers
+    for i, (a, b) in enumerate(zip(*results)):
+        assert_close(b, a, what=f"tiled vs untiled, {'loss' if i == 0 else f'adapter grad {i}'}")
+
+
+def test_compiled_layers_give_the_same_loss_and_adapter_grads():
+    """--compile after LoRA: each decoder layer compiled with its adapters (ochat.kernels.lora_linear's autograd
+    node inside the graph), attention the only graph break; half the layers recomputed."""
+    from torch._dynamo.utils import counters
+
+    cfg, ours, _ = lora_pair("llama2")
+    compiled = copy.deepcopy(ours)
+    apply_transforms(compiled, ModelTransforms(compile=True, recompute=0.5))
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    labels, weights = weighted_labels(cfg, len(ids))
+    counters.clear()
+    losses = []
+    for model in (ours, compiled):
+        losses.append(model(ids, pos, cu, mx, labels=labels, label_weights=weights).weighted_loss)
+        losses[-1].backward()
+    assert_close(losses[1].detach(), losses[0].detach(), what="compiled loss")
+    for (n, p), q in zip(compiled.named_parameters(), ours.parameters()):
+        if p.requires_grad:
+            assert_close(p.grad, q.grad, what=f"compiled grad {n}")
+    assert all(p.grad is None for p in compiled.parameters() if not p.requires_grad)
+    breaks = [reason for reason in counters["graph_break"] if "_attend" not in reason]
+    assert not breaks and counters["stats"]["unique_graphs"] >= 2, breaks
 
 
 def test_only_adapter_weights_change_after_optimizer_steps():
@@ -103,8 +199,9 @@ def test_only_adapter_weights_change_after_optimizer_steps():
     assert all(not torch.equal(after[n], t) for n, t in adapters.items())
 
 
-@pytest.mark.parametrize("name", ["llama2", "qwen2_bias", "phi3_longrope"])  # qwen2: q/k/v biases kept in merging
+@pytest.mark.parametrize("name", ["llama2", "qwen2_bias", "phi3_longrope", "qwen3_moe", "qwen2_moe"])
 def test_saved_adapter_loads_in_peft_and_merged_weights_in_transformers(name, tmp_path):
+    """qwen2: q/k/v biases kept in merging; the expert models: stacked experts' adapters saved and merged too."""
     cfg, ours, _ = lora_pair(name)
     seqs, ids, pos, cu, mx = make_pack(cfg)
     with torch.no_grad():
@@ -115,7 +212,7 @@ def test_saved_adapter_loads_in_peft_and_merged_weights_in_transformers(name, tm
                       lora.adapter_config(ours), "the/base")
     assert sorted(os.listdir(adapter_dir)) == ["adapter_config.json", "adapter_model.safetensors"]
     assert peft.PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path == "the/base"
-    _, _, hf = make_pair(name)  # the base weights, without adapters
+    _, _, hf = make_pair(name, variants=MOE if name in MOE else VARIANTS)  # the base weights, without adapters
     merged_dir = str(tmp_path / "merged")
     hf_weights.save_weights(merged_dir, lora.merged_state_dict(state, lora.adapter_config(ours)), cfg)
     for model in (peft.PeftModel.from_pretrained(hf, adapter_dir),

@@ -90,7 +90,8 @@ from tests.helpers.models import leaky_attention
 from ochat.model import sequence_parallel
 from ochat.training import preflight
 from ochat.model.memory import tile_mlp
-from ochat.model.decoder import PackedCausalLM
+from ochat.model.decoder import Attention, PackedCausalLM
+from ochat.model.lora import add_lora
 from ochat.model.config import ModelConfig
 from ochat.training.runtime import TrainError, init_distributed
 from ochat.model.sequence_parallel import Layout, UlyssesAttention
@@ -152,6 +153,34 @@ for p in model.parameters():
     dist.all_reduce(p.grad)
 res["grad"] = max(rel(p.grad, q.grad) for p, q in zip(model.parameters(), ref_model.parameters()))
 
+# LoRA adapters (replicated: the same seed on every rank) on the sliced model: the same loss and adapter gradients
+lora_ref = PackedCausalLM(ModelConfig.debug(), attn_impl="sdpa")
+lora_ref.reset_parameters(std=0.3)
+add_lora(lora_ref, 4, 8.0, 0.0, "all", seed=5)
+with torch.no_grad():
+    for name, p in lora_ref.named_parameters():
+        if ".lora_B." in name:
+            p.normal_(std=0.3)  # peft starts B at zero: random here, so that every adapter gradient is non-trivial
+lora_model = copy.deepcopy(lora_ref)
+hook = next(m.attention_hook for m in model.modules() if isinstance(m, Attention))
+for m in lora_model.modules():
+    if isinstance(m, Attention):
+        m.attention_hook = hook
+tile_mlp(lora_model, 3)
+want = loss(lora_ref, whole)
+want.backward()
+got = loss(lora_model, shard)
+got.backward()
+total = got.detach().clone()
+dist.all_reduce(total)
+res["lora loss"] = [total.item(), want.item()]
+adapters = [(p, q) for p, q in zip(lora_model.parameters(), lora_ref.parameters()) if p.requires_grad]
+for p, _ in adapters:
+    dist.all_reduce(p.grad)  # what DeepSpeed's reduction sums within a sequence-parallel group (ochat.training.loss)
+res["lora grad"] = max(rel(p.grad, q.grad) for p, q in adapters)
+res["lora adapters"] = len(adapters)
+res["lora frozen grads"] = sum(p.grad is not None for p in lora_model.parameters() if not p.requires_grad)
+
 # the self-check runs sliced, and refuses a leak across conversations
 preflight.self_check(model, 128, torch.device("cpu"), bf16=False, sequence_parallel_size=size)
 sequence_parallel.varlen_attention = leaky_attention
@@ -183,4 +212,7 @@ def test_two_ranks_match_the_reference_and_the_unsliced_model(tmp_path):
         got, want = res["loss"]
         assert got == pytest.approx(want, rel=1e-5) and want > 1.0
         assert res["grad"] < 1e-5
+        got, want = res["lora loss"]
+        assert got == pytest.approx(want, rel=1e-5) and want > 1.0
+        assert res["lora grad"] < 1e-5 and res["lora adapters"] == 2 * 7 * 2 and res["lora frozen grads"] == 0
         assert res["leak refused"]

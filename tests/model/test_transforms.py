@@ -6,6 +6,9 @@ from ochat.model import ModelConfig, ModelTransforms, PackedCausalLM, apply_tran
 from ochat.model.transforms import refusals
 
 
+MOE = dict(model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+
+
 def tiny():
     return PackedCausalLM(ModelConfig.debug(num_hidden_layers=4, vocab_size=256, hidden_size=64, intermediate_size=128),
                           attn_impl="sdpa")
@@ -64,11 +67,18 @@ def test_tiled_mlp_keeps_the_result():
                                                                        num_key_value_heads=3)},
      "must divide the model's 6 attention heads"),
     (ModelTransforms(lora_rank=8, fp8="rowwise"), {}, "--lora-rank is not yet supported with --fp8"),
-    (ModelTransforms(lora_rank=8, compile=True), {}, "--lora-rank is not yet supported with --compile"),
-    (ModelTransforms(lora_rank=8, tiled_mlp=2), {}, "--lora-rank is not yet supported with --tiled-mlp"),
-    (ModelTransforms(lora_rank=8, sequence_parallel=2), {}, "--lora-rank is not yet supported with --sequence-parallel"),
+    (ModelTransforms(lora_rank=8, compile=True, qlora=True), {}, "--compile with LoRA is not yet supported with --qlora"),
+    (ModelTransforms(lora_rank=8, compile=True, lora_dropout=0.1), {}, "not yet supported with --qlora or --lora-dropout"),
     (ModelTransforms(lora_rank=8, offload_activations=True, recompute=1.0), {},
      "--lora-rank is not yet supported with --offload-activations"),
+    (ModelTransforms(lora_rank=8, expert_parallel=2), {}, "--lora-rank is not yet supported with --expert-parallel"),
+    (ModelTransforms(lora_rank=8, qlora=True, sequence_parallel=2), {}, "--qlora is not yet supported with --sequence"),
+    (ModelTransforms(lora_rank=8, qlora=True), {"model": ModelConfig.debug(**MOE)},
+     "--qlora not yet supported with a mixture-of-experts model"),
+    (ModelTransforms(lora_rank=8, lora_dropout=0.1), {"model": ModelConfig.debug(**MOE)},
+     "--lora-dropout: the adapters of qwen3_moe's experts have none"),
+    (ModelTransforms(lora_rank=8), {"model": ModelConfig.debug(**MOE), "zero_stage": 3},
+     "LoRA on the experts (--lora-targets mlp or all) needs ZeRO stage 2 or lower"),
     (ModelTransforms(lora_alpha=16.0), {}, "--lora-alpha and --lora-dropout configure LoRA adapters: add --lora-rank"),
 ])
 def test_each_refused_combination_says_why(t, facts, message):
@@ -83,3 +93,14 @@ def test_combinations_that_work_are_not_refused():
                     zero_stage=3, cuda=True, world_size=4, model=ModelConfig.debug()) == []
     assert refusals(ModelTransforms(lora_rank=8, lora_alpha=32.0, lora_dropout=0.1, lora_targets="mlp", recompute=0.5),
                     zero_stage=3, cuda=True, world_size=2, model=ModelConfig.debug()) == []
+    # LoRA with sequence parallelism, tiled MLP and compile (tests/model/test_sequence_parallel.py, test_lora.py)
+    assert refusals(ModelTransforms(lora_rank=8, sequence_parallel=2, tiled_mlp=4), zero_stage=2,
+                    cuda=True, world_size=4, model=ModelConfig.debug()) == []
+    assert refusals(ModelTransforms(lora_rank=8, compile=True, recompute=0.5), zero_stage=2, cuda=True,
+                    model=ModelConfig.debug()) == []
+    assert refusals(ModelTransforms(lora_rank=8, qlora=True, tiled_mlp=4), zero_stage=2, model=ModelConfig.debug()) == []
+    # LoRA on an expert model: attention-only under ZeRO-3 with dropout, or the experts too under ZeRO-2
+    moe = ModelConfig.debug(**MOE)
+    assert refusals(ModelTransforms(lora_rank=8, lora_targets="attention", lora_dropout=0.1), zero_stage=3,
+                    model=moe) == []
+    assert refusals(ModelTransforms(lora_rank=8, recompute=1.0), zero_stage=2, model=moe) == []

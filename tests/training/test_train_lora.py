@@ -1,13 +1,14 @@
 """The real trainer with LoRA (--lora-rank) on 2 CPU ranks (gloo, float32): the loss falls, only the adapters train,
 final/ holds the adapter in PEFT's format that peft loads on the --model-path model; ZeRO-3 gathers the same
 adapter as ZeRO-2, --merge-lora's merged weights serve the logits of base + adapter, and a run killed and resumed
-from its adapter-only resume states ends bit-for-bit equal."""
+from its adapter-only resume states ends bit-for-bit equal; a tiny Qwen3-MoE trains adapters on its experts too."""
 import os
 
 import pytest
 import torch
 
 from tests.helpers.train import metrics, run_trainer, run_trainer_until
+from tests.training.test_expert_parallel_e2e import moe_model  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
 LORA = ["--lora-rank", "4", "--lr", "1e-2", "--epochs", "1", "--max-steps", "4"]
@@ -85,3 +86,20 @@ def test_resume_after_a_hard_kill_is_bit_for_bit_from_adapter_only_states(setup,
     a, b = adapter(zero2_run), adapter(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(zero2_run)]
+
+
+def test_an_expert_model_trains_adapters_on_its_experts_that_peft_loads(setup, moe_model):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    out = train((*setup[:2], moe_model), "moe", "--merge-lora", "--gradient-checkpointing")
+    ls = [m["loss"] for m in metrics(out)]
+    assert len(ls) == 4 and ls[-1] < ls[0], ls
+    saved = adapter(out)
+    experts = [k for k in saved if ".mlp.experts." in k]
+    assert len(experts) == 2 * 2 * 2 and all(saved[k].abs().sum() > 0 for k in saved)  # 2 layers x 2 stacked x A, B
+    assert not any(".mlp.gate." in k for k in saved)
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "final"))
+    ids = torch.tensor([[1, 450, 4996, 17354, 1701]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, with_adapter(moe_model, out)(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
