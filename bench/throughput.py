@@ -4,11 +4,14 @@
     python bench/throughput.py --configs ochat,ochat_fa2,hf_liger,hf_liger_fa4 --long --pack-tokens 32768 \
         --conversations 80 --tag _long --out $OUT    # conversations of 8k-32k tokens
     python bench/throughput.py --tiny --steps 2      # smoke test of the harness (CPU or GPU, tiny model)
+    python bench/throughput.py --shape 8b --configs ochat,hf_liger_fa4 --ckpt on,selective,selective-attention \
+        --out $OUT                                   # recompute modes: full layers, selective, against the peer's
 
 Same conversations for every configuration: heavy-tailed synthetic lengths (log-normal, capped at
 4,096, about half of each conversation a weight-1 target) plus the bundled ShareGPT sample tokenized by
 ochat.data; packed into 16k-token packs by the multipack sampler; one optimizer step per pack.
-Configurations (activation checkpointing on and off for each):
+Configurations (activation checkpointing on and off for each; --ckpt adds ochat's selective modes and auto, which
+are compared with the peers' every-layer checkpointing):
   ochat          PackedCausalLM, defaults: FlashAttention-4 where installed, else torch varlen_attn (FA2);
                  with `ablations`, each fused kernel switched off (checkpointing off)
   ochat_fa2      PackedCausalLM on torch varlen_attn (FA2), when FlashAttention-4 is what `ochat` runs
@@ -311,8 +314,8 @@ def build_ochat(config: ModelConfig, device, ckpt, attn_impl="auto", fp8=None, c
     torch.manual_seed(0)
     with torch.device(device):
         model = PackedCausalLM(config, attn_impl=attn_impl).to(torch.bfloat16)
-    # True = every layer; a float = that fraction ("auto": ochat_step_fn decides)
-    recompute = "auto" if ckpt == "auto" else float(ckpt or 0.0)
+    # True = every layer; a float = that fraction; "selective", "selective-attention" ("auto": ochat_step_fn decides)
+    recompute = ckpt if isinstance(ckpt, str) else float(ckpt or 0.0)
     apply_transforms(model, ModelTransforms(fp8=fp8, compile=compile_layers, recompute=recompute),
                      emulate_fp8=device != "cuda")
     model.train()
@@ -433,8 +436,10 @@ def results_table(first_column, rows, tokens_key):
     return lines
 
 
-CKPT = {"off": False, "on": True, "auto": "auto"}  # --ckpt's settings
-CKPT_TAG = {False: "no-ckpt", True: "ckpt", "auto": "ckpt auto"}
+CKPT = {"off": False, "on": True, "selective": "selective", "selective-attention": "selective-attention",
+        "auto": "auto"}  # --ckpt's settings
+CKPT_TAG = {False: "no-ckpt", True: "ckpt", "selective": "ckpt selective",
+            "selective-attention": "ckpt selective-attention", "auto": "ckpt auto"}
 CONFIGS = ("ochat", "ochat_fa2", "ochat_compile", "ochat_fp8", "ochat_fp8_compile", "hf_varlen", "hf_flex", "hf_padded", "hf_liger", "hf_liger_fa4", "ablations")
 PEERS = ("hf_varlen", "hf_flex", "hf_padded", "hf_liger", "hf_liger_fa4")
 _HF = {"hf_varlen": ("ochat_varlen", "varlen"), "hf_flex": ("flex_attention", "flex"), "hf_padded": ("sdpa", "padded"),
@@ -472,8 +477,8 @@ def main():
     ap.add_argument("--configs", default="ochat,hf_varlen,hf_flex,hf_padded,ablations",
                     help=f"comma-separated, of {', '.join(CONFIGS)}")
     ap.add_argument("--ckpt", default="off,on", help="activation checkpointing settings to run, of off, on (every "
-                    "layer) and auto (ochat only: the trainer's --gradient-checkpointing auto; compared with the "
-                    "peers' on)")
+                    "layer), selective, selective-attention and auto (ochat only: the trainer's "
+                    "--gradient-checkpointing of that name; compared with the peers' on)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     ap.add_argument("--long", action="store_true", help="conversations of 8k-32k tokens (attention dominates)")
     ap.add_argument("--tiny", action="store_true", help="tiny model (harness smoke test): --shape tiny")
@@ -537,7 +542,7 @@ def main():
                 runs.append((f"ochat -{k} {tag}", ckpt, lambda c=ckpt: build_ochat(config, device, c, ochat_attn),
                              lambda m: ochat_step_fn(m, device), k, None))
         for key in PEERS:
-            if key in cfgs and ckpt != "auto" and not (key == "hf_liger_fa4" and not info["flash_attn_4"]):
+            if key in cfgs and not isinstance(ckpt, str) and not (key == "hf_liger_fa4" and not info["flash_attn_4"]):
                 attn, kind = _HF[key]
                 runs.append((f"{key} {tag}", ckpt, lambda a=attn, c=ckpt: build_hf(config, a, device, c),
                              lambda m, k=kind: hf_step_fn(k, m, device, args.pack_tokens), None, kind))
@@ -620,7 +625,7 @@ def report_lines(info: dict, results: list, extra: dict, steps: int, args) -> li
              *results_table("configuration", [(r["name"], r, best("ochat (", r.get("ckpt"))) for r in results],
                             tokens_key="tokens_per_s")]
     for ckpt in [c for c in CKPT.values() if c in {r["ckpt"] for r in ok}]:
-        peer_ckpt = True if ckpt == "auto" else ckpt  # the peers have no auto: they recompute every layer
+        peer_ckpt = True if isinstance(ckpt, str) else ckpt  # the peers have no auto or selective: every layer
         mine, peer = best("ochat (", ckpt), max((r for r in ok if r["ckpt"] == peer_ckpt and r["name"].startswith("hf_")),
                                                key=lambda r: r["tokens_per_s"], default=None)
         if mine and peer:

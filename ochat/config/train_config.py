@@ -41,8 +41,11 @@ def _opt(default, help: str, *, choices=None, low=None, high=None, low_open=Fals
                                                  const=const, parse=parse))
 
 
-def _fraction_or_auto(text: str) -> float | str:
-    return "auto" if str(text) == "auto" else float(text)
+RECOMPUTE_WORDS = ("auto", "selective", "selective-attention")  # --gradient-checkpointing's settings beside a fraction
+
+
+def _fraction_or_word(text: str) -> float | str:
+    return str(text) if str(text) in RECOMPUTE_WORDS else float(text)
 
 
 def _required(help: str):
@@ -93,9 +96,12 @@ class TrainConfig:
                                             "cpu_checkpointing); needs --gradient-checkpointing and a GPU")
     gradient_checkpointing: float | str = _opt(0.0, "recompute activations in the backward: the bare flag, every "
                                                     "decoder layer; a fraction (e.g. 0.5), that share of the layers, "
-                                                    "evenly spread (less recompute, more memory); auto: the least "
-                                                    "recompute that fits the GPU, chosen after the second step",
-                                               low=0.0, high=1.0, const=1.0, parse=_fraction_or_auto)
+                                                    "evenly spread (less recompute, more memory); selective: every "
+                                                    "layer keeps its GEMM outputs and attention and recomputes only "
+                                                    "the norms, RoPE and GLU; selective-attention: attention "
+                                                    "recomputed too; auto: the least recompute that fits the GPU "
+                                                    "(per layer none, selective or full), chosen after the second step",
+                                               low=0.0, high=1.0, const=1.0, parse=_fraction_or_word)
     fp8: Optional[str] = _opt(None, "train the decoder layers' linear layers in float8 (torchao; H100/H200): "
                                     "tensorwise or rowwise scaling; the lm_head and the loss stay bf16",
                               choices=FP8_RECIPES)

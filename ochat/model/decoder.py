@@ -25,7 +25,8 @@ families is `ModelConfig.arch`, see model_config.py):
   linear cross-entropy: the full [T, V] logits are never held. The loss runs inside `lm_head.forward`
   so DeepSpeed ZeRO-3 gathers the lm_head weight (the tied weight too: it is a parameter of lm_head).
 - Gradient checkpointing per decoder layer, non-reentrant (`torch.utils.checkpoint`, use_reentrant=False),
-  of all layers or of an evenly spread fraction of them. Optionally each decoder layer is compiled
+  of all layers or of an evenly spread fraction of them, each layer fully or selectively (its GEMM outputs kept,
+  the norms, RoPE and GLU recomputed: recompute.py). Optionally each decoder layer is compiled
   (`compile_layers`, torch.compile).
 - Dropout is not applied (the supported checkpoints train with 0); every embedding row that occurs gets a
   gradient (transformers' `padding_idx` freezes the pad token's row).
@@ -44,6 +45,7 @@ from ochat.kernels.rms_norm import rms_norm
 from ochat.kernels.rope import apply_rotary
 from ochat.kernels.swiglu import glu
 from ochat.model import hf_weights
+from ochat.model.recompute import MODES, attend, checkpoint_selectively
 from ochat.model.config import ModelConfig, Rotary
 from ochat.model.experts import ExpertBlock, Experts, Router, load_balancing_loss
 
@@ -111,10 +113,11 @@ def _recompute_in_backward(layer, *inputs):
 
 
 def _attend(attention, *args, **kwargs):
-    """Runs `attention` as it is. A compiled decoder layer calls it through torch.compiler.disable
-    (`compile_layers`): FlashAttention kernels (and the sequence-parallel all-to-all) are opaque to the compiler, so
-    the compiled graph stops before attention and resumes after it."""
-    return attention(*args, **kwargs)
+    """Runs `attention` (kept rather than recomputed by a selective checkpoint: recompute.attend). A compiled
+    decoder layer calls it through torch.compiler.disable (`compile_layers`): FlashAttention kernels (and the
+    sequence-parallel all-to-all) are opaque to the compiler, so the compiled graph stops before attention and
+    resumes after it."""
+    return attend(attention, *args, **kwargs)
 
 
 def rope_attention_factor(rotary: Rotary) -> float:
@@ -237,6 +240,9 @@ class DecoderLayer(nn.Module):
         self.norm_of_role = dict(c.arch.norms)  # attn_in / attn_out / mlp_in / mlp_out -> Hugging Face module name
         for name in self.norm_of_role.values():
             setattr(self, name, RMSNorm(c.hidden_size, c))
+        # only the residual add follows the down projection: a selective checkpoint need not keep its output
+        self.last_gemm_unused = not self.has_experts and "mlp_out" not in self.norm_of_role
+        self.gemms_per_forward = None  # counted by the first selective checkpoint
 
     def _norm(self, role, x):
         name = self.norm_of_role.get(role)
@@ -286,7 +292,7 @@ class PackedCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.router_aux_loss_coef = config.router_aux_loss_coef  # expert models; --router-aux-loss-coef overrides
-        self.checkpointed_layers: frozenset[int] = frozenset()  # decoder layers recomputed in the backward
+        self.layer_recompute: dict[int, str] = {}  # decoder layer -> recompute.MODES; absent: not recomputed
         self.checkpoint_fn = _recompute_in_backward  # (layer, *inputs) -> outputs; offload swaps in DeepSpeed's
         self._layer_rotary = [config.layer_rotary(i) for i in range(config.num_hidden_layers)]
         self._inv_freq: dict[tuple[torch.device, Rotary], tuple] = {}
@@ -310,20 +316,29 @@ class PackedCausalLM(nn.Module):
         if not self.config.tie_word_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
 
-    def gradient_checkpointing_enable(self, fraction: float = 1.0):
+    @property
+    def checkpointed_layers(self) -> frozenset[int]:
+        """The decoder layers recomputed in the backward, in any mode."""
+        return frozenset(self.layer_recompute)
+
+    def gradient_checkpointing_enable(self, fraction: float = 1.0, mode: str = "full"):
         """Recompute the activations of `fraction` of the decoder layers (evenly spread) in the backward.
 
         1.0 checkpoints every layer (least memory, about a third more compute); a fraction between
-        trades the memory left on the GPU for speed (0.5: every other layer).
+        trades the memory left on the GPU for speed (0.5: every other layer). `mode` (recompute.MODES): full
+        keeps only each layer's input; selective keeps its GEMM outputs and attention and recomputes the
+        norms, RoPE and GLU; selective-attention recomputes attention too.
         """
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"gradient checkpointing fraction must be in [0, 1], got {fraction}")
+        if mode not in MODES:
+            raise ValueError(f"gradient checkpointing mode must be one of {', '.join(MODES)}, got {mode!r}")
         n = len(self.model.layers)
         k = round(fraction * n)
-        self.checkpointed_layers = frozenset(i * n // k for i in range(k))
+        self.layer_recompute = {i * n // k: mode for i in range(k)}
 
     def gradient_checkpointing_disable(self):
-        self.checkpointed_layers = frozenset()
+        self.layer_recompute = {}
 
     def compile_layers(self) -> None:
         """Compile each decoder layer's forward (and, through it, backward) with torch.compile.
@@ -387,8 +402,11 @@ class PackedCausalLM(nn.Module):
         routing = []
         for i, layer in enumerate(self.model.layers):
             cos, sin = ropes[self._layer_rotary[i]]
-            if recompute and i in self.checkpointed_layers:
+            mode = self.layer_recompute.get(i) if recompute else None
+            if mode == "full":
                 x = self.checkpoint_fn(layer, x, cos, sin, cu_seqlens, max_seqlen, backend)
+            elif mode is not None:
+                x = checkpoint_selectively(layer, mode, x, cos, sin, cu_seqlens, max_seqlen, backend)
             else:
                 x = layer(x, cos, sin, cu_seqlens, max_seqlen, backend)
             if layer.has_experts:

@@ -12,8 +12,12 @@ then changes it, always in this order:
                   become 4-bit NF4 (qlora.py).
 1. fp8            the decoder layers' linear layers become torchao Float8Linear (fp8.py); each one's forward is
                   compiled unless step 5 compiles the whole layer.
-2. recompute      which decoder layers are recomputed in the backward: a fraction of them, evenly spread
-                  (`auto` starts with all of them and is settled after two steps by recompute.AutoRecompute).
+2. recompute      which decoder layers are recomputed in the backward, and how (recompute.py): a fraction of them,
+                  evenly spread, fully; every layer selectively (GEMM outputs kept; the norms, RoPE, GLU and, with
+                  selective-attention, attention recomputed); or `auto`: all of them fully, until
+                  recompute.AutoRecompute settles each layer on none, selective or full after two steps. Selective
+                  recompute is refused with LoRA, fp8, compile, tiled MLP, offload, sequence and expert parallelism
+                  and ZeRO-3 (`selective_refusals`); auto then chooses between none and full only.
 3. tiled MLP      each decoder layer's MLP runs over N slices of the tokens (memory.py, DeepSpeed's TiledMLP).
 4. offload        the inputs of checkpointed layers wait in CPU memory (memory.py, DeepSpeed's checkpointing).
 5. compile        each decoder layer compiled by torch.compile (after fp8: the float8 casts compile with it).
@@ -46,7 +50,7 @@ class ModelTransforms:
     """What to change in a built model (the trainer's flags of the same names)."""
 
     fp8: str | None = None  # tensorwise | rowwise
-    recompute: float | str = 0.0  # share of decoder layers checkpointed, or "auto"
+    recompute: float | str = 0.0  # share of decoder layers fully checkpointed, "selective", "selective-attention", "auto"
     tiled_mlp: int = 1  # slices per MLP; 1: off
     offload_activations: bool = False
     compile: bool = False
@@ -61,6 +65,27 @@ class ModelTransforms:
     expert_parallel: int = 1  # ranks per group splitting each expert layer's experts; 1: off
 
 
+def selective_refusals(t: ModelTransforms, zero_stage: int | None = None) -> list[str]:
+    """Why the decoder layers cannot take selective recompute beside the other transforms of `t` (empty: they can),
+    one line each."""
+    reasons = (
+        ("--lora-rank", t.lora_rank, "LoRA's fused linear adds the adapter in place into the base GEMM's output, "
+                                     "which the selective recompute keeps"),
+        ("--fp8", t.fp8, "float8 linears run compiled, their GEMMs not the aten.mm the selective recompute keeps"),
+        ("--compile", t.compile, "a compiled layer already recomputes its norms, RoPE and GLU (the compiler's "
+                                 "min-cut partitioner): use a fraction or auto"),
+        ("--tiled-mlp", t.tiled_mlp > 1, "TiledMLP recomputes the MLP slice by slice; keeping its GEMM outputs would "
+                                         "undo that"),
+        ("--offload-activations", t.offload_activations, "offload moves fully checkpointed layers' inputs; a "
+                                                          "selective layer's kept tensors would stay on the GPU"),
+        ("--sequence-parallel", t.sequence_parallel > 1, "not yet tested with the all-to-all around attention"),
+        ("--expert-parallel", t.expert_parallel > 1, "not yet tested with the experts' all-to-all"),
+        ("ZeRO-3", zero_stage == 3, "not yet tested with the weights ZeRO-3 gathers in hooks that the recompute "
+                                    "reruns"),
+    )
+    return [f"selective recompute is not supported with {flag}: {why}" for flag, on, why in reasons if on]
+
+
 def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatter: bool = True,
              cuda: bool | None = None, model: ModelConfig | None = None, world_size: int | None = None) -> list[str]:
     """Why this combination cannot train, one line each (empty: it can). Each rule runs once its facts are given:
@@ -69,6 +94,8 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
     from ochat.model import expert_parallel, sequence_parallel
 
     out = []
+    if t.recompute in ("selective", "selective-attention"):
+        out += [f"--gradient-checkpointing {t.recompute}: {line}" for line in selective_refusals(t, zero_stage)]
     if t.offload_activations and not t.recompute:
         out.append("--offload-activations moves the inputs of checkpointed layers to CPU memory: add "
                    "--gradient-checkpointing")
@@ -162,6 +189,8 @@ def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | 
         log(f"fp8 ({t.fp8} scaling): {converted} linear layers of the decoder layers train in float8")
     if t.recompute == "auto":
         model.gradient_checkpointing_enable(1.0)  # what fits if anything does, until AutoRecompute decides
+    elif t.recompute in ("selective", "selective-attention"):
+        model.gradient_checkpointing_enable(1.0, t.recompute)
     elif t.recompute:
         model.gradient_checkpointing_enable(t.recompute)
     memory.tile_mlp(model, t.tiled_mlp)

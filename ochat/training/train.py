@@ -22,12 +22,13 @@ import torch.distributed as dist
 if not torch.cuda.is_available():  # before DeepSpeed is imported: its accelerator detection warns on every CPU rank
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from ochat.config.deepspeed import load_deepspeed_config
+from ochat.config.deepspeed import load_deepspeed_config, zero_stage
 from ochat.config.errors import ConfigError
 from ochat.config.train_config import PROG, TrainConfig, parse_args
 from ochat.model import lora
 from ochat.model.fp8 import FP8_TOKEN_MULTIPLE
 from ochat.model.recompute import AutoRecompute
+from ochat.model.transforms import selective_refusals
 from ochat.training import preflight
 from ochat.training.divergence import DivergenceGuard
 from ochat.training.engine import build_engine, load_model
@@ -85,7 +86,8 @@ def train(cfg: TrainConfig) -> TrainState:
     if not cfg.skip_self_check:
         preflight.self_check(engine, model.config.vocab_size, rt.device, rt.bf16, cfg.sequence_parallel,
                              plan.token_multiple, pack_wide_scales=cfg.fp8 == "tensorwise")
-    recompute = AutoRecompute(model, batch_max_len, rt.device) if cfg.gradient_checkpointing == "auto" else None
+    recompute = AutoRecompute(model, batch_max_len, rt.device, selective=not selective_refusals(
+        cfg.transforms, zero_stage(ds_config))) if cfg.gradient_checkpointing == "auto" else None
     # ---------------------------------------------------------------- loop
     progress = ProgressLog(cfg, model.config, metrics_path=run.metrics_path, world_size=rt.world_size,
                            device=rt.device, total_steps=settings.total_steps, resumed_at=state.global_step)

@@ -34,6 +34,9 @@ def test_gradient_checkpointing_flag_alone_or_with_a_fraction():
     assert parse_args(BASE + ["--gradient-checkpointing"]).gradient_checkpointing == 1.0
     assert parse_args(BASE + ["--gradient_checkpointing", "0.5", "--resume"]).gradient_checkpointing == 0.5
     assert parse_args(BASE + ["--gradient-checkpointing", "--resume"]).resume
+    for word in ("auto", "selective", "selective-attention"):
+        cfg = parse_args(BASE + ["--gradient-checkpointing", word])
+        assert cfg.gradient_checkpointing == word == cfg.transforms.recompute
 
 
 def test_defaults():

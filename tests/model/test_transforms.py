@@ -32,6 +32,13 @@ def test_recompute_checkpoints_an_evenly_spread_share(recompute, layers):
     assert model.checkpointed_layers == frozenset(layers)
 
 
+@pytest.mark.parametrize("mode", ["selective", "selective-attention"])
+def test_selective_recompute_takes_every_layer(mode):
+    model = tiny()
+    apply_transforms(model, ModelTransforms(recompute=mode))
+    assert model.layer_recompute == {i: mode for i in range(4)}
+
+
 def test_fp8_then_compile_compiles_the_layer_not_each_linear():
     from torchao.float8.float8_linear import Float8Linear
 
@@ -80,6 +87,13 @@ def test_tiled_mlp_keeps_the_result():
     (ModelTransforms(lora_rank=8), {"model": ModelConfig.debug(**MOE), "zero_stage": 3},
      "LoRA on the experts (--lora-targets mlp or all) needs ZeRO stage 2 or lower"),
     (ModelTransforms(lora_alpha=16.0), {}, "--lora-alpha and --lora-dropout configure LoRA adapters: add --lora-rank"),
+    *[(ModelTransforms(recompute="selective", **kw), {}, f"selective: selective recompute is not supported with {flag}")
+      for flag, kw in (("--lora-rank", dict(lora_rank=8)), ("--fp8", dict(fp8="rowwise")),
+                       ("--compile", dict(compile=True)), ("--tiled-mlp", dict(tiled_mlp=2)),
+                       ("--offload-activations", dict(offload_activations=True)),
+                       ("--sequence-parallel", dict(sequence_parallel=2)))],
+    (ModelTransforms(recompute="selective-attention"), {"zero_stage": 3},
+     "--gradient-checkpointing selective-attention: selective recompute is not supported with ZeRO-3"),
 ])
 def test_each_refused_combination_says_why(t, facts, message):
     problems = refusals(t, **facts)
@@ -88,6 +102,10 @@ def test_each_refused_combination_says_why(t, facts, message):
 
 
 def test_combinations_that_work_are_not_refused():
+    moe = ModelConfig.debug(model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+    for mode in ("selective", "selective-attention"):
+        assert refusals(ModelTransforms(recompute=mode, router_aux_loss_coef=0.01), zero_stage=2, cuda=True,
+                        world_size=2, model=moe) == []
     assert refusals(ModelTransforms(fp8="rowwise", compile=True, recompute="auto"), zero_stage=2, cuda=True) == []
     assert refusals(ModelTransforms(sequence_parallel=2, tiled_mlp=4, offload_activations=True, recompute=1.0),
                     zero_stage=3, cuda=True, world_size=4, model=ModelConfig.debug()) == []
