@@ -8,7 +8,8 @@ Makes bench/train_run.py's model and synthetic dataset, then, each in a fresh pr
              of the same packs the trainer draws (ochat.training.packs.PackPlan, seed 0), one step per pack: the
              figure bench/throughput.py reports
   VARIANT    `ochat.training.train` in one process (no launcher) with a DeepSpeed config: zero2 (shipped), zero2
-             without overlap_comm, zero1, zero0 (DeepSpeed's bf16 optimizer: fp32 master weights and gradients)
+             without overlap_comm, zero1, zero0 (DeepSpeed's bf16 optimizer: fp32 master weights and gradients);
+             each also as VARIANT_no_check: bf16.check_grad_overflow off (no inf/nan scan of every gradient)
 Each reports wall-clock tokens/s/GPU over the steps after the first 11 but the last 5 (data loading and logging
 included), one step under torch.profiler split by kernel category (bench/throughput.py's) with the idle rest, and
 over the last 5 steps the time of each phase (forward, backward, optimizer step, the rest of the step) with the GPU
@@ -41,13 +42,15 @@ def sync():
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
 
-ZERO = {  # DeepSpeed zero_optimization sections of the variants
-    "zero2": None,  # the shipped config, as users run it
-    "zero2_no_overlap": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
-                         "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8},
-    "zero1": {"stage": 1},
-    "zero0": {"stage": 0},
+NO_CHECK = {"bf16": {"check_grad_overflow": False}}  # no per-gradient inf/nan scan before the optimizer step
+VARIANTS = {  # DeepSpeed config sections replaced in the shipped zero2.json
+    "zero2": {},  # the shipped config, as users run it
+    "zero2_no_overlap": {"zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
+                                               "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}},
+    "zero1": {"zero_optimization": {"stage": 1}},
+    "zero0": {"zero_optimization": {"stage": 0}},
 }
+VARIANTS.update({f"{name}_no_check": dict(sections, **NO_CHECK) for name, sections in list(VARIANTS.items())})
 
 
 class StepClock:
@@ -187,9 +190,10 @@ def child_trainer(a) -> dict:
             "--epochs", "1", "--max-steps", str(a.steps), "--batch-max-len", str(a.batch_max_len), "--lr", "3e-4",
             "--lr-warmup-steps", "5", "--log-every", "10", "--eval-every", "0", "--no-save", "--overwrite",
             "--skip-self-check", *a.extra]
-    if ZERO[a.variant] is not None:
+    if VARIANTS[a.variant]:
         ds_config = json.load(open(BENCH.parent / "ochat/config/deepspeed/zero2.json"))
-        ds_config["zero_optimization"] = ZERO[a.variant]
+        for section, value in VARIANTS[a.variant].items():
+            ds_config[section] = dict(ds_config.get(section, {}), **value)
         path = os.path.join(a.out, f"ds_{a.variant}.json")
         json.dump(ds_config, open(path, "w"))
         argv += ["--deepspeed-config", path]
@@ -224,7 +228,7 @@ def main():
     p.add_argument("--batch-max-len", type=int, default=16384)
     p.add_argument("--conversations", type=int, default=3000)
     p.add_argument("--variants", default="zero2,zero2_no_overlap,zero1,zero0")
-    p.add_argument("--child", choices=["harness", *ZERO], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["harness", *VARIANTS], help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help="more trainer flags after --")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)

@@ -140,7 +140,8 @@ class TrainConfig:
                                            "default: online when --wandb-project is given, else no logging",
                                      choices=WANDB_MODES)
     max_skipped_steps: int = _opt(0, "optimizer updates skipped for a non-finite gradient that are tolerated in a "
-                                     "row before the run stops as diverged", low=0)
+                                     "row before the run stops as diverged; above 0, bf16 ZeRO 1-2 scan every "
+                                     "gradient for inf/nan before each update (about 10%% slower)", low=0)
     spike_factor: float = _opt(10.0, "stop as diverged when a step's loss exceeds this many times (its gradient norm "
                                      "this squared) the median of the last 20 steps; 0: off", low=0.0)
     log_every: int = _opt(10, "steps between plain log lines when stdout is not a terminal", low=1)

@@ -95,9 +95,13 @@ def _activate(gate: torch.Tensor, up: torch.Tensor, act) -> torch.Tensor:
     return act(gate, up) if callable(act) else glu(gate, up, act)
 
 
-def _per_row(bias: torch.Tensor | None, counts: torch.Tensor, rows: int) -> torch.Tensor | None:
-    """Each expert's bias [E, N] repeated for its rows (sorted by expert): [rows, N]; no host read."""
-    return None if bias is None else bias.repeat_interleave(counts, dim=0, output_size=rows)
+def _plus_bias(h: torch.Tensor, bias: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor:
+    """h [rows, N] (rows sorted by expert) + each row's expert's bias [E, N]; no host read. Added in float32, so that
+    the bias's gradient, a sum over its expert's rows, accumulates in float32 (in bf16 a sum over thousands of rows
+    was 3% off on an H200)."""
+    if bias is None:
+        return h
+    return (h.float() + bias.float().repeat_interleave(counts, dim=0, output_size=h.shape[0])).to(h.dtype)
 
 
 # LoRA adapters of the stacked experts (ochat.model.lora): projection name -> (A [E, r, in], B [E, out, r], scale),
@@ -119,14 +123,12 @@ def expert_grouped(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor,
     adapters = adapters or {}
     offsets = counts.cumsum(0).to(torch.int32)
     gate_up_out = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offsets)
-    if gate_up_bias is not None:
-        gate_up_out = gate_up_out + _per_row(gate_up_bias, counts, x.shape[0])
+    gate_up_out = _plus_bias(gate_up_out, gate_up_bias, counts)
     if "gate_up_proj" in adapters:
         gate_up_out = gate_up_out + _grouped_low_rank(x, offsets, adapters["gate_up_proj"])
     h = _activate(*gate_up_out.chunk(2, dim=-1), act).contiguous()
     out = torch._grouped_mm(h, down.transpose(-2, -1), offs=offsets)
-    if down_bias is not None:
-        out = out + _per_row(down_bias, counts, x.shape[0])
+    out = _plus_bias(out, down_bias, counts)
     if "down_proj" in adapters:
         out = out + _grouped_low_rank(h, offsets, adapters["down_proj"])
     return out

@@ -67,7 +67,8 @@ def train(cfg: TrainConfig) -> TrainState:
     # ---------------------------------------------------------------- model and engine
     preflight.check_attention(cfg.attn_impl, rt.device)
     ds_config = load_deepspeed_config(cfg.deepspeed_config, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
-                                      bf16=rt.bf16, transforms=cfg.transforms)
+                                      bf16=rt.bf16, transforms=cfg.transforms,
+                                      skip_nonfinite_steps=cfg.max_skipped_steps > 0)
     average_ranks = grad_average_ranks(ds_config, rt.world_size)  # what DeepSpeed divides the gradients by
     model = load_model(cfg, rt, ds_config)
     preflight.check_vocabulary(model.config.vocab_size, tokenizer)

@@ -131,6 +131,16 @@ def test_shipped_deepspeed_configs(name):
     assert ds["zero_optimization"]["stage"] == (2 if name == "zero2" else 3)
 
 
+def test_the_gradient_scan_for_skipping_steps_is_on_only_when_skips_are_tolerated(tmp_path):
+    assert load_deepspeed_config("zero2", grad_accum=1, grad_clip=1.0, bf16=True)["bf16"]["check_grad_overflow"] is False
+    assert load_deepspeed_config("zero2", grad_accum=1, grad_clip=1.0, bf16=True,
+                                 skip_nonfinite_steps=True)["bf16"]["check_grad_overflow"] is True
+    (tmp_path / "ds.json").write_text(json.dumps({"bf16": {"enabled": True, "check_grad_overflow": True},
+                                                  "zero_optimization": {"stage": 2}}))
+    assert load_deepspeed_config(str(tmp_path / "ds.json"), grad_accum=1, grad_clip=1.0,
+                                 bf16=True)["bf16"]["check_grad_overflow"] is True  # the user's setting stays
+
+
 def test_long_context_flags_reach_the_deepspeed_config():
     c = parse_args(BASE + ["--sequence-parallel", "4", "--tiled-mlp", "8", "--offload-activations",
                            "--gradient-checkpointing"])

@@ -79,6 +79,16 @@ def test_bf16_compiled_layers_match_transformers_per_conversation(name):
     check_against_transformers(name, cfg, ours)
 
 
+@pytest.mark.parametrize("name, mode", [("llama", "selective"), ("gemma2", "selective"), ("qwen3", "selective-attention")])
+def test_bf16_selective_recompute_matches_transformers_per_conversation(name, mode):
+    """Selective recompute on the GPU (the fused kernels and the attention backend rerun or kept under PyTorch's
+    selective checkpointing): the same logits and gradients as transformers in float32."""
+    cfg, ours = build(name)
+    ours.gradient_checkpointing_enable(1.0, mode)
+    ours.train()
+    check_against_transformers(name, cfg, ours)
+
+
 def check_against_transformers(name, cfg, ours):
     """Logits and gradients of `ours` (bf16, packed) against transformers in float32, conversation by conversation."""
     hf32 = transformers_twin(cfg, ours, torch.float32)  # float32 truth

@@ -86,6 +86,9 @@ def test_tiled_mlp_keeps_the_result():
      "--lora-dropout: the adapters of qwen3_moe's experts have none"),
     (ModelTransforms(lora_rank=8), {"model": ModelConfig.debug(**MOE), "zero_stage": 3},
      "LoRA on the experts (--lora-targets mlp or all) needs ZeRO stage 2 or lower"),
+    (ModelTransforms(lora_rank=8), {"model": ModelConfig.debug(model_type="gpt_oss", num_experts=4,
+                                                               num_experts_per_tok=2, head_dim=16)},
+     "LoRA on gpt_oss's experts is not built yet"),
     (ModelTransforms(lora_alpha=16.0), {}, "--lora-alpha and --lora-dropout configure LoRA adapters: add --lora-rank"),
     *[(ModelTransforms(recompute="selective", **kw), {}, f"selective: selective recompute is not supported with {flag}")
       for flag, kw in (("--lora-rank", dict(lora_rank=8)), ("--fp8", dict(fp8="rowwise")),
