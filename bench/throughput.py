@@ -29,7 +29,8 @@ are compared with the peers' every-layer checkpointing):
 ochat's best configuration is compared with the best peer at each checkpointing setting.
 All: bf16 parameters, fused torch AdamW (lr 1e-5), real (non-padding) tokens counted. MFU = model FLOPs
 (ModelConfig.flops_per_token: 6 x matmul params per token + causal attention) / the GPU's peak
-(ochat.training.metrics.PEAK_FLOPS: 790 TFLOP/s on H100/H200).
+(ochat.training.metrics.PEAK_FLOPS: 790 TFLOP/s on H100/H200, measured), and against the 989 TFLOP/s datasheet
+figure that peers quote.
 Writes throughput.json and throughput.md into --out.
 """
 import argparse
@@ -57,6 +58,7 @@ from ochat.model.fp8 import FP8_TOKEN_MULTIPLE  # noqa: E402
 from ochat.training.metrics import PEAK_FLOPS, step_flops  # noqa: E402
 
 PEAK = PEAK_FLOPS["H100"]  # the H100 and H200 share it
+DATASHEET_PEAK = 989e12  # H100/H200 bf16 dense, the figure peers quote MFU against
 
 
 # ----------------------------------------------------------------------------- data
@@ -426,13 +428,15 @@ def results_table(first_column, rows, tokens_key):
 
     rows: (name, result, ochat_result) triples; a result holds `tokens_key`, "mfu" and "peak_gb", or
     "error"; ochat_result is the ochat run this row is compared against (None: no ratio)."""
-    lines = [f"| {first_column} | tokens/s/GPU | MFU | peak GB | ochat / this |", "| --- | --- | --- | --- | --- |"]
+    lines = [f"| {first_column} | tokens/s/GPU | MFU (790) | MFU (989) | peak GB | ochat / this |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name, r, mine in rows:
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'][:80]} | | | |")
+            lines.append(f"| {name} | failed: {r['error'][:80]} | | | | |")
             continue
         ratio = f"{mine[tokens_key] / r[tokens_key]:.2f}x" if mine else "-"
-        lines.append(f"| {name} | {r[tokens_key]:.0f} | {100 * r['mfu']:.1f}% | {r['peak_gb'] or 0:.1f} | {ratio} |")
+        lines.append(f"| {name} | {r[tokens_key]:.0f} | {100 * r['mfu']:.1f}% | {100 * r['mfu'] * PEAK / DATASHEET_PEAK:.1f}% | "
+                     f"{r['peak_gb'] or 0:.1f} | {ratio} |")
     return lines
 
 
