@@ -101,9 +101,12 @@ class ShardedExperts(Experts):
         self.num_experts, self.act, self.impl = full.num_experts, full.act, full.impl
         self.group, self.size = group, size
 
-    def run_sorted(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def run_sorted(self, rows: torch.Tensor, counts: torch.Tensor, adapters=None) -> torch.Tensor:
         """This rank's rows sorted by expert (`counts` [num_experts]) through whichever rank holds each expert:
-        dispatch, the local experts, combine (module docstring); one host read of the exchanged counts."""
+        dispatch, the local experts, combine (module docstring); one host read of the exchanged counts. LoRA on
+        sharded experts is refused (ochat.model.transforms): `adapters` must be None."""
+        if adapters:
+            raise ValueError("LoRA adapters on experts split by --expert-parallel are not supported")
         n, local = self.size, len(self.held)
         send = counts.view(n, local)  # [destination rank, its expert]
         recv = torch.empty_like(send)  # [source rank, my expert]
