@@ -46,7 +46,9 @@ ALL = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 @pytest.mark.parametrize("name,targets,wrapped", [("llama2", "all", ALL), ("qwen3_qk_norm", "all", ALL),
                                                   ("gemma2", "attention", {"q_proj", "k_proj", "v_proj", "o_proj"}),
                                                   ("phi3_longrope", "mlp", {"gate_up_proj", "down_proj"}),
-                                                  ("phi3_longrope", "attention", {"qkv_proj", "o_proj"})])
+                                                  ("phi3_longrope", "attention", {"qkv_proj", "o_proj"}),
+                                                  ("mistral_window", "all", ALL), ("qwen2_bias", "all", ALL),
+                                                  ("gemma3", "all", ALL), ("olmo2", "all", ALL)])
 def test_loss_and_adapter_grads_match_transformers_with_peft_per_conversation(name, targets, wrapped):
     cfg, ours, twin = lora_pair(name, targets)
     seqs, ids, pos, cu, mx = make_pack(cfg)
