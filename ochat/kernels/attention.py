@@ -66,10 +66,11 @@ def _fa4_varlen():
 def _fa4_sinks() -> bool:
     """Whether this FlashAttention-4 trains attention sinks: its backward takes `learnable_sink` (4.0.0b26+; older
     releases ran sinks forward only and returned no gradient for them) and the GPU is SM90, SM100 or SM110."""
-    def load():
+    def load():  # once per process: attention asks at every call
         from flash_attn.cute import interface
-        return "learnable_sink" in inspect.signature(interface._flash_attn_bwd).parameters
-    return bool(_lazy("flash_attn_4_sinks", load)) and torch.cuda.get_device_capability()[0] in (9, 10, 11)
+        return ("learnable_sink" in inspect.signature(interface._flash_attn_bwd).parameters
+                and torch.cuda.get_device_capability()[0] in (9, 10, 11))
+    return bool(_lazy("flash_attn_4_sinks", load))
 
 
 def _torch_varlen():

@@ -45,7 +45,7 @@ from ochat.kernels.rms_norm import rms_norm
 from ochat.kernels.rope import apply_rotary
 from ochat.kernels.swiglu import glu
 from ochat.model import hf_weights
-from ochat.model.recompute import MODES, attend, checkpoint_selectively
+from ochat.model.recompute import MODES, attend, checkpoint_selectively, spread
 from ochat.model.config import ModelConfig, Rotary
 from ochat.model.experts import ExpertBlock, Experts, Router, load_balancing_loss
 
@@ -334,8 +334,7 @@ class PackedCausalLM(nn.Module):
         if mode not in MODES:
             raise ValueError(f"gradient checkpointing mode must be one of {', '.join(MODES)}, got {mode!r}")
         n = len(self.model.layers)
-        k = round(fraction * n)
-        self.layer_recompute = {i * n // k: mode for i in range(k)}
+        self.layer_recompute = {i: mode for i in spread(round(fraction * n), list(range(n)))}
 
     def gradient_checkpointing_disable(self):
         self.layer_recompute = {}

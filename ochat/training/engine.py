@@ -10,8 +10,7 @@ from ochat.config.deepspeed import offloads_optimizer, zero_stage
 from ochat.config.train_config import TrainConfig
 from ochat.model import expert_parallel, sequence_parallel
 from ochat.model.decoder import PackedCausalLM
-from ochat.model.config import ModelConfig
-from ochat.model.transforms import apply_transforms, refusals
+from ochat.model.transforms import apply_transforms
 from ochat.training.runtime import Runtime, TrainError
 from ochat.training.schedule import lr_at
 from ochat.utils.log import log
@@ -21,15 +20,10 @@ def load_model(cfg: TrainConfig, rt: Runtime, ds_config: dict) -> PackedCausalLM
     """The checkpoint at cfg.model_path with the flags' transforms applied (ochat.model.transforms): partitioned
     from the start under ZeRO-3 (no rank holds the whole model), else whole in float32 on this rank's device
     (DeepSpeed keeps the fp32 master copy and casts the module to bf16; with --qlora in bf16 when the run is); with
-    --expert-parallel each rank reads only its experts. The refusals that need both the ZeRO stage and the model's
-    shape (LoRA on the experts under ZeRO-3) are asked first."""
+    --expert-parallel each rank reads only its experts."""
     zero3 = zero_stage(ds_config) == 3
     t0 = time.time()
     try:
-        problems = refusals(cfg.transforms, zero_stage=zero_stage(ds_config),  # the rules that need both facts
-                            model=ModelConfig.from_hf_config(cfg.model_path))
-        if problems:
-            raise TrainError(problems[0])
         if zero3:
             model = PackedCausalLM.from_pretrained_partitioned(cfg.model_path, ds_config, cfg.attn_impl)
         else:  # QLoRA quantises the frozen base from bf16, and needs no float32 master copy of it

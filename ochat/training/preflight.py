@@ -112,12 +112,12 @@ def check_lengths(batch_max_len: int, sequence_parallel: int = 1, **splits: Toke
                              f"--max-length")
 
 
-def check_transforms(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
-    """The model transforms the flags ask for must work with this many ranks, this device and the model's shape
-    (ochat.model.transforms.refusals: --sequence-parallel must divide the ranks and the attention heads,
-    --offload-activations needs a GPU, mixture-of-experts models take none of the transforms not yet built for
-    them, --expert-parallel must divide the experts and the ranks). The model's config.json is read only when a flag
-    depends on it."""
+def check_transforms(cfg: TrainConfig, world_size: int, device: torch.device, zero_stage: int | None = None) -> None:
+    """The model transforms the flags ask for must work with this many ranks, this device, the DeepSpeed config's
+    ZeRO stage and the model's shape (ochat.model.transforms.refusals: --sequence-parallel must divide the ranks and
+    the attention heads, --offload-activations needs a GPU, mixture-of-experts models take none of the transforms
+    not yet built for them, LoRA on experts not under ZeRO-3, --expert-parallel must divide the experts and the
+    ranks). The model's config.json is read only when a flag depends on it."""
     t = cfg.transforms
     shaped = (t.sequence_parallel > 1 or t.lora_rank or t.fp8 or t.compile or t.tiled_mlp > 1 or t.offload_activations
               or t.router_aux_loss_coef is not None or t.expert_parallel > 1)
@@ -125,7 +125,8 @@ def check_transforms(cfg: TrainConfig, world_size: int, device: torch.device) ->
         model = ModelConfig.from_hf_config(cfg.model_path) if shaped else None
     except (OSError, ValueError) as e:
         raise TrainError(f"cannot read the model config in {cfg.model_path}: {e}") from None
-    problems = refusals(cfg.transforms, cuda=device.type == "cuda", model=model, world_size=world_size)
+    problems = refusals(cfg.transforms, zero_stage=zero_stage, cuda=device.type == "cuda", model=model,
+                        world_size=world_size)
     if problems:
         raise TrainError(problems[0])
 

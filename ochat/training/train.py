@@ -22,7 +22,7 @@ import torch.distributed as dist
 if not torch.cuda.is_available():  # before DeepSpeed is imported: its accelerator detection warns on every CPU rank
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from ochat.config.deepspeed import load_deepspeed_config, zero_stage
+from ochat.config.deepspeed import load_deepspeed_config, zero_stage, zero_stage
 from ochat.config.errors import ConfigError
 from ochat.config.train_config import PROG, TrainConfig, parse_args
 from ochat.model import lora
@@ -53,7 +53,10 @@ def train(cfg: TrainConfig) -> TrainState:
     chat_format = preflight.check_chat_format(cfg, train_ds.meta)
     tokenizer = preflight.check_tokenizer(cfg, train_ds, chat_format)
     batch_max_len = cfg.pack_tokens(chat_format.context_length)
-    preflight.check_transforms(cfg, rt.world_size, rt.device)
+    ds_config = load_deepspeed_config(cfg.deepspeed_config, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
+                                      bf16=rt.bf16, transforms=cfg.transforms,
+                                      skip_nonfinite_steps=cfg.max_skipped_steps > 0)
+    preflight.check_transforms(cfg, rt.world_size, rt.device, zero_stage(ds_config))
     preflight.check_lengths(batch_max_len, cfg.sequence_parallel, train=train_ds, eval=eval_ds)
     plan = PackPlan(train_ds, batch_max_len, world_size=rt.world_size, rank=rt.rank, grad_accum=cfg.grad_accum,
                     seed=cfg.seed, filler_token=tokenizer.eot_id, sequence_parallel=cfg.sequence_parallel,
@@ -66,9 +69,6 @@ def train(cfg: TrainConfig) -> TrainState:
         + f"; {settings.total_steps} steps ({settings.warmup_steps} warmup)")
     # ---------------------------------------------------------------- model and engine
     preflight.check_attention(cfg.attn_impl, rt.device)
-    ds_config = load_deepspeed_config(cfg.deepspeed_config, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
-                                      bf16=rt.bf16, transforms=cfg.transforms,
-                                      skip_nonfinite_steps=cfg.max_skipped_steps > 0)
     average_ranks = grad_average_ranks(ds_config, rt.world_size)  # what DeepSpeed divides the gradients by
     model = load_model(cfg, rt, ds_config)
     preflight.check_vocabulary(model.config.vocab_size, tokenizer)

@@ -142,13 +142,19 @@ def loss(m, b):
              label_weights=b["label_weights"], target_index=b["target_index"]).weighted_loss
 
 
-want = loss(ref_model, whole)
-want.backward()
-got = loss(model, shard)
-got.backward()
-total = got.detach().clone()
-dist.all_reduce(total)
-res["loss"] = [total.item(), want.item()]
+def sliced_and_whole_losses(sliced, reference):
+    """Backward of the sliced model on this rank's shard and of the reference on the whole pack; -> [the group's
+    summed loss, the reference's]."""
+    want = loss(reference, whole)
+    want.backward()
+    got = loss(sliced, shard)
+    got.backward()
+    total = got.detach().clone()
+    dist.all_reduce(total)
+    return [total.item(), want.item()]
+
+
+res["loss"] = sliced_and_whole_losses(model, ref_model)
 for p in model.parameters():
     dist.all_reduce(p.grad)
 res["grad"] = max(rel(p.grad, q.grad) for p, q in zip(model.parameters(), ref_model.parameters()))
@@ -167,13 +173,7 @@ for m in lora_model.modules():
     if isinstance(m, Attention):
         m.attention_hook = hook
 tile_mlp(lora_model, 3)
-want = loss(lora_ref, whole)
-want.backward()
-got = loss(lora_model, shard)
-got.backward()
-total = got.detach().clone()
-dist.all_reduce(total)
-res["lora loss"] = [total.item(), want.item()]
+res["lora loss"] = sliced_and_whole_losses(lora_model, lora_ref)
 adapters = [(p, q) for p, q in zip(lora_model.parameters(), lora_ref.parameters()) if p.requires_grad]
 for p, _ in adapters:
     dist.all_reduce(p.grad)  # what DeepSpeed's reduction sums within a sequence-parallel group (ochat.training.loss)
