@@ -35,7 +35,8 @@ def sequence_parallel_size(ds_config: dict) -> int:
 
 
 def load_deepspeed_config(name_or_path: str, *, grad_accum: int, grad_clip: float, bf16: bool,
-                          transforms: ModelTransforms = ModelTransforms(), skip_nonfinite_steps: bool = False) -> dict:
+                          transforms: ModelTransforms = ModelTransforms(), skip_nonfinite_steps: bool = False,
+                          bf16_master: bool = False) -> dict:
     """Read a shipped config by name (zero2, zero3, zero3_offload) or a JSON file; fill its "auto" values; set
     `sequence_parallel_size` and `activation_checkpointing.cpu_checkpointing` from `transforms`; raise
     ConfigError for a combination of the config and the transforms that cannot train.
@@ -44,7 +45,11 @@ def load_deepspeed_config(name_or_path: str, *, grad_accum: int, grad_clip: floa
     --max-skipped-steps > 0). Under ZeRO 1-2 it scans every gradient for inf/nan before the optimizer step, a
     dozen small kernels per parameter and a host synchronisation (on one H200 it made the 1.1B shape's step 11%
     slower), only so that DeepSpeed can skip the update. Without it a non-finite gradient still shows in the
-    gradient norm, and ochat.training.divergence stops the run at that step, saving nothing from it."""
+    gradient norm, and ochat.training.divergence stops the run at that step, saving nothing from it.
+
+    `bf16_master` (--master-dtype bf16): DeepSpeed's bf16 master weights, gradients and optimizer states
+    (`bf16_master_weights_and_grads`, `bf16_optimizer_states`), 10 bytes per parameter instead of 16 and no
+    float32 copies around the update; bf16 ZeRO 1-3 runs without optimizer offload only."""
     path = DEEPSPEED_CONFIGS.get(name_or_path, name_or_path)
     try:
         with open(path) as fh:
@@ -62,6 +67,9 @@ def load_deepspeed_config(name_or_path: str, *, grad_accum: int, grad_clip: floa
     if ds["bf16"].get("enabled", "auto") == "auto":
         ds["bf16"]["enabled"] = bf16
     ds["bf16"].setdefault("check_grad_overflow", skip_nonfinite_steps)
+    if bf16_master:
+        _check_bf16_master(name_or_path, ds, transforms)
+        ds["bf16"].update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
     ds.pop("train_batch_size", None)
     if transforms.sequence_parallel > 1:
         ds["sequence_parallel_size"] = transforms.sequence_parallel
@@ -72,3 +80,14 @@ def load_deepspeed_config(name_or_path: str, *, grad_accum: int, grad_clip: floa
     if problems:
         raise ConfigError(f"--deepspeed-config {name_or_path}: {problems[0]}")
     return ds
+
+
+def _check_bf16_master(name: str, ds: dict, transforms: ModelTransforms) -> None:
+    """Raise ConfigError where DeepSpeed's bf16 master weights cannot (or need not) run."""
+    why = ("it needs a bf16 run (--dtype bf16; auto is float32 on CPUs)" if not ds["bf16"]["enabled"] else
+           "DeepSpeed keeps bf16 master weights under ZeRO 1-3 only" if zero_stage(ds) == 0 else
+           "offloaded optimizer states are stepped by DeepSpeed's CPU Adam in float32" if offloads_optimizer(ds) else
+           "LoRA's optimizer holds only the adapters, whose float32 update costs next to nothing"
+           if transforms.lora_rank else None)
+    if why:
+        raise ConfigError(f"--master-dtype bf16 with --deepspeed-config {name} is refused: {why}")

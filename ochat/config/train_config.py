@@ -31,6 +31,7 @@ from ochat.model.transforms import ModelTransforms, refusals
 PROG = "ochat.training.train"
 CONVERSATIONS_PER_PACK = 8  # the default pack: this many conversations of the chat format's context length
 DTYPE_CHOICES = ("auto", "bf16", "float32")  # fp16 is refused: bf16 needs no loss scaling and every GPU ochat targets has it
+MASTER_DTYPES = ("float32", "bf16")
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -132,6 +133,11 @@ class TrainConfig:
                           choices=("auto",) + ATTENTION_BACKENDS)
     dtype: str = _opt("auto", "auto: bf16 on GPUs, float32 on CPUs (exact tests and resume)", choices=DTYPE_CHOICES)
     deepspeed_config: str = _opt("zero2", "zero2, zero3, zero3_offload, or a DeepSpeed JSON file")
+    master_dtype: str = _opt("float32", "dtype of the optimizer's weights, gradients and AdamW moments in bf16 runs: "
+                                        "float32 (16 bytes per parameter with the bf16 weights and gradients) or "
+                                        "bf16 (10 bytes, a faster update; updates smaller than bf16's resolution "
+                                        "of a weight are lost); ZeRO 1-3 without optimizer offload",
+                             choices=MASTER_DTYPES)
     resume: bool = _opt(False, "continue from save-path/ds_state exactly where the last run stopped")
     overwrite: bool = _opt(False, "replace the previous run in --save-path (its checkpoints, resume states and metrics)")
     wandb_project: Optional[str] = _opt(None, "log to this Weights & Biases project (files under save-path/wandb)")

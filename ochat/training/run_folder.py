@@ -97,12 +97,12 @@ class RunFolder:
         barrier()  # the other ranks start once rank 0 has made the folder
         return cls(cfg, lock)
 
-    def check_disk_space(self, num_params: int, bf16: bool) -> None:
+    def check_disk_space(self, num_params: int, bf16: bool, bf16_master: bool = False) -> None:
         """Room for what the run keeps at its peak: `final/` (2 or 4 bytes per parameter), KEEP_STATES resume
-        states and the one being written (each: fp32 weights and two Adam moments, 12 bytes per parameter, plus
-        the module's copy)."""
+        states and the one being written (each: the master weights and two Adam moments, 12 bytes per parameter
+        in float32 or 6 in bf16, plus the module's copy)."""
         weights = 2 if bf16 else 4
-        need = num_params * (weights + (KEEP_STATES + 1) * (12 + weights))
+        need = num_params * (weights + (KEEP_STATES + 1) * ((6 if bf16_master else 12) + weights))
         free = shutil.disk_usage(self.path).free
         if free < need:
             raise TrainError(f"--save-path {self.path} has {free / 2**30:.1f} GiB free, and a checkpoint plus "

@@ -55,7 +55,8 @@ def train(cfg: TrainConfig) -> TrainState:
     batch_max_len = cfg.pack_tokens(chat_format.context_length)
     ds_config = load_deepspeed_config(cfg.deepspeed_config, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
                                       bf16=rt.bf16, transforms=cfg.transforms,
-                                      skip_nonfinite_steps=cfg.max_skipped_steps > 0)
+                                      skip_nonfinite_steps=cfg.max_skipped_steps > 0,
+                                      bf16_master=cfg.master_dtype == "bf16")
     preflight.check_transforms(cfg, rt.world_size, rt.device, zero_stage(ds_config))
     preflight.check_lengths(batch_max_len, cfg.sequence_parallel, train=train_ds, eval=eval_ds)
     plan = PackPlan(train_ds, batch_max_len, world_size=rt.world_size, rank=rt.rank, grad_accum=cfg.grad_accum,
@@ -73,7 +74,7 @@ def train(cfg: TrainConfig) -> TrainState:
     model = load_model(cfg, rt, ds_config)
     preflight.check_vocabulary(model.config.vocab_size, tokenizer)
     if not cfg.no_save:
-        run.check_disk_space(model.config.num_params(), rt.bf16)
+        run.check_disk_space(model.config.num_params(), rt.bf16, cfg.master_dtype == "bf16")
     engine = build_engine(cfg, rt, model, ds_config, total_steps=settings.total_steps,
                           warmup_steps=settings.warmup_steps)
     run.bind(engine, tokenizer=tokenizer, chat_format=chat_format, settings=settings)

@@ -166,3 +166,19 @@ def test_compile_refuses_zero3():
     with pytest.raises(ConfigError, match="--deepspeed-config zero3: --compile needs ZeRO stage 2 or lower"):
         load_deepspeed_config("zero3", grad_accum=1, grad_clip=1.0, bf16=True, transforms=ModelTransforms(compile=True))
     assert load_deepspeed_config("zero2", grad_accum=1, grad_clip=1.0, bf16=True, transforms=ModelTransforms(compile=True))
+
+
+def test_bf16_master_weights_reach_deepspeed_and_are_refused_where_they_cannot_run():
+    assert parse_args(BASE).master_dtype == "float32"
+    assert parse_args(BASE + ["--master-dtype", "bf16"]).master_dtype == "bf16"
+    bf16 = load_deepspeed_config("zero2", grad_accum=1, grad_clip=1.0, bf16=True, bf16_master=True)["bf16"]
+    assert bf16["bf16_master_weights_and_grads"] is True and bf16["bf16_optimizer_states"] is True
+    assert "bf16_master_weights_and_grads" not in load_deepspeed_config("zero2", grad_accum=1, grad_clip=1.0,
+                                                                        bf16=True)["bf16"]
+    for name, bf16_run, transforms, why in [
+            ("zero2", False, ModelTransforms(), "it needs a bf16 run"),
+            ("zero3_offload", True, ModelTransforms(), "CPU Adam in float32"),
+            ("zero2", True, ModelTransforms(lora_rank=8), "LoRA's optimizer holds only the adapters")]:
+        with pytest.raises(ConfigError, match=f"--master-dtype bf16 with --deepspeed-config {name} is refused: .*{why}"):
+            load_deepspeed_config(name, grad_accum=1, grad_clip=1.0, bf16=bf16_run, transforms=transforms,
+                                  bf16_master=True)
