@@ -5,6 +5,7 @@ Every check runs alike on every rank and raises TrainError with one line saying 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -84,6 +85,24 @@ def check_tokenizer(cfg: TrainConfig, dataset: TokenizedDataset, chat_format: Ch
                              f"which made {cfg.data_path}: e.g. {differing[:80]!r}. Train with the tokenizer the data "
                              f"was made with (put its files in the model folder) or re-tokenize with the model's")
     return data_tok
+
+
+def resolve_trainable_tokens(cfg: TrainConfig, tokenizer: Tokenizer) -> TrainConfig:
+    """`cfg` with --lora-trainable-tokens as token ids (repeats dropped): each token string looked up in the training
+    tokenizer, one it lacks refused."""
+    ids = []
+    for item in cfg.transforms.lora_trainable_tokens:
+        token_id = item if isinstance(item, int) else tokenizer.token_id(item)
+        if token_id is None:
+            raise TrainError(f"--lora-trainable-tokens: the tokenizer has no token {item!r} (add it first with "
+                             f"`python -m ochat.training.add_tokens`, or give its id)")
+        ids.append(token_id)
+    if not ids:
+        return cfg
+    named = [f"{item}={i}" for item, i in zip(cfg.transforms.lora_trainable_tokens, ids) if isinstance(item, str)]
+    if named:
+        log(f"--lora-trainable-tokens: {', '.join(named)}")
+    return dataclasses.replace(cfg, lora_trainable_tokens=",".join(str(i) for i in dict.fromkeys(ids)))
 
 
 def check_vocabulary(vocab_size: int, tokenizer: Tokenizer) -> None:
