@@ -22,7 +22,8 @@ end-of-turn token) train beside the adapters, as peft's trainable tokens (`LoraC
 do: the rows' values themselves (not differences), starting from the base rows, in place of the frozen rows; one
 set of rows when the embedding and lm_head are tied (peft ties lm_head's to the embedding's). peft's own
 TrainableTokensWrapper does not fit ochat's model (its lm_head computes the fused loss, not logits, and the wrapper
-would build the whole matrix and its whole gradient twice per step), so `TokenRows` holds them: the embedding
+would copy the whole embedding and lm_head and compute their whole gradients in every step), so `TokenRows` holds
+them: the embedding
 substitutes them at the trained tokens' positions, the loss reads lm_head's weight with them in place and computes
 only their gradient (ochat.kernels.linear_cross_entropy). They are saved, merged and loaded under peft's names.
 
@@ -141,7 +142,7 @@ class TokenRows(nn.Module):
 
     def __init__(self, weight: torch.Tensor, ids: Sequence[int]):
         super().__init__()
-        ids_t = torch.tensor(list(ids), dtype=torch.long, device=weight.device)
+        ids_t = torch.tensor(ids, dtype=torch.long, device=weight.device)
         slots = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
         slots[ids_t] = torch.arange(len(ids_t), device=weight.device)
         self.register_buffer("ids", ids_t, persistent=False)
@@ -166,11 +167,12 @@ def add_token_rows(model: nn.Module, ids: Sequence[int]) -> None:
     frozen ones: a TokenRows on each, or one shared when lm_head is tied to the embedding (as peft ties them); the
     ids join the model's LoraConfig as peft's `trainable_token_indices` (set after peft injected the adapters: peft
     would wrap the embedding and lm_head itself)."""
+    ids = list(dict.fromkeys(ids))  # a repeated id would make two rows for one token
     embedding, head = model.model.embed_tokens, model.lm_head
     embedding.token_adapter = TokenRows(embedding.weight, ids)
     head.token_adapter = embedding.token_adapter if head.weight is embedding.weight else TokenRows(head.weight, ids)
     model.peft_config[ADAPTER] = dataclasses.replace(
-        adapter_config(model), trainable_token_indices={name: list(ids) for name in TOKEN_MATRICES})
+        adapter_config(model), trainable_token_indices={name: ids for name in TOKEN_MATRICES})
 
 
 def wrapped_layers(model: nn.Module) -> list[nn.Module]:

@@ -88,8 +88,8 @@ def check_tokenizer(cfg: TrainConfig, dataset: TokenizedDataset, chat_format: Ch
 
 
 def resolve_trainable_tokens(cfg: TrainConfig, tokenizer: Tokenizer) -> TrainConfig:
-    """`cfg` with --lora-trainable-tokens as token ids (repeats dropped): each token string looked up in the training
-    tokenizer, one it lacks refused."""
+    """`cfg` with --lora-trainable-tokens as token ids: each token string looked up in the training tokenizer, one
+    it lacks refused."""
     ids = []
     for item in cfg.transforms.lora_trainable_tokens:
         token_id = item if isinstance(item, int) else tokenizer.token_id(item)
@@ -102,7 +102,7 @@ def resolve_trainable_tokens(cfg: TrainConfig, tokenizer: Tokenizer) -> TrainCon
     named = [f"{item}={i}" for item, i in zip(cfg.transforms.lora_trainable_tokens, ids) if isinstance(item, str)]
     if named:
         log(f"--lora-trainable-tokens: {', '.join(named)}")
-    return dataclasses.replace(cfg, lora_trainable_tokens=",".join(str(i) for i in dict.fromkeys(ids)))
+    return dataclasses.replace(cfg, lora_trainable_tokens=",".join(map(str, ids)))
 
 
 def check_vocabulary(vocab_size: int, tokenizer: Tokenizer) -> None:
@@ -136,7 +136,8 @@ def check_transforms(cfg: TrainConfig, world_size: int, device: torch.device, ze
     ZeRO stage and the model's shape (ochat.model.transforms.refusals: --sequence-parallel must divide the ranks and
     the attention heads, --offload-activations needs a GPU, mixture-of-experts models take none of the transforms
     not yet built for them, LoRA on experts not under ZeRO-3, --expert-parallel must divide the experts and the
-    ranks). The model's config.json is read only when a flag depends on it."""
+    ranks, --lora-trainable-tokens' ids within the vocabulary). The model's config.json is read only when a flag
+    depends on it."""
     t = cfg.transforms
     shaped = (t.sequence_parallel > 1 or t.lora_rank or t.fp8 or t.compile or t.tiled_mlp > 1 or t.offload_activations
               or t.router_aux_loss_coef is not None or t.expert_parallel > 1)

@@ -112,6 +112,12 @@ def test_trainable_tokens_loss_and_grads_match_transformers_with_peft_per_conver
     assert all(p.grad is None for p in ours.parameters() if not p.requires_grad)
 
 
+def test_a_repeated_token_trains_one_row():
+    cfg, ours, _ = lora_pair("llama2", tokens=(5, 9, 5))
+    assert ours.lm_head.token_adapter.trainable_tokens_delta.shape == (2, cfg.hidden_size)
+    assert lora.adapter_config(ours).trainable_token_indices == {"embed_tokens": [5, 9], "lm_head": [5, 9]}
+
+
 @pytest.mark.parametrize("name,targets,impl", [("qwen3_moe", "all", "auto"), ("mixtral", "mlp", "auto"),
                                                ("olmoe", "attention", "auto"), ("qwen2_moe", "all", "auto"),
                                                ("qwen2_moe", "all", "loop")])

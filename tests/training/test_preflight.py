@@ -85,7 +85,7 @@ def test_trainable_tokens_resolve_through_the_training_tokenizer(tmp_path):
     from ochat.data.chat_formats import get_chat_format
 
     tokenizer = load_tokenizer(LLAMA2_TOKENIZER, get_chat_format("openchat_v3.2"))  # <|end_of_turn|> added: 32000
-    cfg = config(tmp_path, lora_rank=4, lora_trainable_tokens="<|end_of_turn|>, 7,32000,</s>")
+    cfg = config(tmp_path, lora_rank=4, lora_trainable_tokens="<|end_of_turn|>, 7,</s>")
     assert preflight.resolve_trainable_tokens(cfg, tokenizer).transforms.lora_trainable_tokens == (32000, 7, 2)
     assert preflight.resolve_trainable_tokens(config(tmp_path), tokenizer) == config(tmp_path)
     with pytest.raises(TrainError) as e:
