@@ -49,6 +49,18 @@ def _fraction_or_word(text: str) -> float | str:
     return str(text) if str(text) in RECOMPUTE_WORDS else float(text)
 
 
+def _token_list(text: str | None) -> tuple[int | str, ...]:
+    """--lora-trainable-tokens' comma-separated items: numbers as token ids, anything else as token strings (spaces
+    around an item dropped); ConfigError on an empty item."""
+    if not text:
+        return ()
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise ConfigError(f"--lora-trainable-tokens {text!r}: an empty item (give token ids or strings, "
+                          f"comma-separated)")
+    return tuple(int(item) if item.isdigit() else item for item in items)
+
+
 def _required(help: str):
     return field(metadata=dict(help=help))
 
@@ -119,6 +131,13 @@ class TrainConfig:
     lora_targets: str = _opt("all", "linear layers that get LoRA adapters, in every decoder layer (never lm_head or "
                                     "the embeddings): attention (q/k/v/o projections, Phi-3's qkv_proj), mlp (gate/up/"
                                     "down, Phi-3's gate_up_proj), all: both", choices=tuple(LORA_TARGETS))
+    lora_trainable_tokens: Optional[str] = _opt(None, "with --lora-rank: also train the embedding and lm_head rows "
+                                                      "of these tokens (e.g. an end-of-turn token added by "
+                                                      "ochat.training.add_tokens), comma-separated token ids or "
+                                                      "strings of the training tokenizer (a token with a comma or "
+                                                      "spaces around it: its id); peft's trainable tokens, saved "
+                                                      "in adapter/ and merged by --merge-lora; one set of rows when "
+                                                      "the embedding and lm_head are tied; ZeRO stage 2 or lower")
     qlora: bool = _opt(False, "with --lora-rank: hold the frozen linear layers of the decoder layers in 4-bit NF4 "
                               "(torchao; QLoRA), dequantised in each forward: 0.52 bytes per base weight instead of "
                               "2; embeddings, norms and lm_head stay bf16; the adapter is trained against the "
@@ -172,7 +191,9 @@ class TrainConfig:
                                offload_activations=self.offload_activations, compile=self.compile,
                                sequence_parallel=self.sequence_parallel, lora_rank=self.lora_rank,
                                lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                               lora_targets=self.lora_targets, qlora=self.qlora, seed=self.seed,
+                               lora_targets=self.lora_targets,
+                               lora_trainable_tokens=_token_list(self.lora_trainable_tokens), qlora=self.qlora,
+                               seed=self.seed,
                                router_aux_loss_coef=self.router_aux_loss_coef, expert_parallel=self.expert_parallel)
 
     @property

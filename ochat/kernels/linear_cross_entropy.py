@@ -12,6 +12,11 @@ arrive get zero loss and zero gradient.
 Final-logit soft-capping (Gemma 2, `softcap=c`): the loss is taken on `c * tanh(logits / c)`, inside the
 chunk (forward and gradient, `d/dx = 1 - tanh^2(x / c)`), so it costs no extra pass over the logits.
 
+Trained token rows (LoRA's --lora-trainable-tokens, `rows=(ids, values)`): the frozen weight with its rows `ids`
+replaced by `values` (`replace_rows`); the fused path computes the gradient of those rows alone
+(`grad_rows += g[:, ids].T @ h`), never the full [V, H] weight gradient, at the cost of one transient copy of the
+weight during the loss.
+
 The trainer's loss is `sum(w * CE) / sum(w)` over all target tokens of a whole optimizer step
 (all ranks and micro-steps), so this returns sums, never a mean: the caller normalises.
 """
@@ -50,16 +55,28 @@ def soft_cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return torch.tanh(logits / softcap) * softcap
 
 
+Rows = tuple[torch.Tensor, torch.Tensor]  # (ids [n], values [n, H]): trained rows of a frozen weight [V, H]
+
+
+def replace_rows(weight: torch.Tensor, rows: Rows | None) -> torch.Tensor:
+    """`weight` with its rows `ids` replaced by `values` (cast to its dtype), differentiable w.r.t. the values only;
+    `weight` itself when `rows` is None."""
+    if rows is None:
+        return weight
+    ids, values = rows
+    return weight.detach().index_copy(0, ids, values.to(weight.dtype))
+
+
 def weighted_linear_cross_entropy_reference(
     hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor,
-    softcap: float | None = None,
+    softcap: float | None = None, rows: Rows | None = None,
 ) -> LossSums:
     """Plain definition: full logits `hidden [T, H] @ lm_head_weight[V, H].T` (float32 at least, soft-capped
-    when `softcap` is given), then weighted CE.
+    when `softcap` is given; `rows` replaced, `replace_rows`), then weighted CE.
 
     Tokens with weight 0 contribute nothing (their label may be anything, e.g. -100).
     """
-    logits = hidden @ lm_head_weight.t()
+    logits = hidden @ replace_rows(lm_head_weight, rows).t()
     logits = soft_cap(logits if logits.dtype == torch.float64 else logits.float(), softcap)
     is_target = label_weights > 0
     safe_labels = torch.where(is_target, labels, torch.zeros_like(labels))
@@ -172,13 +189,17 @@ def _chunk_torch(logits, labels, weights, write_grad, softcap):
     return loss, correct
 
 
-def _fused_forward(hidden, weight, labels, label_weights, need_grad_h, need_grad_w, use_triton, softcap):
-    """Chunked loss sums, plus gradients of sum(w * CE) w.r.t. hidden and weight (or None)."""
+def _fused_forward(hidden, weight, labels, label_weights, need_grad_h, need_grad_w, use_triton, softcap,
+                   grad_rows=None, grad_w_dtype=None):
+    """Chunked loss sums, plus gradients of sum(w * CE) w.r.t. hidden and weight (or None), the latter in
+    `grad_w_dtype` (default: the weight's); with `grad_rows` (ids [n]) the weight's gradient is that of those rows
+    alone, [n, H]."""
     n, h = hidden.shape
     v = weight.shape[0]
     write_grad = need_grad_h or need_grad_w
     grad_h = torch.zeros_like(hidden) if need_grad_h else None
-    grad_w32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad_w else None
+    grad_shape = weight.shape if grad_rows is None else (len(grad_rows), h)
+    grad_w32 = torch.zeros(grad_shape, dtype=torch.float32, device=weight.device) if need_grad_w else None
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     correct_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     rows = _chunk_rows(n, v)
@@ -193,23 +214,29 @@ def _fused_forward(hidden, weight, labels, label_weights, need_grad_h, need_grad
         if need_grad_h:
             torch.mm(logits, weight, out=grad_h[start:start + rows])
         if need_grad_w:
-            if grad_w32.dtype == logits.dtype:
-                grad_w32.addmm_(logits.t(), h_c)
+            g = logits if grad_rows is None else logits[:, grad_rows]
+            if grad_w32.dtype == g.dtype:
+                grad_w32.addmm_(g.t(), h_c)
             else:
-                grad_w32 += logits.t() @ h_c
+                grad_w32 += g.t() @ h_c
         del logits
     grad_w = None
     if need_grad_w:
-        grad_w = grad_w32 if weight.dtype == torch.float32 else grad_w32.to(weight.dtype)
+        grad_w = grad_w32.to(grad_w_dtype or weight.dtype)
     return loss_sum, correct_sum, grad_h, grad_w
 
 
 class _FusedLinearCE(torch.autograd.Function):
+    """Loss sums of `hidden @ weight.T`; with `row_ids`, `weight` already holds `row_values` in those rows (a
+    detached copy) and the weight's gradient goes to `row_values`."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, labels, label_weights, use_triton, softcap):
+    def forward(ctx, hidden, weight, labels, label_weights, use_triton, softcap, row_values=None, row_ids=None):
+        ctx.rows = row_values is not None
         loss, correct, grad_h, grad_w = _fused_forward(
-            hidden, weight, labels, label_weights,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1], use_triton, softcap,
+            hidden, weight, labels, label_weights, ctx.needs_input_grad[0],
+            ctx.needs_input_grad[6] if ctx.rows else ctx.needs_input_grad[1], use_triton, softcap,
+            grad_rows=row_ids, grad_w_dtype=row_values.dtype if ctx.rows else None,
         )
         ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(correct)
@@ -222,14 +249,17 @@ class _FusedLinearCE(torch.autograd.Function):
             grad_h = grad_h * grad_loss.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = grad_w * grad_loss.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None
+        if ctx.rows:
+            return grad_h, None, None, None, None, None, grad_w, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def weighted_linear_cross_entropy_fused(
     hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor,
-    use_triton: bool | None = None, softcap: float | None = None,
+    use_triton: bool | None = None, softcap: float | None = None, rows: Rows | None = None,
 ) -> LossSums:
-    """Chunked, memory-bounded version of the reference (Triton on CUDA unless use_triton=False)."""
+    """Chunked, memory-bounded version of the reference (Triton on CUDA unless use_triton=False). With `rows` the
+    weight must be frozen: only the rows' values get a gradient."""
     if use_triton is None:
         use_triton = triton is not None and hidden.is_cuda
     labels = labels.contiguous()
@@ -240,9 +270,15 @@ def weighted_linear_cross_entropy_fused(
         keep = is_target.nonzero().squeeze(1)
         hidden, labels, label_weights = hidden[keep], labels[keep], label_weights[keep]
     hidden = hidden.contiguous()
+    row_values = row_ids = None
+    if rows is not None:
+        row_ids, row_values = rows
+        lm_head_weight = replace_rows(lm_head_weight, (row_ids, row_values.detach()))
     if not torch.is_grad_enabled():
         hidden, lm_head_weight = hidden.detach(), lm_head_weight.detach()
-    loss, correct = _FusedLinearCE.apply(hidden, lm_head_weight, labels, label_weights, use_triton, softcap)
+        row_values = None if row_values is None else row_values.detach()
+    loss, correct = _FusedLinearCE.apply(hidden, lm_head_weight, labels, label_weights, use_triton, softcap,
+                                         row_values, row_ids)
     return LossSums(
         weighted_loss=loss,
         weight=label_weights.float().sum(),
@@ -253,13 +289,15 @@ def weighted_linear_cross_entropy_fused(
 
 def weighted_linear_cross_entropy(
     hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, label_weights: torch.Tensor,
-    softcap: float | None = None,
+    softcap: float | None = None, rows: Rows | None = None,
 ) -> LossSums:
-    """Weighted CE sums of `hidden @ lm_head_weight.T` (soft-capped when `softcap` is given) against labels;
-    the fastest implementation available.
+    """Weighted CE sums of `hidden @ lm_head_weight.T` (soft-capped when `softcap` is given; the frozen weight's
+    rows `ids` replaced by the trained `values` when `rows` is given) against labels; the fastest implementation
+    available.
 
     Fused and chunked (never the full logits) unless switched off (`ochat.kernels.fused`), then the reference.
     """
     if fused_enabled("linear_ce"):
-        return weighted_linear_cross_entropy_fused(hidden, lm_head_weight, labels, label_weights, softcap=softcap)
-    return weighted_linear_cross_entropy_reference(hidden, lm_head_weight, labels, label_weights, softcap)
+        return weighted_linear_cross_entropy_fused(hidden, lm_head_weight, labels, label_weights, softcap=softcap,
+                                                   rows=rows)
+    return weighted_linear_cross_entropy_reference(hidden, lm_head_weight, labels, label_weights, softcap, rows)

@@ -30,6 +30,9 @@ families is `ModelConfig.arch`, see model_config.py):
   (`compile_layers`, torch.compile).
 - Dropout is not applied (the supported checkpoints train with 0); every embedding row that occurs gets a
   gradient (transformers' `padding_idx` freezes the pad token's row).
+- Under LoRA, rows of the frozen embedding and lm_head may be trained in their place (`token_adapter` on both,
+  one module when they are tied: ochat.model.lora.TokenRows): the embedding substitutes them in its output, and
+  lm_head hands them to the loss (and the logits) as the weight's replaced rows.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ochat.kernels.attention import resolve_backend, varlen_attention
-from ochat.kernels.linear_cross_entropy import soft_cap, weighted_linear_cross_entropy
+from ochat.kernels.linear_cross_entropy import replace_rows, soft_cap, weighted_linear_cross_entropy
 from ochat.kernels.rms_norm import rms_norm
 from ochat.kernels.rope import apply_rotary
 from ochat.kernels.swiglu import glu
@@ -257,12 +260,25 @@ class DecoderLayer(nn.Module):
         return x + self._norm("mlp_out", self.mlp(self._norm("mlp_in", x)))
 
 
+class Embedding(nn.Embedding):
+    """The token embedding; with trained rows (`token_adapter`, LoRA's trainable tokens) those rows in place of the
+    frozen ones."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__(vocab_size, hidden_size)
+        self.token_adapter = None  # ochat.model.lora.TokenRows when set
+
+    def forward(self, input_ids):
+        x = super().forward(input_ids)
+        return x if self.token_adapter is None else self.token_adapter.substitute(input_ids, x)
+
+
 class Backbone(nn.Module):
     """HF's `model.` prefix: embeddings, layers, final norm."""
 
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c)
 
@@ -275,11 +291,14 @@ class LMHead(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(c.vocab_size, c.hidden_size))
         self.softcap = c.final_logit_softcapping
+        self.token_adapter = None  # trained rows of the weight (LoRA's trainable tokens: ochat.model.lora.TokenRows)
 
     def forward(self, hidden, labels=None, label_weights=None):
+        rows = None if self.token_adapter is None else self.token_adapter.rows
         if labels is None:
-            return soft_cap(hidden @ self.weight.t(), self.softcap)
-        return weighted_linear_cross_entropy(hidden, self.weight, labels, label_weights, softcap=self.softcap)
+            return soft_cap(hidden @ replace_rows(self.weight, rows).t(), self.softcap)
+        return weighted_linear_cross_entropy(hidden, self.weight, labels, label_weights, softcap=self.softcap,
+                                             rows=rows)
 
 
 class PackedCausalLM(nn.Module):

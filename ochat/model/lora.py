@@ -17,19 +17,34 @@ Mixture-of-experts models: where the preset takes the MLP, the stacked experts o
 their forward hands the factors to experts.Experts, which adds each expert's adapter product to its rows
 (`_experts_forward`). The router is never targeted.
 
+Trainable tokens (`trainable_tokens`): the embedding and lm_head rows of a few tokens (e.g. an added
+end-of-turn token) train beside the adapters, as peft's trainable tokens (`LoraConfig(trainable_token_indices=...)`)
+do: the rows' values themselves (not differences), starting from the base rows, in place of the frozen rows; one
+set of rows when the embedding and lm_head are tied (peft ties lm_head's to the embedding's). peft's own
+TrainableTokensWrapper does not fit ochat's model (its lm_head computes the fused loss, not logits, and the wrapper
+would copy the whole embedding and lm_head and compute their whole gradients in every step), so `TokenRows` holds
+them: the embedding
+substitutes them at the trained tokens' positions, the loss reads lm_head's weight with them in place and computes
+only their gradient (ochat.kernels.linear_cross_entropy). They are saved, merged and loaded under peft's names.
+
 Names: a wrapped layer's weight becomes `<layer>.base_layer.weight` and its adapter `<layer>.lora_A.default.weight`
 and `<layer>.lora_B.default.weight`. Because ochat's names are Hugging Face's, the PEFT file names of the
 transformers model are these with the adapter name dropped and `base_model.model.` in front
-(`adapter_state_dict`), and `merged_state_dict` gives the plain model's names with W + (alpha / r) B A.
+(`adapter_state_dict`), and `merged_state_dict` gives the plain model's names with W + (alpha / r) B A. Trained
+token rows are `model.embed_tokens.token_adapter.trainable_tokens_delta` and (not tied) `lm_head.token_adapter.
+trainable_tokens_delta`, peft's file names without `base_model.model.`; merged, they replace their matrix's rows.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+
+from ochat.kernels.linear_cross_entropy import Rows, replace_rows
 
 TARGETS = {
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"),  # qkv_proj: Phi-3's fused projection
@@ -41,6 +56,8 @@ EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 ADAPTER = "default"  # peft's adapter name inside the module tree
 PEFT_PREFIX = "base_model.model."  # what a PeftModel puts before the transformers model's names
 ADAPTER_FOLDER = "adapter"  # where a checkpoint folder holds the adapter
+TOKEN_ROWS = ".token_adapter.trainable_tokens_delta"  # the trained rows of a matrix, after its module's name (peft's)
+TOKEN_MATRICES = ("embed_tokens", "lm_head")  # the modules whose rows train: trainable_token_indices' keys
 
 
 def default_alpha(rank: int) -> float:
@@ -89,10 +106,12 @@ def peft_remapped_names(model: nn.Module, names: list[str]) -> set[str]:
     return set(names) - set(probe.target_modules or ())
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: str, seed: int = 0) -> int:
+def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: str, seed: int = 0,
+             trainable_tokens: Sequence[int] = ()) -> int:
     """Wrap `targets` ("attention", "mlp" or "all") of every decoder layer of `model` with float32 LoRA adapters
-    of `rank` (scale alpha / rank; dropout on the adapters' input; peft's init, A from `seed`, B zero) and freeze
-    every other parameter. Returns the number of trainable parameters."""
+    of `rank` (scale alpha / rank; dropout on the adapters' input; peft's init, A from `seed`, B zero), train the
+    embedding and lm_head rows of the token ids `trainable_tokens` (`add_token_rows`) and freeze every other
+    parameter. Returns the number of trainable parameters."""
     from peft import inject_adapter_in_model
 
     config = lora_config(model, rank, alpha, dropout, targets)
@@ -100,6 +119,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    if trainable_tokens:
+        add_token_rows(model, trainable_tokens)
     trainable = 0
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter_weight(name))
@@ -112,6 +133,46 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
     for wrapper in _outer_expert_wrappers(model):
         wrapper.forward = functools.partial(_experts_forward, wrapper)
     return trainable
+
+
+class TokenRows(nn.Module):
+    """Trained rows of a frozen [V, H] matrix (the embedding or lm_head): the values of the rows `ids`, float32,
+    starting from the matrix's rows (peft's trainable tokens, whose parameter name this keeps although it holds
+    values, not deltas)."""
+
+    def __init__(self, weight: torch.Tensor, ids: Sequence[int]):
+        super().__init__()
+        ids_t = torch.tensor(ids, dtype=torch.long, device=weight.device)
+        slots = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
+        slots[ids_t] = torch.arange(len(ids_t), device=weight.device)
+        self.register_buffer("ids", ids_t, persistent=False)
+        self.register_buffer("slots", slots, persistent=False)  # token id -> its row in the values; -1: not trained
+        self.trainable_tokens_delta = nn.Parameter(weight.detach()[ids_t].float())
+
+    @property
+    def rows(self) -> Rows:
+        """(ids, values), as ochat.kernels.linear_cross_entropy takes the replaced rows of a weight."""
+        return self.ids, self.trainable_tokens_delta
+
+    def substitute(self, input_ids: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """`embedded` (the frozen embedding of `input_ids`) with the trained rows at the trained tokens' positions:
+        what an embedding with those rows replaced gives, without copying the embedding or computing its gradient."""
+        slot = self.slots[input_ids]
+        trained = self.trainable_tokens_delta.to(embedded.dtype)[slot.clamp(min=0)]
+        return torch.where((slot >= 0).unsqueeze(-1), trained, embedded)
+
+
+def add_token_rows(model: nn.Module, ids: Sequence[int]) -> None:
+    """Train the embedding and lm_head rows of the token `ids` of `model` (adapted by `add_lora`) in place of the
+    frozen ones: a TokenRows on each, or one shared when lm_head is tied to the embedding (as peft ties them); the
+    ids join the model's LoraConfig as peft's `trainable_token_indices` (set after peft injected the adapters: peft
+    would wrap the embedding and lm_head itself)."""
+    ids = list(dict.fromkeys(ids))  # a repeated id would make two rows for one token
+    embedding, head = model.model.embed_tokens, model.lm_head
+    embedding.token_adapter = TokenRows(embedding.weight, ids)
+    head.token_adapter = embedding.token_adapter if head.weight is embedding.weight else TokenRows(head.weight, ids)
+    model.peft_config[ADAPTER] = dataclasses.replace(
+        adapter_config(model), trainable_token_indices={name: ids for name in TOKEN_MATRICES})
 
 
 def wrapped_layers(model: nn.Module) -> list[nn.Module]:
@@ -174,8 +235,13 @@ def adapter_config(model: nn.Module):
 
 
 def is_adapter_weight(name: str) -> bool:
-    """Whether a parameter name (ochat's) is a LoRA adapter's."""
-    return f".lora_A.{ADAPTER}." in name or f".lora_B.{ADAPTER}." in name
+    """Whether a parameter name (ochat's) is a LoRA adapter's or trained token rows'."""
+    return f".lora_A.{ADAPTER}." in name or f".lora_B.{ADAPTER}." in name or is_token_rows(name)
+
+
+def is_token_rows(name: str) -> bool:
+    """Whether a parameter name (ochat's) is trained token rows' (`TokenRows`)."""
+    return name.endswith(TOKEN_ROWS)
 
 
 def adapter_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -188,14 +254,15 @@ def adapter_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
 def merged_state_dict(state_dict: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     """The plain model's state dict (Hugging Face names, no adapters): each wrapped weight W becomes
     W + (alpha / r) B A, computed in float32 and cast back to W's dtype; each adapted stacked expert parameter
-    W [E, out, in] the same per expert."""
+    W [E, out, in] the same per expert; the embedding's and lm_head's trained token rows replace their rows."""
     scale = config.lora_alpha / config.r
+    rows = _token_rows(state_dict, config)
     out = {}
     for name, t in state_dict.items():
         if is_adapter_weight(name):
             continue
         if ".base_layer." not in name:
-            out[name] = t
+            out[name] = replace_rows(t, rows[name]) if name in rows else t
             continue
         layer, param = name.split(".base_layer.", 1)
         if param == "weight":
@@ -204,6 +271,18 @@ def merged_state_dict(state_dict: dict[str, torch.Tensor], config) -> dict[str, 
         elif t.dim() == 3:  # stacked experts: param is e.g. "base_layer.gate_up_proj", nested once per adapter
             t = (t.float() + scale * _expert_delta(state_dict, layer, t.shape)).to(t.dtype)
         out[f"{layer}.{param.rsplit('.', 1)[-1]}"] = t
+    return out
+
+
+def _token_rows(state_dict: dict[str, torch.Tensor], config) -> dict[str, Rows]:
+    """The trained token rows of `state_dict` by the name of the matrix they replace rows of (e.g.
+    `model.embed_tokens.weight`), with their ids from the LoraConfig."""
+    out = {}
+    for name, values in state_dict.items():
+        if is_token_rows(name):
+            matrix = name.removesuffix(TOKEN_ROWS)
+            ids = config.trainable_token_indices[matrix.rsplit(".", 1)[-1]]
+            out[f"{matrix}.weight"] = (torch.tensor(ids, device=values.device), values)
     return out
 
 

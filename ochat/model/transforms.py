@@ -9,7 +9,8 @@ then changes it, always in this order:
                   adapters), compile and sequence parallelism act on an adapted model (tested: the same loss and
                   adapter gradients); fp8 and offload are refused with it (not yet tested together), compile also
                   with --qlora or --lora-dropout, sequence parallelism with --qlora. With --qlora the frozen linear layers of the decoder layers then
-                  become 4-bit NF4 (qlora.py).
+                  become 4-bit NF4 (qlora.py). --lora-trainable-tokens also trains the embedding and lm_head rows
+                  of the tokens it names (lora.TokenRows); not under ZeRO-3.
 1. fp8            the decoder layers' linear layers become torchao Float8Linear (fp8.py); each one's forward is
                   compiled unless step 5 compiles the whole layer.
 2. recompute      which decoder layers are recomputed in the backward, and how (recompute.py): a fraction of them,
@@ -60,6 +61,9 @@ class ModelTransforms:
     lora_dropout: float = 0.0
     lora_targets: str = "all"  # a preset of lora.TARGETS
     qlora: bool = False  # the frozen decoder linears in 4-bit NF4 under the LoRA adapters
+    # tokens whose embedding and lm_head rows train with LoRA: ids, or strings the tokenizer has yet to resolve
+    # (ochat.training.preflight.resolve_trainable_tokens); the model takes ids only
+    lora_trainable_tokens: tuple[int | str, ...] = ()
     seed: int = 0  # of what a transform draws at random (LoRA's initial A)
     router_aux_loss_coef: float | None = None  # expert models' load-balancing loss weight; None: config.json's
     expert_parallel: int = 1  # ranks per group splitting each expert layer's experts; 1: off
@@ -118,8 +122,20 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
             out.append("--compile with LoRA is not yet supported with --qlora or --lora-dropout: drop one or the other")
         if t.qlora and t.sequence_parallel > 1:
             out.append("--qlora is not yet supported with --sequence-parallel (LoRA is): drop one or the other")
-    elif t.lora_alpha is not None or t.lora_dropout:
-        out.append("--lora-alpha and --lora-dropout configure LoRA adapters: add --lora-rank")
+        if t.lora_trainable_tokens and zero_stage == 3:
+            out.append("--lora-trainable-tokens needs ZeRO stage 2 or lower (ZeRO-3 would partition the token rows, "
+                       "which the embedding and the loss read outside the rows' own module)")
+        outside = [i for i in t.lora_trainable_tokens if isinstance(i, int) and model is not None
+                   and i >= model.vocab_size]
+        if outside:
+            out.append(f"--lora-trainable-tokens: token id {outside[0]} is outside the model's vocabulary "
+                       f"({model.vocab_size} rows)")
+    else:
+        if t.lora_alpha is not None or t.lora_dropout:
+            out.append("--lora-alpha and --lora-dropout configure LoRA adapters: add --lora-rank")
+        if t.lora_trainable_tokens:
+            out.append("--lora-trainable-tokens trains embedding and lm_head rows beside LoRA adapters: add "
+                       "--lora-rank")
     if model is not None and model.arch.experts is not None:
         unsupported = [flag for flag, on in (("--qlora", t.qlora), ("--fp8", t.fp8), ("--compile", t.compile),
                                              ("--tiled-mlp", t.tiled_mlp > 1),
@@ -180,8 +196,11 @@ def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | 
         model.router_aux_loss_coef = t.router_aux_loss_coef
     if t.lora_rank:
         alpha = default_alpha(t.lora_rank) if t.lora_alpha is None else t.lora_alpha
-        trainable = add_lora(model, t.lora_rank, alpha, t.lora_dropout, t.lora_targets, t.seed)
-        log(f"LoRA (rank {t.lora_rank}, alpha {alpha:g}, targets {t.lora_targets}): {trainable} trainable "
+        trainable = add_lora(model, t.lora_rank, alpha, t.lora_dropout, t.lora_targets, t.seed,
+                             t.lora_trainable_tokens)
+        tokens = f", embedding and lm_head rows of tokens {list(t.lora_trainable_tokens)}" if t.lora_trainable_tokens \
+            else ""
+        log(f"LoRA (rank {t.lora_rank}, alpha {alpha:g}, targets {t.lora_targets}{tokens}): {trainable} trainable "
             f"parameters, the rest frozen")
     if t.qlora:
         quantized = quantize_base(model)

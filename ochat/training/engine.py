@@ -8,7 +8,7 @@ import torch
 
 from ochat.config.deepspeed import offloads_optimizer, zero_stage
 from ochat.config.train_config import TrainConfig
-from ochat.model import expert_parallel, sequence_parallel
+from ochat.model import expert_parallel, lora, sequence_parallel
 from ochat.model.decoder import PackedCausalLM
 from ochat.model.transforms import apply_transforms
 from ochat.training.runtime import Runtime, TrainError
@@ -52,10 +52,12 @@ def _is_matrix(p: torch.nn.Parameter) -> bool:
 
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """The trainable parameters (with LoRA, only the adapters'), weight decay on the matrices only; norms and
-    biases get none (gpt-oss's stacked expert biases, [E, N], are biases by their name)."""
+    """The trainable parameters (with LoRA, only the adapters' and trained token rows'), weight decay on the
+    matrices only; norms and biases get none (gpt-oss's stacked expert biases, [E, N], are biases by their name),
+    nor do trained token rows (they hold the rows' values, not a difference from the base: decay would pull the
+    tokens' embeddings towards zero, not towards the base model)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decayed = [_is_matrix(p) and not n.endswith("bias") for n, p in named]
+    decayed = [_is_matrix(p) and not n.endswith("bias") and not lora.is_token_rows(n) for n, p in named]
     return [{"params": [p for (_, p), d in zip(named, decayed) if d], "weight_decay": weight_decay},
             {"params": [p for (_, p), d in zip(named, decayed) if not d], "weight_decay": 0.0}]
 

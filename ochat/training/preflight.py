@@ -5,6 +5,7 @@ Every check runs alike on every rank and raises TrainError with one line saying 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -86,6 +87,24 @@ def check_tokenizer(cfg: TrainConfig, dataset: TokenizedDataset, chat_format: Ch
     return data_tok
 
 
+def resolve_trainable_tokens(cfg: TrainConfig, tokenizer: Tokenizer) -> TrainConfig:
+    """`cfg` with --lora-trainable-tokens as token ids: each token string looked up in the training tokenizer, one
+    it lacks refused."""
+    ids = []
+    for item in cfg.transforms.lora_trainable_tokens:
+        token_id = item if isinstance(item, int) else tokenizer.token_id(item)
+        if token_id is None:
+            raise TrainError(f"--lora-trainable-tokens: the tokenizer has no token {item!r} (add it first with "
+                             f"`python -m ochat.training.add_tokens`, or give its id)")
+        ids.append(token_id)
+    if not ids:
+        return cfg
+    named = [f"{item}={i}" for item, i in zip(cfg.transforms.lora_trainable_tokens, ids) if isinstance(item, str)]
+    if named:
+        log(f"--lora-trainable-tokens: {', '.join(named)}")
+    return dataclasses.replace(cfg, lora_trainable_tokens=",".join(map(str, ids)))
+
+
 def check_vocabulary(vocab_size: int, tokenizer: Tokenizer) -> None:
     """The model's vocabulary must hold the tokenizer's, the end-of-turn token included."""
     if tokenizer.eot_id >= vocab_size or tokenizer.vocab_size > vocab_size:
@@ -117,7 +136,8 @@ def check_transforms(cfg: TrainConfig, world_size: int, device: torch.device, ze
     ZeRO stage and the model's shape (ochat.model.transforms.refusals: --sequence-parallel must divide the ranks and
     the attention heads, --offload-activations needs a GPU, mixture-of-experts models take none of the transforms
     not yet built for them, LoRA on experts not under ZeRO-3, --expert-parallel must divide the experts and the
-    ranks). The model's config.json is read only when a flag depends on it."""
+    ranks, --lora-trainable-tokens' ids within the vocabulary). The model's config.json is read only when a flag
+    depends on it."""
     t = cfg.transforms
     shaped = (t.sequence_parallel > 1 or t.lora_rank or t.fp8 or t.compile or t.tiled_mlp > 1 or t.offload_activations
               or t.router_aux_loss_coef is not None or t.expert_parallel > 1)

@@ -52,6 +52,7 @@ def train(cfg: TrainConfig) -> TrainState:
     train_ds, eval_ds = preflight.open_training_data(cfg)
     chat_format = preflight.check_chat_format(cfg, train_ds.meta)
     tokenizer = preflight.check_tokenizer(cfg, train_ds, chat_format)
+    cfg = preflight.resolve_trainable_tokens(cfg, tokenizer)
     batch_max_len = cfg.pack_tokens(chat_format.context_length)
     ds_config = load_deepspeed_config(cfg.deepspeed_config, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
                                       bf16=rt.bf16, transforms=cfg.transforms,
@@ -150,8 +151,9 @@ def _adapters(cfg: TrainConfig) -> str:
     if not cfg.lora_rank:
         return "none"
     t = cfg.transforms
+    tokens = f" trainable tokens {cfg.lora_trainable_tokens}" if t.lora_trainable_tokens else ""
     return (f"LoRA rank {t.lora_rank} alpha {t.lora_alpha or lora.default_alpha(t.lora_rank):g} targets "
-            f"{t.lora_targets} on {'the NF4-quantised ' if t.qlora else ''}{cfg.model_path}")
+            f"{t.lora_targets}{tokens} on {'the NF4-quantised ' if t.qlora else ''}{cfg.model_path}")
 
 
 def _resume(run: RunFolder, settings: RunSettings) -> TrainState:

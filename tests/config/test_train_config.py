@@ -72,9 +72,18 @@ def test_defaults():
     (["--compile", "--sequence-parallel", "2"], "--compile compiles whole decoder layers, which --sequence-parallel, "
                                                 "--tiled-mlp and --offload-activations change"),
     (["--compile", "--tiled-mlp", "4"], "--compile compiles whole decoder layers"),
+    (["--lora-trainable-tokens", "7"], "--lora-trainable-tokens trains embedding and lm_head rows beside LoRA "
+                                       "adapters: add --lora-rank"),
+    (["--lora-rank", "4", "--lora-trainable-tokens", "7,,8"], "--lora-trainable-tokens '7,,8': an empty item"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_flag(flags, message, capsys):
     assert message in error_of(BASE + flags, capsys)
+
+
+def test_lora_trainable_tokens_are_ids_and_token_strings():
+    cfg = parse_args(BASE + ["--lora-rank", "4", "--lora-trainable-tokens", "<|end_of_turn|>, 32000,<|im_end|>"])
+    assert cfg.transforms.lora_trainable_tokens == ("<|end_of_turn|>", 32000, "<|im_end|>")
+    assert parse_args(BASE).transforms.lora_trainable_tokens == ()
 
 
 def test_required_flags(capsys):

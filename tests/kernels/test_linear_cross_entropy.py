@@ -3,6 +3,7 @@
 CPU: the chunked PyTorch path, and the Triton kernel under TRITON_INTERPRET=1 (tiny shapes).
 GPU (marker `gpu`): Triton path in float32 and bf16, and the peak-memory target.
 """
+import functools
 import os
 
 import pytest
@@ -100,6 +101,35 @@ def test_soft_capped_loss_and_gradients_match_float64(monkeypatch, path):
     assert out.weighted_loss.item() == pytest.approx(ref.weighted_loss.item(), rel=1e-6)
     assert out.correct.item() == ref.correct.item()
     assert _rel(hidden.grad, rgh) < 1e-5 and _rel(weight.grad, rgw) < 1e-5
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_trained_rows_take_their_rows_of_the_whole_weights_gradient(monkeypatch, softcap, path):
+    """A frozen weight with rows replaced by trained values (LoRA's trainable tokens, `rows`): the loss and hidden
+    gradient of the weight with those values in place, and the values' gradient those rows of the whole weight's
+    gradient, by the chunked path (which computes no [V, H] gradient) and by the reference."""
+    if path == "triton":
+        pytest.importorskip("triton")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton interpreter off (CUDA present): the gpu tests cover the kernel")
+    monkeypatch.setattr(lce, "_CHUNK_ELEMENTS", 500)  # several chunks, a ragged last one
+    hidden, weight, labels, w = _inputs(37, 16, 50, seed=5)
+    weight.requires_grad_(False)
+    ids = torch.tensor([41, 3, 7])
+    labels[(w > 0).nonzero().squeeze(1)[::3]] = 41  # the trained rows among the labels too
+    g = torch.Generator().manual_seed(6)
+    values = (weight[ids] + 0.3 * torch.randn(3, 16, generator=g)).requires_grad_()
+    whole = weight.index_copy(0, ids, values.detach()).requires_grad_()
+    ref, ref_gh, ref_gw = _run(lce.weighted_linear_cross_entropy_reference, hidden, whole, labels, w, softcap=softcap)
+    fused = functools.partial(lce.weighted_linear_cross_entropy_fused, use_triton=path == "triton")
+    for fn in (fused, lce.weighted_linear_cross_entropy_reference):
+        hidden.grad = values.grad = None
+        out = fn(hidden, weight, labels, w, softcap=softcap, rows=(ids, values))
+        (out.weighted_loss * 0.7).backward()
+        assert out.weighted_loss.item() == pytest.approx(ref.weighted_loss.item(), rel=1e-6)
+        assert _rel(hidden.grad, ref_gh) < 1e-6 and _rel(values.grad, ref_gw[ids]) < 1e-6
+        assert weight.grad is None
 
 
 def test_soft_capped_reference_is_transformers_gemma2_formula():

@@ -1,6 +1,7 @@
 """LoRA (ochat.model.lora) against transformers + peft, per conversation (CPU, float32): the weighted loss and every
-adapter gradient; packed equals alone; only the adapters train; the saved adapter loads in peft and the merged
-weights in transformers, with ochat's logits."""
+adapter gradient (and trained token rows', against peft's trainable tokens); packed equals alone; only the adapters
+(and the listed token rows) train; the saved adapter loads in peft and the merged weights in transformers, with
+ochat's logits."""
 import copy
 import os
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 import transformers
 
 from ochat.model import hf_weights, lora
+from ochat.model.config import ModelConfig
 from ochat.model.experts import Experts
 from ochat.model.transforms import ModelTransforms, apply_transforms
 from ochat.training.engine import weight_decay_groups
@@ -18,20 +20,31 @@ from tests.helpers.models import VARIANTS, assert_close, make_pack, make_pair
 from tests.model.test_moe import MOE, padded
 
 
-def lora_pair(name, targets="all", rank=4):
+def lora_pair(name, targets="all", rank=4, tokens=(), qlora=False):
     """ochat's tiny model with LoRA adapters (B random, not peft's zeros, so every gradient is non-trivial) and its
     transformers twin wrapped by peft with the same adapter weights (a dense model of VARIANTS or an expert one of
-    MOE)."""
+    MOE); with `tokens`, their embedding and lm_head rows trained too (moved off the base rows, so that a base row
+    read in their place would show); `qlora`: the decoder's frozen linears in NF4 (the twin unquantised)."""
     cfg, ours, hf = make_pair(name, variants=MOE if name in MOE else VARIANTS)
-    apply_transforms(ours, ModelTransforms(lora_rank=rank, lora_targets=targets))
+    apply_transforms(ours, ModelTransforms(lora_rank=rank, lora_targets=targets, lora_trainable_tokens=tuple(tokens),
+                                           qlora=qlora))
     with torch.no_grad():
         for n, p in ours.named_parameters():
             if ".lora_B." in n:
                 p.normal_(std=0.1)
+            elif lora.is_token_rows(n):
+                p.add_(torch.randn_like(p), alpha=0.05)
     twin = peft.get_peft_model(hf, copy.deepcopy(lora.adapter_config(ours)))
     result = peft.set_peft_model_state_dict(twin, lora.adapter_state_dict(dict(ours.named_parameters())))
     assert not result.unexpected_keys
     return cfg, ours, twin
+
+
+def pack_tokens(name, count=3) -> tuple[int, ...]:
+    """The first `count` distinct tokens of the pack make_pack gives for VARIANTS[name]: trained rows that the
+    embedding reads (every lm_head row gets a gradient through the softmax)."""
+    _, ids, *_ = make_pack(ModelConfig.debug(**VARIANTS[name]))
+    return tuple(dict.fromkeys(ids.tolist()))[:count]
 
 
 def weighted_labels(cfg, n):
@@ -67,6 +80,42 @@ def test_loss_and_adapter_grads_match_transformers_with_peft_per_conversation(na
     for n, p in trained.items():
         assert_close(p.grad, twin_params[lora.PEFT_PREFIX + n].grad, what=f"{name} grad {n}")
     assert all(p.grad is None for p in ours.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ["llama2", "tied", "gemma2"])
+def test_trainable_tokens_loss_and_grads_match_transformers_with_peft_per_conversation(name):
+    """--lora-trainable-tokens against peft's trainable tokens (LoraConfig(trainable_token_indices=...)): the loss
+    and the gradients of the adapters and of the token rows. llama2: rows of the embedding and of lm_head; tied and
+    gemma2 (scaled embeddings, soft-capped logits): one set of rows for both, as peft ties them. Fresh inputs whose
+    labels include the trained tokens."""
+    tokens = pack_tokens(name)
+    cfg, ours, twin = lora_pair(name, tokens=tokens)
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    labels, weights = weighted_labels(cfg, len(ids))
+    for k, token in enumerate(tokens):
+        labels[k::8] = token
+    loss = ours(ids, pos, cu, mx, labels=labels, label_weights=weights).weighted_loss
+    loss.backward()
+    ref_logits = torch.cat([twin(input_ids=s[None]).logits[0] for s in seqs])
+    ref = (weights * F.cross_entropy(ref_logits, labels, reduction="none")).sum()
+    ref.backward()
+    assert_close(loss.detach(), ref.detach(), what=f"{name} weighted loss")
+
+    trained = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    rows = [n for n in trained if lora.is_token_rows(n)]
+    assert rows == ["model.embed_tokens" + lora.TOKEN_ROWS] + ([] if cfg.tie_word_embeddings else
+                                                                ["lm_head" + lora.TOKEN_ROWS])
+    twin_params = dict(twin.named_parameters())
+    for n, p in trained.items():
+        peft_name = lora.PEFT_PREFIX + n + (f".{lora.ADAPTER}" if n in rows else "")
+        assert_close(p.grad, twin_params[peft_name].grad, what=f"{name} grad {n}")
+    assert all(p.grad is None for p in ours.parameters() if not p.requires_grad)
+
+
+def test_a_repeated_token_trains_one_row():
+    cfg, ours, _ = lora_pair("llama2", tokens=(5, 9, 5))
+    assert ours.lm_head.token_adapter.trainable_tokens_delta.shape == (2, cfg.hidden_size)
+    assert lora.adapter_config(ours).trainable_token_indices == {"embed_tokens": [5, 9], "lm_head": [5, 9]}
 
 
 @pytest.mark.parametrize("name,targets,impl", [("qwen3_moe", "all", "auto"), ("mixtral", "mlp", "auto"),
@@ -182,13 +231,20 @@ def test_compiled_layers_give_the_same_loss_and_adapter_grads():
     assert not breaks and counters["stats"]["unique_graphs"] >= 2, breaks
 
 
-def test_only_adapter_weights_change_after_optimizer_steps():
-    cfg, ours, _ = lora_pair("llama2")
+@pytest.mark.parametrize("name,tokens,qlora", [("llama2", False, False), ("llama2", True, False),
+                                               ("gemma2", True, False), ("llama2", True, True)])
+def test_only_adapter_weights_change_after_optimizer_steps(name, tokens, qlora):
+    """With trainable tokens (untied, tied, beside an NF4 base) also their rows, which take no weight decay: every
+    other row of the embedding and lm_head, as merged, stays bit-identical."""
+    trained_tokens = pack_tokens(name) if tokens else ()
+    cfg, ours, _ = lora_pair(name, tokens=trained_tokens, qlora=qlora)
     base = {n: p.detach().clone() for n, p in ours.named_parameters() if not p.requires_grad}
     adapters = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
     groups = weight_decay_groups(ours, 0.1)
     assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in ours.parameters() if p.requires_grad}
     assert all(p.dtype == torch.float32 for g in groups for p in g["params"])
+    assert {n for n, p in ours.named_parameters() if any(p is q for q in groups[1]["params"])} == {
+        n for n in adapters if lora.is_token_rows(n)}  # the only trainable parameters without weight decay
     opt = torch.optim.AdamW(groups, lr=1e-2)
     seqs, ids, pos, cu, mx = make_pack(cfg)
     labels, weights = weighted_labels(cfg, len(ids))
@@ -199,12 +255,22 @@ def test_only_adapter_weights_change_after_optimizer_steps():
     after = dict(ours.named_parameters())
     assert all(torch.equal(after[n], t) for n, t in base.items())
     assert all(not torch.equal(after[n], t) for n, t in adapters.items())
+    merged = lora.merged_state_dict(hf_weights.full_state_dict(ours), lora.adapter_config(ours))
+    others = [i for i in range(cfg.vocab_size) if i not in trained_tokens]
+    for matrix in ("model.embed_tokens.weight", "lm_head.weight")[:1 if cfg.tie_word_embeddings else 2]:
+        assert torch.equal(merged[matrix][others], base[matrix][others])
+        assert all(not torch.equal(merged[matrix][i], base[matrix][i]) for i in trained_tokens)
 
 
-@pytest.mark.parametrize("name", ["llama2", "qwen2_bias", "phi3_longrope", "qwen3_moe", "qwen2_moe"])
-def test_saved_adapter_loads_in_peft_and_merged_weights_in_transformers(name, tmp_path):
-    """qwen2: q/k/v biases kept in merging; the expert models: stacked experts' adapters saved and merged too."""
-    cfg, ours, _ = lora_pair(name)
+@pytest.mark.parametrize("name,tokens", [("llama2", False), ("qwen2_bias", False), ("phi3_longrope", False),
+                                         ("qwen3_moe", False), ("qwen2_moe", False), ("llama2", True),
+                                         ("gemma2", True)])
+def test_saved_adapter_loads_in_peft_and_merged_weights_in_transformers(name, tokens, tmp_path):
+    """qwen2: q/k/v biases kept in merging; the expert models: stacked experts' adapters saved and merged too;
+    trainable tokens (llama2: the embedding's and lm_head's rows; gemma2: tied, one set) saved under peft's names and
+    merged as the matrices' rows."""
+    trained_tokens = pack_tokens(name) if tokens else ()
+    cfg, ours, _ = lora_pair(name, tokens=trained_tokens)
     seqs, ids, pos, cu, mx = make_pack(cfg)
     with torch.no_grad():
         logits = ours(ids, pos, cu, mx)
@@ -216,8 +282,15 @@ def test_saved_adapter_loads_in_peft_and_merged_weights_in_transformers(name, tm
     assert peft.PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path == "the/base"
     _, _, hf = make_pair(name, variants=MOE if name in MOE else VARIANTS)  # the base weights, without adapters
     merged_dir = str(tmp_path / "merged")
-    hf_weights.save_weights(merged_dir, lora.merged_state_dict(state, lora.adapter_config(ours)), cfg)
-    for model in (peft.PeftModel.from_pretrained(hf, adapter_dir),
+    merged = lora.merged_state_dict(state, lora.adapter_config(ours))
+    for n, values in state.items():
+        if lora.is_token_rows(n):  # the merged matrix's rows are the trained ones
+            assert torch.equal(merged[n.removesuffix(lora.TOKEN_ROWS) + ".weight"][list(trained_tokens)], values)
+    assert sum(lora.is_token_rows(n) for n in state) == (0 if not tokens else 1 if cfg.tie_word_embeddings else 2)
+    hf_weights.save_weights(merged_dir, merged, cfg)
+    with_adapter = peft.PeftModel.from_pretrained(hf, adapter_dir)
+    assert set(peft.get_peft_model_state_dict(with_adapter)) == set(lora.adapter_state_dict(state))
+    for model in (with_adapter,
                   transformers.AutoModelForCausalLM.from_pretrained(merged_dir, attn_implementation="eager")):
         with torch.no_grad():
             for i, s in enumerate(seqs):

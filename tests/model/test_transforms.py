@@ -90,6 +90,12 @@ def test_tiled_mlp_keeps_the_result():
                                                                num_experts_per_tok=2, head_dim=16)},
      "LoRA on gpt_oss's experts is not built yet"),
     (ModelTransforms(lora_alpha=16.0), {}, "--lora-alpha and --lora-dropout configure LoRA adapters: add --lora-rank"),
+    (ModelTransforms(lora_trainable_tokens=(5,)), {}, "--lora-trainable-tokens trains embedding and lm_head rows "
+                                                      "beside LoRA adapters: add --lora-rank"),
+    (ModelTransforms(lora_rank=8, lora_trainable_tokens=("<|end_of_turn|>",)), {"zero_stage": 3},
+     "--lora-trainable-tokens needs ZeRO stage 2 or lower"),
+    (ModelTransforms(lora_rank=8, lora_trainable_tokens=(5, 128)), {"model": ModelConfig.debug()},
+     "--lora-trainable-tokens: token id 128 is outside the model's vocabulary (128 rows)"),
     *[(ModelTransforms(recompute="selective", **kw), {}, f"selective: selective recompute is not supported with {flag}")
       for flag, kw in (("--lora-rank", dict(lora_rank=8)), ("--fp8", dict(fp8="rowwise")),
                        ("--compile", dict(compile=True)), ("--tiled-mlp", dict(tiled_mlp=2)),
@@ -120,6 +126,11 @@ def test_combinations_that_work_are_not_refused():
     assert refusals(ModelTransforms(lora_rank=8, compile=True, recompute=0.5), zero_stage=2, cuda=True,
                     model=ModelConfig.debug()) == []
     assert refusals(ModelTransforms(lora_rank=8, qlora=True, tiled_mlp=4), zero_stage=2, model=ModelConfig.debug()) == []
+    # trainable tokens beside an NF4 base (test_lora.py) and with sequence parallelism (test_sequence_parallel.py)
+    assert refusals(ModelTransforms(lora_rank=8, qlora=True, lora_trainable_tokens=(5, 127, "<|end_of_turn|>")),
+                    zero_stage=2, model=ModelConfig.debug()) == []
+    assert refusals(ModelTransforms(lora_rank=8, sequence_parallel=2, lora_trainable_tokens=(5,)), zero_stage=2,
+                    world_size=2, model=ModelConfig.debug()) == []
     # LoRA on an expert model: attention-only under ZeRO-3 with dropout, or the experts too under ZeRO-2
     moe = ModelConfig.debug(**MOE)
     assert refusals(ModelTransforms(lora_rank=8, lora_targets="attention", lora_dropout=0.1), zero_stage=3,

@@ -79,6 +79,21 @@ def test_sequence_parallel_dividing_heads_and_ranks_passes(tmp_path):
         preflight.check_transforms(_with_model_config(tmp_path, sequence_parallel=size), world, torch.device("cpu"))
 
 
+def test_trainable_tokens_resolve_through_the_training_tokenizer(tmp_path):
+    from ochat.assets import LLAMA2_TOKENIZER
+    from ochat.data import load_tokenizer
+    from ochat.data.chat_formats import get_chat_format
+
+    tokenizer = load_tokenizer(LLAMA2_TOKENIZER, get_chat_format("openchat_v3.2"))  # <|end_of_turn|> added: 32000
+    cfg = config(tmp_path, lora_rank=4, lora_trainable_tokens="<|end_of_turn|>, 7,</s>")
+    assert preflight.resolve_trainable_tokens(cfg, tokenizer).transforms.lora_trainable_tokens == (32000, 7, 2)
+    assert preflight.resolve_trainable_tokens(config(tmp_path), tokenizer) == config(tmp_path)
+    with pytest.raises(TrainError) as e:
+        preflight.resolve_trainable_tokens(config(tmp_path, lora_rank=4, lora_trainable_tokens="7,<|im_end|>"),
+                                           tokenizer)
+    assert str(e.value).startswith("--lora-trainable-tokens: the tokenizer has no token '<|im_end|>'")
+
+
 class _Lengths:
     def __init__(self, *lengths):
         self.lengths = np.array(lengths)

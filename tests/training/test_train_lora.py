@@ -1,7 +1,9 @@
 """The real trainer with LoRA (--lora-rank) on 2 CPU ranks (gloo, float32): the loss falls, only the adapters train,
 final/ holds the adapter in PEFT's format that peft loads on the --model-path model; ZeRO-3 gathers the same
 adapter as ZeRO-2, --merge-lora's merged weights serve the logits of base + adapter, and a run killed and resumed
-from its adapter-only resume states ends bit-for-bit equal; a tiny Qwen3-MoE trains adapters on its experts too."""
+from its adapter-only resume states ends bit-for-bit equal; a tiny Qwen3-MoE trains adapters on its experts too,
+and the embedding and lm_head rows of its end-of-turn token (--lora-trainable-tokens), which its resume state holds
+and --merge-lora merges."""
 import os
 
 import pytest
@@ -88,16 +90,31 @@ def test_resume_after_a_hard_kill_is_bit_for_bit_from_adapter_only_states(setup,
     assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(zero2_run)]
 
 
-def test_an_expert_model_trains_adapters_on_its_experts_that_peft_loads(setup, moe_model):  # noqa: F811
+def test_an_expert_model_trains_adapters_on_its_experts_and_token_rows_that_peft_loads(setup, moe_model):  # noqa: F811
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    out = train((*setup[:2], moe_model), "moe", "--merge-lora", "--gradient-checkpointing")
+    from ochat.training.safe_states import load_state_file
+
+    out = train((*setup[:2], moe_model), "moe", "--merge-lora", "--gradient-checkpointing",
+                "--lora-trainable-tokens", "<|end_of_turn|>")
     ls = [m["loss"] for m in metrics(out)]
     assert len(ls) == 4 and ls[-1] < ls[0], ls
     saved = adapter(out)
     experts = [k for k in saved if ".mlp.experts." in k]
     assert len(experts) == 2 * 2 * 2 and all(saved[k].abs().sum() > 0 for k in saved)  # 2 layers x 2 stacked x A, B
     assert not any(".mlp.gate." in k for k in saved)
+    rows = {k.split(".token_adapter.")[0].removeprefix("base_model.model."): t for k, t in saved.items()
+            if ".token_adapter." in k}
+    base = load_file(os.path.join(moe_model, "model.safetensors"))
+    final = load_file(os.path.join(out, "final", "model.safetensors"))
+    assert rows.keys() == {"model.embed_tokens", "lm_head"}
+    for matrix, values in rows.items():  # <|end_of_turn|> = 32000: trained, and merged as the matrix's row
+        assert values.shape == (1, 64) and not torch.equal(values[0], base[f"{matrix}.weight"][32000])
+        assert torch.equal(final[f"{matrix}.weight"][32000], values[0])
+        assert torch.equal(final[f"{matrix}.weight"][:32000], base[f"{matrix}.weight"][:32000])
+    state = load_state_file(os.path.join(out, "ds_state", "step4", "mp_rank_00_model_states.pt"))["module"]  # final's
+    assert all(torch.equal(state[f"{matrix}.token_adapter.trainable_tokens_delta"], rows[matrix]) for matrix in rows)
     merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "final"))
     ids = torch.tensor([[1, 450, 4996, 17354, 1701]])
     with torch.no_grad():
