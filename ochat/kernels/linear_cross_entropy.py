@@ -167,25 +167,31 @@ def _chunk_triton(logits, labels, weights, write_grad, softcap):
 
 
 def _chunk_torch(logits, labels, weights, write_grad, softcap):
-    """Same as the Triton kernel in PyTorch: float32 math, gradient written into logits in place."""
-    x = logits.float()
+    """Same as the Triton kernel in PyTorch: float32 math, gradient written into logits in place (a scratch chunk:
+    overwritten whether or not the gradient is asked for). In place where it can be: on a CPU each fresh
+    [rows, V] temporary costs more than the arithmetic on it."""
+    x = logits.float()  # logits itself when float32
     if softcap is not None:
         t = torch.tanh(x / softcap)
         x = t * softcap
     is_t = weights > 0
     safe = torch.where(is_t, labels, torch.zeros_like(labels))
-    lse = torch.logsumexp(x, dim=-1)
     x_label = x.gather(1, safe[:, None]).squeeze(1)
+    x_max, argmax = x.max(dim=-1)  # the first maximal index, as argmax
+    p = x.sub_(x_max[:, None]).exp_()  # x is logits or a temporary of ours
+    total = p.sum(-1)
+    lse = x_max + total.log()
     w = weights.float()
     loss = torch.where(is_t, w * (lse - x_label), torch.zeros_like(lse))
-    correct = ((x.argmax(-1) == safe) & is_t).float()
+    correct = ((argmax == safe) & is_t).float()
     if write_grad:
-        g = torch.exp(x - lse[:, None])
+        g = p.div_(total[:, None])
         g[torch.arange(len(safe), device=g.device), safe] -= 1.0
         g *= torch.where(is_t, w, torch.zeros_like(w))[:, None]
         if softcap is not None:
             g *= 1.0 - t * t
-        logits.copy_(g)
+        if g is not logits:
+            logits.copy_(g)
     return loss, correct
 
 
