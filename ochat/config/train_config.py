@@ -102,7 +102,7 @@ class TrainConfig:
     expert_parallel: int = _opt(1, "mixture-of-experts models: ranks that split each expert layer's experts (each "
                                    "holds 1/N of them, the tokens routed to them exchanged by all-to-all; attention "
                                    "and the other weights stay data parallel over all ranks); N divides the experts "
-                                   "and the ranks; ZeRO-2; no resume states yet (checkpoints only)", low=1)
+                                   "and the ranks; ZeRO-2", low=1)
     tiled_mlp: int = _opt(1, "run each decoder layer's MLP over N slices of the tokens (DeepSpeed's TiledMLP): less "
                              "activation memory for long packs, one more MLP forward per layer; 1: off", low=1)
     offload_activations: bool = _opt(False, "keep the inputs of checkpointed layers in CPU memory (DeepSpeed's "
@@ -305,9 +305,6 @@ def check(cfg: TrainConfig) -> TrainConfig:
     problems = refusals(cfg.transforms)
     if problems:
         raise ConfigError(problems[0])
-    if cfg.expert_parallel > 1 and (cfg.resume or cfg.save_state_every):
-        raise ConfigError("--resume and --save-state-every are not yet supported with --expert-parallel (DeepSpeed's "
-                          "MoE resume states name experts its own way): runs write Hugging Face checkpoints only")
     if cfg.batch_max_len is not None and cfg.batch_size_per_gpu is not None:
         raise ConfigError("give --batch-max-len or --batch-size-per-gpu, not both")
     if cfg.deepspeed_config not in DEEPSPEED_CONFIGS and not os.path.isfile(cfg.deepspeed_config):

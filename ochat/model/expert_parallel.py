@@ -32,6 +32,13 @@ group only, every other parameter over all ranks, and divides both by the world 
 expert-data-parallel group of what each rank's experts received from its expert-parallel group is the sum over every
 rank's tokens, so the averaged gradients equal those of the same packs without expert parallelism. DeepSpeed's engine
 does this only for a model it finds a `deepspeed.moe.layer.MoE` in: `show_deepspeed` adds one that holds nothing.
+
+Resume states: DeepSpeed saves the ZeRO optimizer states (fp32 master weights and moments, partitioned by the MoE
+groups already) and, from rank 0 only, the module's weights, which every rank loads: rank 0's expert shards among
+them. DeepSpeed's per-expert files (`layer_L_expert_E_...`) are written and read for the experts of its own MoE
+modules only; the parameterless one counts none (`num_local_experts = 0`), so it neither writes nor looks for them.
+Each expert-parallel rank's shards are saved beside DeepSpeed's files instead (`shards`, by ochat.training.run_folder)
+and copied back over what DeepSpeed loaded (`load_shards`).
 """
 from __future__ import annotations
 
@@ -147,6 +154,32 @@ def held_experts(p: torch.Tensor) -> range | None:
     return getattr(p, "held_experts", None)
 
 
+def ranks(size: int) -> tuple[int, int]:
+    """This rank's place in its expert-parallel group of `size` ranks (which experts it holds) and in its
+    expert-data-parallel group (which of the ranks holding them it is)."""
+    from deepspeed.utils import groups
+
+    name = group_name(size)
+    return groups._get_expert_parallel_rank(name), groups._get_expert_data_parallel_rank(name)
+
+
+def shards(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's expert shards by parameter name, copied to the CPU."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if held_experts(p) is not None}
+
+
+def load_shards(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Copy `saved` (what `shards` returned on a rank holding the same experts) into this rank's expert shards;
+    ValueError (one line) unless it holds exactly them, shape for shape."""
+    params = {n: p for n, p in model.named_parameters() if held_experts(p) is not None}
+    wrong = sorted(params.keys() ^ saved.keys()) or [n for n, p in params.items() if saved[n].shape != p.shape]
+    if wrong:
+        raise ValueError(f"its expert shards do not fit this model ({wrong[0]})")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n])
+
+
 def gather(p: torch.Tensor) -> torch.Tensor:
     """A sharded expert parameter with every expert of its layer, gathered from its expert-parallel group (no
     gradient). Collective over the group."""
@@ -172,8 +205,8 @@ def show_deepspeed(model: nn.Module, size: int) -> None:
 
         def __init__(self):
             nn.Module.__init__(self)  # DeepSpeed's MoE would build its own experts
-            self.num_experts, self.ep_size = model.config.num_experts, size
-            self.num_local_experts, self.expert_group_name = self.num_experts // size, group_name(size)
+            self.num_experts, self.ep_size, self.expert_group_name = model.config.num_experts, size, group_name(size)
+            self.num_local_experts = 0  # DeepSpeed's per-expert checkpoint files: none (module docstring)
 
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
             pass  # `enable` made the groups

@@ -4,7 +4,8 @@
       .ochat.lock          held (flock) by rank 0 while a run writes here; it names that run's process
       ep_N/, final/        Hugging Face checkpoints (ochat.training.checkpoint), each an atomic directory
       ds_state/stepS/      resume states: DeepSpeed's files + run_state.json (ours) + train_config.json; with
-                           LoRA without the frozen base (it is --model-path's)
+                           LoRA without the frozen base (it is --model-path's); with --expert-parallel N also
+                           expert_shards_ep_rank_R.safetensors, the experts of expert-parallel rank R (ours)
       ds_state/latest      the tag of the newest complete resume state
       metrics.jsonl        one JSON line per step and per eval
       wandb/               Weights & Biases files, when enabled
@@ -16,7 +17,7 @@ newest `KEEP_STATES` are kept. run_state.json holds the run's position and setti
 loads anything, so a resume with other settings is refused before it can fail inside DeepSpeed, and the SHA-256
 of every file of the state, taken after each file was fsynced (so `latest` never names data that did not reach
 the disk). --resume verifies them and falls back to the newest state that is whole, saying so; DeepSpeed's
-files are loaded without running code (ochat.training.safe_states).
+files are loaded without running code (ochat.training.safe_states), the expert shards by safetensors.
 
 The loop calls `after_step` once per optimizer step and `after_epoch` once per epoch; they save what is due.
 """
@@ -31,8 +32,11 @@ import re
 import shutil
 
 import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from ochat.config.train_config import TrainConfig
+from ochat.model import expert_parallel
 from ochat.training.checkpoint import save_hf_checkpoint
 from ochat.training.runtime import TrainError
 from ochat.training.state import RunSettings, TrainState
@@ -45,7 +49,9 @@ RUN_STATE = "run_state.json"
 LOCK = ".ochat.lock"
 STATES = "ds_state"
 METRICS = "metrics.jsonl"
+EXPERT_SHARDS = "expert_shards_ep_rank_"  # + R.safetensors: what DeepSpeed's files lack (ochat.model.expert_parallel)
 _TAG = re.compile(r"step(\d+)$")
+_PER_RANK = re.compile(rf"(?:zero_pp_rank_|{EXPERT_SHARDS})(\d+)[_.]")  # files that one rank writes
 _OUTPUTS = re.compile(r"ep_\d+|final|ds_state")  # what makes the folder a run's: checkpoints and resume states
 
 
@@ -148,8 +154,8 @@ class RunFolder:
 
     @property
     def writes_states(self) -> bool:
-        """Whether the run writes resume states: not with --no-save, nor yet with --expert-parallel."""
-        return not self.cfg.no_save and self.cfg.expert_parallel == 1
+        """Whether the run writes resume states: not with --no-save."""
+        return not self.cfg.no_save
 
     def save_state(self, state: TrainState) -> None:
         """The DeepSpeed state (weights, optimizer, scheduler) with the run's state, settings, resolved config and
@@ -163,6 +169,7 @@ class RunFolder:
         try:
             # save_latest=False: DeepSpeed writes `latest` on rank 0 before the other ranks are known to be done
             self.engine.save_checkpoint(d, tag=tag, save_latest=False, exclude_frozen_parameters=self._adapters_only)
+            self._save_expert_shards(folder)
             sums = _gather(_checksums(folder, _own_files(folder)))
             if is_main():
                 _write_synced(os.path.join(folder, "train_config.json"), self.cfg.to_json())
@@ -180,6 +187,15 @@ class RunFolder:
         self.last_state = folder
         log(f"saved DeepSpeed state at epoch {state.epoch} step-in-epoch {state.step_in_epoch} "
             f"(global step {state.global_step})")
+
+    def _save_expert_shards(self, folder: str) -> None:
+        """With --expert-parallel: the experts of this rank's expert-parallel rank R, when it is the first rank
+        holding them (global rank R)."""
+        if self.cfg.expert_parallel == 1:
+            return
+        ep_rank, ep_data_rank = expert_parallel.ranks(self.cfg.expert_parallel)
+        if ep_data_rank == 0:
+            save_file(expert_parallel.shards(self.engine.module), _expert_shards_file(folder, ep_rank))
 
     # ---------------------------------------------------------------- resuming
     def latest(self) -> tuple[TrainState, RunSettings] | None:
@@ -215,6 +231,19 @@ class RunFolder:
                                         load_lr_scheduler_states=True, load_module_strict=not self._adapters_only)
         except UnsafeState as e:
             raise TrainError(f"--resume: {e}; only states ochat wrote can be resumed") from None
+        self._load_expert_shards()
+
+    def _load_expert_shards(self) -> None:
+        """With --expert-parallel: this rank's experts, over those of rank 0 that DeepSpeed loaded (safetensors: no
+        code runs, whatever the file holds)."""
+        if self.cfg.expert_parallel == 1:
+            return
+        path = _expert_shards_file(os.path.join(self.states_dir, self._resume_tag),
+                                   expert_parallel.ranks(self.cfg.expert_parallel)[0])
+        try:
+            expert_parallel.load_shards(self.engine.module, load_file(path))
+        except (ValueError, SafetensorError) as e:
+            raise TrainError(f"--resume: {path}: {e}; only states ochat wrote can be resumed") from None
 
     def close(self) -> None:
         """The run is over: its lock goes (a lock file left by a killed run is harmless: see `_take_lock`)."""
@@ -282,10 +311,15 @@ def _state_tags(d: str) -> list[str]:
     return tags
 
 
+def _expert_shards_file(folder: str, ep_rank: int) -> str:
+    return os.path.join(folder, f"{EXPERT_SHARDS}{ep_rank}.safetensors")
+
+
 def _owner(name: str) -> int:
-    """The rank that checksums a file of a state folder: DeepSpeed's per-rank files `zero_pp_rank_R_...` rank R,
-    every other file rank 0 (the ranks' shares split the work, also without a shared file system)."""
-    m = re.match(r"zero_pp_rank_(\d+)_", name)
+    """The rank that checksums a file of a state folder: the one that wrote it. DeepSpeed's per-rank files
+    `zero_pp_rank_R_...` and the expert shards `expert_shards_ep_rank_R...` rank R, every other file rank 0 (the
+    ranks' shares split the work, also without a shared file system)."""
+    m = _PER_RANK.match(name)
     return int(m.group(1)) % world_size() if m else 0
 
 

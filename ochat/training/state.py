@@ -35,8 +35,9 @@ class TrainState:
 class RunSettings:
     """What decides which packs each step trains, the learning-rate schedule, and how DeepSpeed partitioned its
     state. A resumed run must have the same (DeepSpeed cannot re-partition a ZeRO state for another number of
-    ranks; `slots` = ranks x micro-steps decide the packs; with LoRA the resume state holds only the adapters,
-    so they and the base model must be the same too)."""
+    ranks, nor for other expert-parallel groups, and each rank's expert shards are its group's; `slots` = ranks x
+    micro-steps decide the packs; with LoRA the resume state holds only the adapters, so they and the base model
+    must be the same too)."""
 
     dataset: str  # fingerprint: the conversation lengths and the tokenizer
     batch_max_len: int
@@ -46,6 +47,7 @@ class RunSettings:
     epochs: int
     total_steps: int
     warmup_steps: int
+    expert_parallel: int = 1  # 1 in states saved before expert-parallel runs could save any
     # the LoRA adapters trained, and the frozen base they train on: a LoRA resume state holds only the adapters
     adapters: str = "none"
 

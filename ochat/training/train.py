@@ -143,7 +143,8 @@ def _run_settings(cfg: TrainConfig, plan: PackPlan, train_ds) -> RunSettings:
     return RunSettings(dataset=RunSettings.dataset_fingerprint(train_ds.lengths, train_ds.meta.get("tokenizer_sha256")),
                        batch_max_len=plan.sampler.batch_max_length, world_size=plan.world_size, slots=plan.slots,
                        seed=cfg.seed, epochs=cfg.epochs,
-                       total_steps=total, warmup_steps=warmup, adapters=_adapters(cfg))
+                       total_steps=total, warmup_steps=warmup, expert_parallel=cfg.expert_parallel,
+                       adapters=_adapters(cfg))
 
 
 def _adapters(cfg: TrainConfig) -> str:
@@ -165,9 +166,8 @@ def _resume(run: RunFolder, settings: RunSettings) -> TrainState:
     changed = settings.differences(saved_settings)
     if changed:
         raise TrainError(f"--resume: the saved run differs ({'; '.join(changed)}): resume with its settings (the "
-                         f"same data, --batch-max-len, --seed, --epochs, --max-steps, GPUs, --grad-accum; with LoRA "
-                         f"its flags and --model-path), or start "
-                         f"a new --save-path")
+                         f"same data, --batch-max-len, --seed, --epochs, --max-steps, GPUs, --grad-accum, "
+                         f"--expert-parallel; with LoRA its flags and --model-path), or start a new --save-path")
     if state.global_step < settings.total_steps:  # a finished run has nothing to load
         run.load_state()
     log(f"resumed at epoch {state.epoch} step-in-epoch {state.step_in_epoch} (global step {state.global_step})")
@@ -189,8 +189,7 @@ def _stop_for_signal(run: RunFolder, state: TrainState, stop: StopRequest, saved
     signal's exit status."""
     name = signal.Signals(stop.signal or signal.SIGTERM).name  # a rank that got no signal stops for another's
     if not run.writes_states:
-        why = "--no-save" if run.cfg.no_save else "--expert-parallel writes no resume state yet"
-        raise Stopped(f"stopped by {name} after step {state.global_step} ({why}: nothing saved)", stop.exit_status)
+        raise Stopped(f"stopped by {name} after step {state.global_step} (--no-save: nothing saved)", stop.exit_status)
     if not saved:
         run.save_state(state)
     raise Stopped(f"stopped by {name} after step {state.global_step}; resume state saved: run the same command with "

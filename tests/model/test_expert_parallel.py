@@ -1,16 +1,16 @@
 """Expert parallelism of 4 and 2 on 4 gloo CPU ranks against the unsharded model on the same packs: logits, loss and every
 gradient after DeepSpeed's reduction (dense over all ranks, experts over the expert-data-parallel group, both divided
 by the world size), with idle experts; the all-to-all's backward; loading a rank's experts and gathering them back;
-the refusals."""
+the refusals; saving and restoring a rank's experts."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from ochat.config.errors import ConfigError
-from ochat.config.train_config import parse_args
+from ochat.model import expert_parallel
 from ochat.model.config import ModelConfig
 from ochat.model.transforms import ModelTransforms, refusals
 from tests.helpers.train import REPO
@@ -173,10 +173,19 @@ def test_refusals():
     assert any("reduce_scatter" in p for p in refusals(t, zero_stage=2, reduce_scatter=False))
 
 
-def test_the_trainer_refuses_resume_states_with_expert_parallelism(tmp_path):
-    args = ["--model-path", str(tmp_path), "--data-path", str(tmp_path), "--save-path", str(tmp_path / "out"),
-            "--expert-parallel", "2"]
-    assert parse_args(args).transforms.expert_parallel == 2
-    for extra in (["--resume"], ["--save-state-every", "5"]):
-        with pytest.raises(ConfigError, match="not yet supported with --expert-parallel"):
-            parse_args(args + extra)
+def test_expert_shards_are_saved_and_restored_exactly():
+    """What a resume state holds of a rank's experts (`shards`) and how it returns (`load_shards`); anything else
+    under the shards' names is refused, never broadcast into them."""
+    model = torch.nn.Module()
+    model.experts = torch.nn.Parameter(torch.randn(2, 3, 4))
+    model.experts.held_experts = range(2, 4)
+    model.router = torch.nn.Parameter(torch.randn(8, 3))
+    saved = expert_parallel.shards(model)
+    assert saved.keys() == {"experts"} and torch.equal(saved["experts"], model.experts)
+    with torch.no_grad():
+        model.experts.zero_()
+    expert_parallel.load_shards(model, saved)
+    assert torch.equal(model.experts, saved["experts"])
+    for wrong in ({"experts": torch.zeros(1, 3, 4)}, {**saved, "router": model.router.detach()}, {}):
+        with pytest.raises(ValueError, match=r"its expert shards do not fit this model \((experts|router)\)"):
+            expert_parallel.load_shards(model, wrong)

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -105,15 +106,18 @@ def test_pruning_keeps_the_newest_states_below_the_new_one(tmp_path):
 
 
 # ---------------------------------------------------------------- resume states: checksums, fallback, safe loading
-def _fake_state(d, step, payload=b"weights"):
-    """A state folder as save_state writes it (DeepSpeed's files faked), its checksums recorded."""
+SETTINGS = dict(dataset="abc", batch_max_len=64, world_size=1, slots=1, seed=1, epochs=1, total_steps=9, warmup_steps=0)
+
+
+def _fake_state(d, step, payload=b"weights", **changed):
+    """A state folder as save_state writes it (DeepSpeed's files faked), its checksums recorded; `changed`: its
+    settings that are not SETTINGS (a state saved before a setting existed lacks it)."""
     from ochat.training.run_folder import RUN_STATE, _checksums
     folder = d / f"step{step}"
     folder.mkdir(parents=True)
     (folder / "mp_rank_00_model_states.pt").write_bytes(payload)
     (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(payload * 2)
-    settings = dict(dataset="abc", batch_max_len=64, world_size=1, slots=1, seed=1, epochs=1, total_steps=9,
-                    warmup_steps=0)
+    settings = {**SETTINGS, **changed}
     files = _checksums(str(folder), sorted(os.listdir(folder)))
     (folder / RUN_STATE).write_text(json.dumps({"train_state": {"epoch": 0, "step_in_epoch": step, "global_step": step,
                                                                 "last_checkpoint": None},
@@ -134,6 +138,45 @@ def test_a_whole_state_is_resumed(states):
     folder, newest = states
     state, settings = folder.latest()
     assert state.global_step == 4 and settings.total_steps == 9 and folder.last_state == str(newest)
+    assert settings.expert_parallel == 1  # a state without the setting: saved before expert-parallel states existed
+
+
+def test_a_resume_with_another_expert_parallel_size_is_refused_in_one_line(tmp_path):
+    from ochat.training.state import RunSettings
+    from ochat.training.train import _resume
+    _fake_state(tmp_path / "run" / "ds_state", 2, world_size=4, expert_parallel=2)
+    with pytest.raises(TrainError) as e:
+        _resume(RunFolder(config(tmp_path)), RunSettings(**{**SETTINGS, "world_size": 4, "expert_parallel": 4}))
+    assert "--resume: the saved run differs (expert_parallel: 2 -> 4)" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_each_rank_checksums_the_files_it_wrote(monkeypatch):
+    from ochat.training import run_folder
+    monkeypatch.setattr(run_folder, "world_size", lambda: 4)
+    names = ["zero_pp_rank_3_mp_rank_00_optim_states.pt", "expert_shards_ep_rank_1.safetensors",
+             "mp_rank_00_model_states.pt", "run_state.json"]
+    assert [run_folder._owner(n) for n in names] == [3, 1, 0, 0]
+
+
+def test_planted_expert_shards_never_run(tmp_path, monkeypatch):
+    """An expert-shards file that is a pickle: refused in one line, nothing in it runs (safetensors holds tensors
+    only)."""
+    import torch
+
+    from ochat.model import expert_parallel
+    from ochat.training.run_folder import _expert_shards_file
+    folder = RunFolder(config(tmp_path, expert_parallel=2))
+    folder.bind(SimpleNamespace(module=torch.nn.Linear(1, 1)), tokenizer=None, chat_format=None, settings=None)
+    folder._resume_tag = "step2"
+    planted = _expert_shards_file(os.path.join(folder.states_dir, "step2"), 1)
+    os.makedirs(os.path.dirname(planted))
+    marker = tmp_path / "ran"
+    torch.save({"model.layers.0.mlp.experts.down_proj": CodeRunningPickle(str(marker))}, planted)
+    monkeypatch.setattr(expert_parallel, "ranks", lambda size: (1, 0))
+    with pytest.raises(TrainError, match=r"--resume: .*expert_shards_ep_rank_1.safetensors: .*only states ochat "
+                                         r"wrote can be resumed"):
+        folder._load_expert_shards()
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("damage, problem", [

@@ -21,6 +21,7 @@ def settings(**kw):
 def test_differences_name_each_changed_setting():
     assert settings().differences(settings()) == []
     assert settings(batch_max_len=4096, seed=1).differences(settings()) == ["batch_max_len: 2048 -> 4096", "seed: 42 -> 1"]
+    assert settings().differences(settings(expert_parallel=2)) == ["expert_parallel: 2 -> 1"]
 
 
 def test_dataset_fingerprint_follows_lengths_and_tokenizer():
