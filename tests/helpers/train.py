@@ -1,4 +1,5 @@
 """Running the real trainer from tests: a tiny Llama and the bundled sample, trained on CPU ranks (gloo, float32)."""
+import base64
 import json
 import os
 import signal
@@ -26,10 +27,19 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def trainer_command(ranks: int, model: str, data: str, out: str, *extra: str) -> list[str]:
-    """`deepspeed --num_gpus N --module ochat.training.train` with the tests' common flags (later flags win)."""
-    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_port()), "--module", "ochat.training.train",
-            "--model-path", model, "--data-path", data, "--save-path", out, *COMMON, *extra]
+def trainer_command(ranks: int, model: str, data: str, out: str, *extra: str, runner: bool = False) -> list[str]:
+    """DeepSpeed's launcher starting `--module ochat.training.train` on `ranks` CPU ranks with the tests' common
+    flags (later flags win): what `deepspeed --num_gpus N` runs on one machine, without the runner's own process
+    (its imports and exit cost each launch about 6 s on 2 cores) unless `runner`."""
+    port = _port()
+    if runner:
+        launch = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port)]
+    else:
+        world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(ranks))}).encode()).decode()
+        launch = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
+                  "--master_addr=127.0.0.1", f"--master_port={port}"]
+    return [*launch, "--module", "ochat.training.train", "--model-path", model, "--data-path", data, "--save-path",
+            out, *COMMON, *extra]
 
 
 def run_trainer(ranks: int, model: str, data: str, out: str, *extra: str, timeout: int = RUN_TIMEOUT):
@@ -40,10 +50,12 @@ def run_trainer(ranks: int, model: str, data: str, out: str, *extra: str, timeou
 def run_trainer_until(line_part: str, ranks: int, model: str, data: str, out: str, *extra: str,
                       sig: int = signal.SIGKILL, group: bool = True, timeout: int = RUN_TIMEOUT) -> tuple[int, str]:
     """Start the trainer; once a stdout line contains `line_part`, send `sig` to its whole process group (or,
-    group=False, to the `deepspeed` runner alone). Returns (the runner's exit status, all output) once every
-    process of the group has ended: ranks still saving keep the test waiting, and none is left behind."""
-    proc = subprocess.Popen(trainer_command(ranks, model, data, out, *extra), env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True)
+    group=False, to the `deepspeed` runner alone, which then starts the launcher). Returns (the top process's exit
+    status, all output) once every process of the group has ended: ranks still saving keep the test waiting, and
+    none is left behind."""
+    proc = subprocess.Popen(trainer_command(ranks, model, data, out, *extra, runner=not group), env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            start_new_session=True)
     lines = []
     try:
         for line in proc.stdout:
