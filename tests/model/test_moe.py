@@ -1,6 +1,7 @@
 """Mixture-of-experts models against transformers (CPU, float32, tiny random configs): logits, the load-balancing
 loss and every gradient per conversation, packed = alone, grouped GEMMs = the per-expert loop, tied routing,
 checkpoints both ways, the aux-loss coefficient."""
+import copy
 import functools
 import json
 
@@ -97,6 +98,23 @@ def test_packed_equals_alone(name):
     packed_equals_alone(ours, cfg, name)
 
 
+def _loss_and_grads(model, pack, labels, weights) -> tuple:
+    """(loss sums, {name: gradient}) of weighted CE + the aux term on a pack (ids, pos, cu, max_seqlen)."""
+    model.zero_grad()
+    out = model(*pack, labels=labels, label_weights=weights)
+    (out.weighted_loss + out.aux_loss).backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _assert_same_step(got, got_grads: dict, want, want_grads: dict) -> None:
+    """The loss and the aux loss (rtol 1e-5), the tokens per expert (exactly) and every gradient (rtol 1e-5) agree."""
+    assert_close(got.weighted_loss, want.weighted_loss, what="loss")
+    assert_close(got.aux_loss, want.aux_loss, what="aux loss")
+    assert torch.equal(got.expert_tokens, want.expert_tokens)
+    for n, g in want_grads.items():
+        assert_close(got_grads[n], g, what=f"grad {n}")
+
+
 @pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
 def test_grouped_gemms_equal_the_per_expert_loop(name):
     """torch._grouped_mm runs on the CPU (torch >= 2.9): forward and every gradient equal the per-expert loop (gpt-oss:
@@ -111,10 +129,8 @@ def test_grouped_gemms_equal_the_per_expert_loop(name):
         for m in ours.modules():
             if isinstance(m, experts_mod.Experts):
                 m.impl = impl
-        ours.zero_grad()
-        out = ours(ids, pos, cu, mx, labels=labels, label_weights=weights)
-        (out.weighted_loss + out.aux_loss).backward()
-        results[impl] = out.weighted_loss.detach(), {n: p.grad.clone() for n, p in ours.named_parameters()}
+        out, grads = _loss_and_grads(ours, (ids, pos, cu, mx), labels, weights)
+        results[impl] = out.weighted_loss.detach(), grads
     assert_close(results["grouped"][0], results["loop"][0], rtol=1e-6, what="loss")
     for n, g in results["loop"][1].items():
         assert_close(results["grouped"][1][n], g, rtol=1e-6, what=f"grad {n}")
@@ -134,6 +150,24 @@ def test_grouped_gemms_equal_the_per_expert_loop(name):
             act = experts_mod.clamped_swiglu(gate, up, 1.702, 0.1) if name == "gpt_oss" else F.silu(gate) * up
             want[t] += w[t, j] * F.linear(act, experts.down_proj[e], b2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe"])
+def test_tiled_mlp_keeps_routing_the_aux_loss_and_every_gradient(name):
+    """--tiled-mlp on expert blocks (memory.TiledExperts), recomputed layers around them: each slice of the tokens
+    routed on its own and the routing sums added, so the loss, the load-balancing loss, the tokens per expert and
+    every gradient are the untiled model's; also with more slices than tokens (empty ones). qwen3_moe's dense layer 1
+    goes through DeepSpeed's TiledMLP, qwen2_moe's shared expert through TiledExperts."""
+    cfg, ours, _ = pair(name)
+    for tiles, lengths, seed in ((3, [19, 1, 40, 33], 11), (8, [2, 3], 12)):
+        tiled = copy.deepcopy(ours)
+        apply_transforms(tiled, ModelTransforms(tiled_mlp=tiles, recompute=1.0))
+        assert all("forward" in vars(layer.mlp) for layer in tiled.model.layers)  # replaced by the tiled one
+        *_, ids, pos, cu, mx = make_pack(cfg, lengths, seed)
+        labels, weights = targets(len(ids), cfg.vocab_size, seed)
+        (want, want_grads), (got, got_grads) = (_loss_and_grads(m, (ids, pos, cu, mx), labels, weights)
+                                                for m in (ours, tiled))
+        _assert_same_step(got, got_grads, want, want_grads)
 
 
 def test_tied_router_scores_pick_transformers_experts():
