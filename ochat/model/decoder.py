@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
@@ -311,6 +312,7 @@ class PackedCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.router_aux_loss_coef = config.router_aux_loss_coef  # expert models; --router-aux-loss-coef overrides
+        self.sequence_group = None  # the ranks sharing each pack, each holding a slice (sequence_parallel.enable)
         self.layer_recompute: dict[int, str] = {}  # decoder layer -> recompute.MODES; absent: not recomputed
         self.checkpoint_fn = _recompute_in_backward  # (layer, *inputs) -> outputs; offload swaps in DeepSpeed's
         self._layer_rotary = [config.layer_rotary(i) for i in range(config.num_hidden_layers)]
@@ -453,8 +455,22 @@ class PackedCausalLM(nn.Module):
             return sums
         n = len(input_ids) if real_tokens is None else int(real_tokens)
         coef = self.router_aux_loss_coef
-        aux = coef * n * load_balancing_loss(routing, len(input_ids)) if coef else None
+        aux = coef * self._load_balancing(routing, len(input_ids), n) if coef else None
         return sums._replace(aux_loss=aux, expert_tokens=routing[:, 0].detach())
+
+    def _load_balancing(self, routing: torch.Tensor, tokens: int, real: int) -> torch.Tensor:
+        """real x the pack's load-balancing loss, from the routing sums [expert layers, 2, E] of its `tokens`
+        tokens, `real` of them not filler. On a slice of the pack (sequence parallelism) this slice's share: the
+        counts and real tokens of the whole pack (summed over the group) with the slice's router probabilities, so
+        that the shares and their gradients add up over the group to the pack's."""
+        if self.sequence_group is None:
+            return real * load_balancing_loss(routing, tokens)
+        counts = routing[:, 0]
+        totals = torch.cat([counts.flatten().double(), counts.new_tensor([real], dtype=torch.float64)])
+        dist.all_reduce(totals, group=self.sequence_group)
+        whole = totals[:-1].view_as(counts).to(counts.dtype)
+        return totals[-1].to(counts.dtype) * load_balancing_loss(routing, tokens * dist.get_world_size(
+            self.sequence_group), whole)
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod
