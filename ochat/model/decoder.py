@@ -365,11 +365,17 @@ class PackedCausalLM(nn.Module):
 
         The token count is dynamic, so packs of any size reuse one compiled graph, and the layers share it. Inside,
         the norms, RoPE and the GLU are their PyTorch definitions, which the compiler fuses with the residual adds
-        and with float8 casts (`--fp8`); attention runs its own kernel between two compiled pieces. Recompute
-        (gradient checkpointing) reruns the compiled forward."""
+        and with float8 casts (`--fp8`); attention runs its own kernel between two compiled pieces. So does an
+        expert block, uncompiled as a whole: torch._grouped_mm's shape function (what the compiler traces) takes bf16
+        only, though its CPU kernel takes float32 too; the per-expert loop reads the tokens per expert on the host; and
+        with only the experts left out, the router and the sort around them split the layer into more graphs to
+        compile (9 against 5 in a two-layer Mixtral, twice the compile time on a CPU). Recompute (gradient
+        checkpointing) reruns the compiled forward."""
         attend_outside_graph = torch.compiler.disable(_attend)  # made here: it imports the compiler (seconds)
         for layer in self.model.layers:
             layer.self_attn.attend = attend_outside_graph
+            if layer.has_experts:  # see the docstring
+                layer.mlp.forward = torch.compiler.disable(layer.mlp.forward)
             layer.forward = torch.compile(layer.forward, dynamic=True)
 
     # ---------------------------------------------------------------- forward

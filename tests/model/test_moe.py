@@ -170,6 +170,27 @@ def test_tiled_mlp_keeps_routing_the_aux_loss_and_every_gradient(name):
         _assert_same_step(got, got_grads, want, want_grads)
 
 
+def test_compiled_expert_layers_equal_eager_with_recompute_and_a_new_pack_size():
+    """--compile on an expert model (mixtral): the layers compiled around attention and the expert blocks; loss, aux
+    loss, tokens per expert and every gradient are the eager model's, half the layers recomputed, for two pack sizes
+    (the second reuses the compiled graphs)."""
+    from torch._dynamo.utils import counters
+
+    cfg, ours, _ = pair("mixtral")
+    compiled = copy.deepcopy(ours)
+    apply_transforms(compiled, ModelTransforms(compile=True, recompute=0.5))
+    counters.clear()
+    graphs = []
+    for lengths, seed in (([19, 1, 40, 33], 21), ([30, 9, 50], 22)):
+        *_, ids, pos, cu, mx = make_pack(cfg, lengths, seed)
+        labels, weights = targets(len(ids), cfg.vocab_size, seed)
+        (want, want_grads), (got, got_grads) = (_loss_and_grads(m, (ids, pos, cu, mx), labels, weights)
+                                                for m in (ours, compiled))
+        _assert_same_step(got, got_grads, want, want_grads)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 2 and graphs[1] == graphs[0], graphs
+
+
 def test_tied_router_scores_pick_transformers_experts():
     """All router logits equal (router weights zero): the same experts as transformers, so the same logits."""
     cfg, ours, hf = pair("qwen3_moe")
