@@ -471,7 +471,7 @@ class PackedCausalLM(nn.Module):
         that the shares and their gradients add up over the group to the pack's."""
         if self.sequence_group is None:
             return real * load_balancing_loss(routing, tokens)
-        counts = routing[:, 0]
+        counts = routing[:, 0].detach()
         totals = torch.cat([counts.flatten().double(), counts.new_tensor([real], dtype=torch.float64)])
         dist.all_reduce(totals, group=self.sequence_group)
         whole = totals[:-1].view_as(counts).to(counts.dtype)

@@ -163,15 +163,21 @@ for p in model.parameters():
     dist.all_reduce(p.grad)
 res["grad"] = max(rel(p.grad, q.grad) for p, q in zip(model.parameters(), ref_model.parameters()))
 
-# LoRA adapters (replicated: the same seed on every rank) and the embedding and lm_head rows of three tokens of the
-# pack on the sliced model: the same loss and adapter (and row) gradients
+def adapt(m, tokens=()):
+    """LoRA adapters of rank 4 on `m` (replicated: the same seed on every rank), B random (peft starts it at zero:
+    random here, so that every adapter gradient is non-trivial), and the embedding and lm_head rows of `tokens`."""
+    add_lora(m, 4, 8.0, 0.0, "all", seed=5, trainable_tokens=tokens)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.3)
+
+
+# LoRA adapters and the embedding and lm_head rows of three tokens of the pack on the sliced model: the same loss and
+# adapter (and row) gradients
 lora_ref = PackedCausalLM(ModelConfig.debug(), attn_impl="sdpa")
 lora_ref.reset_parameters(std=0.3)
-add_lora(lora_ref, 4, 8.0, 0.0, "all", seed=5, trainable_tokens=list(dict.fromkeys(items[1][0].tolist()))[:3])
-with torch.no_grad():
-    for name, p in lora_ref.named_parameters():
-        if ".lora_B." in name:
-            p.normal_(std=0.3)  # peft starts B at zero: random here, so that every adapter gradient is non-trivial
+adapt(lora_ref, list(dict.fromkeys(items[1][0].tolist()))[:3])
 lora_model = copy.deepcopy(lora_ref)
 sequence_parallel.enable(lora_model, size)
 tile_mlp(lora_model, 3)
@@ -185,9 +191,13 @@ res["lora frozen grads"] = sum(p.grad is not None for p in lora_model.parameters
 
 # expert models: each rank's share of the load-balancing loss (the pack's tokens per expert, its slice's router
 # probabilities) adds up to the unsliced model's, and so do the gradients, over a pack with a filler (odd length);
-# the group's tokens per expert are the pack's. qwen3_moe tiled (its dense layer too), gpt-oss with its sinks.
-for name, tiles in (("qwen3_moe", 3), ("gpt_oss", 1)):
+# the group's tokens per expert are the pack's. qwen3_moe tiled (its dense layer too) and with LoRA (on the stacked
+# experts too), gpt-oss with its sinks.
+for case, (name, tiles, lora_rank) in {"qwen3_moe tiled": ("qwen3_moe", 3, 0), "gpt_oss": ("gpt_oss", 1, 0),
+                                      "qwen3_moe lora": ("qwen3_moe", 1, 4)}.items():
     _, moe_ref, _ = make_pair(name, variants=MOE)
+    if lora_rank:
+        adapt(moe_ref)
     moe = copy.deepcopy(moe_ref)
     sequence_parallel.enable(moe, size)
     tile_mlp(moe, tiles)
@@ -198,12 +208,13 @@ for name, tiles in (("qwen3_moe", 3), ("gpt_oss", 1)):
     (got.weighted_loss + got.aux_loss).backward()
     total = torch.cat([torch.stack([got.weighted_loss, got.aux_loss]).detach(), got.expert_tokens.flatten()])
     dist.all_reduce(total)
-    for p in moe.parameters():
+    trained = [(p, q) for p, q in zip(moe.parameters(), moe_ref.parameters()) if p.requires_grad]
+    for p, _ in trained:
         dist.all_reduce(p.grad)
-    res[f"{name} loss"] = [total[0].item(), want.weighted_loss.item()]
-    res[f"{name} aux"] = [total[1].item(), want.aux_loss.item()]
-    res[f"{name} expert tokens"] = torch.equal(total[2:], want.expert_tokens.flatten())
-    res[f"{name} grad"] = max(rel(p.grad, q.grad) for p, q in zip(moe.parameters(), moe_ref.parameters()))
+    res[f"moe {case}"] = dict(loss=[total[0].item(), want.weighted_loss.item()],
+                              aux=[total[1].item(), want.aux_loss.item()],
+                              expert_tokens=torch.equal(total[2:], want.expert_tokens.flatten()),
+                              grad=max(rel(p.grad, q.grad) for p, q in trained), trained=len(trained))
 
 # the self-check runs sliced, and refuses a leak across conversations
 preflight.self_check(model, 128, torch.device("cpu"), bf16=False, sequence_parallel_size=size)
@@ -239,9 +250,12 @@ def test_two_ranks_match_the_reference_and_the_unsliced_model(tmp_path):
         got, want = res["lora loss"]
         assert got == pytest.approx(want, rel=1e-5) and want > 1.0
         assert res["lora grad"] < 1e-5 and res["lora adapters"] == 2 * 7 * 2 + 2 and res["lora frozen grads"] == 0
-        for name in ("qwen3_moe", "gpt_oss"):
+        for case in ("qwen3_moe tiled", "gpt_oss", "qwen3_moe lora"):
+            moe = res[f"moe {case}"]
             for what in ("loss", "aux"):
-                got, want = res[f"{name} {what}"]
-                assert got == pytest.approx(want, rel=1e-5) and want > 0.01, (name, what, got, want)
-            assert res[f"{name} expert tokens"] and res[f"{name} grad"] < 1e-5, (name, res)
+                got, want = moe[what]
+                assert got == pytest.approx(want, rel=1e-5) and want > 0.01, (case, what, got, want)
+            assert moe["expert_tokens"] and moe["grad"] < 1e-5, (case, moe)
+        # A and B of q/k/v/o in both layers and of the stacked experts' gate_up/down (the dense layer's MLP has none)
+        assert res["moe qwen3_moe lora"]["trained"] == 2 * (4 * 2 + 2)
         assert res["leak refused"]
