@@ -99,11 +99,12 @@ def test_packed_equals_alone(name):
 
 
 def _loss_and_grads(model, pack, labels, weights) -> tuple:
-    """(loss sums, {name: gradient}) of weighted CE + the aux term on a pack (ids, pos, cu, max_seqlen)."""
+    """(loss sums, {name: gradient} of the trained parameters) of weighted CE + the aux term on a pack (ids, pos, cu,
+    max_seqlen)."""
     model.zero_grad()
     out = model(*pack, labels=labels, label_weights=weights)
     (out.weighted_loss + out.aux_loss).backward()
-    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _assert_same_step(got, got_grads: dict, want, want_grads: dict) -> None:
@@ -152,13 +153,20 @@ def test_grouped_gemms_equal_the_per_expert_loop(name):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe"])
-def test_tiled_mlp_keeps_routing_the_aux_loss_and_every_gradient(name):
+@pytest.mark.parametrize("name, lora_rank", [("qwen3_moe", 0), ("qwen2_moe", 0), ("qwen2_moe", 4)])
+def test_tiled_mlp_keeps_routing_the_aux_loss_and_every_gradient(name, lora_rank):
     """--tiled-mlp on expert blocks (memory.TiledExperts), recomputed layers around them: each slice of the tokens
     routed on its own and the routing sums added, so the loss, the load-balancing loss, the tokens per expert and
     every gradient are the untiled model's; also with more slices than tokens (empty ones). qwen3_moe's dense layer 1
-    goes through DeepSpeed's TiledMLP, qwen2_moe's shared expert through TiledExperts."""
+    goes through DeepSpeed's TiledMLP, qwen2_moe's shared expert through TiledExperts; with LoRA, the gradients of
+    the adapters on attention, the shared expert and the stacked experts."""
     cfg, ours, _ = pair(name)
+    if lora_rank:
+        apply_transforms(ours, ModelTransforms(lora_rank=lora_rank))
+        with torch.no_grad():
+            for n, p in ours.named_parameters():
+                if ".lora_B." in n:
+                    p.normal_(std=0.3)  # peft starts B at zero: random here, so that every adapter gradient counts
     for tiles, lengths, seed in ((3, [19, 1, 40, 33], 11), (8, [2, 3], 12)):
         tiled = copy.deepcopy(ours)
         apply_transforms(tiled, ModelTransforms(tiled_mlp=tiles, recompute=1.0))
