@@ -35,7 +35,9 @@ times `router_aux_loss_coef`:
 
 The model returns `coef * n_p * aux_p` (`LossSums.aux_loss`, a sum like `weighted_loss`), so the training step
 divides it by the step's token count N just as it divides the weighted CE by W (`ochat.training.loss`). For a step
-that is one pack this is transformers' loss on that batch. The router z-loss is not computed: none of these
+that is one pack this is transformers' loss on that batch. A pack sliced over a sequence-parallel group: each rank
+returns its share, from the pack's f and n_p and its own slice's P (`load_balancing_loss` with `counts`), the shares
+adding up to the pack's term. The router z-loss is not computed: none of these
 families defines one in transformers. The router runs in float32 whatever the model's dtype (transformers' gpt-oss
 router runs in the model's dtype; in float32 the two agree).
 """

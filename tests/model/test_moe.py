@@ -288,8 +288,8 @@ def test_aux_loss_coefficient_zero_switches_it_off_and_the_flag_overrides_config
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_config()))
     moe = ModelConfig.from_hf_config(tmp_path)
     assert moe.router_aux_loss_coef == 0.1
-    for t in (ModelTransforms(lora_rank=4, qlora=True), ModelTransforms(fp8="tensorwise"), ModelTransforms(compile=True),
-              ModelTransforms(tiled_mlp=2), ModelTransforms(sequence_parallel=2)):
+    for t in (ModelTransforms(lora_rank=4, qlora=True), ModelTransforms(fp8="tensorwise"),
+              ModelTransforms(offload_activations=True, recompute=1.0)):
         assert any("mixture-of-experts" in p for p in refusals(t, model=moe)), t
     assert refusals(ModelTransforms(router_aux_loss_coef=0.1), model=ModelConfig.debug())
     assert not refusals(ModelTransforms(router_aux_loss_coef=0.1, recompute=1.0), model=moe)
