@@ -62,11 +62,13 @@ def targets(n, vocab, seed=3):
     return labels, weights
 
 
-@pytest.mark.parametrize("name", list(MOE))
-def test_logits_aux_loss_and_grads_match_transformers(name):
+@pytest.mark.parametrize("name, tiles", [(name, 1) for name in MOE] + [("qwen3_moe", 3), ("qwen2_moe", 3)])
+def test_logits_aux_loss_and_grads_match_transformers(name, tiles):
     """Logits per conversation alone, the load-balancing loss of the conversations as one padded batch (its
-    attention mask leaves the padding out), and every gradient of weighted CE + coef x aux."""
+    attention mask leaves the padding out), and every gradient of weighted CE + coef x aux; also with the MLPs and
+    expert blocks tiled (--tiled-mlp)."""
     cfg, ours, hf = pair(name)
+    apply_transforms(ours, ModelTransforms(tiled_mlp=tiles))
     seqs, ids, pos, cu, mx = make_pack(cfg)
     labels, weights = targets(len(ids), cfg.vocab_size)
     out = ours(ids, pos, cu, mx, labels=labels, label_weights=weights)
