@@ -475,8 +475,8 @@ class PackedCausalLM(nn.Module):
         totals = torch.cat([counts.flatten().double(), counts.new_tensor([real], dtype=torch.float64)])
         dist.all_reduce(totals, group=self.sequence_group)
         whole = totals[:-1].view_as(counts).to(counts.dtype)
-        return totals[-1].to(counts.dtype) * load_balancing_loss(routing, tokens * dist.get_world_size(
-            self.sequence_group), whole)
+        pack_tokens = tokens * dist.get_world_size(self.sequence_group)  # the slices are equal
+        return totals[-1].to(counts.dtype) * load_balancing_loss(routing, pack_tokens, whole)
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod
