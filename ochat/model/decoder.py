@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
@@ -311,6 +312,7 @@ class PackedCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.router_aux_loss_coef = config.router_aux_loss_coef  # expert models; --router-aux-loss-coef overrides
+        self.sequence_group = None  # the ranks sharing each pack, each holding a slice (sequence_parallel.enable)
         self.layer_recompute: dict[int, str] = {}  # decoder layer -> recompute.MODES; absent: not recomputed
         self.checkpoint_fn = _recompute_in_backward  # (layer, *inputs) -> outputs; offload swaps in DeepSpeed's
         self._layer_rotary = [config.layer_rotary(i) for i in range(config.num_hidden_layers)]
@@ -363,11 +365,17 @@ class PackedCausalLM(nn.Module):
 
         The token count is dynamic, so packs of any size reuse one compiled graph, and the layers share it. Inside,
         the norms, RoPE and the GLU are their PyTorch definitions, which the compiler fuses with the residual adds
-        and with float8 casts (`--fp8`); attention runs its own kernel between two compiled pieces. Recompute
-        (gradient checkpointing) reruns the compiled forward."""
+        and with float8 casts (`--fp8`); attention runs its own kernel between two compiled pieces. So does an
+        expert block, uncompiled as a whole: torch._grouped_mm's shape function (what the compiler traces) takes bf16
+        only, though its CPU kernel takes float32 too; the per-expert loop reads the tokens per expert on the host; and
+        with only the experts left out, the router and the sort around them split the layer into more graphs to
+        compile (9 against 5 in a two-layer Mixtral, twice the compile time on a CPU). Recompute (gradient
+        checkpointing) reruns the compiled forward."""
         attend_outside_graph = torch.compiler.disable(_attend)  # made here: it imports the compiler (seconds)
         for layer in self.model.layers:
             layer.self_attn.attend = attend_outside_graph
+            if layer.has_experts:  # see the docstring
+                layer.mlp.forward = torch.compiler.disable(layer.mlp.forward)
             layer.forward = torch.compile(layer.forward, dynamic=True)
 
     # ---------------------------------------------------------------- forward
@@ -453,8 +461,22 @@ class PackedCausalLM(nn.Module):
             return sums
         n = len(input_ids) if real_tokens is None else int(real_tokens)
         coef = self.router_aux_loss_coef
-        aux = coef * n * load_balancing_loss(routing, len(input_ids)) if coef else None
+        aux = coef * self._load_balancing(routing, len(input_ids), n) if coef else None
         return sums._replace(aux_loss=aux, expert_tokens=routing[:, 0].detach())
+
+    def _load_balancing(self, routing: torch.Tensor, tokens: int, real: int) -> torch.Tensor:
+        """real x the pack's load-balancing loss, from the routing sums [expert layers, 2, E] of its `tokens`
+        tokens, `real` of them not filler. On a slice of the pack (sequence parallelism) this slice's share: the
+        counts and real tokens of the whole pack (summed over the group) with the slice's router probabilities, so
+        that the shares and their gradients add up over the group to the pack's."""
+        if self.sequence_group is None:
+            return real * load_balancing_loss(routing, tokens)
+        counts = routing[:, 0].detach()
+        totals = torch.cat([counts.flatten().double(), counts.new_tensor([real], dtype=torch.float64)])
+        dist.all_reduce(totals, group=self.sequence_group)
+        whole = totals[:-1].view_as(counts).to(counts.dtype)
+        pack_tokens = tokens * dist.get_world_size(self.sequence_group)  # the slices are equal
+        return totals[-1].to(counts.dtype) * load_balancing_loss(routing, pack_tokens, whole)
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod

@@ -35,7 +35,9 @@ times `router_aux_loss_coef`:
 
 The model returns `coef * n_p * aux_p` (`LossSums.aux_loss`, a sum like `weighted_loss`), so the training step
 divides it by the step's token count N just as it divides the weighted CE by W (`ochat.training.loss`). For a step
-that is one pack this is transformers' loss on that batch. The router z-loss is not computed: none of these
+that is one pack this is transformers' loss on that batch. A pack sliced over a sequence-parallel group: each rank
+returns its share, from the pack's f and n_p and its own slice's P (`load_balancing_loss` with `counts`), the shares
+adding up to the pack's term. The router z-loss is not computed: none of these
 families defines one in transformers. The router runs in float32 whatever the model's dtype (transformers' gpt-oss
 router runs in the model's dtype; in float32 the two agree).
 """
@@ -242,14 +244,17 @@ class ExpertBlock(nn.Module):
         return out, torch.stack([counts.to(probs.dtype), probs.sum(0)])
 
 
-def load_balancing_loss(sums: torch.Tensor, tokens: int) -> torch.Tensor:
+def load_balancing_loss(sums: torch.Tensor, tokens: int, counts: torch.Tensor | None = None) -> torch.Tensor:
     """transformers' load-balancing loss from the routing sums of every expert layer [L, 2, E] over `tokens`
-    tokens: E * sum_e f_e P_e (module docstring); 0 for no tokens."""
+    tokens: E * sum_e f_e P_e (module docstring); 0 for no tokens. `counts` [L, E]: the whole pack's assignments
+    when `sums` are one slice's (sequence parallelism) and `tokens` the pack's; then it is the slice's share, the
+    shares (and their gradients) adding up to the pack's loss, which is linear in P."""
     layers, _, e = sums.shape
     if tokens == 0:
         return sums[:, 1].sum() * 0.0
-    total = sums.sum(0) / (layers * tokens)
-    return e * (total[0].detach() * total[1]).sum()
+    f = (sums[:, 0] if counts is None else counts).sum(0) / (layers * tokens)
+    p = sums[:, 1].sum(0) / (layers * tokens)
+    return e * (f.detach() * p).sum()
 
 
 # ---------------------------------------------------------------- checkpoint names

@@ -17,7 +17,15 @@ groups `deepspeed.utils.groups` then hands to ZeRO): ranks [i*N, (i+1)*N) form s
 ranks together form the sequence-data-parallel group over which ZeRO shards and reduces gradients.
 
 GQA with fewer KV heads than N (or a KV head count N does not divide) repeats the KV heads to lcm(Hkv, N), as
-DeepSpeed's `UlyssesSPAttentionHF` does; the query heads must be a multiple of N.
+DeepSpeed's `UlyssesSPAttentionHF` does; the query heads must be a multiple of N. gpt-oss's attention sinks (one
+learned logit per query head) go to the rank attending with those heads.
+
+Mixture-of-experts layers route each token on its own, so a rank routes its slice alone; only the load-balancing
+loss spans the pack (tokens per expert x mean router probability over all its tokens). Each rank returns its share
+of it: the pack's tokens per expert and real tokens (one small all-reduce over the group per forward) with the
+slice's probabilities (`PackedCausalLM._load_balancing`). The shares add up to the pack's loss and, like the
+cross-entropy sums, their gradients to the pack's gradient (ochat.training.loss). The tokens per expert each rank
+reports are its slice's; the step sums them over all ranks.
 """
 from __future__ import annotations
 
@@ -64,11 +72,14 @@ _PER_TOKEN = ("input_ids", "position_ids", "labels", "label_weights")
 def rank_slice(pack: dict, size: int, rank: int) -> dict:
     """Slice `rank` of a collated pack (ochat.training.collate) whose token count `size` divides: the per-token
     tensors cut to the slice; `cu_seqlens` and `max_seqlen` stay the whole pack's, `target_index` indexes the
-    slice, and `sequence_parallel` = size is added."""
+    slice, `real_tokens` counts the slice's tokens that are not filler (the fillers come last), and
+    `sequence_parallel` = size is added."""
     n = len(pack["input_ids"]) // size
     shard = {k: pack[k][rank * n:(rank + 1) * n] for k in _PER_TOKEN}
     shard["target_index"] = torch.nonzero(shard["label_weights"] > 0).flatten()
-    return dict(shard, cu_seqlens=pack["cu_seqlens"], max_seqlen=pack["max_seqlen"], sequence_parallel=size)
+    real = min(max(pack.get("real_tokens", size * n) - rank * n, 0), n)
+    return dict(shard, cu_seqlens=pack["cu_seqlens"], max_seqlen=pack["max_seqlen"], real_tokens=real,
+                sequence_parallel=size)
 
 
 def kv_repeats(num_heads: int, num_kv_heads: int, size: int) -> int:
@@ -92,7 +103,8 @@ class UlyssesAttention:
         import deepspeed.comm as ds_dist
         from deepspeed.sequence.layer import DistributedAttention
 
-        self.repeats = kv_repeats(num_heads, num_kv_heads, ds_dist.get_world_size(group))
+        self.size, self.rank = ds_dist.get_world_size(group), ds_dist.get_rank(group)
+        self.repeats = kv_repeats(num_heads, num_kv_heads, self.size)
         # seq-first layout [T, 1, H, D] (batch_dim_idx 1): scatter the heads (dim 2), gather the tokens (dim 0)
         self.exchange = DistributedAttention(self._attend_whole_pack, group, scatter_idx=2, gather_idx=0)
 
@@ -103,7 +115,10 @@ class UlyssesAttention:
         return o.unsqueeze(1)
 
     def __call__(self, q, k, v, cu_seqlens, max_seqlen, window=None, backend="auto", **variant):
-        """`variant`: the model's attention variants (softmax scale, soft-capping), passed on unchanged."""
+        """`variant`: the model's attention variants (softmax scale, soft-capping, gpt-oss's sinks), passed on
+        unchanged but for the sinks, one per query head: this rank's share of them (its heads in the exchange)."""
+        if "sinks" in variant:
+            variant["sinks"] = variant["sinks"].chunk(self.size)[self.rank]
         if self.repeats > 1:
             k, v = k.repeat_interleave(self.repeats, dim=1), v.repeat_interleave(self.repeats, dim=1)
         out = self.exchange(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), 1, None, cu_seqlens, max_seqlen,
@@ -112,23 +127,27 @@ class UlyssesAttention:
 
 
 def enable(model: torch.nn.Module, size: int) -> None:
-    """Create DeepSpeed's sequence-parallel groups of `size` ranks and route every attention layer of `model`
-    through UlyssesAttention on this rank's group (nothing when size is 1). Collective: every rank calls it,
-    once per process."""
+    """Route every attention layer of `model` through UlyssesAttention on this rank's sequence-parallel group of
+    `size` ranks and give the model the group (`PackedCausalLM.sequence_group`: an expert model's load-balancing
+    loss needs the whole pack's routing counts); nothing when size is 1. The first call in a process creates
+    DeepSpeed's groups: collective, every rank calls it."""
     if size == 1:
         return
     import deepspeed.comm as ds_dist
     import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
 
-    mpu.initialize_sequence_parallel(sequence_parallel_size=size)
+    if mpu._SEQUENCE_PARALLEL_GROUP is None:  # made by the first call in this process
+        mpu.initialize_sequence_parallel(sequence_parallel_size=size)
+    assert mpu.get_sequence_parallel_world_size() == size, "the groups of another --sequence-parallel exist"
     layout = Layout(ds_dist.get_world_size(), ds_dist.get_rank(), size)
     assert mpu.get_sequence_parallel_rank() == layout.sp_rank, "DeepSpeed's group order changed"
-    cfg = model.config
-    attention = UlyssesAttention(mpu.get_sequence_parallel_group(), cfg.num_attention_heads, cfg.num_key_value_heads)
+    cfg, group = model.config, mpu.get_sequence_parallel_group()
+    attention = UlyssesAttention(group, cfg.num_attention_heads, cfg.num_key_value_heads)
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     assert layers, "no attention layer found"
     for layer in layers:
         layer.attention_hook = attention
+    model.sequence_group = group
 
 
 def deepspeed_mpu(size: int):

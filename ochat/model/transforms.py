@@ -19,20 +19,25 @@ then changes it, always in this order:
                   recompute.AutoRecompute settles each layer on none, selective or full after two steps. Selective
                   recompute is refused with LoRA, fp8, compile, tiled MLP, offload, sequence and expert parallelism
                   and ZeRO-3 (`selective_refusals`); auto then chooses between none and full only.
-3. tiled MLP      each decoder layer's MLP runs over N slices of the tokens (memory.py, DeepSpeed's TiledMLP).
+3. tiled MLP      each decoder layer's MLP runs over N slices of the tokens (memory.py, DeepSpeed's TiledMLP; an
+                  expert block through memory.TiledExperts, its routing sums added up over the slices).
 4. offload        the inputs of checkpointed layers wait in CPU memory (memory.py, DeepSpeed's checkpointing).
-5. compile        each decoder layer compiled by torch.compile (after fp8: the float8 casts compile with it).
+5. compile        each decoder layer compiled by torch.compile (after fp8: the float8 casts compile with it); an
+                  expert block runs uncompiled between compiled pieces, as attention does.
 6. sequence parallelism   every attention routed over the ranks of a sequence-parallel group
-                  (sequence_parallel.py); attention stays outside compiled graphs, so it composes with 1-4.
+                  (sequence_parallel.py); attention stays outside compiled graphs, so it composes with 1-4. An expert
+                  model's load-balancing loss takes the whole pack's tokens per expert from the group.
 7. expert parallelism     each expert layer keeps only this rank's share of the experts, the rows routed to them
                   exchanged by all-to-all over an expert-parallel group (expert_parallel.py); composes with
-                  recompute (tested), is refused with sequence parallelism and ZeRO-3.
+                  recompute (tested), is refused with sequence parallelism, tiled MLP, compile (not yet tested
+                  together) and ZeRO-3.
 
 The load-balancing loss's coefficient (`--router-aux-loss-coef`) replaces config.json's on an expert model (any
-time: it is read at each forward). Mixture-of-experts models take recompute and LoRA (attention, shared experts and
+time: it is read at each forward). Mixture-of-experts models take recompute, LoRA (attention, shared experts and
 the routed experts' stacked weights; not with --qlora, --expert-parallel, --lora-dropout on the experts or, for
-the experts, ZeRO-3); fp8, tiled MLP, offload, compile and sequence parallelism are refused with them (not yet
-built or tested on expert blocks).
+the experts, ZeRO-3), tiled MLP, compile (not with LoRA on the experts) and sequence parallelism (tested: the same
+loss, load-balancing loss and gradients as without them); fp8 and offload are refused with them (not yet built or
+tested on expert blocks).
 `refusals` holds every rule about which combinations are refused; the trainer asks it at parse time, with the
 DeepSpeed config, and before training.
 """
@@ -137,10 +142,8 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
             out.append("--lora-trainable-tokens trains embedding and lm_head rows beside LoRA adapters: add "
                        "--lora-rank")
     if model is not None and model.arch.experts is not None:
-        unsupported = [flag for flag, on in (("--qlora", t.qlora), ("--fp8", t.fp8), ("--compile", t.compile),
-                                             ("--tiled-mlp", t.tiled_mlp > 1),
-                                             ("--offload-activations", t.offload_activations),
-                                             ("--sequence-parallel", t.sequence_parallel > 1)) if on]
+        unsupported = [flag for flag, on in (("--qlora", t.qlora), ("--fp8", t.fp8),
+                                             ("--offload-activations", t.offload_activations)) if on]
         if unsupported:
             out.append(f"{', '.join(unsupported)} not yet supported with a mixture-of-experts model "
                        f"({model.model_type})")
@@ -148,6 +151,9 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
             out.append(f"LoRA on {model.model_type}'s experts is not built yet (peft's adapters follow transformers' "
                        f"fused, interleaved expert tensors, not ochat's layout): use --lora-targets attention")
         elif t.lora_rank and t.lora_targets in ("mlp", "all"):  # the presets that adapt the stacked experts
+            if t.compile:
+                out.append(f"--compile is not yet supported with LoRA on {model.model_type}'s experts: drop it or use "
+                           f"--lora-targets attention")
             if t.lora_dropout:
                 out.append(f"--lora-dropout: the adapters of {model.model_type}'s experts have none (peft's "
                            f"target_parameters adapters): drop it or use --lora-targets attention")
@@ -158,8 +164,10 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
         out += [f"{flag} {what} mixture-of-experts models; {model.model_type} has no experts" for flag, what, on in (
             ("--router-aux-loss-coef", "weighs the load-balancing loss of", t.router_aux_loss_coef is not None),
             ("--expert-parallel", "splits the experts of", t.expert_parallel > 1)) if on]
-    if t.expert_parallel > 1 and t.sequence_parallel > 1:
-        out.append("--expert-parallel is not yet supported with --sequence-parallel: drop one or the other")
+    untested = [flag for flag, on in (("--sequence-parallel", t.sequence_parallel > 1),
+                                      ("--tiled-mlp", t.tiled_mlp > 1), ("--compile", t.compile)) if on]
+    if t.expert_parallel > 1 and untested:
+        out.append(f"--expert-parallel is not yet supported with {', '.join(untested)}: drop one or the other")
     if t.expert_parallel > 1 and zero_stage is not None and (zero_stage != 2 or not reduce_scatter):
         out.append("--expert-parallel needs ZeRO stage 2 with reduce_scatter (DeepSpeed's reduction of MoE gradients; "
                    "ZeRO-3 would partition each rank's experts over all ranks, stages 0-1 are untested)")
@@ -185,8 +193,8 @@ def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | 
                      emulate_fp8: bool = False) -> None:
     """Change `model` (a PackedCausalLM) in place as `t` asks, in the module's order. `ds_config`: DeepSpeed's
     config, whose activation_checkpointing section configures offload; `emulate_fp8`: float8 casts with
-    higher-precision matmuls (CPUs). Sequence parallelism creates DeepSpeed's groups: collective, once per
-    process, after torch.distributed started; so does expert parallelism."""
+    higher-precision matmuls (CPUs). Sequence parallelism creates DeepSpeed's groups at its first call in a process:
+    collective, after torch.distributed started; so does expert parallelism."""
     from ochat.model import expert_parallel, memory, sequence_parallel
     from ochat.model.fp8 import enable_fp8
     from ochat.model.lora import add_lora, default_alpha

@@ -1,6 +1,7 @@
 """Mixture-of-experts models against transformers (CPU, float32, tiny random configs): logits, the load-balancing
 loss and every gradient per conversation, packed = alone, grouped GEMMs = the per-expert loop, tied routing,
 checkpoints both ways, the aux-loss coefficient."""
+import copy
 import functools
 import json
 
@@ -61,11 +62,13 @@ def targets(n, vocab, seed=3):
     return labels, weights
 
 
-@pytest.mark.parametrize("name", list(MOE))
-def test_logits_aux_loss_and_grads_match_transformers(name):
+@pytest.mark.parametrize("name, tiles", [(name, 1) for name in MOE] + [("qwen3_moe", 3), ("qwen2_moe", 3)])
+def test_logits_aux_loss_and_grads_match_transformers(name, tiles):
     """Logits per conversation alone, the load-balancing loss of the conversations as one padded batch (its
-    attention mask leaves the padding out), and every gradient of weighted CE + coef x aux."""
+    attention mask leaves the padding out), and every gradient of weighted CE + coef x aux; also with the MLPs and
+    expert blocks tiled (--tiled-mlp)."""
     cfg, ours, hf = pair(name)
+    apply_transforms(ours, ModelTransforms(tiled_mlp=tiles))
     seqs, ids, pos, cu, mx = make_pack(cfg)
     labels, weights = targets(len(ids), cfg.vocab_size)
     out = ours(ids, pos, cu, mx, labels=labels, label_weights=weights)
@@ -97,6 +100,24 @@ def test_packed_equals_alone(name):
     packed_equals_alone(ours, cfg, name)
 
 
+def _loss_and_grads(model, pack, labels, weights) -> tuple:
+    """(loss sums, {name: gradient} of the trained parameters) of weighted CE + the aux term on a pack (ids, pos, cu,
+    max_seqlen)."""
+    model.zero_grad()
+    out = model(*pack, labels=labels, label_weights=weights)
+    (out.weighted_loss + out.aux_loss).backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same_step(got, got_grads: dict, want, want_grads: dict) -> None:
+    """The loss and the aux loss (rtol 1e-5), the tokens per expert (exactly) and every gradient (rtol 1e-5) agree."""
+    assert_close(got.weighted_loss, want.weighted_loss, what="loss")
+    assert_close(got.aux_loss, want.aux_loss, what="aux loss")
+    assert torch.equal(got.expert_tokens, want.expert_tokens)
+    for n, g in want_grads.items():
+        assert_close(got_grads[n], g, what=f"grad {n}")
+
+
 @pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
 def test_grouped_gemms_equal_the_per_expert_loop(name):
     """torch._grouped_mm runs on the CPU (torch >= 2.9): forward and every gradient equal the per-expert loop (gpt-oss:
@@ -111,10 +132,8 @@ def test_grouped_gemms_equal_the_per_expert_loop(name):
         for m in ours.modules():
             if isinstance(m, experts_mod.Experts):
                 m.impl = impl
-        ours.zero_grad()
-        out = ours(ids, pos, cu, mx, labels=labels, label_weights=weights)
-        (out.weighted_loss + out.aux_loss).backward()
-        results[impl] = out.weighted_loss.detach(), {n: p.grad.clone() for n, p in ours.named_parameters()}
+        out, grads = _loss_and_grads(ours, (ids, pos, cu, mx), labels, weights)
+        results[impl] = out.weighted_loss.detach(), grads
     assert_close(results["grouped"][0], results["loop"][0], rtol=1e-6, what="loss")
     for n, g in results["loop"][1].items():
         assert_close(results["grouped"][1][n], g, rtol=1e-6, what=f"grad {n}")
@@ -134,6 +153,52 @@ def test_grouped_gemms_equal_the_per_expert_loop(name):
             act = experts_mod.clamped_swiglu(gate, up, 1.702, 0.1) if name == "gpt_oss" else F.silu(gate) * up
             want[t] += w[t, j] * F.linear(act, experts.down_proj[e], b2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, lora_rank", [("qwen3_moe", 0), ("qwen2_moe", 0), ("qwen2_moe", 4)])
+def test_tiled_mlp_keeps_routing_the_aux_loss_and_every_gradient(name, lora_rank):
+    """--tiled-mlp on expert blocks (memory.TiledExperts), recomputed layers around them: each slice of the tokens
+    routed on its own and the routing sums added, so the loss, the load-balancing loss, the tokens per expert and
+    every gradient are the untiled model's; also with more slices than tokens (empty ones). qwen3_moe's dense layer 1
+    goes through DeepSpeed's TiledMLP, qwen2_moe's shared expert through TiledExperts; with LoRA, the gradients of
+    the adapters on attention, the shared expert and the stacked experts."""
+    cfg, ours, _ = pair(name)
+    if lora_rank:
+        apply_transforms(ours, ModelTransforms(lora_rank=lora_rank))
+        with torch.no_grad():
+            for n, p in ours.named_parameters():
+                if ".lora_B." in n:
+                    p.normal_(std=0.3)  # peft starts B at zero: random here, so that every adapter gradient counts
+    for tiles, lengths, seed in ((3, [19, 1, 40, 33], 11), (8, [2, 3], 12)):
+        tiled = copy.deepcopy(ours)
+        apply_transforms(tiled, ModelTransforms(tiled_mlp=tiles, recompute=1.0))
+        assert all("forward" in vars(layer.mlp) for layer in tiled.model.layers)  # replaced by the tiled one
+        *_, ids, pos, cu, mx = make_pack(cfg, lengths, seed)
+        labels, weights = targets(len(ids), cfg.vocab_size, seed)
+        (want, want_grads), (got, got_grads) = (_loss_and_grads(m, (ids, pos, cu, mx), labels, weights)
+                                                for m in (ours, tiled))
+        _assert_same_step(got, got_grads, want, want_grads)
+
+
+def test_compiled_expert_layers_equal_eager_with_recompute_and_a_new_pack_size():
+    """--compile on an expert model (mixtral): the layers compiled around attention and the expert blocks; loss, aux
+    loss, tokens per expert and every gradient are the eager model's, half the layers recomputed, for two pack sizes
+    (the second reuses the compiled graphs)."""
+    from torch._dynamo.utils import counters
+
+    cfg, ours, _ = pair("mixtral")
+    compiled = copy.deepcopy(ours)
+    apply_transforms(compiled, ModelTransforms(compile=True, recompute=0.5))
+    counters.clear()
+    graphs = []
+    for lengths, seed in (([19, 1, 40, 33], 21), ([30, 9, 50], 22)):
+        *_, ids, pos, cu, mx = make_pack(cfg, lengths, seed)
+        labels, weights = targets(len(ids), cfg.vocab_size, seed)
+        (want, want_grads), (got, got_grads) = (_loss_and_grads(m, (ids, pos, cu, mx), labels, weights)
+                                                for m in (ours, compiled))
+        _assert_same_step(got, got_grads, want, want_grads)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 2 and graphs[1] == graphs[0], graphs
 
 
 def test_tied_router_scores_pick_transformers_experts():
@@ -225,8 +290,8 @@ def test_aux_loss_coefficient_zero_switches_it_off_and_the_flag_overrides_config
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_config()))
     moe = ModelConfig.from_hf_config(tmp_path)
     assert moe.router_aux_loss_coef == 0.1
-    for t in (ModelTransforms(lora_rank=4, qlora=True), ModelTransforms(fp8="tensorwise"), ModelTransforms(compile=True),
-              ModelTransforms(tiled_mlp=2), ModelTransforms(sequence_parallel=2)):
+    for t in (ModelTransforms(lora_rank=4, qlora=True), ModelTransforms(fp8="tensorwise"),
+              ModelTransforms(offload_activations=True, recompute=1.0)):
         assert any("mixture-of-experts" in p for p in refusals(t, model=moe)), t
     assert refusals(ModelTransforms(router_aux_loss_coef=0.1), model=ModelConfig.debug())
     assert not refusals(ModelTransforms(router_aux_loss_coef=0.1, recompute=1.0), model=moe)

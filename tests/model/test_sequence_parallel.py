@@ -34,6 +34,8 @@ def test_slices_put_together_are_the_padded_pack(size):
         assert torch.equal(s["cu_seqlens"], whole["cu_seqlens"]) and s["max_seqlen"] == whole["max_seqlen"]
         assert torch.equal(s["target_index"] + r * n, whole["target_index"][(whole["target_index"] >= r * n)
                                                                             & (whole["target_index"] < (r + 1) * n)])
+    # each slice counts its tokens that are not filler; the fillers (fewer than a slice) come last
+    assert [s["real_tokens"] for s in shards] == [n] * (size - 1) + [n - pad]
     # the filler is a sequence of its own: the real conversations' boundaries are unchanged
     assert whole["cu_seqlens"].tolist()[:5] == [0, 5, 14, 15, 21]
     assert sum(float(s["label_weights"].sum()) for s in shards) == pytest.approx(sum(float(w[1:].sum()) for _, w in items))
@@ -86,16 +88,18 @@ import copy, json, os, sys
 import numpy as np, torch
 import torch.distributed as dist
 from ochat.kernels.attention import varlen_attention_sdpa
-from tests.helpers.models import leaky_attention
+from tests.helpers.models import leaky_attention, make_pair
 from ochat.model import sequence_parallel
 from ochat.training import preflight
 from ochat.model.memory import tile_mlp
-from ochat.model.decoder import Attention, PackedCausalLM
+from ochat.model.decoder import PackedCausalLM
 from ochat.model.lora import add_lora
 from ochat.model.config import ModelConfig
 from ochat.training.runtime import TrainError, init_distributed
 from ochat.model.sequence_parallel import Layout, UlyssesAttention
 from ochat.training.collate import collate_for_rank
+from ochat.training.step import forward_loss
+from tests.model.test_moe import MOE
 
 out = sys.argv[1]
 init_distributed(cuda=False)
@@ -159,20 +163,23 @@ for p in model.parameters():
     dist.all_reduce(p.grad)
 res["grad"] = max(rel(p.grad, q.grad) for p, q in zip(model.parameters(), ref_model.parameters()))
 
-# LoRA adapters (replicated: the same seed on every rank) and the embedding and lm_head rows of three tokens of the
-# pack on the sliced model: the same loss and adapter (and row) gradients
+def adapt(m, tokens=()):
+    """LoRA adapters of rank 4 on `m` (replicated: the same seed on every rank), B random (peft starts it at zero:
+    random here, so that every adapter gradient is non-trivial), and the embedding and lm_head rows of `tokens`."""
+    add_lora(m, 4, 8.0, 0.0, "all", seed=5, trainable_tokens=tokens)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.3)
+
+
+# LoRA adapters and the embedding and lm_head rows of three tokens of the pack on the sliced model: the same loss and
+# adapter (and row) gradients
 lora_ref = PackedCausalLM(ModelConfig.debug(), attn_impl="sdpa")
 lora_ref.reset_parameters(std=0.3)
-add_lora(lora_ref, 4, 8.0, 0.0, "all", seed=5, trainable_tokens=list(dict.fromkeys(items[1][0].tolist()))[:3])
-with torch.no_grad():
-    for name, p in lora_ref.named_parameters():
-        if ".lora_B." in name:
-            p.normal_(std=0.3)  # peft starts B at zero: random here, so that every adapter gradient is non-trivial
+adapt(lora_ref, list(dict.fromkeys(items[1][0].tolist()))[:3])
 lora_model = copy.deepcopy(lora_ref)
-hook = next(m.attention_hook for m in model.modules() if isinstance(m, Attention))
-for m in lora_model.modules():
-    if isinstance(m, Attention):
-        m.attention_hook = hook
+sequence_parallel.enable(lora_model, size)
 tile_mlp(lora_model, 3)
 res["lora loss"] = sliced_and_whole_losses(lora_model, lora_ref)
 adapters = [(p, q) for p, q in zip(lora_model.parameters(), lora_ref.parameters()) if p.requires_grad]
@@ -181,6 +188,33 @@ for p, _ in adapters:
 res["lora grad"] = max(rel(p.grad, q.grad) for p, q in adapters)
 res["lora adapters"] = len(adapters)
 res["lora frozen grads"] = sum(p.grad is not None for p in lora_model.parameters() if not p.requires_grad)
+
+# expert models: each rank's share of the load-balancing loss (the pack's tokens per expert, its slice's router
+# probabilities) adds up to the unsliced model's, and so do the gradients, over a pack with a filler (odd length);
+# the group's tokens per expert are the pack's. qwen3_moe tiled (its dense layer too) and with LoRA (on the stacked
+# experts too), gpt-oss with its sinks.
+for case, (name, tiles, lora_rank) in {"qwen3_moe tiled": ("qwen3_moe", 3, 0), "gpt_oss": ("gpt_oss", 1, 0),
+                                      "qwen3_moe lora": ("qwen3_moe", 1, 4)}.items():
+    _, moe_ref, _ = make_pair(name, variants=MOE)
+    if lora_rank:
+        adapt(moe_ref)
+    moe = copy.deepcopy(moe_ref)
+    sequence_parallel.enable(moe, size)
+    tile_mlp(moe, tiles)
+    items = [(g.integers(0, 128, m).astype(np.int32), g.random(m).astype(np.float32)) for m in (13, 30, 6)]
+    want = forward_loss(moe_ref, collate_for_rank(items, 0, token_multiple=size), torch.device("cpu"))
+    (want.weighted_loss + want.aux_loss).backward()
+    got = forward_loss(moe, collate_for_rank(items, 0, Layout(size, rank, size)), torch.device("cpu"))
+    (got.weighted_loss + got.aux_loss).backward()
+    total = torch.cat([torch.stack([got.weighted_loss, got.aux_loss]).detach(), got.expert_tokens.flatten()])
+    dist.all_reduce(total)
+    trained = [(p, q) for p, q in zip(moe.parameters(), moe_ref.parameters()) if p.requires_grad]
+    for p, _ in trained:
+        dist.all_reduce(p.grad)
+    res[f"moe {case}"] = dict(loss=[total[0].item(), want.weighted_loss.item()],
+                              aux=[total[1].item(), want.aux_loss.item()],
+                              expert_tokens=torch.equal(total[2:], want.expert_tokens.flatten()),
+                              grad=max(rel(p.grad, q.grad) for p, q in trained), trained=len(trained))
 
 # the self-check runs sliced, and refuses a leak across conversations
 preflight.self_check(model, 128, torch.device("cpu"), bf16=False, sequence_parallel_size=size)
@@ -216,4 +250,12 @@ def test_two_ranks_match_the_reference_and_the_unsliced_model(tmp_path):
         got, want = res["lora loss"]
         assert got == pytest.approx(want, rel=1e-5) and want > 1.0
         assert res["lora grad"] < 1e-5 and res["lora adapters"] == 2 * 7 * 2 + 2 and res["lora frozen grads"] == 0
+        for case in ("qwen3_moe tiled", "gpt_oss", "qwen3_moe lora"):
+            moe = res[f"moe {case}"]
+            for what in ("loss", "aux"):
+                got, want = moe[what]
+                assert got == pytest.approx(want, rel=1e-5) and want > 0.01, (case, what, got, want)
+            assert moe["expert_tokens"] and moe["grad"] < 1e-5, (case, moe)
+        # A and B of q/k/v/o in both layers and of the stacked experts' gate_up/down (the dense layer's MLP has none)
+        assert res["moe qwen3_moe lora"]["trained"] == 2 * (4 * 2 + 2)
         assert res["leak refused"]

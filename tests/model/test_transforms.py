@@ -86,6 +86,13 @@ def test_tiled_mlp_keeps_the_result():
      "--lora-dropout: the adapters of qwen3_moe's experts have none"),
     (ModelTransforms(lora_rank=8), {"model": ModelConfig.debug(**MOE), "zero_stage": 3},
      "LoRA on the experts (--lora-targets mlp or all) needs ZeRO stage 2 or lower"),
+    (ModelTransforms(fp8="rowwise", offload_activations=True, recompute=1.0), {"model": ModelConfig.debug(**MOE)},
+     "--fp8, --offload-activations not yet supported with a mixture-of-experts model (qwen3_moe)"),
+    (ModelTransforms(lora_rank=8, compile=True), {"model": ModelConfig.debug(**MOE)},
+     "--compile is not yet supported with LoRA on qwen3_moe's experts: drop it or use --lora-targets attention"),
+    (ModelTransforms(expert_parallel=2, tiled_mlp=2), {},
+     "--expert-parallel is not yet supported with --tiled-mlp: drop one or the other"),
+    (ModelTransforms(expert_parallel=2, compile=True), {}, "--expert-parallel is not yet supported with --compile"),
     (ModelTransforms(lora_rank=8), {"model": ModelConfig.debug(model_type="gpt_oss", num_experts=4,
                                                                num_experts_per_tok=2, head_dim=16)},
      "LoRA on gpt_oss's experts is not built yet"),
@@ -136,3 +143,8 @@ def test_combinations_that_work_are_not_refused():
     assert refusals(ModelTransforms(lora_rank=8, lora_targets="attention", lora_dropout=0.1), zero_stage=3,
                     model=moe) == []
     assert refusals(ModelTransforms(lora_rank=8, recompute=1.0), zero_stage=2, model=moe) == []
+    # an expert model sliced over ranks with its MLPs tiled (test_sequence_parallel.py), or compiled (test_moe.py)
+    assert refusals(ModelTransforms(sequence_parallel=2, tiled_mlp=4, recompute=1.0, router_aux_loss_coef=0.01),
+                    zero_stage=2, cuda=True, world_size=4, model=moe) == []
+    assert refusals(ModelTransforms(compile=True, recompute=0.5, lora_rank=8, lora_targets="attention"), zero_stage=2,
+                    cuda=True, world_size=2, model=moe) == []
