@@ -196,6 +196,9 @@ class RunFolder:
         ep_rank, ep_data_rank = expert_parallel.ranks(self.cfg.expert_parallel)
         if ep_data_rank == 0:
             save_file(expert_parallel.shards(self.engine.module), _expert_shards_file(folder, ep_rank))
+        # safetensors writes a `.tmp...` file and renames it: no rank lists the folder (to checksum its files)
+        # while another may still be writing one
+        barrier()
 
     # ---------------------------------------------------------------- resuming
     def latest(self) -> tuple[TrainState, RunSettings] | None:
