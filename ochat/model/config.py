@@ -7,7 +7,9 @@ Two parts:
   OLMo 2, and the mixture-of-experts families Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE and gpt-oss (`ExpertLayout`:
   how their checkpoints name and lay out the experts, how the router normalises, biases, the experts' activation;
   gpt-oss also has learned attention sinks). Anything else (DeepSeek-style MoE, linear attention, ...) is refused
-  in one line naming it, as are MXFP4-quantised checkpoints (dequantise them first).
+  in one line naming it. config.json's `quantization_config` is accepted only where the family's weights are
+  dequantised as they are read (`Architecture.quantized`: gpt-oss's MXFP4 experts, as the Hub ships them;
+  ochat.model.mxfp4), refused in one line otherwise, and never written back: ochat's checkpoints are plain.
 - `ModelConfig`: the numbers of one config.json (sizes, RoPE, sliding windows, soft-capping), read through
   transformers' own config class (so its defaults and older spellings are honoured) and written back as a
   config.json that transformers loads.
@@ -73,6 +75,7 @@ class Architecture:
     experts: ExpertLayout | None = None  # mixture-of-experts families
     key_names: tuple[tuple[str, str], ...] = ()  # (field, config.json key) where the family spells a key its own way
     fixed: tuple[tuple[str, Any], ...] = ()  # (config.json key, the one value ochat supports): anything else refused
+    quantized: tuple[str, ...] = ()  # quantization_config quant_methods ochat dequantises while reading the weights
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -112,7 +115,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                             norm_scale_in_float32=True, sliding="layer_types", attention_sinks=True,
                             experts=ExpertLayout(always_norm_topk=True, router="router", biases=True, fused=True,
                                                  act="clamped_swiglu"),
-                            key_names=(("num_experts", "num_local_experts"),)),
+                            key_names=(("num_experts", "num_local_experts"),), quantized=("mxfp4",)),
 }
 
 # config.json keys whose facts ModelConfig holds in another form (rebuilt by to_hf_config), or that describe the
@@ -120,7 +123,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 _REWRITTEN_KEYS = {"rope_parameters", "rope_scaling", "rope_theta", "rope_local_base_freq", "partial_rotary_factor",
                    "sliding_window_pattern", "_sliding_window_pattern", "use_sliding_window", "max_window_layers",
                    "layer_types", "hidden_act", "hidden_activation", "architectures", "torch_dtype", "dtype",
-                   "transformers_version", "use_cache", "num_experts", "num_local_experts"}
+                   "transformers_version", "use_cache", "num_experts", "num_local_experts", "quantization_config"}
 
 
 def unsupported_model_type(model_type: str) -> str:
@@ -284,11 +287,14 @@ class ModelConfig:
         mt = cfg.get("model_type", "llama")
         if mt not in ARCHITECTURES:
             raise ValueError(f"{where}: {unsupported_model_type(mt)}")
-        quant = (cfg.get("quantization_config") or {}).get("quant_method")
-        if quant == "mxfp4":
-            raise ValueError(f"{where}: {mt} weights quantised as MXFP4 (quantization_config) not supported: dequantise "
-                             f"them first (transformers: from_pretrained(path, quantization_config=Mxfp4Config("
-                             f"dequantize=True), dtype=torch.bfloat16), then save_pretrained)")
+        if cfg.get("quantization_config") is not None:
+            quant = cfg["quantization_config"]
+            method = quant.get("quant_method") if isinstance(quant, dict) else quant
+            if method not in ARCHITECTURES[mt].quantized:
+                readable = "".join(f", and {'/'.join(a.quantized)} for {t}" for t, a in ARCHITECTURES.items()
+                                   if a.quantized)
+                raise ValueError(f"{where}: {mt} weights quantised as {method!r} (quantization_config) not supported: "
+                                 f"ochat reads unquantised weights{readable}")
         try:
             kw = _read_transformers_config(dict(cfg, model_type=mt))
         except ValueError as e:

@@ -291,13 +291,13 @@ def checkpoint_names(name: str, c: ModelConfig) -> list[str]:
 
 
 def _deinterleave(t: torch.Tensor) -> torch.Tensor:
-    """Columns gate, up, gate, up, ... -> all gate columns, then all up columns (last dimension)."""
-    return torch.cat((t[..., 0::2], t[..., 1::2]), dim=-1)
+    """Rows (dimension 1) gate, up, gate, up, ... -> all gate rows, then all up rows (contiguous)."""
+    return torch.cat((t[:, 0::2], t[:, 1::2]), dim=1)
 
 
 def _interleave(t: torch.Tensor) -> torch.Tensor:
     """The inverse of `_deinterleave`."""
-    return torch.stack(t.chunk(2, dim=-1), dim=-1).flatten(-2)
+    return torch.stack(t.chunk(2, dim=1), dim=2).flatten(1, 2)
 
 
 def from_checkpoint(name: str, tensors: list[torch.Tensor], c: ModelConfig) -> torch.Tensor:
@@ -308,10 +308,8 @@ def from_checkpoint(name: str, tensors: list[torch.Tensor], c: ModelConfig) -> t
         return tensors[0]
     _, what, part = where
     if c.arch.experts.fused:  # transformers' gpt-oss: [E, H, 2I] interleaved, [E, I, H]; biases [E, 2I], [E, H]
-        t = tensors[0]
-        if what == "gate_up_proj":
-            t = _deinterleave(t)
-        return t if part == "bias" else t.transpose(1, 2).contiguous()
+        t = tensors[0] if part == "bias" else tensors[0].transpose(1, 2)  # ochat's dimensions (a view): one copy
+        return _deinterleave(t) if what == "gate_up_proj" else t.contiguous()
     if what == "gate_up_proj":
         tensors = [torch.cat(tensors[i:i + 2]) for i in range(0, len(tensors), 2)]
     return torch.stack(tensors)
@@ -325,8 +323,8 @@ def to_checkpoint(name: str, tensor: torch.Tensor, c: ModelConfig) -> dict[str, 
         return {names[0]: tensor}
     _, what, part = where
     if c.arch.experts.fused:
-        t = tensor if part == "bias" else tensor.transpose(1, 2)
-        return {names[0]: (_interleave(t) if what == "gate_up_proj" else t).contiguous()}
+        t = _interleave(tensor) if what == "gate_up_proj" else tensor
+        return {names[0]: (t if part == "bias" else t.transpose(1, 2)).contiguous()}
     per_expert = tensor.unbind(0)
     if what == "gate_up_proj":
         per_expert = [half for t in per_expert for half in t.chunk(2)]

@@ -16,6 +16,10 @@ per-expert tensors (gpt-oss: transformers' stacked tensors, in their own layout)
 `from_checkpoint` / `to_checkpoint` (ochat.model.experts) map between them, so every reader and writer here deals in
 the model's parameter names.
 
+MXFP4 checkpoints (the Hub's gpt-oss): `CheckpointReader` lists each pair `<name>_blocks` / `<name>_scales` as the
+one tensor `<name>`, with transformers' dequantised shape, and dequantises it (to bfloat16, exactly: ochat.model.mxfp4)
+when it is read: one tensor at a time, an expert-parallel rank only its experts. Every writer writes plain tensors.
+
 Tied embeddings: `lm_head.weight` is the embedding matrix itself; it is never read from nor written to a
 checkpoint (transformers does the same), so every writer and reader treats a tied model alike.
 """
@@ -29,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ochat.model import expert_parallel
+from ochat.model import expert_parallel, mxfp4
 from ochat.model.config import ModelConfig
 from ochat.model.experts import checkpoint_names, from_checkpoint, to_checkpoint
 from ochat.utils.ranks import is_main
@@ -55,6 +59,12 @@ class CheckpointReader:
             shapes = {k: v for k, v in shapes.items() if not k.endswith("rotary_emb.inv_freq")}
             self._shape.update(shapes)
             self._where.update((k, f) for k in shapes)
+        self._packed = mxfp4.packed_names(self._where)  # MXFP4 weights: listed by their dequantised name and shape
+        for name, (blocks, scales) in self._packed.items():
+            try:
+                self._shape[name] = mxfp4.dequantized_shape(name, self._shape.pop(blocks), self._shape.pop(scales))
+            except ValueError as e:
+                raise ValueError(f"{self.path}: {e}") from None
 
     def _open(self, f: str) -> dict[str, tuple[int, ...]]:
         """The shape of each tensor of one weights file (a .bin is memory-mapped, and refused if its pickle
@@ -67,7 +77,8 @@ class CheckpointReader:
         return {k: tuple(v.shape) for k, v in self._bin[f].items()}
 
     def names(self) -> set[str]:
-        return set(self._where)
+        """The checkpoint's tensors (an MXFP4 weight by its dequantised name, not its blocks' and scales')."""
+        return set(self._shape)
 
     def check_names(self, model: nn.Module, config: ModelConfig) -> list[str]:
         """The model's parameter names (a tied lm_head counted once), after checking that the checkpoint
@@ -106,7 +117,13 @@ class CheckpointReader:
         return from_checkpoint(name, [self.get(n) for n in names], config)
 
     def get(self, name: str, rows: range | None = None) -> torch.Tensor:
-        """The tensor `name` (only `rows` of its first dimension, read alone, when given)."""
+        """The tensor `name` (only `rows` of its first dimension, read alone, when given); an MXFP4 weight
+        dequantised to bfloat16 (exactly: ochat.model.mxfp4)."""
+        if name in self._packed:
+            return mxfp4.dequantize(*(self._read(n, rows) for n in self._packed[name]))
+        return self._read(name, rows)
+
+    def _read(self, name: str, rows: range | None) -> torch.Tensor:
         f = self._where[name]
         if f in self._bin:
             t = self._bin[f][name]
@@ -170,8 +187,9 @@ def load_weights(model: nn.Module, path, dtype: torch.dtype, device) -> nn.Modul
     reader = CheckpointReader(path)
     names = reader.check_names(model, model.config)
     params = dict(model.named_parameters())
-    tensors = {n: reader.parameter(n, model.config, expert_parallel.held_experts(params[n])) for n in names}
-    model.load_state_dict({n: t.to(device=device, dtype=dtype) for n, t in tensors.items()}, strict=False, assign=True)
+    tensors = {n: reader.parameter(n, model.config, expert_parallel.held_experts(params[n]))
+               .to(device=device, dtype=dtype) for n in names}  # each cast as read: never the model in two dtypes
+    model.load_state_dict(tensors, strict=False, assign=True)
     for n, before in params.items():  # assign=True made new Parameters: keep the marks set on the old ones
         model.get_parameter(n).__dict__.update(before.__dict__)
     tie_embeddings(model, model.config)

@@ -360,10 +360,11 @@ def test_grouped_gemms_with_lora_adapters_on_the_gpu_equal_the_loop_in_bf16(with
         assert_close(a, b, rtol=2e-2, what=f"grouped vs loop with LoRA adapters (bf16): {name}")
 
 
-def test_gpt_oss_config_defaults_yarn_and_the_mxfp4_refusal(tmp_path):
+def test_gpt_oss_config_defaults_yarn_and_quantization_configs(tmp_path):
     """transformers' GptOssConfig defaults read (YaRN with truncate false, alternating layers, clamped SwiGLU), YaRN's
-    frequencies and attention factor as transformers computes them (truncated or not), an MXFP4 checkpoint refused in
-    one line naming its config.json."""
+    frequencies and attention factor as transformers computes them (truncated or not); the Hub's MXFP4
+    quantization_config read (tests/model/test_mxfp4.py loads such weights) and not written back, any other
+    quantisation refused in one line naming its config.json."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from ochat.model.decoder import rope_attention_factor, rope_inv_freq
@@ -379,10 +380,17 @@ def test_gpt_oss_config_defaults_yarn_and_the_mxfp4_refusal(tmp_path):
         rotary = ModelConfig.from_hf_config(hf_cfg.to_dict()).layer_rotary(0)
         assert torch.equal(rope_inv_freq(rotary), want) and rope_attention_factor(rotary) == factor
 
-    (tmp_path / "config.json").write_text(json.dumps(hf_cfg.to_dict() | {"quantization_config": {
-        "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}}))
-    with pytest.raises(ValueError, match=r"config.json: gpt_oss weights quantised as MXFP4 .* dequantise them first"):
-        PackedCausalLM.from_pretrained(tmp_path)
+    mxfp4 = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    quantized = ModelConfig.from_hf_config(hf_cfg.to_dict() | {"quantization_config": mxfp4})
+    assert quantized == ModelConfig.from_hf_config(hf_cfg.to_dict())
+    assert "quantization_config" not in quantized.to_hf_config()
+    for mt, quant in (("gpt_oss", {"quant_method": "fp8"}), ("qwen3_moe", mxfp4)):
+        cfg = transformers.AutoConfig.for_model(mt).to_dict() | {"quantization_config": quant}
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=rf"config.json: {mt} weights quantised as '{quant['quant_method']}' "
+                                             r"\(quantization_config\) not supported: ochat reads unquantised weights, "
+                                             r"and mxfp4 for gpt_oss$"):
+            PackedCausalLM.from_pretrained(tmp_path)
 
 
 def test_gpt_oss_expert_biases_and_sinks_get_no_weight_decay():
