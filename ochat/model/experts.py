@@ -290,13 +290,13 @@ def checkpoint_names(name: str, c: ModelConfig) -> list[str]:
     return [f"{base}experts.{e}.{p}.{part}" for e in range(c.num_experts) for p in parts]
 
 
-def _deinterleave(t: torch.Tensor) -> torch.Tensor:
+def deinterleave(t: torch.Tensor) -> torch.Tensor:
     """Columns gate, up, gate, up, ... -> all gate columns, then all up columns (last dimension)."""
     return torch.cat((t[..., 0::2], t[..., 1::2]), dim=-1)
 
 
-def _interleave(t: torch.Tensor) -> torch.Tensor:
-    """The inverse of `_deinterleave`."""
+def interleave(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of `deinterleave`."""
     return torch.stack(t.chunk(2, dim=-1), dim=-1).flatten(-2)
 
 
@@ -310,7 +310,7 @@ def from_checkpoint(name: str, tensors: list[torch.Tensor], c: ModelConfig) -> t
     if c.arch.experts.fused:  # transformers' gpt-oss: [E, H, 2I] interleaved, [E, I, H]; biases [E, 2I], [E, H]
         t = tensors[0]
         if what == "gate_up_proj":
-            t = _deinterleave(t)
+            t = deinterleave(t)
         return t if part == "bias" else t.transpose(1, 2).contiguous()
     if what == "gate_up_proj":
         tensors = [torch.cat(tensors[i:i + 2]) for i in range(0, len(tensors), 2)]
@@ -326,7 +326,7 @@ def to_checkpoint(name: str, tensor: torch.Tensor, c: ModelConfig) -> dict[str, 
     _, what, part = where
     if c.arch.experts.fused:
         t = tensor if part == "bias" else tensor.transpose(1, 2)
-        return {names[0]: (_interleave(t) if what == "gate_up_proj" else t).contiguous()}
+        return {names[0]: (interleave(t) if what == "gate_up_proj" else t).contiguous()}
     per_expert = tensor.unbind(0)
     if what == "gate_up_proj":
         per_expert = [half for t in per_expert for half in t.chunk(2)]

@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from ochat.kernels.linear_cross_entropy import Rows, replace_rows
+from ochat.model.experts import Experts, interleave
 
 TARGETS = {
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"),  # qkv_proj: Phi-3's fused projection
@@ -69,8 +70,6 @@ def lora_config(model: nn.Module, rank: int, alpha: float, dropout: float, targe
     """peft's LoraConfig for `model`: the `targets` preset's linear layers that its decoder layers have and, where
     the preset takes the MLP, the stacked experts of its expert blocks (`target_parameters`; the router never)."""
     from peft import LoraConfig
-
-    from ochat.model.experts import Experts
 
     present = {name.rsplit(".", 1)[-1] for name, m in model.model.layers.named_modules()
                if isinstance(m, nn.Linear)}
@@ -244,11 +243,32 @@ def is_token_rows(name: str) -> bool:
     return name.endswith(TOKEN_ROWS)
 
 
-def adapter_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The adapters of a full or adapter-only state dict of the model, in float32, under the names
-    `peft.get_peft_model_state_dict` gives for the transformers model wrapped by peft."""
-    return {PEFT_PREFIX + name.replace(f".{ADAPTER}.", "."): t.float().contiguous()
+def adapter_state_dict(state_dict: dict[str, torch.Tensor], model_config) -> dict[str, torch.Tensor]:
+    """The adapters of a full or adapter-only state dict of the model (of ochat.model.config.ModelConfig
+    `model_config`), in float32, under the names and in the layout `peft.get_peft_model_state_dict` gives for the
+    transformers model wrapped by peft (`_as_in_transformers`)."""
+    return {PEFT_PREFIX + name.replace(f".{ADAPTER}.", "."): _as_in_transformers(name, t, state_dict, model_config)
             for name, t in state_dict.items() if is_adapter_weight(name)}
+
+
+def _as_in_transformers(name: str, t: torch.Tensor, state_dict: dict[str, torch.Tensor], c) -> torch.Tensor:
+    """An adapter tensor of `state_dict` as peft holds it on the transformers model: float32, contiguous, and where
+    transformers holds the experts fused (gpt-oss) the B of gate_up_proj's adapter with its rows interleaved.
+
+    transformers' fused gate_up_proj [E, H, 2I] (y = x W_e, gate and up output columns interleaved) is ochat's
+    [E, 2I, H] (gate rows, then up rows) transposed and with the output dimension permuted; peft reads a stacked
+    parameter's orientation (`is_transposed` on transformers' experts) and gives both the same factors A [E r, in] and
+    B [out, r E], so the permutation falls on B's rows alone. down_proj's factors need nothing: its [E, I, H] is
+    ochat's [E, H, I] transposed, which peft's orientation absorbs. gate_up_proj's adapter is the one whose A [E r, H]
+    and B [2I, r E] fit its shape (down_proj's A [E r, I] and B [H, r E] never do)."""
+    t = t.float().contiguous()
+    layout = c.arch.experts
+    if layout is None or not layout.fused or f".lora_B.{ADAPTER}." not in name or ".mlp.experts." not in name:
+        return t
+    a = state_dict[name.replace(f".lora_B.{ADAPTER}.", f".lora_A.{ADAPTER}.")]
+    if (t.shape[0], a.shape[1]) != (2 * c.expert_intermediate_size, c.hidden_size):  # down_proj's
+        return t
+    return interleave(t.T).T.contiguous()
 
 
 def merged_state_dict(state_dict: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
@@ -300,11 +320,13 @@ def _expert_delta(state_dict: dict[str, torch.Tensor], layer: str, shape: torch.
     raise KeyError(f"no LoRA adapter of shape {tuple(shape)} under {layer}")
 
 
-def save_adapter(path: str, state_dict: dict[str, torch.Tensor], config, base_model: str) -> None:
-    """Write the adapters of `state_dict` in PEFT's format to the folder `path` (adapter_config.json +
-    adapter_model.safetensors), loadable with `peft.PeftModel.from_pretrained(<transformers model>, path)`."""
+def save_adapter(path: str, state_dict: dict[str, torch.Tensor], config, model_config, base_model: str) -> None:
+    """Write the adapters of `state_dict` (a model of `model_config`, with the LoraConfig `config`) in PEFT's format to
+    the folder `path` (adapter_config.json + adapter_model.safetensors), loadable with
+    `peft.PeftModel.from_pretrained(<transformers model>, path)`."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    save_file(adapter_state_dict(state_dict), os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(adapter_state_dict(state_dict, model_config), os.path.join(path, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
     dataclasses.replace(config, base_model_name_or_path=base_model, inference_mode=True).save_pretrained(path)
