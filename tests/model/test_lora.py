@@ -156,7 +156,8 @@ def test_expert_models_loss_and_adapter_grads_match_transformers_with_peft(name,
     if name == "qwen2_moe":
         assert {n.split(".mlp.")[1].split(".lora_")[0] for n in trained if ".mlp." in n} == {
             "experts", "experts.base_layer", "shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"}
-    twin_grads = {n.replace(f".{lora.ADAPTER}.", "."): p.grad for n, p in twin.named_parameters() if p.requires_grad}
+    twin_grads = {n.replace(f".{lora.ADAPTER}.", "."): p.grad for n, p in twin.named_parameters()
+                  if p.requires_grad}
     grads = lora.adapter_state_dict({n: p.grad for n, p in trained.items()}, cfg)
     assert grads.keys() == twin_grads.keys()
     for n, g in grads.items():
