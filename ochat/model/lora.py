@@ -15,7 +15,12 @@ Mixture-of-experts models: where the preset takes the MLP, the stacked experts o
 (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]) are targeted as peft's
 `target_parameters` (nested `ParamWrapper`s around `mlp.experts`, peft's names and init, a rank-R adapter per expert);
 their forward hands the factors to experts.Experts, which adds each expert's adapter product to its rows
-(`_experts_forward`). The router is never targeted.
+(`_experts_forward`). The router is never targeted. gpt-oss, whose transformers model holds its experts fused
+(`gate_up_proj` [E, H, 2I] used as x @ W, gate and up columns interleaved; `down_proj` [E, I, H]), gets the same
+factors from peft (which reads that orientation from the experts' `is_transposed`): A [E r, in] and B [out, r E]
+of the same shapes and meaning, but for the order of gate_up_proj's outputs. ochat trains them in its own order
+(gate rows, then up rows) and interleaves B's rows when it saves them (`adapter_state_dict`); a merged gate_up_proj
+is interleaved with the weight (experts.to_checkpoint).
 
 Trainable tokens (`trainable_tokens`): the embedding and lm_head rows of a few tokens (e.g. an added
 end-of-turn token) train beside the adapters, as peft's trainable tokens (`LoraConfig(trainable_token_indices=...)`)
@@ -30,8 +35,9 @@ only their gradient (ochat.kernels.linear_cross_entropy). They are saved, merged
 Names: a wrapped layer's weight becomes `<layer>.base_layer.weight` and its adapter `<layer>.lora_A.default.weight`
 and `<layer>.lora_B.default.weight`. Because ochat's names are Hugging Face's, the PEFT file names of the
 transformers model are these with the adapter name dropped and `base_model.model.` in front
-(`adapter_state_dict`), and `merged_state_dict` gives the plain model's names with W + (alpha / r) B A. Trained
-token rows are `model.embed_tokens.token_adapter.trainable_tokens_delta` and (not tied) `lm_head.token_adapter.
+(`adapter_state_dict`, which also orders gpt-oss's gate_up_proj B as transformers does), and `merged_state_dict`
+gives the plain model's names with W + (alpha / r) B A. Trained token rows are
+`model.embed_tokens.token_adapter.trainable_tokens_delta` and (not tied) `lm_head.token_adapter.
 trainable_tokens_delta`, peft's file names without `base_model.model.`; merged, they replace their matrix's rows.
 """
 from __future__ import annotations
