@@ -51,6 +51,7 @@ import torch
 import torch.nn as nn
 
 from ochat.kernels.linear_cross_entropy import Rows, replace_rows
+from ochat.model.config import ModelConfig
 from ochat.model.experts import Experts, interleave
 
 TARGETS = {
@@ -249,15 +250,16 @@ def is_token_rows(name: str) -> bool:
     return name.endswith(TOKEN_ROWS)
 
 
-def adapter_state_dict(state_dict: dict[str, torch.Tensor], model_config) -> dict[str, torch.Tensor]:
-    """The adapters of a full or adapter-only state dict of the model (of ochat.model.config.ModelConfig
-    `model_config`), in float32, under the names and in the layout `peft.get_peft_model_state_dict` gives for the
-    transformers model wrapped by peft (`_as_in_transformers`)."""
+def adapter_state_dict(state_dict: dict[str, torch.Tensor], model_config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The adapters of a full or adapter-only state dict of a model of `model_config`, in float32, under the names
+    and in the layout `peft.get_peft_model_state_dict` gives for the transformers model wrapped by peft
+    (`_as_in_transformers`)."""
     return {PEFT_PREFIX + name.replace(f".{ADAPTER}.", "."): _as_in_transformers(name, t, state_dict, model_config)
             for name, t in state_dict.items() if is_adapter_weight(name)}
 
 
-def _as_in_transformers(name: str, t: torch.Tensor, state_dict: dict[str, torch.Tensor], c) -> torch.Tensor:
+def _as_in_transformers(name: str, t: torch.Tensor, state_dict: dict[str, torch.Tensor],
+                        c: ModelConfig) -> torch.Tensor:
     """An adapter tensor of `state_dict` as peft holds it on the transformers model: float32, contiguous, and where
     transformers holds the experts fused (gpt-oss) the B of gate_up_proj's adapter with its rows interleaved.
 
@@ -326,7 +328,8 @@ def _expert_delta(state_dict: dict[str, torch.Tensor], layer: str, shape: torch.
     raise KeyError(f"no LoRA adapter of shape {tuple(shape)} under {layer}")
 
 
-def save_adapter(path: str, state_dict: dict[str, torch.Tensor], config, model_config, base_model: str) -> None:
+def save_adapter(path: str, state_dict: dict[str, torch.Tensor], config, model_config: ModelConfig,
+                 base_model: str) -> None:
     """Write the adapters of `state_dict` (a model of `model_config`, with the LoraConfig `config`) in PEFT's format to
     the folder `path` (adapter_config.json + adapter_model.safetensors), loadable with
     `peft.PeftModel.from_pretrained(<transformers model>, path)`."""
