@@ -290,14 +290,16 @@ def checkpoint_names(name: str, c: ModelConfig) -> list[str]:
     return [f"{base}experts.{e}.{p}.{part}" for e in range(c.num_experts) for p in parts]
 
 
-def _deinterleave(t: torch.Tensor) -> torch.Tensor:
-    """Rows (dimension 1) gate, up, gate, up, ... -> all gate rows, then all up rows (contiguous)."""
-    return torch.cat((t[:, 0::2], t[:, 1::2]), dim=1)
+def deinterleave(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Along `dim`: gate, up, gate, up, ... -> all gate entries, then all up entries (one copy)."""
+    d = dim % t.dim()
+    return t.unflatten(d, (-1, 2)).movedim(d + 1, d).flatten(d, d + 1)
 
 
-def _interleave(t: torch.Tensor) -> torch.Tensor:
-    """The inverse of `_deinterleave`."""
-    return torch.stack(t.chunk(2, dim=1), dim=2).flatten(1, 2)
+def interleave(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The inverse of `deinterleave`."""
+    d = dim % t.dim()
+    return t.unflatten(d, (2, -1)).movedim(d, d + 1).flatten(d, d + 1)
 
 
 def from_checkpoint(name: str, tensors: list[torch.Tensor], c: ModelConfig) -> torch.Tensor:
@@ -309,7 +311,7 @@ def from_checkpoint(name: str, tensors: list[torch.Tensor], c: ModelConfig) -> t
     _, what, part = where
     if c.arch.experts.fused:  # transformers' gpt-oss: [E, H, 2I] interleaved, [E, I, H]; biases [E, 2I], [E, H]
         t = tensors[0] if part == "bias" else tensors[0].transpose(1, 2)  # ochat's dimensions (a view): one copy
-        return _deinterleave(t) if what == "gate_up_proj" else t.contiguous()
+        return deinterleave(t, 1) if what == "gate_up_proj" else t.contiguous()
     if what == "gate_up_proj":
         tensors = [torch.cat(tensors[i:i + 2]) for i in range(0, len(tensors), 2)]
     return torch.stack(tensors)
@@ -323,7 +325,7 @@ def to_checkpoint(name: str, tensor: torch.Tensor, c: ModelConfig) -> dict[str, 
         return {names[0]: tensor}
     _, what, part = where
     if c.arch.experts.fused:
-        t = _interleave(tensor) if what == "gate_up_proj" else tensor
+        t = interleave(tensor, 1) if what == "gate_up_proj" else tensor
         return {names[0]: (t if part == "bias" else t.transpose(1, 2)).contiguous()}
     per_expert = tensor.unbind(0)
     if what == "gate_up_proj":

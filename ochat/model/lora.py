@@ -15,7 +15,12 @@ Mixture-of-experts models: where the preset takes the MLP, the stacked experts o
 (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]) are targeted as peft's
 `target_parameters` (nested `ParamWrapper`s around `mlp.experts`, peft's names and init, a rank-R adapter per expert);
 their forward hands the factors to experts.Experts, which adds each expert's adapter product to its rows
-(`_experts_forward`). The router is never targeted.
+(`_experts_forward`). The router is never targeted. gpt-oss, whose transformers model holds its experts fused
+(`gate_up_proj` [E, H, 2I] used as x @ W, gate and up columns interleaved; `down_proj` [E, I, H]), gets the same
+factors from peft (which reads that orientation from the experts' `is_transposed`): A [E r, in] and B [out, r E]
+of the same shapes and meaning, but for the order of gate_up_proj's outputs. ochat trains them in its own order
+(gate rows, then up rows) and interleaves B's rows when it saves them (`adapter_state_dict`); a merged gate_up_proj
+is interleaved with the weight (experts.to_checkpoint).
 
 Trainable tokens (`trainable_tokens`): the embedding and lm_head rows of a few tokens (e.g. an added
 end-of-turn token) train beside the adapters, as peft's trainable tokens (`LoraConfig(trainable_token_indices=...)`)
@@ -30,8 +35,9 @@ only their gradient (ochat.kernels.linear_cross_entropy). They are saved, merged
 Names: a wrapped layer's weight becomes `<layer>.base_layer.weight` and its adapter `<layer>.lora_A.default.weight`
 and `<layer>.lora_B.default.weight`. Because ochat's names are Hugging Face's, the PEFT file names of the
 transformers model are these with the adapter name dropped and `base_model.model.` in front
-(`adapter_state_dict`), and `merged_state_dict` gives the plain model's names with W + (alpha / r) B A. Trained
-token rows are `model.embed_tokens.token_adapter.trainable_tokens_delta` and (not tied) `lm_head.token_adapter.
+(`adapter_state_dict`, which also orders gpt-oss's gate_up_proj B as transformers does), and `merged_state_dict`
+gives the plain model's names with W + (alpha / r) B A. Trained token rows are
+`model.embed_tokens.token_adapter.trainable_tokens_delta` and (not tied) `lm_head.token_adapter.
 trainable_tokens_delta`, peft's file names without `base_model.model.`; merged, they replace their matrix's rows.
 """
 from __future__ import annotations
@@ -45,6 +51,8 @@ import torch
 import torch.nn as nn
 
 from ochat.kernels.linear_cross_entropy import Rows, replace_rows
+from ochat.model.config import ModelConfig
+from ochat.model.experts import Experts, interleave
 
 TARGETS = {
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"),  # qkv_proj: Phi-3's fused projection
@@ -69,8 +77,6 @@ def lora_config(model: nn.Module, rank: int, alpha: float, dropout: float, targe
     """peft's LoraConfig for `model`: the `targets` preset's linear layers that its decoder layers have and, where
     the preset takes the MLP, the stacked experts of its expert blocks (`target_parameters`; the router never)."""
     from peft import LoraConfig
-
-    from ochat.model.experts import Experts
 
     present = {name.rsplit(".", 1)[-1] for name, m in model.model.layers.named_modules()
                if isinstance(m, nn.Linear)}
@@ -244,11 +250,33 @@ def is_token_rows(name: str) -> bool:
     return name.endswith(TOKEN_ROWS)
 
 
-def adapter_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The adapters of a full or adapter-only state dict of the model, in float32, under the names
-    `peft.get_peft_model_state_dict` gives for the transformers model wrapped by peft."""
-    return {PEFT_PREFIX + name.replace(f".{ADAPTER}.", "."): t.float().contiguous()
+def adapter_state_dict(state_dict: dict[str, torch.Tensor], model_config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The adapters of a full or adapter-only state dict of a model of `model_config`, in float32, under the names
+    and in the layout `peft.get_peft_model_state_dict` gives for the transformers model wrapped by peft
+    (`_as_in_transformers`)."""
+    return {PEFT_PREFIX + name.replace(f".{ADAPTER}.", "."): _as_in_transformers(name, t, state_dict, model_config)
             for name, t in state_dict.items() if is_adapter_weight(name)}
+
+
+def _as_in_transformers(name: str, t: torch.Tensor, state_dict: dict[str, torch.Tensor],
+                        c: ModelConfig) -> torch.Tensor:
+    """An adapter tensor of `state_dict` as peft holds it on the transformers model: float32, contiguous, and where
+    transformers holds the experts fused (gpt-oss) the B of gate_up_proj's adapter with its rows interleaved.
+
+    transformers' fused gate_up_proj [E, H, 2I] (y = x W_e, gate and up output columns interleaved) is ochat's
+    [E, 2I, H] (gate rows, then up rows) transposed and with the output dimension permuted; peft reads a stacked
+    parameter's orientation (`is_transposed` on transformers' experts) and gives both the same factors A [E r, in] and
+    B [out, r E], so the permutation falls on B's rows alone. down_proj's factors need nothing: its [E, I, H] is
+    ochat's [E, H, I] transposed, which peft's orientation absorbs. gate_up_proj's adapter is the one whose A [E r, H]
+    and B [2I, r E] fit its shape (down_proj's A [E r, I] and B [H, r E] never do)."""
+    t = t.float().contiguous()
+    layout = c.arch.experts
+    if layout is None or not layout.fused or f".lora_B.{ADAPTER}." not in name or ".mlp.experts." not in name:
+        return t
+    a = state_dict[name.replace(f".lora_B.{ADAPTER}.", f".lora_A.{ADAPTER}.")]
+    if (t.shape[0], a.shape[1]) != (2 * c.expert_intermediate_size, c.hidden_size):  # down_proj's
+        return t
+    return interleave(t, 0)
 
 
 def merged_state_dict(state_dict: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
@@ -300,11 +328,14 @@ def _expert_delta(state_dict: dict[str, torch.Tensor], layer: str, shape: torch.
     raise KeyError(f"no LoRA adapter of shape {tuple(shape)} under {layer}")
 
 
-def save_adapter(path: str, state_dict: dict[str, torch.Tensor], config, base_model: str) -> None:
-    """Write the adapters of `state_dict` in PEFT's format to the folder `path` (adapter_config.json +
-    adapter_model.safetensors), loadable with `peft.PeftModel.from_pretrained(<transformers model>, path)`."""
+def save_adapter(path: str, state_dict: dict[str, torch.Tensor], config, model_config: ModelConfig,
+                 base_model: str) -> None:
+    """Write the adapters of `state_dict` (a model of `model_config`, with the LoraConfig `config`) in PEFT's format to
+    the folder `path` (adapter_config.json + adapter_model.safetensors), loadable with
+    `peft.PeftModel.from_pretrained(<transformers model>, path)`."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    save_file(adapter_state_dict(state_dict), os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(adapter_state_dict(state_dict, model_config), os.path.join(path, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
     dataclasses.replace(config, base_model_name_or_path=base_model, inference_mode=True).save_pretrained(path)

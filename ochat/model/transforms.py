@@ -147,10 +147,7 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
         if unsupported:
             out.append(f"{', '.join(unsupported)} not yet supported with a mixture-of-experts model "
                        f"({model.model_type})")
-        if t.lora_rank and t.lora_targets in ("mlp", "all") and model.arch.experts.fused:
-            out.append(f"LoRA on {model.model_type}'s experts is not built yet (peft's adapters follow transformers' "
-                       f"fused, interleaved expert tensors, not ochat's layout): use --lora-targets attention")
-        elif t.lora_rank and t.lora_targets in ("mlp", "all"):  # the presets that adapt the stacked experts
+        if t.lora_rank and t.lora_targets in ("mlp", "all"):  # the presets that adapt the stacked experts
             if t.compile:
                 out.append(f"--compile is not yet supported with LoRA on {model.model_type}'s experts: drop it or use "
                            f"--lora-targets attention")

@@ -41,7 +41,8 @@ def save_hf_checkpoint(module: nn.Module, path: str, *, tokenizer, chat_format: 
         with atomic_directory(path, CHECKPOINT_KIND, overwrite=True, notify=log) as tmp:
             generation = save_serving_tokenizer(tokenizer, chat_format, tmp)
             if adapter is not None:
-                lora.save_adapter(os.path.join(tmp, lora.ADAPTER_FOLDER), state_dict, adapter, base_model)
+                lora.save_adapter(os.path.join(tmp, lora.ADAPTER_FOLDER), state_dict, adapter, module.config,
+                                  base_model)
             if adapter_only:
                 hf_weights.save_config(tmp, module.config, _frozen_dtype(module), **ids)
             else:

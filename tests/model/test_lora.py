@@ -35,7 +35,7 @@ def lora_pair(name, targets="all", rank=4, tokens=(), qlora=False):
             elif lora.is_token_rows(n):
                 p.add_(torch.randn_like(p), alpha=0.05)
     twin = peft.get_peft_model(hf, copy.deepcopy(lora.adapter_config(ours)))
-    result = peft.set_peft_model_state_dict(twin, lora.adapter_state_dict(dict(ours.named_parameters())))
+    result = peft.set_peft_model_state_dict(twin, lora.adapter_state_dict(dict(ours.named_parameters()), cfg))
     assert not result.unexpected_keys
     return cfg, ours, twin
 
@@ -120,12 +120,15 @@ def test_a_repeated_token_trains_one_row():
 
 @pytest.mark.parametrize("name,targets,impl", [("qwen3_moe", "all", "auto"), ("mixtral", "mlp", "auto"),
                                                ("olmoe", "attention", "auto"), ("qwen2_moe", "all", "auto"),
-                                               ("qwen2_moe", "all", "loop")])
+                                               ("qwen2_moe", "all", "loop"), ("gpt_oss", "all", "auto"),
+                                               ("gpt_oss", "mlp", "loop")])
 def test_expert_models_loss_and_adapter_grads_match_transformers_with_peft(name, targets, impl):
     """Attention, dense-MLP and shared-expert linears as peft's LoRA layers, the routed experts' stacked weights as
     peft's ParamWrapper (target_parameters); the router untouched. Weighted CE per conversation plus the
     load-balancing loss, against the conversations as one padded batch; the experts by grouped GEMMs (rank 4 in
-    float32: aligned rows) or by the per-expert loop."""
+    float32: aligned rows) or by the per-expert loop. gpt-oss: transformers' fused experts (x @ W, gate and up
+    columns interleaved), whose gate_up_proj adapter is ochat's with B's rows interleaved (adapter_state_dict), for
+    the weights copied into peft and the gradients compared."""
     cfg, ours, twin = lora_pair(name, targets)
     for m in ours.modules():
         if isinstance(m, Experts):
@@ -153,13 +156,16 @@ def test_expert_models_loss_and_adapter_grads_match_transformers_with_peft(name,
     if name == "qwen2_moe":
         assert {n.split(".mlp.")[1].split(".lora_")[0] for n in trained if ".mlp." in n} == {
             "experts", "experts.base_layer", "shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"}
-    twin_params = dict(twin.named_parameters())
-    for n, p in trained.items():
-        assert_close(p.grad, twin_params[lora.PEFT_PREFIX + n].grad, what=f"{name} grad {n}")
+    twin_grads = {n.replace(f".{lora.ADAPTER}.", "."): p.grad for n, p in twin.named_parameters()
+                  if p.requires_grad}
+    grads = lora.adapter_state_dict({n: p.grad for n, p in trained.items()}, cfg)
+    assert grads.keys() == twin_grads.keys()
+    for n, g in grads.items():
+        assert_close(g, twin_grads[n], what=f"{name} grad {n}")
     assert all(p.grad is None for p in ours.parameters() if not p.requires_grad)
 
 
-@pytest.mark.parametrize("name", ["llama2", "gemma2"])
+@pytest.mark.parametrize("name", ["llama2", "gemma2", "gpt_oss"])
 def test_packed_equals_alone_and_recompute_gives_the_same_grads(name):
     cfg, ours, _ = lora_pair(name)
     seqs, ids, pos, cu, mx = make_pack(cfg)
@@ -263,10 +269,11 @@ def test_only_adapter_weights_change_after_optimizer_steps(name, tokens, qlora):
 
 
 @pytest.mark.parametrize("name,tokens", [("llama2", False), ("qwen2_bias", False), ("phi3_longrope", False),
-                                         ("qwen3_moe", False), ("qwen2_moe", False), ("llama2", True),
-                                         ("gemma2", True)])
+                                         ("qwen3_moe", False), ("qwen2_moe", False), ("gpt_oss", False),
+                                         ("llama2", True), ("gemma2", True)])
 def test_saved_adapter_loads_in_peft_and_merged_weights_in_transformers(name, tokens, tmp_path):
-    """qwen2: q/k/v biases kept in merging; the expert models: stacked experts' adapters saved and merged too;
+    """qwen2: q/k/v biases kept in merging; the expert models: stacked experts' adapters saved and merged too
+    (gpt-oss: into transformers' fused, interleaved tensors);
     trainable tokens (llama2: the embedding's and lm_head's rows; gemma2: tied, one set) saved under peft's names and
     merged as the matrices' rows."""
     trained_tokens = pack_tokens(name) if tokens else ()
@@ -277,7 +284,7 @@ def test_saved_adapter_loads_in_peft_and_merged_weights_in_transformers(name, to
     state = hf_weights.full_state_dict(ours)
     adapter_dir = str(tmp_path / "adapter")
     lora.save_adapter(adapter_dir, {n: t for n, t in state.items() if lora.is_adapter_weight(n)},
-                      lora.adapter_config(ours), "the/base")
+                      lora.adapter_config(ours), cfg, "the/base")
     assert sorted(os.listdir(adapter_dir)) == ["adapter_config.json", "adapter_model.safetensors"]
     assert peft.PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path == "the/base"
     _, _, hf = make_pair(name, variants=MOE if name in MOE else VARIANTS)  # the base weights, without adapters
@@ -289,7 +296,7 @@ def test_saved_adapter_loads_in_peft_and_merged_weights_in_transformers(name, to
     assert sum(lora.is_token_rows(n) for n in state) == (0 if not tokens else 1 if cfg.tie_word_embeddings else 2)
     hf_weights.save_weights(merged_dir, merged, cfg)
     with_adapter = peft.PeftModel.from_pretrained(hf, adapter_dir)
-    assert set(peft.get_peft_model_state_dict(with_adapter)) == set(lora.adapter_state_dict(state))
+    assert set(peft.get_peft_model_state_dict(with_adapter)) == set(lora.adapter_state_dict(state, cfg))
     for model in (with_adapter,
                   transformers.AutoModelForCausalLM.from_pretrained(merged_dir, attn_implementation="eager")):
         with torch.no_grad():

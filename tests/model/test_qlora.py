@@ -101,11 +101,11 @@ def test_saved_adapter_loads_in_peft_on_the_unquantised_transformers_model(tmp_p
             if ".lora_B." in n:
                 p.normal_(std=0.1)
     state = hf_weights.full_state_dict(ours, only=lora.is_adapter_weight)
-    lora.save_adapter(str(tmp_path), state, lora.adapter_config(ours), "the/base")
+    lora.save_adapter(str(tmp_path), state, lora.adapter_config(ours), cfg, "the/base")
     _, _, hf = make_pair("llama2")
     hf.load_state_dict(base.state_dict(), strict=False)  # the bf16 base the user gave, computing in float32
     model = peft.PeftModel.from_pretrained(hf, str(tmp_path))
-    assert set(peft.get_peft_model_state_dict(model)) == set(lora.adapter_state_dict(state))
+    assert set(peft.get_peft_model_state_dict(model)) == set(lora.adapter_state_dict(state, cfg))
     # the same adapter on ochat's unquantised model: transformers + peft give its logits
     plain = copy.deepcopy(base)
     apply_transforms(plain, ModelTransforms(lora_rank=4))

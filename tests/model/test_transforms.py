@@ -93,9 +93,6 @@ def test_tiled_mlp_keeps_the_result():
     (ModelTransforms(expert_parallel=2, tiled_mlp=2), {},
      "--expert-parallel is not yet supported with --tiled-mlp: drop one or the other"),
     (ModelTransforms(expert_parallel=2, compile=True), {}, "--expert-parallel is not yet supported with --compile"),
-    (ModelTransforms(lora_rank=8), {"model": ModelConfig.debug(model_type="gpt_oss", num_experts=4,
-                                                               num_experts_per_tok=2, head_dim=16)},
-     "LoRA on gpt_oss's experts is not built yet"),
     (ModelTransforms(lora_alpha=16.0), {}, "--lora-alpha and --lora-dropout configure LoRA adapters: add --lora-rank"),
     (ModelTransforms(lora_trainable_tokens=(5,)), {}, "--lora-trainable-tokens trains embedding and lm_head rows "
                                                       "beside LoRA adapters: add --lora-rank"),
@@ -143,6 +140,8 @@ def test_combinations_that_work_are_not_refused():
     assert refusals(ModelTransforms(lora_rank=8, lora_targets="attention", lora_dropout=0.1), zero_stage=3,
                     model=moe) == []
     assert refusals(ModelTransforms(lora_rank=8, recompute=1.0), zero_stage=2, model=moe) == []
+    gpt_oss = ModelConfig.debug(model_type="gpt_oss", num_experts=4, num_experts_per_tok=2, head_dim=16)
+    assert refusals(ModelTransforms(lora_rank=8, lora_targets="all"), zero_stage=2, model=gpt_oss) == []  # test_lora.py
     # an expert model sliced over ranks with its MLPs tiled (test_sequence_parallel.py), or compiled (test_moe.py)
     assert refusals(ModelTransforms(sequence_parallel=2, tiled_mlp=4, recompute=1.0, router_aux_loss_coef=0.01),
                     zero_stage=2, cuda=True, world_size=4, model=moe) == []

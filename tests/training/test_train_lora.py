@@ -1,16 +1,18 @@
 """The real trainer with LoRA (--lora-rank) on 2 CPU ranks (gloo, float32): the loss falls, only the adapters train,
 final/ holds the adapter in PEFT's format that peft loads on the --model-path model; ZeRO-3 gathers the same
 adapter as ZeRO-2, --merge-lora's merged weights serve the logits of base + adapter, and a run killed and resumed
-from its adapter-only resume states ends bit-for-bit equal; a tiny Qwen3-MoE trains adapters on its experts too,
-and the embedding and lm_head rows of its end-of-turn token (--lora-trainable-tokens), which its resume state holds
-and --merge-lora merges."""
+from its adapter-only resume states ends bit-for-bit equal; a tiny gpt-oss trains adapters on its experts too
+(saved in transformers' fused, interleaved layout), and the embedding and lm_head rows of its end-of-turn token
+(--lora-trainable-tokens), which its resume state holds and --merge-lora merges."""
 import os
+import shutil
 
 import pytest
 import torch
 
+from ochat.model.config import ModelConfig
+from ochat.model.decoder import PackedCausalLM
 from tests.helpers.train import metrics, run_trainer, run_trainer_until
-from tests.training.test_expert_parallel_e2e import moe_model  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
 LORA = ["--lora-rank", "4", "--lr", "1e-2", "--epochs", "1", "--max-steps", "4"]
@@ -34,6 +36,23 @@ def with_adapter(base, out):
     from transformers import AutoModelForCausalLM
     return peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), os.path.join(out, "final",
                                                                                                    "adapter"))
+
+
+GPT_OSS = ModelConfig.debug(model_type="gpt_oss", vocab_size=32001, max_position_embeddings=4096, num_experts=4,
+                            num_experts_per_tok=2, head_dim=16, sliding_window=128, router_aux_loss_coef=0.01,
+                            layer_types=("sliding_attention", "full_attention"))
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_model(setup):
+    """The tiny Llama's folder (its tokenizer) with a tiny gpt-oss's weights: 4 experts, top-2, 2 expert layers."""
+    root, _, tiny = setup
+    out = root / "tiny_gpt_oss"
+    shutil.copytree(tiny, out)
+    os.remove(out / "model.safetensors")
+    torch.manual_seed(0)
+    PackedCausalLM(GPT_OSS).save_pretrained(out)
+    return str(out)
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +109,14 @@ def test_resume_after_a_hard_kill_is_bit_for_bit_from_adapter_only_states(setup,
     assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(zero2_run)]
 
 
-def test_an_expert_model_trains_adapters_on_its_experts_and_token_rows_that_peft_loads(setup, moe_model):  # noqa: F811
+def test_an_expert_model_trains_adapters_on_its_experts_and_token_rows_that_peft_loads(setup, gpt_oss_model):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from ochat.model import lora
     from ochat.training.safe_states import load_state_file
 
-    out = train((*setup[:2], moe_model), "moe", "--merge-lora", "--gradient-checkpointing",
+    out = train((*setup[:2], gpt_oss_model), "gpt_oss", "--merge-lora", "--gradient-checkpointing",
                 "--lora-trainable-tokens", "<|end_of_turn|>")
     ls = [m["loss"] for m in metrics(out)]
     assert len(ls) == 4 and ls[-1] < ls[0], ls
@@ -106,7 +126,7 @@ def test_an_expert_model_trains_adapters_on_its_experts_and_token_rows_that_peft
     assert not any(".mlp.gate." in k for k in saved)
     rows = {k.split(".token_adapter.")[0].removeprefix("base_model.model."): t for k, t in saved.items()
             if ".token_adapter." in k}
-    base = load_file(os.path.join(moe_model, "model.safetensors"))
+    base = load_file(os.path.join(gpt_oss_model, "model.safetensors"))
     final = load_file(os.path.join(out, "final", "model.safetensors"))
     assert rows.keys() == {"model.embed_tokens", "lm_head"}
     for matrix, values in rows.items():  # <|end_of_turn|> = 32000: trained, and merged as the matrix's row
@@ -114,9 +134,10 @@ def test_an_expert_model_trains_adapters_on_its_experts_and_token_rows_that_peft
         assert torch.equal(final[f"{matrix}.weight"][32000], values[0])
         assert torch.equal(final[f"{matrix}.weight"][:32000], base[f"{matrix}.weight"][:32000])
     state = load_state_file(os.path.join(out, "ds_state", "step4", "mp_rank_00_model_states.pt"))["module"]  # final's
-    assert all(torch.equal(state[f"{matrix}.token_adapter.trainable_tokens_delta"], rows[matrix]) for matrix in rows)
+    held = lora.adapter_state_dict({n: t for n, t in state.items() if lora.is_adapter_weight(n)}, GPT_OSS)
+    assert held.keys() == saved.keys() and all(torch.equal(held[k], saved[k]) for k in saved)  # adapters and rows
     merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "final"))
     ids = torch.tensor([[1, 450, 4996, 17354, 1701]])
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, with_adapter(moe_model, out)(input_ids=ids).logits,
+        torch.testing.assert_close(merged(input_ids=ids).logits, with_adapter(gpt_oss_model, out)(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-5)
