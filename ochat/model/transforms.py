@@ -190,7 +190,7 @@ def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | 
                      emulate_fp8: bool = False) -> None:
     """Change `model` (a PackedCausalLM) in place as `t` asks, in the module's order. `ds_config`: DeepSpeed's
     config, whose activation_checkpointing section configures offload; `emulate_fp8`: float8 casts with
-    higher-precision matmuls (CPUs). Sequence parallelism creates DeepSpeed's groups at its first call in a process:
+    higher-precision matmuls (CPUs), left uncompiled (compiling buys speed on a GPU, and only costs time there). Sequence parallelism creates DeepSpeed's groups at its first call in a process:
     collective, after torch.distributed started; so does expert parallelism."""
     from ochat.model import expert_parallel, memory, sequence_parallel
     from ochat.model.fp8 import enable_fp8
@@ -212,7 +212,7 @@ def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | 
         log(f"QLoRA: {quantized} frozen linear layers of the decoder layers in 4-bit NF4 "
             f"({nf4_bytes_per_weight():.3f} bytes per weight), dequantised in each forward")
     if t.fp8:
-        converted = enable_fp8(model, t.fp8, compile=not t.compile, emulate=emulate_fp8)
+        converted = enable_fp8(model, t.fp8, compile=not (t.compile or emulate_fp8), emulate=emulate_fp8)
         log(f"fp8 ({t.fp8} scaling): {converted} linear layers of the decoder layers train in float8")
     if t.recompute == "auto":
         model.gradient_checkpointing_enable(1.0)  # what fits if anything does, until AutoRecompute decides
