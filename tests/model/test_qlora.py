@@ -1,7 +1,9 @@
 """QLoRA (ochat.model.qlora, --qlora) on the CPU, computing in float32 from NF4 weights quantised from bf16: the
-forward is the bf16 base's within the stated bound and exactly the dequantised weights'; only the adapters get
-gradients and a few optimizer steps lower the loss; the adapter saves in PEFT's format and loads with peft on the
-transformers model of the unquantised base; the refused combinations say why."""
+forward is the bf16 base's within the stated bound and exactly transformers' on the dequantised weights (dense
+models, and expert models whose stacked experts are NF4 too); only the adapters get gradients and a few optimizer
+steps lower the loss, the NF4 base untouched; the adapter saves in PEFT's format and loads with peft on the
+transformers model of the unquantised base; the refused combinations say why. The adapter gradients against
+transformers + peft on the dequantised weights: tests/model/test_lora.py."""
 import copy
 
 import peft
@@ -13,27 +15,35 @@ from ochat.config.errors import ConfigError
 from ochat.config.train_config import parse_args
 from ochat.model import hf_weights, lora, qlora
 from ochat.model.transforms import ModelTransforms, apply_transforms, refusals
-from tests.helpers.models import assert_close, make_pack, make_pair
+from tests.helpers.models import VARIANTS, as_in_transformers, assert_close, make_pack, make_pair
+from tests.model.test_moe import MOE
 
 # Measured on these tiny random models: relative RMS error of the logits 0.084-0.20 (Gemma 2's soft-capping the
-# largest), of each weight 0.090-0.095. The bounds leave room; a different random model is ~1.4 away.
+# largest; the expert models 0.025-0.11), of each weight or expert stack 0.090-0.095. The bounds leave room; a
+# different random model is ~1.4 away.
 LOGITS_BOUND = 0.25
 WEIGHT_BOUND = 0.12
-NAMES = ["llama2", "qwen2_bias", "gemma2", "phi3_longrope"]
+# gpt-oss: LoRA on attention only (its fused expert layout takes no expert adapters), its experts quantised all the same
+NAMES = ["llama2", "qwen2_bias", "gemma2", "phi3_longrope", "qwen3_moe", "mixtral", "gpt_oss"]
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def targets(name):
+    return "attention" if name == "gpt_oss" else "all"
+
+
 def qlora_pair(name, rank=4):
-    """(config, the QLoRA model, its bf16 base unquantised), both computing in float32."""
-    cfg, ours, _ = make_pair(name)
+    """(config, the QLoRA model, its bf16 base unquantised), both computing in float32 (a dense model of VARIANTS or
+    an expert one of MOE)."""
+    cfg, ours, _ = make_pair(name, variants=MOE if name in MOE else VARIANTS)
     with torch.no_grad():
         for p in ours.parameters():
             p.copy_(p.bfloat16().float())
     base = copy.deepcopy(ours)
-    apply_transforms(ours, ModelTransforms(lora_rank=rank, qlora=True))
+    apply_transforms(ours, ModelTransforms(lora_rank=rank, qlora=True, lora_targets=targets(name)))
     return cfg, ours, base
 
 
@@ -41,23 +51,49 @@ def nf4_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, qlora.NF4Linear)}
 
 
+def nf4_weights(model) -> dict[str, torch.Tensor]:
+    """Every NF4 weight of `model` by its buffer's name: the linear layers' and the expert stacks'."""
+    return {n: t for n, t in model.named_buffers() if qlora.is_nf4(t)}
+
+
+def dequantized(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (the plain model's: no peft names) with each weight that `model` holds in NF4 replaced by the float32
+    values it stands for (an expert stack [E x out, in] back in its [E, out, in] shape)."""
+    out = dict(state)
+    for n, t in nf4_weights(model).items():
+        plain = n.replace(".base_layer", "")
+        out[plain] = qlora.dequantize(t).float().view(state[plain].shape)
+    return out
+
+
+def load_into_transformers(hf, state, cfg):
+    """Load ochat's plain state dict into its transformers twin (gpt-oss's experts in transformers' layout)."""
+    missing, unexpected = hf.load_state_dict(
+        {k: v for n, t in state.items() for k, v in as_in_transformers(n, t, cfg).items()}, strict=False)
+    assert not unexpected and all("inv_freq" in m for m in missing), (missing, unexpected)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_within_the_bound_of_the_bf16_base_and_exactly_the_dequantised_weights(name):
+    """The reference: transformers' model of the bf16 base with each quantised weight (linear or expert stack)
+    replaced by what NF4 holds, per conversation."""
     cfg, ours, base = qlora_pair(name)
     seqs, ids, pos, cu, mx = make_pack(cfg)
     with torch.no_grad():
         logits, ref = ours(ids, pos, cu, mx), base(ids, pos, cu, mx)
     assert rel_rms(logits, ref) < LOGITS_BOUND, f"{name}: {rel_rms(logits, ref):.3f}"
 
-    dense = copy.deepcopy(base)  # the bf16 base with each quantised weight replaced by what NF4 holds
-    weights = dict(dense.named_parameters())
-    for n, m in nf4_layers(ours).items():
-        w = weights[n.replace(".base_layer", "") + ".weight"]
-        assert rel_rms(qlora.dequantize(m.weight).float(), w) < WEIGHT_BOUND, n
-        with torch.no_grad():
-            w.copy_(qlora.dequantize(m.weight).float())
+    state = base.state_dict()
+    held = dequantized(ours, state)
+    changed = [n for n in held if not torch.equal(held[n], state[n])]
+    assert len(changed) == len(nf4_weights(ours))
+    assert all(rel_rms(held[n], state[n]) < WEIGHT_BOUND for n in changed), changed
+    _, _, hf = make_pair(name, variants=MOE if name in MOE else VARIANTS)
+    load_into_transformers(hf, held, cfg)
     with torch.no_grad():
-        assert_close(logits, dense(ids, pos, cu, mx), rtol=1e-5, what=f"{name} vs dequantised weights")
+        for i, s in enumerate(seqs):
+            assert_close(logits[cu[i]:cu[i + 1]], hf(input_ids=s[None]).logits[0], rtol=1e-5,
+                         what=f"{name} conversation {i} vs transformers on the dequantised weights")
 
 
 def test_every_decoder_linear_is_nf4_and_nothing_else():
