@@ -112,9 +112,46 @@ def test_every_decoder_linear_is_nf4_and_nothing_else():
     assert qlora.nf4_bytes_per_weight() == pytest.approx(0.516, abs=1e-3)
 
 
-def test_training_moves_only_the_adapters_and_lowers_the_loss():
-    cfg, ours, _ = qlora_pair("llama2")
-    frozen = {n: qlora.dequantize(m.weight).clone() for n, m in nf4_layers(ours).items()}
+def test_expert_stacks_are_nf4_buffers_and_the_routers_stay():
+    """qwen2_moe (a shared expert and its gate beside the routed ones): each stacked expert weight one NF4 buffer
+    [E x out, in], not in state dicts; routers and the shared-expert gate full-precision parameters; the attention and
+    shared-expert linears NF4 as in a dense model."""
+    cfg, ours, _ = qlora_pair("qwen2_moe")
+    weights = nf4_weights(ours)
+    stacks = {n: t for n, t in weights.items() if ".mlp.experts." in n}
+    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
+    assert len(stacks) == 2 * cfg.expert_layers and len(weights) == len(stacks) + 7 * cfg.num_hidden_layers
+    assert all(t.shape == ((e * 2 * i, h) if n.endswith("gate_up_proj") else (e * h, i)) for n, t in stacks.items())
+    assert not any(type(p).__name__ == "NF4Tensor" for p in ours.parameters())
+    assert not any(".experts." in n and n.endswith("_proj") for n in ours.state_dict())
+    for layer in ours.model.layers:
+        assert type(layer.mlp.gate.weight) is nn.Parameter and layer.mlp.gate.weight.dtype == torch.float32
+        assert type(layer.mlp.shared_expert_gate) is nn.Linear
+    stack = next(iter(stacks.values()))
+    stored = sum(t.numel() * t.element_size()
+                 for t in (stack.quantized_data, stack.quantized_scalers, stack.quantization_factor))
+    assert stored < 0.52 * stack.numel()
+
+
+def test_no_dequantised_expert_stack_is_kept_for_the_backward():
+    """What autograd saves in an expert block of the NF4 model: the NF4 stacks, never a dequantised [E, out, in]
+    one (it is made again in the backward)."""
+    cfg, ours, _ = qlora_pair("mixtral")
+    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
+    stack_shapes = {(e, 2 * i, h), (e, h, i), (e, h, 2 * i), (e, i, h)}
+    saved = []
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ours(ids, pos, cu, mx, labels=ids, label_weights=torch.ones(len(ids))).weighted_loss.backward()
+    assert sum(qlora.is_nf4(t) for t in saved) == len(nf4_weights(ours))  # each NF4 weight once, stacks included
+    assert not [t.shape for t in saved if tuple(t.shape) in stack_shapes and not qlora.is_nf4(t)]
+    assert all(p.grad is not None for n, p in ours.named_parameters() if ".experts.lora_" in n)
+
+
+@pytest.mark.parametrize("name", ["llama2", "qwen3_moe"])
+def test_training_moves_only_the_adapters_and_lowers_the_loss(name):
+    cfg, ours, _ = qlora_pair(name)
+    frozen = {n: qlora.dequantize(t).clone() for n, t in nf4_weights(ours).items()}
     seqs, ids, pos, cu, mx = make_pack(cfg)
     labels = ids  # copy the input token: a task a rank-4 adapter learns within a few steps
     opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
@@ -127,7 +164,7 @@ def test_training_moves_only_the_adapters_and_lowers_the_loss():
         opt.step()
         losses.append(loss.item())
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.95 * losses[0], losses
-    assert all(torch.equal(qlora.dequantize(m.weight), frozen[n]) for n, m in nf4_layers(ours).items())
+    assert all(torch.equal(qlora.dequantize(t), frozen[n]) for n, t in nf4_weights(ours).items())
 
 
 def test_saved_adapter_loads_in_peft_on_the_unquantised_transformers_model(tmp_path):
