@@ -133,6 +133,19 @@ def test_expert_stacks_are_nf4_buffers_and_the_routers_stay():
     assert stored < 0.52 * stack.numel()
 
 
+@pytest.mark.parametrize("chunk", [1, qlora.DEQUANTIZE_CHUNK])
+def test_dequantize_stack_is_torchaos_dequantisation_bit_for_bit(chunk, monkeypatch):
+    """In chunks of one scale factor's weights (64 x 128 here: the stack's 384 scales are not a multiple of 256) or
+    whole, in bf16 and cast to float32."""
+    monkeypatch.setattr(qlora, "DEQUANTIZE_CHUNK", chunk)
+    w = torch.randn(4, 96, 64) * 0.05
+    nf4 = qlora.quantize_stack(w)
+    assert nf4.scaler_block_size == 128 and nf4.shape == (4 * 96, 64)
+    for dtype in (torch.bfloat16, torch.float32):
+        want = qlora.dequantize(nf4).to(dtype).view(4, 96, 64)
+        assert torch.equal(qlora.dequantize_stack(nf4, 4, dtype), want)
+
+
 def test_no_dequantised_expert_stack_is_kept_for_the_backward():
     """What autograd saves in an expert block of the NF4 model: the NF4 stacks, never a dequantised [E, out, in]
     one (it is made again in the backward)."""
