@@ -158,15 +158,18 @@ def quantize_experts(experts: nn.Module) -> int:
     return count
 
 
-def quantize_base(model: nn.Module) -> tuple[int, int]:
+def quantize_base(model: nn.Module, device: torch.device | str | None = None) -> tuple[int, int]:
     """Replace every frozen linear layer inside the decoder layers of `model` (peft's `base_layer` where LoRA wraps
     one; the adapters are trainable) by an NF4Linear and hold every expert block's stacked experts in NF4
-    (`quantize_experts`), in place; the routers and shared-expert gates stay. Returns (modules quantised, weights
-    quantised)."""
+    (`quantize_experts`), in place; the routers and shared-expert gates stay. Each decoder layer is first moved to
+    `device` where one is given (a base read into CPU memory reaches the GPU one bf16 layer at a time). Returns
+    (modules quantised, weights quantised)."""
     from ochat.model.experts import ExpertBlock, Experts
 
     modules = weights = 0
     for layer in model.model.layers:
+        if device is not None:
+            layer.to(device)
         gates = {id(m.shared_expert_gate) for m in layer.modules() if isinstance(m, ExpertBlock)
                  and hasattr(m, "shared_expert_gate")}
         for module in list(layer.modules()):

@@ -36,8 +36,9 @@ then changes it, always in this order:
 The load-balancing loss's coefficient (`--router-aux-loss-coef`) replaces config.json's on an expert model (any
 time: it is read at each forward). Mixture-of-experts models take recompute, LoRA (attention, shared experts and
 the routed experts' stacked weights; not with --expert-parallel, --lora-dropout on the experts or, for the
-experts, ZeRO-3), QLoRA (the stacked experts in NF4 too, with or without their adapters), tiled MLP, compile (not with LoRA on the experts) and sequence parallelism (tested: the same
-loss, load-balancing loss and gradients as without them); fp8 and offload are refused with them (not yet built or
+experts, ZeRO-3), QLoRA (the stacked experts in NF4 too, with or without their adapters; not with sequence
+parallelism), tiled MLP, compile (not with LoRA on the experts) and sequence parallelism (tested: the same loss,
+load-balancing loss and gradients as without them); fp8 and offload are refused with them (not yet built or
 tested on expert blocks).
 `refusals` holds every rule about which combinations are refused; the trainer asks it at parse time, with the
 DeepSpeed config, and before training.
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from ochat.model.config import ModelConfig
@@ -188,11 +190,13 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
 
 
 def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | None = None,
-                     emulate_fp8: bool = False) -> None:
+                     emulate_fp8: bool = False, device: torch.device | str | None = None) -> None:
     """Change `model` (a PackedCausalLM) in place as `t` asks, in the module's order. `ds_config`: DeepSpeed's
     config, whose activation_checkpointing section configures offload; `emulate_fp8`: float8 casts with
-    higher-precision matmuls (CPUs). Sequence parallelism creates DeepSpeed's groups at its first call in a process:
-    collective, after torch.distributed started; so does expert parallelism."""
+    higher-precision matmuls (CPUs); `device`: where the model trains, if it was loaded elsewhere (--qlora's base
+    in CPU memory): each decoder layer goes there as it is quantised, the rest after, before the later steps.
+    Sequence parallelism creates DeepSpeed's groups at its first call in a process: collective, after
+    torch.distributed started; so does expert parallelism."""
     from ochat.model import expert_parallel, memory, sequence_parallel
     from ochat.model.fp8 import enable_fp8
     from ochat.model.lora import add_lora, default_alpha
@@ -209,10 +213,12 @@ def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | 
         log(f"LoRA (rank {t.lora_rank}, alpha {alpha:g}, targets {t.lora_targets}{tokens}): {trainable} trainable "
             f"parameters, the rest frozen")
     if t.qlora:
-        modules, weights = quantize_base(model)
+        modules, weights = quantize_base(model, device)
         log(f"QLoRA: {modules} frozen linear layers and expert stacks of the decoder layers ({weights / 1e9:.2f}B "
             f"weights) in 4-bit NF4, {weights * nf4_bytes_per_weight() / 1e9:.2f} GB instead of "
             f"{weights * 2 / 1e9:.2f} GB in bf16; dequantised in each forward")
+    if device is not None:
+        model.to(device)
     if t.fp8:
         converted = enable_fp8(model, t.fp8, compile=not t.compile, emulate=emulate_fp8)
         log(f"fp8 ({t.fp8} scaling): {converted} linear layers of the decoder layers train in float8")

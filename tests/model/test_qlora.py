@@ -14,6 +14,7 @@ import torch.nn as nn
 from ochat.config.errors import ConfigError
 from ochat.config.train_config import parse_args
 from ochat.model import hf_weights, lora, qlora
+from ochat.model.config import ModelConfig
 from ochat.model.transforms import ModelTransforms, apply_transforms, refusals
 from tests.helpers.models import VARIANTS, as_in_transformers, assert_close, make_pack, make_pair
 from tests.model.test_moe import MOE
@@ -43,7 +44,8 @@ def qlora_pair(name, rank=4):
         for p in ours.parameters():
             p.copy_(p.bfloat16().float())
     base = copy.deepcopy(ours)
-    apply_transforms(ours, ModelTransforms(lora_rank=rank, qlora=True, lora_targets=targets(name)))
+    # device: the trainer's path, quantising layer by layer on the device (here the CPU, where it was loaded)
+    apply_transforms(ours, ModelTransforms(lora_rank=rank, qlora=True, lora_targets=targets(name)), device="cpu")
     return cfg, ours, base
 
 
@@ -208,6 +210,13 @@ def test_refused_combinations():
     assert refusals(ModelTransforms(qlora=True)) == [
         "--qlora quantises the frozen base under LoRA adapters: add --lora-rank"]
     assert refusals(ModelTransforms(lora_rank=8, qlora=True), zero_stage=2) == []
+    moe = ModelConfig.debug(**MOE["qwen3_moe"])  # an expert model: QLoRA yes, not with expert or sequence parallelism
+    assert refusals(ModelTransforms(lora_rank=8, qlora=True), zero_stage=2, model=moe) == []
+    assert refusals(ModelTransforms(lora_rank=8, qlora=True, expert_parallel=2), zero_stage=2, world_size=2,
+                    model=moe) == ["--lora-rank is not yet supported with --expert-parallel: drop one or the other"]
+    assert refusals(ModelTransforms(lora_rank=8, qlora=True, sequence_parallel=2), zero_stage=2, world_size=2,
+                    model=moe) == ["--qlora is not yet supported with --sequence-parallel (LoRA is): drop one or the "
+                                   "other"]
     assert refusals(ModelTransforms(lora_rank=8, qlora=True), zero_stage=3)[0].startswith(
         "--qlora needs ZeRO stage 2 or lower")
     base = ["--model-path", "m", "--data-path", "d", "--save-path", "s", "--lora-rank", "8", "--qlora"]
