@@ -24,16 +24,11 @@ from tests.model.test_moe import MOE
 # different random model is ~1.4 away.
 LOGITS_BOUND = 0.25
 WEIGHT_BOUND = 0.12
-# gpt-oss: LoRA on attention only (its fused expert layout takes no expert adapters), its experts quantised all the same
 NAMES = ["llama2", "qwen2_bias", "gemma2", "phi3_longrope", "qwen3_moe", "mixtral", "gpt_oss"]
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
-
-
-def targets(name):
-    return "attention" if name == "gpt_oss" else "all"
 
 
 def qlora_pair(name, rank=4):
@@ -45,7 +40,7 @@ def qlora_pair(name, rank=4):
             p.copy_(p.bfloat16().float())
     base = copy.deepcopy(ours)
     # device: the trainer's path, quantising layer by layer on the device (here the CPU, where it was loaded)
-    apply_transforms(ours, ModelTransforms(lora_rank=rank, qlora=True, lora_targets=targets(name)), device="cpu")
+    apply_transforms(ours, ModelTransforms(lora_rank=rank, qlora=True), device="cpu")
     return cfg, ours, base
 
 
