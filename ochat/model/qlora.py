@@ -106,19 +106,17 @@ def dequantize_stack(weight: torch.Tensor, experts: int, dtype: torch.dtype) -> 
     `get_original_weight` holds about 14 bytes of temporaries per weight (int64 codes among them) until it returns:
     5.6 GB for one of Qwen3-30B-A3B's gate_up stacks (403M weights), against 0.8 GB for the result."""
     out = torch.empty(weight.shape, dtype=dtype, device=weight.device)  # each bf16 value cast as it is written
-    flat = out.view(-1, 2)  # (even, odd) weights: each byte's two codes
-    step = weight.block_size * weight.scaler_block_size  # weights per scale factor
-    step *= max(1, DEQUANTIZE_CHUNK // step)
-    for start in range(0, weight.numel(), step):
+    pairs = out.view(-1, 2)  # (even, odd) weights: the two codes of a byte
+    block, per_factor = weight.block_size, weight.block_size * weight.scaler_block_size
+    step = per_factor * max(1, DEQUANTIZE_CHUNK // per_factor)
+    for start in range(0, weight.numel(), step):  # torchao's arithmetic, in its dtypes, on a slice of scale factors
         end = min(start + step, weight.numel())
+        scales = weight.quantized_scalers[start // block:end // block].view(-1, weight.scaler_block_size)
+        scales = (scales / weight.quantization_factor[start // per_factor:end // per_factor, None]).flatten()
+        scales = (scales.to(weight.dtype) + weight.scaler_mean).repeat_interleave(block // 2)
         codes = weight.quantized_data[start // 2:end // 2]
-        scalers = weight.quantized_scalers[start // weight.block_size:end // weight.block_size]
-        factors = weight.quantization_factor[start // weight.block_size // weight.scaler_block_size:]
-        scalers = (scalers.view(-1, weight.scaler_block_size) / factors[:len(scalers) // weight.scaler_block_size,
-                                                                         None]).flatten().to(weight.dtype)
-        scalers = (scalers + weight.scaler_mean).repeat_interleave(weight.block_size // 2)
-        flat[start // 2:end // 2, 0] = weight.nf4[(codes >> 4).long()] * scalers
-        flat[start // 2:end // 2, 1] = weight.nf4[(codes & 0b1111).long()] * scalers
+        pairs[start // 2:end // 2, 0] = weight.nf4[(codes >> 4).long()] * scales
+        pairs[start // 2:end // 2, 1] = weight.nf4[(codes & 0b1111).long()] * scales
     return out.view(experts, -1, weight.shape[-1])
 
 
