@@ -138,10 +138,11 @@ class TrainConfig:
                                                       "spaces around it: its id); peft's trainable tokens, saved "
                                                       "in adapter/ and merged by --merge-lora; one set of rows when "
                                                       "the embedding and lm_head are tied; ZeRO stage 2 or lower")
-    qlora: bool = _opt(False, "with --lora-rank: hold the frozen linear layers of the decoder layers in 4-bit NF4 "
-                              "(torchao; QLoRA), dequantised in each forward: 0.52 bytes per base weight instead of "
-                              "2; embeddings, norms and lm_head stay bf16; the adapter is trained against the "
-                              "quantised base; ZeRO stage 2 or lower, without --merge-lora")
+    qlora: bool = _opt(False, "with --lora-rank: hold the frozen linear layers of the decoder layers (and an expert "
+                              "model's stacked experts) in 4-bit NF4 (torchao; QLoRA), dequantised in each forward: "
+                              "0.52 bytes per base weight instead of 2; embeddings, norms, routers and lm_head stay "
+                              "bf16; the adapter is trained against the quantised base; ZeRO stage 2 or lower, "
+                              "without --merge-lora")
     merge_lora: bool = _opt(False, "with --lora-rank: checkpoint folders also hold the full model with the adapters "
                                    "merged into its weights (default: only adapter/, tokenizer and config)")
     router_aux_loss_coef: Optional[float] = _opt(None, "mixture-of-experts models: weight of the router's "

@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ochat.kernels.swiglu import glu
+from ochat.model import qlora
 from ochat.model.config import ModelConfig
 
 
@@ -111,10 +112,34 @@ def _plus_bias(h: torch.Tensor, bias: torch.Tensor | None, counts: torch.Tensor)
 Adapters = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
 
-def _grouped_low_rank(x, offsets, adapter):
-    a, b, scale = adapter
-    h = torch._grouped_mm(x, a.transpose(-2, -1), offs=offsets)  # [rows, r]
-    return torch._grouped_mm(h, b.transpose(-2, -1), offs=offsets) * scale
+def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Each expert's rows of x [rows, in] (sorted by expert, expert e's ending at offsets[e]) times its weight
+    [E, out, in] transposed: one grouped GEMM."""
+    return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+
+
+def _looped_linear(x: torch.Tensor, weight: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """As `_grouped_linear`, expert e's rows being the next sizes[e]: one matmul per expert."""
+    return torch.cat([F.linear(rows, weight[e]) for e, rows in enumerate(x.split(sizes))])
+
+
+def _run_experts(x, counts, gate_up, down, act, gate_up_bias, down_bias, adapters, linear) -> torch.Tensor:
+    """The experts on rows sorted by expert, each projection's per-expert matmuls done by `linear` (x, [E, out, in]):
+    W_e x, plus each row's expert's bias (gpt-oss), plus s B_e (A_e x) where a LoRA adapter is. A frozen NF4 stack
+    (--qlora) is dequantised for its matmul alone (`qlora.stacked_linear`)."""
+    adapters = adapters or {}
+
+    def project(rows, weight, bias, name):
+        base = qlora.stacked_linear(rows, weight, len(counts), linear) if qlora.is_nf4(weight) else linear(rows, weight)
+        out = _plus_bias(base, bias, counts)
+        if name in adapters:
+            a, b, scale = adapters[name]
+            out = out + linear(linear(rows, a), b) * scale
+        return out
+
+    gate_up_out = project(x, gate_up, gate_up_bias, "gate_up_proj")
+    h = _activate(*gate_up_out.chunk(2, dim=-1), act).contiguous()
+    return project(h, down, down_bias, "down_proj")
 
 
 def expert_grouped(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
@@ -122,40 +147,16 @@ def expert_grouped(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor,
                    adapters: Adapters | None = None) -> torch.Tensor:
     """The experts on rows sorted by expert (`counts[e]` rows for expert e, in order): two grouped GEMMs (plus each
     row's expert's bias, gpt-oss; two more thin ones per projection with a LoRA adapter)."""
-    adapters = adapters or {}
-    offsets = counts.cumsum(0).to(torch.int32)
-    gate_up_out = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offsets)
-    gate_up_out = _plus_bias(gate_up_out, gate_up_bias, counts)
-    if "gate_up_proj" in adapters:
-        gate_up_out = gate_up_out + _grouped_low_rank(x, offsets, adapters["gate_up_proj"])
-    h = _activate(*gate_up_out.chunk(2, dim=-1), act).contiguous()
-    out = torch._grouped_mm(h, down.transpose(-2, -1), offs=offsets)
-    out = _plus_bias(out, down_bias, counts)
-    if "down_proj" in adapters:
-        out = out + _grouped_low_rank(h, offsets, adapters["down_proj"])
-    return out
-
-
-def _linear(x, weight, bias, e, adapter):
-    """Expert e's projection of x (with its bias, if any), plus its LoRA adapter's product when there is one."""
-    y = F.linear(x, weight[e], None if bias is None else bias[e])
-    if adapter is not None:
-        a, b, scale = adapter
-        y = y + F.linear(F.linear(x, a[e]), b[e]) * scale
-    return y
+    linear = functools.partial(_grouped_linear, offsets=counts.cumsum(0).to(torch.int32))
+    return _run_experts(x, counts, gate_up, down, act, gate_up_bias, down_bias, adapters, linear)
 
 
 def expert_loop(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                 act, gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
                 adapters: Adapters | None = None) -> torch.Tensor:
     """The reference of `expert_grouped`: one matmul per expert and projection (reads `counts` on the host)."""
-    adapters = adapters or {}
-    out, start = [], 0
-    for e, n in enumerate(counts.tolist()):
-        gate, up = _linear(x[start:start + n], gate_up, gate_up_bias, e, adapters.get("gate_up_proj")).chunk(2, dim=-1)
-        out.append(_linear(_activate(gate, up, act), down, down_bias, e, adapters.get("down_proj")))
-        start += n
-    return torch.cat(out) if out else x.new_zeros(0, down.shape[1])
+    linear = functools.partial(_looped_linear, sizes=counts.tolist())
+    return _run_experts(x, counts, gate_up, down, act, gate_up_bias, down_bias, adapters, linear)
 
 
 def assignments(experts: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -53,6 +53,7 @@ import torch.nn as nn
 from ochat.kernels.linear_cross_entropy import Rows, replace_rows
 from ochat.model.config import ModelConfig
 from ochat.model.experts import Experts, interleave
+from ochat.model.qlora import is_nf4
 
 TARGETS = {
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"),  # qkv_proj: Phi-3's fused projection
@@ -194,7 +195,7 @@ def _one_node_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     from ochat.kernels.lora_linear import lora_linear
 
     base, a, b = layer.base_layer, layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-    quantized = type(base.weight).__name__ == "NF4Tensor"  # dequantised to x's dtype in each matmul
+    quantized = is_nf4(base.weight)  # dequantised to x's dtype in each matmul
     if layer.merged or layer.disable_adapters or not (x.dtype == a.dtype == b.dtype and
                                                       (quantized or base.weight.dtype == x.dtype)):
         return type(layer).forward(layer, x)

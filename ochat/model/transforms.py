@@ -8,8 +8,9 @@ then changes it, always in this order:
                   that the later steps see the wrapped layers: recompute, tiled MLP (its tiles' params include the
                   adapters), compile and sequence parallelism act on an adapted model (tested: the same loss and
                   adapter gradients); fp8 and offload are refused with it (not yet tested together), compile also
-                  with --qlora or --lora-dropout, sequence parallelism with --qlora. With --qlora the frozen linear layers of the decoder layers then
-                  become 4-bit NF4 (qlora.py). --lora-trainable-tokens also trains the embedding and lm_head rows
+                  with --qlora or --lora-dropout, sequence parallelism with --qlora. With --qlora the frozen linear
+                  layers of the decoder layers and an expert model's stacked experts then become 4-bit NF4
+                  (qlora.py; the routers stay). --lora-trainable-tokens also trains the embedding and lm_head rows
                   of the tokens it names (lora.TokenRows); not under ZeRO-3.
 1. fp8            the decoder layers' linear layers become torchao Float8Linear (fp8.py); each one's forward is
                   compiled unless step 5 compiles the whole layer.
@@ -34,9 +35,10 @@ then changes it, always in this order:
 
 The load-balancing loss's coefficient (`--router-aux-loss-coef`) replaces config.json's on an expert model (any
 time: it is read at each forward). Mixture-of-experts models take recompute, LoRA (attention, shared experts and
-the routed experts' stacked weights; not with --qlora, --expert-parallel, --lora-dropout on the experts or, for
-the experts, ZeRO-3), tiled MLP, compile (not with LoRA on the experts) and sequence parallelism (tested: the same
-loss, load-balancing loss and gradients as without them); fp8 and offload are refused with them (not yet built or
+the routed experts' stacked weights; not with --expert-parallel, --lora-dropout on the experts or, for the
+experts, ZeRO-3), QLoRA (the stacked experts in NF4 too, with or without their adapters; not with sequence
+parallelism), tiled MLP, compile (not with LoRA on the experts) and sequence parallelism (tested: the same loss,
+load-balancing loss and gradients as without them); fp8 and offload are refused with them (not yet built or
 tested on expert blocks).
 `refusals` holds every rule about which combinations are refused; the trainer asks it at parse time, with the
 DeepSpeed config, and before training.
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from ochat.model.config import ModelConfig
@@ -142,8 +145,8 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
             out.append("--lora-trainable-tokens trains embedding and lm_head rows beside LoRA adapters: add "
                        "--lora-rank")
     if model is not None and model.arch.experts is not None:
-        unsupported = [flag for flag, on in (("--qlora", t.qlora), ("--fp8", t.fp8),
-                                             ("--offload-activations", t.offload_activations)) if on]
+        unsupported = [flag for flag, on in (("--fp8", t.fp8), ("--offload-activations", t.offload_activations))
+                       if on]
         if unsupported:
             out.append(f"{', '.join(unsupported)} not yet supported with a mixture-of-experts model "
                        f"({model.model_type})")
@@ -187,11 +190,13 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
 
 
 def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | None = None,
-                     emulate_fp8: bool = False) -> None:
+                     emulate_fp8: bool = False, device: torch.device | str | None = None) -> None:
     """Change `model` (a PackedCausalLM) in place as `t` asks, in the module's order. `ds_config`: DeepSpeed's
     config, whose activation_checkpointing section configures offload; `emulate_fp8`: float8 casts with
-    higher-precision matmuls (CPUs), left uncompiled (compiling buys speed on a GPU, and only costs time there). Sequence parallelism creates DeepSpeed's groups at its first call in a process:
-    collective, after torch.distributed started; so does expert parallelism."""
+    higher-precision matmuls (CPUs), left uncompiled (compiling buys speed on a GPU, only time on a CPU); `device`: where the model trains, if it was loaded elsewhere (--qlora's base
+    in CPU memory): each decoder layer goes there as it is quantised, the rest after, before the later steps.
+    Sequence parallelism creates DeepSpeed's groups at its first call in a process: collective, after
+    torch.distributed started; so does expert parallelism."""
     from ochat.model import expert_parallel, memory, sequence_parallel
     from ochat.model.fp8 import enable_fp8
     from ochat.model.lora import add_lora, default_alpha
@@ -208,9 +213,12 @@ def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | 
         log(f"LoRA (rank {t.lora_rank}, alpha {alpha:g}, targets {t.lora_targets}{tokens}): {trainable} trainable "
             f"parameters, the rest frozen")
     if t.qlora:
-        quantized = quantize_base(model)
-        log(f"QLoRA: {quantized} frozen linear layers of the decoder layers in 4-bit NF4 "
-            f"({nf4_bytes_per_weight():.3f} bytes per weight), dequantised in each forward")
+        modules, weights = quantize_base(model, device)
+        log(f"QLoRA: {modules} frozen linear layers and expert stacks of the decoder layers ({weights / 1e9:.2f}B "
+            f"weights) in 4-bit NF4, {weights * nf4_bytes_per_weight() / 1e9:.2f} GB instead of "
+            f"{weights * 2 / 1e9:.2f} GB in bf16; dequantised in each forward")
+    if device is not None:
+        model.to(device)
     if t.fp8:
         converted = enable_fp8(model, t.fp8, compile=not (t.compile or emulate_fp8), emulate=emulate_fp8)
         log(f"fp8 ({t.fp8} scaling): {converted} linear layers of the decoder layers train in float8")

@@ -19,8 +19,9 @@ from ochat.utils.log import log
 def load_model(cfg: TrainConfig, rt: Runtime, ds_config: dict) -> PackedCausalLM:
     """The checkpoint at cfg.model_path with the flags' transforms applied (ochat.model.transforms): partitioned
     from the start under ZeRO-3 (no rank holds the whole model), else whole in float32 on this rank's device
-    (DeepSpeed keeps the fp32 master copy and casts the module to bf16; with --qlora in bf16 when the run is); with
-    --expert-parallel each rank reads only its experts."""
+    (DeepSpeed keeps the fp32 master copy and casts the module to bf16; with --qlora in bf16 when the run is, read
+    into CPU memory and moved to the device a decoder layer at a time as it is quantised, so the device never
+    holds the unquantised base whole); with --expert-parallel each rank reads only its experts."""
     zero3 = zero_stage(ds_config) == 3
     t0 = time.time()
     try:
@@ -28,13 +29,15 @@ def load_model(cfg: TrainConfig, rt: Runtime, ds_config: dict) -> PackedCausalLM
             model = PackedCausalLM.from_pretrained_partitioned(cfg.model_path, ds_config, cfg.attn_impl)
         else:  # QLoRA quantises the frozen base from bf16, and needs no float32 master copy of it
             dtype = torch.bfloat16 if cfg.qlora and ds_config["bf16"]["enabled"] else torch.float32
-            model = PackedCausalLM.from_pretrained(cfg.model_path, dtype=dtype, device=rt.device,
-                                                   attn_impl=cfg.attn_impl, expert_parallel=cfg.expert_parallel)
+            model = PackedCausalLM.from_pretrained(cfg.model_path, dtype=dtype,
+                                                   device="cpu" if cfg.qlora else rt.device, attn_impl=cfg.attn_impl,
+                                                   expert_parallel=cfg.expert_parallel)
     except (OSError, ValueError) as e:
         raise TrainError(f"cannot load the model from {cfg.model_path}: {e}") from None
     log(f"model: {_count(model.config.num_params())} parameters from {cfg.model_path} in {time.time() - t0:.1f}s"
         + (" (partitioned over the ranks: ZeRO-3)" if zero3 else ""))
-    apply_transforms(model, cfg.transforms, ds_config=ds_config, emulate_fp8=not rt.cuda)
+    apply_transforms(model, cfg.transforms, ds_config=ds_config, emulate_fp8=not rt.cuda,
+                     device=rt.device if cfg.qlora and not zero3 else None)
     return model
 
 

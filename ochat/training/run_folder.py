@@ -103,12 +103,17 @@ class RunFolder:
         barrier()  # the other ranks start once rank 0 has made the folder
         return cls(cfg, lock)
 
-    def check_disk_space(self, num_params: int, bf16: bool, bf16_master: bool = False) -> None:
+    def check_disk_space(self, num_params: int, bf16: bool, bf16_master: bool = False, adapters: int | None = None,
+                         merged: bool = False) -> None:
         """Room for what the run keeps at its peak: `final/` (2 or 4 bytes per parameter), KEEP_STATES resume
         states and the one being written (each: the master weights and two Adam moments, 12 bytes per parameter
-        in float32 or 6 in bf16, plus the module's copy)."""
+        in float32 or 6 in bf16, plus the module's copy). With LoRA (`adapters`: its trainable parameters) the
+        states hold only those, final/ their float32 adapter/ and the whole model only when `merged`
+        (--merge-lora)."""
         weights = 2 if bf16 else 4
-        need = num_params * (weights + (KEEP_STATES + 1) * ((6 if bf16_master else 12) + weights))
+        trained = num_params if adapters is None else adapters
+        final = (num_params * weights if adapters is None or merged else 0) + (0 if adapters is None else 4 * adapters)
+        need = final + (KEEP_STATES + 1) * trained * ((6 if bf16_master else 12) + weights)
         free = shutil.disk_usage(self.path).free
         if free < need:
             raise TrainError(f"--save-path {self.path} has {free / 2**30:.1f} GiB free, and a checkpoint plus "

@@ -75,7 +75,9 @@ def train(cfg: TrainConfig) -> TrainState:
     model = load_model(cfg, rt, ds_config)
     preflight.check_vocabulary(model.config.vocab_size, tokenizer)
     if not cfg.no_save:
-        run.check_disk_space(model.config.num_params(), rt.bf16, cfg.master_dtype == "bf16")
+        adapters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+        run.check_disk_space(model.config.num_params(), rt.bf16, cfg.master_dtype == "bf16",
+                             adapters=adapters if cfg.lora_rank else None, merged=cfg.merge_lora)
     engine = build_engine(cfg, rt, model, ds_config, total_steps=settings.total_steps,
                           warmup_steps=settings.warmup_steps)
     run.bind(engine, tokenizer=tokenizer, chat_format=chat_format, settings=settings)

@@ -290,12 +290,12 @@ def test_aux_loss_coefficient_zero_switches_it_off_and_the_flag_overrides_config
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_config()))
     moe = ModelConfig.from_hf_config(tmp_path)
     assert moe.router_aux_loss_coef == 0.1
-    for t in (ModelTransforms(lora_rank=4, qlora=True), ModelTransforms(fp8="tensorwise"),
-              ModelTransforms(offload_activations=True, recompute=1.0)):
+    for t in (ModelTransforms(fp8="tensorwise"), ModelTransforms(offload_activations=True, recompute=1.0)):
         assert any("mixture-of-experts" in p for p in refusals(t, model=moe)), t
     assert refusals(ModelTransforms(router_aux_loss_coef=0.1), model=ModelConfig.debug())
     assert not refusals(ModelTransforms(router_aux_loss_coef=0.1, recompute=1.0), model=moe)
     assert not refusals(ModelTransforms(lora_rank=4), model=moe)  # LoRA: tests/model/test_lora.py
+    assert not refusals(ModelTransforms(lora_rank=4, qlora=True), model=moe)  # QLoRA: tests/model/test_qlora.py
 
 
 @pytest.mark.gpu

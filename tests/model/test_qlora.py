@@ -1,7 +1,9 @@
 """QLoRA (ochat.model.qlora, --qlora) on the CPU, computing in float32 from NF4 weights quantised from bf16: the
-forward is the bf16 base's within the stated bound and exactly the dequantised weights'; only the adapters get
-gradients and a few optimizer steps lower the loss; the adapter saves in PEFT's format and loads with peft on the
-transformers model of the unquantised base; the refused combinations say why."""
+forward is the bf16 base's within the stated bound and exactly transformers' on the dequantised weights (dense
+models, and expert models whose stacked experts are NF4 too); only the adapters get gradients and a few optimizer
+steps lower the loss, the NF4 base untouched; the adapter saves in PEFT's format and loads with peft on the
+transformers model of the unquantised base; the refused combinations say why. The adapter gradients against
+transformers + peft on the dequantised weights: tests/model/test_lora.py."""
 import copy
 
 import peft
@@ -12,14 +14,17 @@ import torch.nn as nn
 from ochat.config.errors import ConfigError
 from ochat.config.train_config import parse_args
 from ochat.model import hf_weights, lora, qlora
+from ochat.model.config import ModelConfig
 from ochat.model.transforms import ModelTransforms, apply_transforms, refusals
-from tests.helpers.models import assert_close, make_pack, make_pair
+from tests.helpers.models import VARIANTS, as_in_transformers, assert_close, make_pack, make_pair
+from tests.model.test_moe import MOE
 
 # Measured on these tiny random models: relative RMS error of the logits 0.084-0.20 (Gemma 2's soft-capping the
-# largest), of each weight 0.090-0.095. The bounds leave room; a different random model is ~1.4 away.
+# largest; the expert models 0.025-0.11), of each weight or expert stack 0.090-0.095. The bounds leave room; a
+# different random model is ~1.4 away.
 LOGITS_BOUND = 0.25
 WEIGHT_BOUND = 0.12
-NAMES = ["llama2", "qwen2_bias", "gemma2", "phi3_longrope"]
+NAMES = ["llama2", "qwen2_bias", "gemma2", "phi3_longrope", "qwen3_moe", "mixtral", "gpt_oss"]
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -27,13 +32,15 @@ def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def qlora_pair(name, rank=4):
-    """(config, the QLoRA model, its bf16 base unquantised), both computing in float32."""
-    cfg, ours, _ = make_pair(name)
+    """(config, the QLoRA model, its bf16 base unquantised), both computing in float32 (a dense model of VARIANTS or
+    an expert one of MOE)."""
+    cfg, ours, _ = make_pair(name, variants=MOE if name in MOE else VARIANTS)
     with torch.no_grad():
         for p in ours.parameters():
             p.copy_(p.bfloat16().float())
     base = copy.deepcopy(ours)
-    apply_transforms(ours, ModelTransforms(lora_rank=rank, qlora=True))
+    # device: the trainer's path, quantising layer by layer on the device (here the CPU, where it was loaded)
+    apply_transforms(ours, ModelTransforms(lora_rank=rank, qlora=True), device="cpu")
     return cfg, ours, base
 
 
@@ -41,23 +48,49 @@ def nf4_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, qlora.NF4Linear)}
 
 
+def nf4_weights(model) -> dict[str, torch.Tensor]:
+    """Every NF4 weight of `model` by its buffer's name: the linear layers' and the expert stacks'."""
+    return {n: t for n, t in model.named_buffers() if qlora.is_nf4(t)}
+
+
+def dequantized(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (the plain model's: no peft names) with each weight that `model` holds in NF4 replaced by the float32
+    values it stands for (an expert stack [E x out, in] back in its [E, out, in] shape)."""
+    out = dict(state)
+    for n, t in nf4_weights(model).items():
+        plain = n.replace(".base_layer", "")
+        out[plain] = qlora.dequantize(t).float().view(state[plain].shape)
+    return out
+
+
+def load_into_transformers(hf, state, cfg):
+    """Load ochat's plain state dict into its transformers twin (gpt-oss's experts in transformers' layout)."""
+    missing, unexpected = hf.load_state_dict(
+        {k: v for n, t in state.items() for k, v in as_in_transformers(n, t, cfg).items()}, strict=False)
+    assert not unexpected and all("inv_freq" in m for m in missing), (missing, unexpected)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_within_the_bound_of_the_bf16_base_and_exactly_the_dequantised_weights(name):
+    """The reference: transformers' model of the bf16 base with each quantised weight (linear or expert stack)
+    replaced by what NF4 holds, per conversation."""
     cfg, ours, base = qlora_pair(name)
     seqs, ids, pos, cu, mx = make_pack(cfg)
     with torch.no_grad():
         logits, ref = ours(ids, pos, cu, mx), base(ids, pos, cu, mx)
     assert rel_rms(logits, ref) < LOGITS_BOUND, f"{name}: {rel_rms(logits, ref):.3f}"
 
-    dense = copy.deepcopy(base)  # the bf16 base with each quantised weight replaced by what NF4 holds
-    weights = dict(dense.named_parameters())
-    for n, m in nf4_layers(ours).items():
-        w = weights[n.replace(".base_layer", "") + ".weight"]
-        assert rel_rms(qlora.dequantize(m.weight).float(), w) < WEIGHT_BOUND, n
-        with torch.no_grad():
-            w.copy_(qlora.dequantize(m.weight).float())
+    state = base.state_dict()
+    held = dequantized(ours, state)
+    changed = [n for n in held if not torch.equal(held[n], state[n])]
+    assert len(changed) == len(nf4_weights(ours))
+    assert all(rel_rms(held[n], state[n]) < WEIGHT_BOUND for n in changed), changed
+    _, _, hf = make_pair(name, variants=MOE if name in MOE else VARIANTS)
+    load_into_transformers(hf, held, cfg)
     with torch.no_grad():
-        assert_close(logits, dense(ids, pos, cu, mx), rtol=1e-5, what=f"{name} vs dequantised weights")
+        for i, s in enumerate(seqs):
+            assert_close(logits[cu[i]:cu[i + 1]], hf(input_ids=s[None]).logits[0], rtol=1e-5,
+                         what=f"{name} conversation {i} vs transformers on the dequantised weights")
 
 
 def test_every_decoder_linear_is_nf4_and_nothing_else():
@@ -76,9 +109,59 @@ def test_every_decoder_linear_is_nf4_and_nothing_else():
     assert qlora.nf4_bytes_per_weight() == pytest.approx(0.516, abs=1e-3)
 
 
-def test_training_moves_only_the_adapters_and_lowers_the_loss():
-    cfg, ours, _ = qlora_pair("llama2")
-    frozen = {n: qlora.dequantize(m.weight).clone() for n, m in nf4_layers(ours).items()}
+def test_expert_stacks_are_nf4_buffers_and_the_routers_stay():
+    """qwen2_moe (a shared expert and its gate beside the routed ones): each stacked expert weight one NF4 buffer
+    [E x out, in], not in state dicts; routers and the shared-expert gate full-precision parameters; the attention and
+    shared-expert linears NF4 as in a dense model."""
+    cfg, ours, _ = qlora_pair("qwen2_moe")
+    weights = nf4_weights(ours)
+    stacks = {n: t for n, t in weights.items() if ".mlp.experts." in n}
+    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
+    assert len(stacks) == 2 * cfg.expert_layers and len(weights) == len(stacks) + 7 * cfg.num_hidden_layers
+    assert all(t.shape == ((e * 2 * i, h) if n.endswith("gate_up_proj") else (e * h, i)) for n, t in stacks.items())
+    assert not any(type(p).__name__ == "NF4Tensor" for p in ours.parameters())
+    assert not any(".experts." in n and n.endswith("_proj") for n in ours.state_dict())
+    for layer in ours.model.layers:
+        assert type(layer.mlp.gate.weight) is nn.Parameter and layer.mlp.gate.weight.dtype == torch.float32
+        assert type(layer.mlp.shared_expert_gate) is nn.Linear
+    stack = next(iter(stacks.values()))
+    stored = sum(t.numel() * t.element_size()
+                 for t in (stack.quantized_data, stack.quantized_scalers, stack.quantization_factor))
+    assert stored < 0.52 * stack.numel()
+
+
+@pytest.mark.parametrize("chunk", [1, qlora.DEQUANTIZE_CHUNK])
+def test_dequantize_stack_is_torchaos_dequantisation_bit_for_bit(chunk, monkeypatch):
+    """In chunks of one scale factor's weights (64 x 128 here: the stack's 384 scales are not a multiple of 256) or
+    whole, in bf16 and cast to float32."""
+    monkeypatch.setattr(qlora, "DEQUANTIZE_CHUNK", chunk)
+    w = torch.randn(4, 96, 64) * 0.05
+    nf4 = qlora.quantize_stack(w)
+    assert nf4.scaler_block_size == 128 and nf4.shape == (4 * 96, 64)
+    for dtype in (torch.bfloat16, torch.float32):
+        want = qlora.dequantize(nf4).to(dtype).view(4, 96, 64)
+        assert torch.equal(qlora.dequantize_stack(nf4, 4, dtype), want)
+
+
+def test_no_dequantised_expert_stack_is_kept_for_the_backward():
+    """What autograd saves in an expert block of the NF4 model: the NF4 stacks, never a dequantised [E, out, in]
+    one (it is made again in the backward)."""
+    cfg, ours, _ = qlora_pair("mixtral")
+    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
+    stack_shapes = {(e, 2 * i, h), (e, h, i), (e, h, 2 * i), (e, i, h)}
+    saved = []
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ours(ids, pos, cu, mx, labels=ids, label_weights=torch.ones(len(ids))).weighted_loss.backward()
+    assert sum(qlora.is_nf4(t) for t in saved) == len(nf4_weights(ours))  # each NF4 weight once, stacks included
+    assert not [t.shape for t in saved if tuple(t.shape) in stack_shapes and not qlora.is_nf4(t)]
+    assert all(p.grad is not None for n, p in ours.named_parameters() if ".experts.lora_" in n)
+
+
+@pytest.mark.parametrize("name", ["llama2", "qwen3_moe"])
+def test_training_moves_only_the_adapters_and_lowers_the_loss(name):
+    cfg, ours, _ = qlora_pair(name)
+    frozen = {n: qlora.dequantize(t).clone() for n, t in nf4_weights(ours).items()}
     seqs, ids, pos, cu, mx = make_pack(cfg)
     labels = ids  # copy the input token: a task a rank-4 adapter learns within a few steps
     opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
@@ -91,7 +174,7 @@ def test_training_moves_only_the_adapters_and_lowers_the_loss():
         opt.step()
         losses.append(loss.item())
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.95 * losses[0], losses
-    assert all(torch.equal(qlora.dequantize(m.weight), frozen[n]) for n, m in nf4_layers(ours).items())
+    assert all(torch.equal(qlora.dequantize(t), frozen[n]) for n, t in nf4_weights(ours).items())
 
 
 def test_saved_adapter_loads_in_peft_on_the_unquantised_transformers_model(tmp_path):
@@ -122,6 +205,13 @@ def test_refused_combinations():
     assert refusals(ModelTransforms(qlora=True)) == [
         "--qlora quantises the frozen base under LoRA adapters: add --lora-rank"]
     assert refusals(ModelTransforms(lora_rank=8, qlora=True), zero_stage=2) == []
+    moe = ModelConfig.debug(**MOE["qwen3_moe"])  # an expert model: QLoRA yes, not with expert or sequence parallelism
+    assert refusals(ModelTransforms(lora_rank=8, qlora=True), zero_stage=2, model=moe) == []
+    assert refusals(ModelTransforms(lora_rank=8, qlora=True, expert_parallel=2), zero_stage=2, world_size=2,
+                    model=moe) == ["--lora-rank is not yet supported with --expert-parallel: drop one or the other"]
+    assert refusals(ModelTransforms(lora_rank=8, qlora=True, sequence_parallel=2), zero_stage=2, world_size=2,
+                    model=moe) == ["--qlora is not yet supported with --sequence-parallel (LoRA is): drop one or the "
+                                   "other"]
     assert refusals(ModelTransforms(lora_rank=8, qlora=True), zero_stage=3)[0].startswith(
         "--qlora needs ZeRO stage 2 or lower")
     base = ["--model-path", "m", "--data-path", "d", "--save-path", "s", "--lora-rank", "8", "--qlora"]

@@ -80,8 +80,6 @@ def test_tiled_mlp_keeps_the_result():
      "--lora-rank is not yet supported with --offload-activations"),
     (ModelTransforms(lora_rank=8, expert_parallel=2), {}, "--lora-rank is not yet supported with --expert-parallel"),
     (ModelTransforms(lora_rank=8, qlora=True, sequence_parallel=2), {}, "--qlora is not yet supported with --sequence"),
-    (ModelTransforms(lora_rank=8, qlora=True), {"model": ModelConfig.debug(**MOE)},
-     "--qlora not yet supported with a mixture-of-experts model"),
     (ModelTransforms(lora_rank=8, lora_dropout=0.1), {"model": ModelConfig.debug(**MOE)},
      "--lora-dropout: the adapters of qwen3_moe's experts have none"),
     (ModelTransforms(lora_rank=8), {"model": ModelConfig.debug(**MOE), "zero_stage": 3},
@@ -130,6 +128,9 @@ def test_combinations_that_work_are_not_refused():
     assert refusals(ModelTransforms(lora_rank=8, compile=True, recompute=0.5), zero_stage=2, cuda=True,
                     model=ModelConfig.debug()) == []
     assert refusals(ModelTransforms(lora_rank=8, qlora=True, tiled_mlp=4), zero_stage=2, model=ModelConfig.debug()) == []
+    # QLoRA on an expert model, its experts' adapters beside NF4 stacks, recomputed and tiled (test_qlora.py, test_lora.py)
+    assert refusals(ModelTransforms(lora_rank=8, qlora=True, recompute=1.0, tiled_mlp=4), zero_stage=2,
+                    model=ModelConfig.debug(**MOE)) == []
     # trainable tokens beside an NF4 base (test_lora.py) and with sequence parallelism (test_sequence_parallel.py)
     assert refusals(ModelTransforms(lora_rank=8, qlora=True, lora_trainable_tokens=(5, 127, "<|end_of_turn|>")),
                     zero_stage=2, model=ModelConfig.debug()) == []
