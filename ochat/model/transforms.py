@@ -193,8 +193,9 @@ def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | 
                      emulate_fp8: bool = False, device: torch.device | str | None = None) -> None:
     """Change `model` (a PackedCausalLM) in place as `t` asks, in the module's order. `ds_config`: DeepSpeed's
     config, whose activation_checkpointing section configures offload; `emulate_fp8`: float8 casts with
-    higher-precision matmuls (CPUs), left uncompiled (compiling buys speed on a GPU, only time on a CPU); `device`: where the model trains, if it was loaded elsewhere (--qlora's base
-    in CPU memory): each decoder layer goes there as it is quantised, the rest after, before the later steps.
+    higher-precision matmuls (CPUs), left uncompiled (compiling buys speed on a GPU, only time on a CPU); `device`:
+    where the model trains, if it was loaded elsewhere (--qlora's base in CPU memory): each decoder layer goes there
+    as it is quantised, the rest after, before the later steps.
     Sequence parallelism creates DeepSpeed's groups at its first call in a process: collective, after
     torch.distributed started; so does expert parallelism."""
     from ochat.model import expert_parallel, memory, sequence_parallel
