@@ -8,11 +8,9 @@
 3. `deepspeed --num_gpus N --module ochat.training.train` on 2 CPU ranks (gloo, float32), or on the GPUs;
    only the trainer's own lines are shown (--verbose shows the launcher's too).
 4. transformers loads the checkpoint and generates a few tokens; the next commands to try are printed.
-About a minute on 2 CPU cores (plus about 90 s once per machine, while DeepSpeed compiles its CPU
-communication op).
+About a minute on 2 CPU cores.
 """
 import argparse
-import glob
 import os
 import subprocess
 import sys
@@ -75,8 +73,6 @@ def main(argv=None):
     _say(f"2/4 a tiny random Llama (vocabulary 32001) -> {model}")
     make_tiny_llama(model)
     _say(f"3/4 training {args.epochs} epochs with DeepSpeed on {n} {'GPU' if gpus else 'CPU'} ranks -> {out}")
-    if not gpus and not glob.glob(os.path.expanduser("~/.cache/torch_extensions/*/deepspeed_shm_comm*")):
-        _say("    (first run on this machine: DeepSpeed compiles its CPU communication op, about 90 s)")
     cmd = ["deepspeed", "--num_gpus", str(n), "--master_port", str(29500 + os.getpid() % 1000), "--module",
            "ochat.training.train", "--model-path", model, "--data-path", data, "--save-path", out, "--overwrite",
            "--epochs", str(args.epochs), "--batch-max-len", "1024", "--lr", "3e-3", "--lr-warmup-steps", "2",

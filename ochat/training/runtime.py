@@ -5,8 +5,6 @@ launcher (`python -m ochat.training.train ...`), it runs as the only rank.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import signal
 import socket
@@ -53,33 +51,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _release_deepspeed_shm_buffer() -> None:
-    """DeepSpeed's CPU communication op creates a shared-memory buffer per rank (64 MiB in /dev/shm) and never
-    removes it, so every CPU run would leave one per rank behind. Once every rank has mapped its peers' buffers
-    (init returned everywhere: the barrier), the name can go: the mappings live on until the processes end."""
-    dist.barrier()
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
-            f"{os.environ['MASTER_PORT']}_{dist.get_rank()}")
-    if os.path.exists(name):
-        os.unlink(name)
+def _skip_deepspeed_shm_op() -> None:
+    """DeepSpeed's CPU accelerator builds a shared-memory all-reduce op at its first run on a machine (a C++
+    compile of about 90 s on 2 cores) and leaves a 64 MiB buffer per rank in /dev/shm. CPU ranks here serve tests
+    and demos, for which gloo's own collectives are fast enough: DeepSpeed is told the op cannot be built."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.ops.__compatible_ops__[get_accelerator().create_op_builder("ShareMemCommBuilder").NAME] = False
 
 
 def init_distributed(cuda: bool) -> None:
     """Start torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPUs."""
     import deepspeed
 
+    if not cuda:
+        _skip_deepspeed_shm_op()
     try:
-        # on CPUs DeepSpeed prints a line about building its shared-memory op on every rank: kept out of the log
-        with contextlib.nullcontext() if cuda else contextlib.redirect_stdout(io.StringIO()):
-            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     except RuntimeError as e:  # torch's DistNetworkError among them
         if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
             raise
         port = os.environ.get("MASTER_PORT")
         raise TrainError(f"port {port} is in use (another run on this machine?): give each run its own, e.g. "
                          f"`deepspeed --master_port {int(port or 29500) + 1} --module ochat.training.train ...`") from None
-    if not cuda:
-        _release_deepspeed_shm_buffer()
 
 
 def setup_runtime(cfg: TrainConfig) -> Runtime:

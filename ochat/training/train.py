@@ -225,3 +225,8 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    # Everything is written, closed and flushed: skip the interpreter's teardown, whose finalisers (torch, gloo)
+    # keep each rank about 2 s longer.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

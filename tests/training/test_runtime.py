@@ -51,37 +51,30 @@ def test_a_second_ctrl_c_aborts_at_once():
 
 RANKS_WORKER = r"""
 import os, sys
-import deepspeed, torch, torch.distributed as dist
+import torch, torch.distributed as dist
 from ochat.training.runtime import init_distributed
-if sys.argv[2] == "ochat":
-    init_distributed(cuda=False)
-else:  # DeepSpeed's own init, to show that the buffers exist and stay without ochat's cleanup
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+init_distributed(cuda=False)
 prefix = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_"
 t = torch.tensor([float(dist.get_rank() + 1)])
 dist.all_reduce(t)
 dist.barrier()
 left = [r for r in range(2) if os.path.exists(prefix + str(r))]
-dist.barrier()
-if sys.argv[2] != "ochat" and os.path.exists(prefix + str(dist.get_rank())):
-    os.unlink(prefix + str(dist.get_rank()))
 with open(os.path.join(sys.argv[1], f"rank{dist.get_rank()}.txt"), "w") as f:
     f.write(f"sum {float(t)} left {left}")
 """
 
 
-@pytest.mark.parametrize("init, left", [("ochat", []), ("deepspeed", [0, 1])])
-def test_cpu_ranks_leave_no_shared_memory_buffer(tmp_path, init, left):
-    """DeepSpeed's own init leaves one buffer per rank in /dev/shm (LOCAL_SIZE, set by the deepspeed launcher, makes
-    it create them); ochat's init_distributed leaves none, and the ranks still communicate."""
+def test_cpu_ranks_communicate_without_deepspeeds_shared_memory_op(tmp_path):
+    """Under DeepSpeed's launcher (LOCAL_SIZE set) DeepSpeed's own init would compile its shared-memory op and leave a
+    buffer per rank in /dev/shm; ochat's init_distributed uses gloo alone: no buffer, and the ranks communicate."""
     worker = tmp_path / "worker.py"
     worker.write_text(RANKS_WORKER)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(worker), str(tmp_path), init], capture_output=True, text=True, timeout=300, cwd=REPO,
+                        str(worker), str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO,
                        env=dict(os.environ, PYTHONPATH=REPO, LOCAL_SIZE="2"))
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in range(2):
-        assert (tmp_path / f"rank{rank}.txt").read_text() == f"sum 3.0 left {left}"
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "sum 3.0 left []"
 
 
 PORT_WORKER = r"""
