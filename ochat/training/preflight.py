@@ -76,6 +76,8 @@ def check_tokenizer(cfg: TrainConfig, dataset: TokenizedDataset, chat_format: Ch
         log(f"the dataset's tokenizer ({data_path}) is not on this machine: {cfg.model_path}'s was checked for its "
             f"vocabulary and end-of-turn id only, and checkpoints carry it")
         return model_tok
+    if os.path.samefile(data_path, cfg.model_path):  # made with the model folder's tokenizer: nothing to compare
+        return model_tok
     data_tok = load(data_path)
     for text in _probe_texts(dataset, data_tok):
         if model_tok.encode_batch([text]) != data_tok.encode_batch([text]):
