@@ -8,18 +8,17 @@ block of 256 scales: QLoRA's double quantisation), made from the bf16 weight. `F
 dequantises the whole weight to the input's dtype, multiplies, and frees it; its backward dequantises again for
 the input gradient and computes no weight gradient. Embeddings, norms, biases and lm_head stay as they are.
 
-Mixture-of-experts blocks (experts.Experts): each stacked expert weight (`gate_up_proj` [E, 2I, H], `down_proj`
-[E, H, I]) becomes one NF4Tensor of the stack viewed as [E x out, in] (`quantize_experts`; torchao's NF4Tensor is
-2-D). One tensor per stack, not one per expert: `stacked_linear` dequantises the whole stack right before the
-grouped GEMM (or the per-expert loop), a few kernels per 16M weights (`dequantize_stack`), and frees it after,
-where E tensors would cost E calls (128 for Qwen3-30B-A3B) per projection and a copy to stack them for the grouped
-GEMM. Blocks of 64 are 64
-consecutive weights of the stack, so none mixes two experts where out x in is a multiple of 64 (the Hub's expert
-models: H and I are multiples of 64), and a stack is quantised as its experts would be one by one but for the
+Mixture-of-experts blocks (experts.Experts): each stacked expert weight (`gate_up_proj` [E, 2I, H], `down_proj` [E,
+H, I]) becomes one NF4Tensor of the stack viewed as [E x out, in] (`quantize_experts`; torchao's NF4Tensor is 2-D).
+One tensor per stack, not one per expert: `stacked_linear` dequantises the whole stack right before the grouped GEMM
+(or the per-expert loop), a few kernels per 16M weights (`dequantize_stack`), and frees it after, where E tensors
+would cost E calls (128 for Qwen3-30B-A3B) per projection and a copy to stack them for the grouped GEMM. Blocks of
+64 are 64 consecutive weights of the stack, so none mixes two experts where out x in is a multiple of 64 (the Hub's
+expert models: H and I are multiples of 64), and a stack is quantised as its experts would be one by one but for the
 scales' double quantisation, whose groups of 256 scales and one mean scale (torchao subtracts it first) span the
-stack. The backward dequantises again for the input gradient (no weight gradient); under gradient checkpointing
-the recompute dequantises again too. The router (`mlp.gate`), Qwen2-MoE's
-`shared_expert_gate` and gpt-oss's expert biases stay as they are: they are tiny, and routing must not flip.
+stack. The backward dequantises again for the input gradient (no weight gradient); under gradient checkpointing the
+recompute dequantises again too. The router (`mlp.gate`), Qwen2-MoE's `shared_expert_gate` and gpt-oss's expert
+biases stay as they are: they are tiny, and routing must not flip.
 
 The NF4 weight is a non-persistent buffer, not a parameter: DeepSpeed casts, broadcasts and checkpoints
 parameters, none of which an NF4Tensor supports, while buffers it leaves alone (and resume states carry only the
