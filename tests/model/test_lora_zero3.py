@@ -62,10 +62,10 @@ def loss_of(model, batch):
     return out.weighted_loss + (0 if out.aux_loss is None else out.aux_loss)
 
 
-@pytest.mark.parametrize("name", ["tied", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["tied", "qwen3_moe", "gpt_oss"])
 def test_zero3_trains_token_rows_and_expert_adapters_as_without_deepspeed(one_rank, name, tmp_path):
-    """tied: one set of rows, read by the embedding and by lm_head; qwen3_moe: the experts' adapters, and rows of
-    the embedding and of lm_head. Two optimizer steps (the second with the parameter trace DeepSpeed recorded in the
+    """tied: one set of rows, read by the embedding and by lm_head; qwen3_moe, gpt_oss (biased experts, fused
+    checkpoint layout): the experts' adapters, and rows of the embedding and of lm_head. Two optimizer steps (the second with the parameter trace DeepSpeed recorded in the
     first), every layer recomputed in the backward as --gradient-checkpointing does; the resume state saved after
     the first."""
     seqs, ids, pos, cu, mx = make_pack(ModelConfig.debug(**(MOE if name in MOE else VARIANTS)[name]))
@@ -75,9 +75,9 @@ def test_zero3_trains_token_rows_and_expert_adapters_as_without_deepspeed(one_ra
     ds = zero3_config()
     z3 = partitioned_twin(cfg, ours, t, ds)
     z3.gradient_checkpointing_enable(1.0)
-    engine, *_ = deepspeed.initialize(model=z3, optimizer=torch.optim.AdamW(weight_decay_groups(z3, 0.1), lr=1e-2),
+    engine, *_ = deepspeed.initialize(model=z3, optimizer=torch.optim.AdamW(weight_decay_groups(z3, 0.1), lr=1e-3),
                                       config=ds)
-    optimizer = torch.optim.AdamW(weight_decay_groups(ours, 0.1), lr=1e-2)
+    optimizer = torch.optim.AdamW(weight_decay_groups(ours, 0.1), lr=1e-3)
     trained = [n for n, p in ours.named_parameters() if p.requires_grad]
     assert sum(lora.is_token_rows(n) for n in trained) == (1 if cfg.tie_word_embeddings else 2)
     assert any(".experts." in n for n in trained) == (name in MOE)
