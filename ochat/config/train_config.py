@@ -137,7 +137,7 @@ class TrainConfig:
                                                       "strings of the training tokenizer (a token with a comma or "
                                                       "spaces around it: its id); peft's trainable tokens, saved "
                                                       "in adapter/ and merged by --merge-lora; one set of rows when "
-                                                      "the embedding and lm_head are tied; ZeRO stage 2 or lower")
+                                                      "the embedding and lm_head are tied")
     qlora: bool = _opt(False, "with --lora-rank: hold the frozen linear layers of the decoder layers (and an expert "
                               "model's stacked experts) in 4-bit NF4 (torchao; QLoRA), dequantised in each forward: "
                               "0.52 bytes per base weight instead of 2; embeddings, norms, routers and lm_head stay "

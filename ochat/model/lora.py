@@ -32,6 +32,12 @@ them: the embedding
 substitutes them at the trained tokens' positions, the loss reads lm_head's weight with them in place and computes
 only their gradient (ochat.kernels.linear_cross_entropy). They are saved, merged and loaded under peft's names.
 
+ZeRO-3 (a model built under `deepspeed.zero.Init`): DeepSpeed gathers a module's parameters when that module's
+forward runs, and ochat reads two kinds outside their own modules' forward: the token rows (in the embedding's and
+lm_head's) and the experts' factors (in the outer ParamWrapper's, `_experts_forward`). Each is registered with the
+module whose forward reads it (`deepspeed.zero.register_external_parameter`), so ZeRO-3 gathers it for that
+module's forward and backward and releases it after them; the rows start from the gathered matrix's rows.
+
 Names: a wrapped layer's weight becomes `<layer>.base_layer.weight` and its adapter `<layer>.lora_A.default.weight`
 and `<layer>.lora_B.default.weight`. Because ochat's names are Hugging Face's, the PEFT file names of the
 transformers model are these with the adapter name dropped and `base_model.model.` in front
@@ -42,6 +48,7 @@ trainable_tokens_delta`, peft's file names without `base_model.model.`; merged, 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -134,12 +141,42 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
         if p.requires_grad:
             p.data = p.data.float()
             trainable += p.numel()
-    if not dropout and not any(hasattr(p, "ds_id") for p in model.parameters()):
+    partitioned = _partitioned(model)
+    if not dropout and not partitioned:
         for layer in wrapped_layers(model):
             layer.forward = functools.partial(_one_node_forward, layer)
     for wrapper in _outer_expert_wrappers(model):
         wrapper.forward = functools.partial(_experts_forward, wrapper)
+        if partitioned:  # _experts_forward reads every nested wrapper's factors
+            _gather_in_forward(wrapper, [t for w in _nested_wrappers(wrapper) for t in _factor_weights(w)])
     return trainable
+
+
+def _partitioned(model: nn.Module) -> bool:
+    """Whether ZeRO-3 partitions `model`'s parameters (built under `deepspeed.zero.Init`, as ochat loads a model
+    for ZeRO-3)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _gather_in_forward(module: nn.Module, params: Sequence[nn.Parameter]) -> None:
+    """ZeRO-3: have DeepSpeed gather `params` for the forward and the backward of `module`, which reads them
+    although they belong to other modules (DeepSpeed's hooks gather a module's own parameters when its forward
+    runs; read elsewhere, a partitioned parameter is an empty tensor). `deepspeed.zero.register_external_parameter`:
+    released again after `module`'s forward and backward like its own parameters."""
+    import deepspeed
+
+    for p in params:
+        deepspeed.zero.register_external_parameter(module, p)
+
+
+def _gathered(param: nn.Parameter):
+    """A context in which a ZeRO-3 partitioned `param` is whole (collective: every rank enters it); nothing to do
+    for a parameter that is not partitioned."""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param])
 
 
 class TokenRows(nn.Module):
@@ -147,14 +184,16 @@ class TokenRows(nn.Module):
     starting from the matrix's rows (peft's trainable tokens, whose parameter name this keeps although it holds
     values, not deltas)."""
 
-    def __init__(self, weight: torch.Tensor, ids: Sequence[int]):
+    def __init__(self, weight: nn.Parameter, ids: Sequence[int]):
         super().__init__()
+        vocab = getattr(weight, "ds_shape", weight.shape)[0]  # a ZeRO-3 partition is flat: its full shape is ds_shape
         ids_t = torch.tensor(ids, dtype=torch.long, device=weight.device)
-        slots = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
+        slots = torch.full((vocab,), -1, dtype=torch.long, device=weight.device)
         slots[ids_t] = torch.arange(len(ids_t), device=weight.device)
         self.register_buffer("ids", ids_t, persistent=False)
         self.register_buffer("slots", slots, persistent=False)  # token id -> its row in the values; -1: not trained
-        self.trainable_tokens_delta = nn.Parameter(weight.detach()[ids_t].float())
+        with _gathered(weight):
+            self.trainable_tokens_delta = nn.Parameter(weight.detach()[ids_t].float())
 
     @property
     def rows(self) -> Rows:
@@ -178,6 +217,9 @@ def add_token_rows(model: nn.Module, ids: Sequence[int]) -> None:
     embedding, head = model.model.embed_tokens, model.lm_head
     embedding.token_adapter = TokenRows(embedding.weight, ids)
     head.token_adapter = embedding.token_adapter if head.weight is embedding.weight else TokenRows(head.weight, ids)
+    if _partitioned(model):  # the embedding's and lm_head's forward read the rows (Embedding, LMHead)
+        for module in (embedding, head):
+            _gather_in_forward(module, [module.token_adapter.trainable_tokens_delta])
     model.peft_config[ADAPTER] = dataclasses.replace(
         adapter_config(model), trainable_token_indices={name: ids for name in TOKEN_MATRICES})
 
@@ -215,14 +257,25 @@ def _experts_forward(wrapper: nn.Module, x, weights, experts, counts):
     by experts.Experts itself: W_e x + s B_e (A_e x) on the rows routed to expert e. peft's ParamWrapper instead
     adds s B_e A_e to every expert's weight in each forward, which is the same sum but writes a second copy of the
     stacked weights and computes their full weight gradient in the backward."""
+    nested = _nested_wrappers(wrapper)
+    adapters = {w.parameter_name: expert_factors(w) for w in nested if not (w.merged or w.disable_adapters)}
+    return nested[-1].base_layer(x, weights, experts, counts, adapters=adapters)
+
+
+def _nested_wrappers(wrapper: nn.Module) -> list[nn.Module]:
+    """The ParamWrappers nested under (and including) an outer one, outermost first; the last one's base_layer is
+    the experts.Experts they adapt."""
     from peft.tuners.lora import ParamWrapper
 
-    adapters, base = {}, wrapper
-    while isinstance(base, ParamWrapper):
-        if not (base.merged or base.disable_adapters):
-            adapters[base.parameter_name] = expert_factors(base)
-        base = base.base_layer
-    return base(x, weights, experts, counts, adapters=adapters)
+    out = [wrapper]
+    while isinstance(out[-1].base_layer, ParamWrapper):
+        out.append(out[-1].base_layer)
+    return out
+
+
+def _factor_weights(wrapper: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
+    """A ParamWrapper's adapter weights as peft holds them: lora_A [E r, in], lora_B [out, r E]."""
+    return wrapper.lora_A[ADAPTER].weight, wrapper.lora_B[ADAPTER].weight
 
 
 def expert_factors(wrapper: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -230,7 +283,7 @@ def expert_factors(wrapper: nn.Module) -> tuple[torch.Tensor, torch.Tensor, floa
     B [E, out, r] and the scale. peft's layout: lora_A.weight [E r, in] expert-major, lora_B.weight [out, r E] with
     the expert index fastest (`ParamWrapper.get_delta_weight`)."""
     assert wrapper._did_swap_in_out_features, "expected stacked experts laid out [E, out, in]"
-    a, b = wrapper.lora_A[ADAPTER].weight, wrapper.lora_B[ADAPTER].weight
+    a, b = _factor_weights(wrapper)
     e = wrapper.num_experts
     return (a.view(e, -1, a.shape[-1]), b.view(b.shape[0], -1, e).permute(2, 0, 1).contiguous(),
             wrapper.scaling[ADAPTER])

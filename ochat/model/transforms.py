@@ -11,7 +11,9 @@ then changes it, always in this order:
                   with --qlora or --lora-dropout, sequence parallelism with --qlora. With --qlora the frozen linear
                   layers of the decoder layers and an expert model's stacked experts then become 4-bit NF4
                   (qlora.py; the routers stay). --lora-trainable-tokens also trains the embedding and lm_head rows
-                  of the tokens it names (lora.TokenRows); not under ZeRO-3.
+                  of the tokens it names (lora.TokenRows). Under ZeRO-3 the parameters ochat reads outside their
+                  own modules (the rows, the experts' adapters) are registered with the module whose forward reads
+                  them (lora.py).
 1. fp8            the decoder layers' linear layers become torchao Float8Linear (fp8.py); each one's forward is
                   compiled unless step 5 compiles the whole layer.
 2. recompute      which decoder layers are recomputed in the backward, and how (recompute.py): a fraction of them,
@@ -35,8 +37,8 @@ then changes it, always in this order:
 
 The load-balancing loss's coefficient (`--router-aux-loss-coef`) replaces config.json's on an expert model (any
 time: it is read at each forward). Mixture-of-experts models take recompute, LoRA (attention, shared experts and
-the routed experts' stacked weights; not with --expert-parallel, --lora-dropout on the experts or, for the
-experts, ZeRO-3), QLoRA (the stacked experts in NF4 too, with or without their adapters; not with sequence
+the routed experts' stacked weights, under ZeRO-2 or ZeRO-3; not with --expert-parallel or --lora-dropout on the
+experts), QLoRA (the stacked experts in NF4 too, with or without their adapters; not with sequence
 parallelism), tiled MLP, compile (not with LoRA on the experts) and sequence parallelism (tested: the same loss,
 load-balancing loss and gradients as without them); fp8 and offload are refused with them (not yet built or
 tested on expert blocks).
@@ -130,9 +132,6 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
             out.append("--compile with LoRA is not yet supported with --qlora or --lora-dropout: drop one or the other")
         if t.qlora and t.sequence_parallel > 1:
             out.append("--qlora is not yet supported with --sequence-parallel (LoRA is): drop one or the other")
-        if t.lora_trainable_tokens and zero_stage == 3:
-            out.append("--lora-trainable-tokens needs ZeRO stage 2 or lower (ZeRO-3 would partition the token rows, "
-                       "which the embedding and the loss read outside the rows' own module)")
         outside = [i for i in t.lora_trainable_tokens if isinstance(i, int) and model is not None
                    and i >= model.vocab_size]
         if outside:
@@ -157,9 +156,6 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
             if t.lora_dropout:
                 out.append(f"--lora-dropout: the adapters of {model.model_type}'s experts have none (peft's "
                            f"target_parameters adapters): drop it or use --lora-targets attention")
-            if zero_stage == 3:
-                out.append("LoRA on the experts (--lora-targets mlp or all) needs ZeRO stage 2 or lower (ZeRO-3 would "
-                           "partition the experts' adapters, which ochat reads outside their modules' forward)")
     elif model is not None:
         out += [f"{flag} {what} mixture-of-experts models; {model.model_type} has no experts" for flag, what, on in (
             ("--router-aux-loss-coef", "weighs the load-balancing loss of", t.router_aux_loss_coef is not None),

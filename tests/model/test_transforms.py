@@ -82,8 +82,6 @@ def test_tiled_mlp_keeps_the_result():
     (ModelTransforms(lora_rank=8, qlora=True, sequence_parallel=2), {}, "--qlora is not yet supported with --sequence"),
     (ModelTransforms(lora_rank=8, lora_dropout=0.1), {"model": ModelConfig.debug(**MOE)},
      "--lora-dropout: the adapters of qwen3_moe's experts have none"),
-    (ModelTransforms(lora_rank=8), {"model": ModelConfig.debug(**MOE), "zero_stage": 3},
-     "LoRA on the experts (--lora-targets mlp or all) needs ZeRO stage 2 or lower"),
     (ModelTransforms(fp8="rowwise", offload_activations=True, recompute=1.0), {"model": ModelConfig.debug(**MOE)},
      "--fp8, --offload-activations not yet supported with a mixture-of-experts model (qwen3_moe)"),
     (ModelTransforms(lora_rank=8, compile=True), {"model": ModelConfig.debug(**MOE)},
@@ -94,8 +92,6 @@ def test_tiled_mlp_keeps_the_result():
     (ModelTransforms(lora_alpha=16.0), {}, "--lora-alpha and --lora-dropout configure LoRA adapters: add --lora-rank"),
     (ModelTransforms(lora_trainable_tokens=(5,)), {}, "--lora-trainable-tokens trains embedding and lm_head rows "
                                                       "beside LoRA adapters: add --lora-rank"),
-    (ModelTransforms(lora_rank=8, lora_trainable_tokens=("<|end_of_turn|>",)), {"zero_stage": 3},
-     "--lora-trainable-tokens needs ZeRO stage 2 or lower"),
     (ModelTransforms(lora_rank=8, lora_trainable_tokens=(5, 128)), {"model": ModelConfig.debug()},
      "--lora-trainable-tokens: token id 128 is outside the model's vocabulary (128 rows)"),
     *[(ModelTransforms(recompute="selective", **kw), {}, f"selective: selective recompute is not supported with {flag}")
@@ -136,11 +132,14 @@ def test_combinations_that_work_are_not_refused():
                     zero_stage=2, model=ModelConfig.debug()) == []
     assert refusals(ModelTransforms(lora_rank=8, sequence_parallel=2, lora_trainable_tokens=(5,)), zero_stage=2,
                     world_size=2, model=ModelConfig.debug()) == []
-    # LoRA on an expert model: attention-only under ZeRO-3 with dropout, or the experts too under ZeRO-2
+    # LoRA on an expert model: attention-only under ZeRO-3 with dropout, or the experts too (and token rows) under
+    # ZeRO-2 or ZeRO-3 (test_lora_zero3.py)
     moe = ModelConfig.debug(**MOE)
     assert refusals(ModelTransforms(lora_rank=8, lora_targets="attention", lora_dropout=0.1), zero_stage=3,
                     model=moe) == []
-    assert refusals(ModelTransforms(lora_rank=8, recompute=1.0), zero_stage=2, model=moe) == []
+    for stage in (2, 3):
+        assert refusals(ModelTransforms(lora_rank=8, recompute=1.0, lora_trainable_tokens=(5, "<|end_of_turn|>")),
+                        zero_stage=stage, model=moe) == []
     gpt_oss = ModelConfig.debug(model_type="gpt_oss", num_experts=4, num_experts_per_tok=2, head_dim=16)
     assert refusals(ModelTransforms(lora_rank=8, lora_targets="all"), zero_stage=2, model=gpt_oss) == []  # test_lora.py
     # an expert model sliced over ranks with its MLPs tiled (test_sequence_parallel.py), or compiled (test_moe.py)

@@ -1,9 +1,9 @@
-"""The real trainer with LoRA (--lora-rank) on 2 CPU ranks (gloo, float32): the loss falls, only the adapters train,
-final/ holds the adapter in PEFT's format that peft loads on the --model-path model; ZeRO-3 gathers the same
-adapter as ZeRO-2, --merge-lora's merged weights serve the logits of base + adapter, and a run killed and resumed
-from its adapter-only resume states ends bit-for-bit equal; a tiny gpt-oss trains adapters on its experts too
-(saved in transformers' fused, interleaved layout), and the embedding and lm_head rows of its end-of-turn token
-(--lora-trainable-tokens), which its resume state holds and --merge-lora merges."""
+"""The real trainer with LoRA (--lora-rank) and the embedding and lm_head rows of the end-of-turn token
+(--lora-trainable-tokens) on 2 CPU ranks (gloo, float32): the loss falls, only the adapters and rows train, final/
+holds the adapter in PEFT's format that peft loads on the --model-path model; ZeRO-3 gathers the same adapter and
+rows as ZeRO-2, --merge-lora's merged weights serve the logits of base + adapter, and a run killed and resumed from
+its adapter-only resume states ends bit-for-bit equal; a tiny gpt-oss trains adapters on its experts too (saved in
+transformers' fused, interleaved layout), and its rows, which its resume state holds and --merge-lora merges."""
 import os
 import shutil
 
@@ -15,7 +15,9 @@ from ochat.model.decoder import PackedCausalLM
 from tests.helpers.train import metrics, run_trainer, run_trainer_until
 
 pytestmark = pytest.mark.slow
-LORA = ["--lora-rank", "4", "--lr", "1e-2", "--epochs", "1", "--max-steps", "4"]
+LORA = ["--lora-rank", "4", "--lr", "1e-2", "--epochs", "1", "--max-steps", "4", "--lora-trainable-tokens",
+        "<|end_of_turn|>"]
+IDS = [[1, 450, 4996, 32000, 1701]]  # <|end_of_turn|> = 32000 among them
 
 
 def train(setup, name, *extra):
@@ -71,10 +73,11 @@ def test_lora_trains_only_the_adapter_and_peft_loads_it(setup, zero2_run):
     assert "model.safetensors" not in os.listdir(final) and "config.json" in os.listdir(final)
     model = with_adapter(base, zero2_run)
     saved = adapter(zero2_run)
-    assert set(saved) == set(peft.get_peft_model_state_dict(model)) and len(saved) == 2 * 2 * 7  # 2 layers x 7 linears
+    # 2 layers x 7 linears x A, B, and the embedding's and lm_head's rows
+    assert set(saved) == set(peft.get_peft_model_state_dict(model)) and len(saved) == 2 * 2 * 7 + 2
     assert all(t.dtype == torch.float32 and t.abs().sum() > 0 for t in saved.values())
     assert model.peft_config["default"].base_model_name_or_path == base
-    ids = torch.tensor([[1, 450, 4996, 17354, 1701]])
+    ids = torch.tensor(IDS)
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=ids).logits, AutoModelForCausalLM.from_pretrained(base)(
             input_ids=ids).logits, atol=1e-4)
@@ -86,10 +89,11 @@ def test_zero3_saves_the_zero2_adapter_and_merge_lora_serves_base_plus_adapter(s
     _, _, base = setup
     out = train(setup, "zero3_merged", "--deepspeed-config", "zero3", "--gradient-checkpointing", "--merge-lora")
     a, b = adapter(zero2_run), adapter(out)
+    assert a.keys() == b.keys() and sum(".token_adapter." in k for k in a) == 2
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
     merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "final"))
-    ids = torch.tensor([[1, 450, 4996, 17354, 1701]])
+    ids = torch.tensor(IDS)
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, with_adapter(base, out)(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-5)
@@ -116,8 +120,7 @@ def test_an_expert_model_trains_adapters_on_its_experts_and_token_rows_that_peft
     from ochat.model import lora
     from ochat.training.safe_states import load_state_file
 
-    out = train((*setup[:2], gpt_oss_model), "gpt_oss", "--merge-lora", "--gradient-checkpointing",
-                "--lora-trainable-tokens", "<|end_of_turn|>")
+    out = train((*setup[:2], gpt_oss_model), "gpt_oss", "--merge-lora", "--gradient-checkpointing")
     ls = [m["loss"] for m in metrics(out)]
     assert len(ls) == 4 and ls[-1] < ls[0], ls
     saved = adapter(out)
@@ -137,7 +140,7 @@ def test_an_expert_model_trains_adapters_on_its_experts_and_token_rows_that_peft
     held = lora.adapter_state_dict({n: t for n, t in state.items() if lora.is_adapter_weight(n)}, GPT_OSS)
     assert held.keys() == saved.keys() and all(torch.equal(held[k], saved[k]) for k in saved)  # adapters and rows
     merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "final"))
-    ids = torch.tensor([[1, 450, 4996, 17354, 1701]])
+    ids = torch.tensor(IDS)
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, with_adapter(gpt_oss_model, out)(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-5)
