@@ -48,9 +48,11 @@ def test_fp8_then_compile_compiles_the_layer_not_each_linear():
     assert len(linears) == 4 * 7  # q, k, v, o, gate, up, down of each decoder layer; lm_head stays
     assert all(_compiled(layer.forward) for layer in model.model.layers)
     assert not any(_compiled(m.forward) for m in linears)
-    alone = tiny()
-    apply_transforms(alone, ModelTransforms(fp8="tensorwise"), emulate_fp8=True)
+    alone, emulated = tiny(), tiny()  # GPU float8 compiles each linear; emulated float8 (CPU) stays eager
+    apply_transforms(alone, ModelTransforms(fp8="tensorwise"))
     assert all(_compiled(m.forward) for m in alone.modules() if isinstance(m, Float8Linear))
+    apply_transforms(emulated, ModelTransforms(fp8="tensorwise"), emulate_fp8=True)
+    assert not any(_compiled(m.forward) for m in emulated.modules() if isinstance(m, Float8Linear))
 
 
 def test_tiled_mlp_keeps_the_result():
