@@ -27,20 +27,30 @@ weights get the gradient of every row they computed, from all the group's ranks.
 each rank's own (from the router on its tokens).
 
 Gradient reduction is DeepSpeed's for its MoE parameters: the expert weights are marked `allreduce = False`,
-`group_name = "ep_size_N"` (`deepspeed.moe.utils.is_moe_param`); ZeRO-1/2 reduces them over the expert-data-parallel
-group only, every other parameter over all ranks, and divides both by the world size. That sum over the
-expert-data-parallel group of what each rank's experts received from its expert-parallel group is the sum over every
-rank's tokens, so the averaged gradients equal those of the same packs without expert parallelism. DeepSpeed's engine
-does this only for a model it finds a `deepspeed.moe.layer.MoE` in: `show_deepspeed` adds one that holds nothing.
+`group_name = "ep_size_N"` (`deepspeed.moe.utils.is_moe_param`; `mark`); ZeRO-1/2 reduces them over the
+expert-data-parallel group only, every other parameter over all ranks, and divides both by the world size. That sum
+over the expert-data-parallel group of what each rank's experts received from its expert-parallel group is the sum
+over every rank's tokens, so the averaged gradients equal those of the same packs without expert parallelism.
+DeepSpeed's engine does this only for a model it finds a `deepspeed.moe.layer.MoE` in: `show_deepspeed` adds one
+that holds nothing (where an expert shard or adapter trains: `trains_experts`).
+
+LoRA (ochat.model.lora): the experts' adapters cover this rank's experts only (A's rows, B's columns of them, in
+peft's layout), made as for the whole layer (`whole_experts`: the same random A as one rank draws) and then cut to
+the held experts; they run with the local experts after the dispatch and are marked as the expert weights are,
+so their gradients are reduced the same way; `gather` joins them back into peft's whole-layer adapters. The
+attention adapters and any others are ordinary data-parallel parameters.
 
 Resume states: DeepSpeed saves the ZeRO optimizer states (fp32 master weights and moments, partitioned by the MoE
 groups already) and, from rank 0 only, the module's weights, which every rank loads: rank 0's expert shards among
 them. DeepSpeed's per-expert files (`layer_L_expert_E_...`) are written and read for the experts of its own MoE
 modules only; the parameterless one counts none (`num_local_experts = 0`), so it neither writes nor looks for them.
-Each expert-parallel rank's shards are saved beside DeepSpeed's files instead (`shards`, by ochat.training.run_folder)
-and copied back over what DeepSpeed loaded (`load_shards`).
+Each expert-parallel rank's trainable shards (with LoRA: its experts' adapters; the frozen experts are reloaded from
+the model) are saved beside DeepSpeed's files instead (`shards`, by ochat.training.run_folder) and copied back over
+what DeepSpeed loaded (`load_shards`).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -102,18 +112,15 @@ class ShardedExperts(Experts):
             if p is None:  # biases: gpt-oss only
                 continue
             shard = nn.Parameter(p.data[self.held.start:self.held.stop].clone(), requires_grad=p.requires_grad)
-            shard.allreduce, shard.group_name = False, group_name(size)  # DeepSpeed's MoE parameter marks
-            shard.held_experts = self.held
+            mark(shard, size, self.held)
             setattr(self, name, shard)
         self.num_experts, self.act, self.impl = full.num_experts, full.act, full.impl
         self.group, self.size = group, size
 
     def run_sorted(self, rows: torch.Tensor, counts: torch.Tensor, adapters=None) -> torch.Tensor:
         """This rank's rows sorted by expert (`counts` [num_experts]) through whichever rank holds each expert:
-        dispatch, the local experts, combine (module docstring); one host read of the exchanged counts. LoRA on
-        sharded experts is refused (ochat.model.transforms): `adapters` must be None."""
-        if adapters:
-            raise ValueError("LoRA adapters on experts split by --expert-parallel are not supported")
+        dispatch, the local experts (with `adapters`: LoRA's factors of the local experts), combine (module
+        docstring); one host read of the exchanged counts."""
         n, local = self.size, len(self.held)
         send = counts.view(n, local)  # [destination rank, its expert]
         recv = torch.empty_like(send)  # [source rank, my expert]
@@ -122,15 +129,26 @@ class ShardedExperts(Experts):
         arrived = all_to_all(rows, send_rows, recv_rows, self.group)  # by source rank, then expert
         segment = torch.arange(n * local, device=rows.device).repeat_interleave(recv.flatten())
         by_expert = (segment % local).argsort(stable=True)
-        y = super().run_sorted(arrived[by_expert], recv.sum(0))
+        y = super().run_sorted(arrived[by_expert], recv.sum(0), adapters)
         return all_to_all(y[by_expert.argsort()], recv_rows, send_rows, self.group)
+
+
+def mark(p: nn.Parameter, size: int, held: range, experts_last: bool = False) -> None:
+    """Mark `p` as holding the experts `held` of its layer, split by expert-parallel groups of `size` ranks:
+    DeepSpeed's MoE parameter marks (ZeRO reduces its gradient over the expert-data-parallel group only) and
+    `held_experts`. `experts_last`: p's last dimension is [r, experts] with the expert fastest (a LoRA B of stacked
+    experts, peft's layout), not experts first."""
+    p.allreduce, p.group_name = False, group_name(size)
+    p.held_experts = held
+    if experts_last:
+        p.experts_last = True
 
 
 def enable(model: nn.Module, size: int) -> None:
     """Create DeepSpeed's expert-parallel groups of `size` ranks (once) and keep in each expert layer of `model` only
     this rank's experts (`ShardedExperts`, sliced from the layer's, or meta tensors on a meta model; layers sharded
-    already stay as they are). Nothing when size is 1. Collective: every rank calls it after torch.distributed
-    started."""
+    already stay as they are). Nothing when size is 1. Before LoRA (whose expert adapters it would not cut).
+    Collective: every rank calls it after torch.distributed started."""
     if size == 1:
         return
     import deepspeed.comm as ds_dist
@@ -145,8 +163,27 @@ def enable(model: nn.Module, size: int) -> None:
     blocks = [m for m in model.modules() if isinstance(m, ExpertBlock)]
     assert blocks, "no expert layer found"
     for block in blocks:
-        if not isinstance(block.experts, ShardedExperts):
-            block.experts = ShardedExperts(block.experts, groups._get_expert_parallel_group(name), size, rank)
+        if any(isinstance(m, ShardedExperts) for m in block.modules()):  # sharded at load, maybe adapted since
+            continue
+        assert isinstance(block.experts, Experts), "expert parallelism goes before LoRA's adapters"
+        block.experts = ShardedExperts(block.experts, groups._get_expert_parallel_group(name), size, rank)
+
+
+@contextlib.contextmanager
+def whole_experts(model: nn.Module):
+    """Within: each sharded expert parameter of `model` stands in its whole layer's shape (this rank's dtype, on the
+    CPU, one element expanded: no memory), so that what is built from the shapes (LoRA's expert adapters, drawn at
+    random) is what one rank builds for the whole model; the shards are back after."""
+    held = [(m, name, p) for m in model.modules() if isinstance(m, ShardedExperts)
+            for name, p in m.named_parameters(recurse=False)]
+    try:
+        for m, name, p in held:
+            whole = torch.empty((), dtype=p.dtype).expand(m.num_experts, *p.shape[1:])
+            m._parameters[name] = nn.Parameter(whole, requires_grad=False)
+        yield
+    finally:
+        for m, name, p in held:
+            m._parameters[name] = p
 
 
 def held_experts(p: torch.Tensor) -> range | None:
@@ -163,15 +200,26 @@ def ranks(size: int) -> tuple[int, int]:
     return groups._get_expert_parallel_rank(name), groups._get_expert_data_parallel_rank(name)
 
 
+def _trained_shards(model: nn.Module) -> dict[str, nn.Parameter]:
+    """This rank's trainable expert shards (with LoRA: its experts' adapters) by parameter name."""
+    return {n: p for n, p in model.named_parameters() if held_experts(p) is not None and p.requires_grad}
+
+
+def trains_experts(model: nn.Module) -> bool:
+    """Whether any expert shard of `model` trains (the expert weights, or their LoRA adapters)."""
+    return bool(_trained_shards(model))
+
+
 def shards(model: nn.Module) -> dict[str, torch.Tensor]:
-    """This rank's expert shards by parameter name, copied to the CPU."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if held_experts(p) is not None}
+    """This rank's trainable expert shards by parameter name, copied to the CPU (what a resume state needs of the
+    experts beyond DeepSpeed's files: the frozen ones are the model's)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in _trained_shards(model).items()}
 
 
 def load_shards(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    """Copy `saved` (what `shards` returned on a rank holding the same experts) into this rank's expert shards;
-    ValueError (one line) unless it holds exactly them, shape for shape."""
-    params = {n: p for n, p in model.named_parameters() if held_experts(p) is not None}
+    """Copy `saved` (what `shards` returned on a rank holding the same experts) into this rank's trainable expert
+    shards; ValueError (one line) unless it holds exactly them, shape for shape."""
+    params = _trained_shards(model)
     wrong = sorted(params.keys() ^ saved.keys()) or [n for n, p in params.items() if saved[n].shape != p.shape]
     if wrong:
         raise ValueError(f"its expert shards do not fit this model ({wrong[0]})")
@@ -182,13 +230,16 @@ def load_shards(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
 
 def gather(p: torch.Tensor) -> torch.Tensor:
     """A sharded expert parameter with every expert of its layer, gathered from its expert-parallel group (no
-    gradient). Collective over the group."""
+    gradient): experts first, or a LoRA B's [out, r x experts] with the expert fastest (`mark`). Collective over
+    the group."""
     from deepspeed.utils import groups
 
     group = groups._get_expert_parallel_group(p.group_name)
     shard = p.data.contiguous()
     parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, shard, group=group)
+    if getattr(p, "experts_last", False):  # each [out, r, held]: joined along the experts into [out, r, all]
+        return torch.cat([t.unflatten(-1, (-1, len(p.held_experts))) for t in parts], dim=-1).flatten(-2)
     return torch.cat(parts)
 
 

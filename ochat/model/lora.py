@@ -20,7 +20,9 @@ their forward hands the factors to experts.Experts, which adds each expert's ada
 factors from peft (which reads that orientation from the experts' `is_transposed`): A [E r, in] and B [out, r E]
 of the same shapes and meaning, but for the order of gate_up_proj's outputs. ochat trains them in its own order
 (gate rows, then up rows) and interleaves B's rows when it saves them (`adapter_state_dict`); a merged gate_up_proj
-is interleaved with the weight (experts.to_checkpoint).
+is interleaved with the weight (experts.to_checkpoint). Under expert parallelism a rank's expert adapters are those
+of the experts it holds (A's rows and B's columns of them, as the whole layer's would start: `_keep_held_experts`),
+gathered into the whole layer's when saved (ochat.model.expert_parallel).
 
 Trainable tokens (`trainable_tokens`): the embedding and lm_head rows of a few tokens (e.g. an added
 end-of-turn token) train beside the adapters, as peft's trainable tokens (`LoraConfig(trainable_token_indices=...)`)
@@ -58,6 +60,7 @@ import torch
 import torch.nn as nn
 
 from ochat.kernels.linear_cross_entropy import Rows, replace_rows
+from ochat.model import expert_parallel
 from ochat.model.config import ModelConfig
 from ochat.model.experts import Experts, interleave
 from ochat.model.qlora import is_nf4
@@ -125,14 +128,17 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
     """Wrap `targets` ("attention", "mlp" or "all") of every decoder layer of `model` with float32 LoRA adapters
     of `rank` (scale alpha / rank; dropout on the adapters' input; peft's init, A from `seed`, B zero), train the
     embedding and lm_head rows of the token ids `trainable_tokens` (`add_token_rows`) and freeze every other
-    parameter. Returns the number of trainable parameters."""
+    parameter; of experts split by expert parallelism, the adapters of this rank's experts only. Returns the number
+    of trainable parameters (this rank's)."""
     from peft import inject_adapter_in_model
 
     config = lora_config(model, rank, alpha, dropout, targets)
-    # A's init from `seed` alone: the same adapters whatever drew random numbers before (ZeRO-3's zero.Init does)
-    with torch.random.fork_rng(devices=[]):
+    # A's init from `seed` alone: the same adapters whatever drew random numbers before (ZeRO-3's zero.Init does);
+    # under expert parallelism made for whole expert layers, then cut to this rank's experts: one rank's adapters
+    with torch.random.fork_rng(devices=[]), expert_parallel.whole_experts(model):
         torch.manual_seed(seed)
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    _keep_held_experts(model)
     if trainable_tokens:
         add_token_rows(model, trainable_tokens)
     trainable = 0
@@ -177,6 +183,28 @@ def _gathered(param: nn.Parameter):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters([param])
+
+
+def _keep_held_experts(model: nn.Module) -> None:
+    """Under expert parallelism: each expert adapter of `model`, made for its whole layer, keeps the rows of A and
+    the columns of B of the experts this rank holds (peft's layout: `expert_factors`), on their device, marked as
+    expert parameters (ochat.model.expert_parallel)."""
+    from peft.tuners.lora import ParamWrapper
+
+    for wrapper in model.modules():
+        experts = wrapper.get_base_layer() if isinstance(wrapper, ParamWrapper) else None
+        if not isinstance(experts, expert_parallel.ShardedExperts):
+            continue
+        held, e, device = experts.held, wrapper.num_experts, wrapper.get_param().device
+        a, b = wrapper.lora_A[ADAPTER], wrapper.lora_B[ADAPTER]
+        a.weight = nn.Parameter(a.weight.detach().unflatten(0, (e, -1))[held.start:held.stop].flatten(0, 1)
+                                .clone().to(device))
+        b.weight = nn.Parameter(b.weight.detach().unflatten(1, (-1, e))[..., held.start:held.stop].flatten(1)
+                                .clone().to(device))
+        a.out_features = b.in_features = a.weight.shape[0]
+        wrapper.num_experts = len(held)
+        expert_parallel.mark(a.weight, experts.size, held)
+        expert_parallel.mark(b.weight, experts.size, held, experts_last=True)
 
 
 class TokenRows(nn.Module):

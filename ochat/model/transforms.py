@@ -1,7 +1,8 @@
 """Every change training makes to a built model, in one place, in one order, with the combinations refused.
 
-`PackedCausalLM.from_pretrained` gives the checkpoint's plain decoder. `apply_transforms(model, transforms)`
-then changes it, always in this order:
+`PackedCausalLM.from_pretrained` gives the checkpoint's plain decoder (with --expert-parallel its expert layers
+already sharded, each rank reading only its experts). `apply_transforms(model, transforms)` then changes it, always
+in this order:
 
 0. LoRA           the decoder layers' linear layers chosen by --lora-targets (and an expert model's stacked experts)
                   get float32 LoRA adapters (lora.py, peft's layers) and every other parameter is frozen. First, so
@@ -31,14 +32,15 @@ then changes it, always in this order:
                   (sequence_parallel.py); attention stays outside compiled graphs, so it composes with 1-4. An expert
                   model's load-balancing loss takes the whole pack's tokens per expert from the group.
 7. expert parallelism     each expert layer keeps only this rank's share of the experts, the rows routed to them
-                  exchanged by all-to-all over an expert-parallel group (expert_parallel.py); composes with
-                  recompute (tested), is refused with sequence parallelism, tiled MLP, compile (not yet tested
-                  together) and ZeRO-3.
+                  exchanged by all-to-all over an expert-parallel group (expert_parallel.py); done before step 0
+                  when the model was not sharded at load, so that LoRA's expert adapters cover this rank's experts
+                  only. Composes with recompute and LoRA (tested), is refused with sequence parallelism, tiled MLP,
+                  compile, --qlora (not yet tested together) and ZeRO-3.
 
 The load-balancing loss's coefficient (`--router-aux-loss-coef`) replaces config.json's on an expert model (any
 time: it is read at each forward). Mixture-of-experts models take recompute, LoRA (attention, shared experts and
-the routed experts' stacked weights, under ZeRO-2 or ZeRO-3; not with --expert-parallel or --lora-dropout on the
-experts), QLoRA (the stacked experts in NF4 too, with or without their adapters; not with sequence
+the routed experts' stacked weights, under ZeRO-2 or ZeRO-3, also with --expert-parallel; not with --lora-dropout
+on the experts), QLoRA (the stacked experts in NF4 too, with or without their adapters; not with sequence or expert
 parallelism), tiled MLP, compile (not with LoRA on the experts) and sequence parallelism (tested: the same loss,
 load-balancing loss and gradients as without them); fp8 and offload are refused with them (not yet built or
 tested on expert blocks).
@@ -124,14 +126,15 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
     if t.offload_activations and cuda is False:
         out.append("--offload-activations moves activations from GPU to CPU memory: it needs a GPU")
     if t.lora_rank:
-        others = [flag for flag, on in (("--fp8", t.fp8), ("--offload-activations", t.offload_activations),
-                                        ("--expert-parallel", t.expert_parallel > 1)) if on]
+        others = [flag for flag, on in (("--fp8", t.fp8), ("--offload-activations", t.offload_activations)) if on]
         if others:
             out.append(f"--lora-rank is not yet supported with {', '.join(others)}: drop one or the other")
         if t.compile and (t.qlora or t.lora_dropout):
             out.append("--compile with LoRA is not yet supported with --qlora or --lora-dropout: drop one or the other")
-        if t.qlora and t.sequence_parallel > 1:
-            out.append("--qlora is not yet supported with --sequence-parallel (LoRA is): drop one or the other")
+        parallel = [flag for flag, on in (("--sequence-parallel", t.sequence_parallel > 1),
+                                          ("--expert-parallel", t.expert_parallel > 1)) if on]
+        if t.qlora and parallel:
+            out.append(f"--qlora is not yet supported with {', '.join(parallel)} (LoRA is): drop one or the other")
         outside = [i for i in t.lora_trainable_tokens if isinstance(i, int) and model is not None
                    and i >= model.vocab_size]
         if outside:
@@ -201,14 +204,16 @@ def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | 
 
     if t.router_aux_loss_coef is not None:
         model.router_aux_loss_coef = t.router_aux_loss_coef
+    expert_parallel.enable(model, t.expert_parallel)  # step 7, before LoRA: see the module docstring
     if t.lora_rank:
         alpha = default_alpha(t.lora_rank) if t.lora_alpha is None else t.lora_alpha
         trainable = add_lora(model, t.lora_rank, alpha, t.lora_dropout, t.lora_targets, t.seed,
                              t.lora_trainable_tokens)
         tokens = f", embedding and lm_head rows of tokens {list(t.lora_trainable_tokens)}" if t.lora_trainable_tokens \
             else ""
+        held = " (of the experts, this rank's only)" if t.expert_parallel > 1 and t.lora_targets != "attention" else ""
         log(f"LoRA (rank {t.lora_rank}, alpha {alpha:g}, targets {t.lora_targets}{tokens}): {trainable} trainable "
-            f"parameters, the rest frozen")
+            f"parameters{held}, the rest frozen")
     if t.qlora:
         modules, weights = quantize_base(model, device)
         log(f"QLoRA: {modules} frozen linear layers and expert stacks of the decoder layers ({weights / 1e9:.2f}B "
@@ -232,4 +237,3 @@ def apply_transforms(model: nn.Module, t: ModelTransforms, *, ds_config: dict | 
         model.compile_layers()
         log("compile: each decoder layer runs compiled (torch.compile); the first steps include compiling")
     sequence_parallel.enable(model, t.sequence_parallel)
-    expert_parallel.enable(model, t.expert_parallel)

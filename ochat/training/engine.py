@@ -73,7 +73,9 @@ def build_engine(cfg: TrainConfig, rt: Runtime, model: PackedCausalLM, ds_config
     import deepspeed
 
     groups = weight_decay_groups(model, cfg.weight_decay)
-    if cfg.expert_parallel > 1:  # the expert shards in groups of their own, as DeepSpeed's ZeRO wants them
+    # the trained expert shards (or their LoRA adapters) in groups of their own, as DeepSpeed's ZeRO wants them; with
+    # LoRA on attention alone the frozen experts leave nothing for DeepSpeed's MoE handling (it needs a MoE group)
+    if cfg.expert_parallel > 1 and expert_parallel.trains_experts(model):
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         groups = split_params_into_different_moe_groups_for_optimizer(

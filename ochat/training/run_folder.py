@@ -5,7 +5,8 @@
       ep_N/, final/        Hugging Face checkpoints (ochat.training.checkpoint), each an atomic directory
       ds_state/stepS/      resume states: DeepSpeed's files + run_state.json (ours) + train_config.json; with
                            LoRA without the frozen base (it is --model-path's); with --expert-parallel N also
-                           expert_shards_ep_rank_R.safetensors, the experts of expert-parallel rank R (ours)
+                           expert_shards_ep_rank_R.safetensors, the experts of expert-parallel rank R (with LoRA:
+                           their adapters) (ours)
       ds_state/latest      the tag of the newest complete resume state
       metrics.jsonl        one JSON line per step and per eval
       wandb/               Weights & Biases files, when enabled
@@ -194,8 +195,8 @@ class RunFolder:
             f"(global step {state.global_step})")
 
     def _save_expert_shards(self, folder: str) -> None:
-        """With --expert-parallel: the experts of this rank's expert-parallel rank R, when it is the first rank
-        holding them (global rank R)."""
+        """With --expert-parallel: the trained experts (with LoRA: their adapters) of this rank's expert-parallel
+        rank R, when it is the first rank holding them (global rank R)."""
         if self.cfg.expert_parallel == 1:
             return
         ep_rank, ep_data_rank = expert_parallel.ranks(self.cfg.expert_parallel)
@@ -242,8 +243,8 @@ class RunFolder:
         self._load_expert_shards()
 
     def _load_expert_shards(self) -> None:
-        """With --expert-parallel: this rank's experts, over those of rank 0 that DeepSpeed loaded (safetensors: no
-        code runs, whatever the file holds)."""
+        """With --expert-parallel: this rank's trained experts (with LoRA: their adapters), over those of rank 0 that
+        DeepSpeed loaded (safetensors: no code runs, whatever the file holds)."""
         if self.cfg.expert_parallel == 1:
             return
         path = _expert_shards_file(os.path.join(self.states_dir, self._resume_tag),

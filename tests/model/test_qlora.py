@@ -208,7 +208,8 @@ def test_refused_combinations():
     moe = ModelConfig.debug(**MOE["qwen3_moe"])  # an expert model: QLoRA yes, not with expert or sequence parallelism
     assert refusals(ModelTransforms(lora_rank=8, qlora=True), zero_stage=2, model=moe) == []
     assert refusals(ModelTransforms(lora_rank=8, qlora=True, expert_parallel=2), zero_stage=2, world_size=2,
-                    model=moe) == ["--lora-rank is not yet supported with --expert-parallel: drop one or the other"]
+                    model=moe) == ["--qlora is not yet supported with --expert-parallel (LoRA is): drop one or the "
+                                   "other"]
     assert refusals(ModelTransforms(lora_rank=8, qlora=True, sequence_parallel=2), zero_stage=2, world_size=2,
                     model=moe) == ["--qlora is not yet supported with --sequence-parallel (LoRA is): drop one or the "
                                    "other"]

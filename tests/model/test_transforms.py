@@ -80,7 +80,7 @@ def test_tiled_mlp_keeps_the_result():
     (ModelTransforms(lora_rank=8, compile=True, lora_dropout=0.1), {}, "not yet supported with --qlora or --lora-dropout"),
     (ModelTransforms(lora_rank=8, offload_activations=True, recompute=1.0), {},
      "--lora-rank is not yet supported with --offload-activations"),
-    (ModelTransforms(lora_rank=8, expert_parallel=2), {}, "--lora-rank is not yet supported with --expert-parallel"),
+    (ModelTransforms(lora_rank=8, qlora=True, expert_parallel=2), {}, "--qlora is not yet supported with --expert"),
     (ModelTransforms(lora_rank=8, qlora=True, sequence_parallel=2), {}, "--qlora is not yet supported with --sequence"),
     (ModelTransforms(lora_rank=8, lora_dropout=0.1), {"model": ModelConfig.debug(**MOE)},
      "--lora-dropout: the adapters of qwen3_moe's experts have none"),
