@@ -83,6 +83,22 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
+def model_like_tiny(tiny: str, out, config) -> str:
+    """The tiny Llama's folder `tiny` (its tokenizer) copied to `out` with the weights of a random PackedCausalLM of
+    `config` (seed 0) in place of its own."""
+    import shutil
+
+    import torch
+
+    from ochat.model.decoder import PackedCausalLM
+
+    shutil.copytree(tiny, out)
+    os.remove(os.path.join(out, "model.safetensors"))
+    torch.manual_seed(0)
+    PackedCausalLM(config).save_pretrained(out)
+    return str(out)
+
+
 def make_sample_dataset(out: str, conversations: int | None = None) -> str:
     """The bundled ShareGPT sample pre-tokenized into `out` (its first `conversations` records when given)."""
     inputs = []

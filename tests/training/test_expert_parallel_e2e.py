@@ -9,8 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from ochat.model.config import ModelConfig
-from ochat.model.decoder import PackedCausalLM
-from tests.helpers.train import metrics, run_trainer, weights
+from tests.helpers.train import metrics, model_like_tiny, run_trainer, weights
 
 pytestmark = pytest.mark.slow
 
@@ -22,15 +21,10 @@ EP = ["--expert-parallel", "2", "--save-state-every", "2"]
 def moe_model(setup):
     """The tiny Llama's folder (its tokenizer) with a tiny Qwen3-MoE's weights: 8 experts, top-2, 2 expert layers."""
     root, _, tiny = setup
-    out = root / "tiny_moe"
-    shutil.copytree(tiny, out)
-    os.remove(out / "model.safetensors")
-    cfg = ModelConfig.debug(model_type="qwen3_moe", vocab_size=32001, max_position_embeddings=4096, num_experts=8,
-                            num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
-                            router_aux_loss_coef=0.01)
-    torch.manual_seed(0)
-    PackedCausalLM(cfg).save_pretrained(out)
-    return str(out)
+    config = ModelConfig.debug(model_type="qwen3_moe", vocab_size=32001, max_position_embeddings=4096, num_experts=8,
+                               num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                               router_aux_loss_coef=0.01)
+    return model_like_tiny(tiny, root / "tiny_moe", config)
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,12 @@ rows as ZeRO-2, --merge-lora's merged weights serve the logits of base + adapter
 its adapter-only resume states ends bit-for-bit equal; a tiny gpt-oss trains adapters on its experts too (saved in
 transformers' fused, interleaved layout), and its rows, which its resume state holds and --merge-lora merges."""
 import os
-import shutil
 
 import pytest
 import torch
 
 from ochat.model.config import ModelConfig
-from ochat.model.decoder import PackedCausalLM
-from tests.helpers.train import metrics, run_trainer, run_trainer_until
+from tests.helpers.train import metrics, model_like_tiny, run_trainer, run_trainer_until
 
 pytestmark = pytest.mark.slow
 LORA = ["--lora-rank", "4", "--lr", "1e-2", "--epochs", "1", "--max-steps", "4", "--lora-trainable-tokens",
@@ -49,12 +47,7 @@ GPT_OSS = ModelConfig.debug(model_type="gpt_oss", vocab_size=32001, max_position
 def gpt_oss_model(setup):
     """The tiny Llama's folder (its tokenizer) with a tiny gpt-oss's weights: 4 experts, top-2, 2 expert layers."""
     root, _, tiny = setup
-    out = root / "tiny_gpt_oss"
-    shutil.copytree(tiny, out)
-    os.remove(out / "model.safetensors")
-    torch.manual_seed(0)
-    PackedCausalLM(GPT_OSS).save_pretrained(out)
-    return str(out)
+    return model_like_tiny(tiny, root / "tiny_gpt_oss", GPT_OSS)
 
 
 @pytest.fixture(scope="module")
