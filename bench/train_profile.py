@@ -8,7 +8,8 @@ Makes bench/train_run.py's model and synthetic dataset, then, each in a fresh pr
              of the same packs the trainer draws (ochat.training.packs.PackPlan, seed 0), one step per pack: the
              figure bench/throughput.py reports
   VARIANT    `ochat.training.train` in one process (no launcher) with a DeepSpeed config: zero2 (shipped), zero2
-             without overlap_comm, zero1, zero0 (DeepSpeed's bf16 optimizer: fp32 master weights and gradients);
+             without overlap_comm, zero1, zero0 (DeepSpeed's bf16 optimizer: fp32 master weights and gradients),
+             zero2_bf16_master (the shipped config with --master-dtype bf16: bf16 master weights, gradients, moments);
              each also as VARIANT_no_check: bf16.check_grad_overflow off (no inf/nan scan of every gradient)
 Each reports wall-clock tokens/s/GPU over the steps after the first 11 but the last 5 (data loading and logging
 included), one step under torch.profiler split by kernel category (bench/throughput.py's) with the idle rest, and
@@ -51,6 +52,8 @@ VARIANTS = {  # DeepSpeed config sections replaced in the shipped zero2.json
     "zero0": {"zero_optimization": {"stage": 0}},
 }
 VARIANTS.update({f"{name}_no_check": dict(sections, **NO_CHECK) for name, sections in list(VARIANTS.items())})
+VARIANT_FLAGS = {"zero2_bf16_master": ["--master-dtype", "bf16"]}  # the shipped config with these trainer flags
+VARIANTS.update({name: {} for name in VARIANT_FLAGS})
 
 
 class StepClock:
@@ -189,7 +192,7 @@ def child_trainer(a) -> dict:
     argv = ["--model-path", a.model, "--data-path", a.data, "--save-path", os.path.join(a.out, "run_" + a.variant),
             "--epochs", "1", "--max-steps", str(a.steps), "--batch-max-len", str(a.batch_max_len), "--lr", "3e-4",
             "--lr-warmup-steps", "5", "--log-every", "10", "--eval-every", "0", "--no-save", "--overwrite",
-            "--skip-self-check", *a.extra]
+            "--skip-self-check", *VARIANT_FLAGS.get(a.variant, []), *a.extra]
     if VARIANTS[a.variant]:
         ds_config = json.load(open(BENCH.parent / "ochat/config/deepspeed/zero2.json"))
         for section, value in VARIANTS[a.variant].items():

@@ -60,6 +60,7 @@ def make_dataset(out_dir, n, seed=0, vocab=32000, eot=32000, max_len=4096, follo
 
 
 SHAPES = {k: throughput.SHAPES[k] for k in ("1b", "7b")}  # random init, vocab 32002 (Llama 2 + OpenChat's tokens)
+SHAPES["8b"] = throughput.SHAPES["8b"]  # Llama 3 8B's shape, its 128,256-row vocabulary (the data uses 32,001 of it)
 SHAPES["tiny"] = dataclasses.replace(throughput.SHAPES["tiny"], vocab_size=32002)  # CPU smoke runs
 
 
