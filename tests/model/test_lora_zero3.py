@@ -41,8 +41,8 @@ def one_rank():
         dist.destroy_process_group()
 
 
-def zero3_config() -> dict:
-    ds = load_deepspeed_config("zero3", grad_accum=1, grad_clip=0.0, bf16=False)
+def zero3_config(bf16: bool = False) -> dict:
+    ds = load_deepspeed_config("zero3", grad_accum=1, grad_clip=0.0, bf16=bf16)
     ds["zero_allow_untested_optimizer"] = True
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # no parameter stays gathered between forwards
     return ds
@@ -208,3 +208,41 @@ def test_zero3_runs_each_lora_layer_as_one_node_as_without_deepspeed(one_rank, c
             own = {f"{layer}.{p}" for p in ("base_layer.weight", "lora_A.default.weight", "lora_B.default.weight")}
             decoder_layer = ".".join(layer.split(".")[:3]) + "."
             assert own <= whole and all(n.startswith(decoder_layer) for n in whole), f"{when} {layer}: {whole}"
+
+
+@pytest.mark.parametrize("name", ["qwen2_bias", "qwen3_moe"])
+def test_zero3_in_bf16_makes_the_adapters_bf16_and_runs_each_layer_as_one_node(one_rank, name, monkeypatch):
+    """A bf16 run: DeepSpeed's engine leaves a partitioned model's parameters in the dtype zero.Init made them in,
+    so the adapters (the experts' too) and token rows are made in bf16 under ZeRO-3 (in float32 beside the bf16
+    base, the layers would fall back to peft's forward); each wrapped layer runs as one node, and the loss and every
+    adapter and row gradient equal the model's without DeepSpeed cast to bf16 (what a ZeRO-2 engine computes)."""
+    import ochat.kernels.lora_linear as kernel
+
+    cfg, ours, _ = lora_pair(name, tokens=(3, 5))
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    ds = zero3_config(bf16=True)
+    z3 = partitioned_twin(cfg, ours, ModelTransforms(lora_rank=4, lora_trainable_tokens=(3, 5)), ds)
+    engine, *_ = deepspeed.initialize(model=z3, optimizer=torch.optim.AdamW(weight_decay_groups(z3, 0.1), lr=1e-3),
+                                      config=ds)
+    ours.to(torch.bfloat16)
+    layers = lora.wrapped_layers(z3)
+    trained = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    assert any(".experts." in n for n in trained) == (name in MOE)
+    assert {p.dtype for p in trained.values()} == {torch.bfloat16}
+    batch = (ids, pos, cu, mx, *weighted_labels(cfg, len(ids)))
+    one_node, weights = kernel.lora_linear, []
+
+    def watched(x, weight, *args):
+        weights.append(weight)
+        return one_node(x, weight, *args)
+
+    monkeypatch.setattr(kernel, "lora_linear", watched)
+    loss = loss_of(engine, batch)
+    assert sorted(map(id, weights)) == sorted(id(m.base_layer.weight) for m in layers)
+    engine.backward(loss)
+    ref = loss_of(ours, batch)
+    ref.backward()
+    assert_close(loss.detach().float(), ref.detach().float(), what="bf16 loss")
+    for n, p in trained.items():
+        assert_close(deepspeed.utils.safe_get_full_grad(p).float(), ours.get_parameter(n).grad.float(),
+                     what=f"bf16 grad {n}")
