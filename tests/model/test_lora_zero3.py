@@ -1,10 +1,12 @@
 """LoRA under DeepSpeed ZeRO-3 in this process (one gloo rank, which still partitions every parameter and runs
-ZeRO-3's hooks; no parameter kept whole between modules' forwards): trained token rows (read by the embedding's and
+ZeRO-3's hooks; no parameter kept whole between modules' forwards): the one-node LoRA layers (which read the base
+layer's weight and bias and the adapters in the wrapper's forward), trained token rows (read by the embedding's and
 lm_head's forward) and the stacked experts' adapters (read by their ParamWrapper's forward) give the loss, the
 gradients and the optimizer steps of the model without DeepSpeed (which tests/model/test_lora.py checks against
 transformers + peft), the logits outside the engine's forward too; the gathered adapter and merged weights equal
 its, and an adapter-only ZeRO-3 state restores them."""
 import socket
+from collections import Counter
 
 import deepspeed
 import pytest
@@ -39,8 +41,8 @@ def one_rank():
         dist.destroy_process_group()
 
 
-def zero3_config() -> dict:
-    ds = load_deepspeed_config("zero3", grad_accum=1, grad_clip=0.0, bf16=False)
+def zero3_config(bf16: bool = False) -> dict:
+    ds = load_deepspeed_config("zero3", grad_accum=1, grad_clip=0.0, bf16=bf16)
     ds["zero_allow_untested_optimizer"] = True
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # no parameter stays gathered between forwards
     return ds
@@ -76,6 +78,7 @@ def test_zero3_trains_token_rows_and_expert_adapters_as_without_deepspeed(one_ra
     cfg, ours, _ = lora_pair(name, tokens=tokens)
     ds = zero3_config()
     z3 = partitioned_twin(cfg, ours, t, ds)
+    assert all(m.forward.func is lora._one_node_forward for m in lora.wrapped_layers(z3))
     z3.gradient_checkpointing_enable(1.0)
     engine, *_ = deepspeed.initialize(model=z3, optimizer=torch.optim.AdamW(weight_decay_groups(z3, 0.1), lr=1e-3),
                                       config=ds)
@@ -124,3 +127,122 @@ def test_zero3_trains_token_rows_and_expert_adapters_as_without_deepspeed(one_ra
     engine.load_checkpoint(str(tmp_path), tag="s", load_module_strict=False)
     restored = hf_weights.full_state_dict(engine.module, only=lora.is_adapter_weight)
     assert all(torch.equal(restored[n], first[n]) and not torch.equal(first[n], saved[n]) for n in saved)
+
+
+def gathered(model) -> set[str]:
+    """The names of `model`'s parameters that ZeRO-3 holds whole right now."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return {n for n, p in model.named_parameters() if p.ds_status == ZeroParamStatus.AVAILABLE}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_zero3_runs_each_lora_layer_as_one_node_as_without_deepspeed(one_rank, checkpointing, monkeypatch):
+    """A Qwen2 model (biased q/k/v) with LoRA on every linear layer: under ZeRO-3 each wrapped layer runs as one
+    autograd node (ochat.kernels.lora_linear), which reads the base layer's weight and bias and the adapters'
+    outside their own modules' forward; over two optimizer steps (the second on the parameter trace DeepSpeed
+    recorded in the first), with and without every layer recomputed, the loss and every adapter gradient equal
+    the model's without DeepSpeed. Nothing is kept gathered longer than ZeRO-3 would (no reuse distance, no
+    prefetch): when a layer's node runs forward or backward only parameters of its decoder layer are whole, and none
+    after the forward or the backward."""
+    import ochat.kernels.lora_linear as kernel
+
+    cfg, ours, _ = lora_pair("qwen2_bias")
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    ds = zero3_config()
+    ds["zero_optimization"].update(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
+    z3 = partitioned_twin(cfg, ours, ModelTransforms(lora_rank=4), ds)
+    layers = lora.wrapped_layers(z3)
+    assert len(layers) == cfg.num_hidden_layers * 7 and all(m.forward.func is lora._one_node_forward for m in layers)
+    if checkpointing:
+        z3.gradient_checkpointing_enable(1.0)
+        ours.gradient_checkpointing_enable(1.0)
+    engine, *_ = deepspeed.initialize(model=z3, optimizer=torch.optim.AdamW(weight_decay_groups(z3, 0.1), lr=1e-3),
+                                      config=ds)
+    optimizer = torch.optim.AdamW(weight_decay_groups(ours, 0.1), lr=1e-3)
+
+    names = {id(m.base_layer.weight): n for n, m in engine.module.named_modules() if m in layers}
+    # each layer gathers what its node reads in its own forward (registered: lora.py), not only inside the
+    # model's forward, where DeepSpeed's engine also finds parameters read outside their modules by itself
+    with torch.no_grad():
+        for layer in names.values():
+            x = torch.randn(5, ours.get_submodule(layer).in_features, generator=torch.Generator().manual_seed(5))
+            assert_close(engine.module.get_submodule(layer)(x), ours.get_submodule(layer)(x), what=f"{layer} alone")
+    assert not gathered(engine.module)
+    seen = {"forward": [], "backward": []}  # (layer, the parameters whole while its node runs)
+    one_node = kernel.lora_linear
+
+    def watched(x, weight, *args):
+        layer = names.get(id(weight))  # None: a layer of the model without DeepSpeed
+        if layer is None:
+            return one_node(x, weight, *args)
+        seen["forward"].append((layer, gathered(engine.module)))
+        out = one_node(x, weight, *args)  # a recompute ends inside the last layer's node (torch's early stop)
+        out.register_hook(lambda g: seen["backward"].append((layer, gathered(engine.module))))
+        return out
+
+    monkeypatch.setattr(kernel, "lora_linear", watched)
+    trained = [n for n, p in ours.named_parameters() if p.requires_grad]
+    params = dict(engine.module.named_parameters())
+    batch = (ids, pos, cu, mx, *weighted_labels(cfg, len(ids)))
+    for step in range(2):
+        loss = loss_of(engine, batch)
+        assert not gathered(engine.module), f"step {step}: whole after the forward"
+        engine.backward(loss)
+        assert not gathered(engine.module), f"step {step}: whole after the backward"
+        ref = loss_of(ours, batch)
+        ref.backward()
+        assert_close(loss.detach(), ref.detach(), what=f"step {step} loss")
+        for n in trained:
+            assert_close(deepspeed.utils.safe_get_full_grad(params[n]), ours.get_parameter(n).grad,
+                         what=f"step {step} grad {n}")
+        engine.step()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    runs = 2 * (2 if checkpointing else 1)  # each step's forward, and its recompute
+    assert Counter(n for n, _ in seen["forward"]) == Counter({n: runs for n in names.values()})
+    assert Counter(n for n, _ in seen["backward"]) == Counter({n: 2 for n in names.values()})
+    for when, snapshots in seen.items():
+        for layer, whole in snapshots:
+            own = {f"{layer}.{p}" for p in ("base_layer.weight", "lora_A.default.weight", "lora_B.default.weight")}
+            decoder_layer = ".".join(layer.split(".")[:3]) + "."
+            assert own <= whole and all(n.startswith(decoder_layer) for n in whole), f"{when} {layer}: {whole}"
+
+
+@pytest.mark.parametrize("name", ["qwen2_bias", "qwen3_moe"])
+def test_zero3_in_bf16_makes_the_adapters_bf16_and_runs_each_layer_as_one_node(one_rank, name, monkeypatch):
+    """A bf16 run: DeepSpeed's engine leaves a partitioned model's parameters in the dtype zero.Init made them in,
+    so the adapters (the experts' too) and token rows are made in bf16 under ZeRO-3 (in float32 beside the bf16
+    base, the layers would fall back to peft's forward); each wrapped layer runs as one node, and the loss and every
+    adapter and row gradient equal the model's without DeepSpeed cast to bf16 (what a ZeRO-2 engine computes)."""
+    import ochat.kernels.lora_linear as kernel
+
+    cfg, ours, _ = lora_pair(name, tokens=(3, 5))
+    seqs, ids, pos, cu, mx = make_pack(cfg)
+    ds = zero3_config(bf16=True)
+    z3 = partitioned_twin(cfg, ours, ModelTransforms(lora_rank=4, lora_trainable_tokens=(3, 5)), ds)
+    engine, *_ = deepspeed.initialize(model=z3, optimizer=torch.optim.AdamW(weight_decay_groups(z3, 0.1), lr=1e-3),
+                                      config=ds)
+    ours.to(torch.bfloat16)
+    layers = lora.wrapped_layers(z3)
+    trained = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    assert any(".experts." in n for n in trained) == (name in MOE)
+    assert {p.dtype for p in trained.values()} == {torch.bfloat16}
+    batch = (ids, pos, cu, mx, *weighted_labels(cfg, len(ids)))
+    one_node, weights = kernel.lora_linear, []
+
+    def watched(x, weight, *args):
+        weights.append(weight)
+        return one_node(x, weight, *args)
+
+    monkeypatch.setattr(kernel, "lora_linear", watched)
+    loss = loss_of(engine, batch)
+    assert sorted(map(id, weights)) == sorted(id(m.base_layer.weight) for m in layers)
+    engine.backward(loss)
+    ref = loss_of(ours, batch)
+    ref.backward()
+    assert_close(loss.detach().float(), ref.detach().float(), what="bf16 loss")
+    for n, p in trained.items():
+        assert_close(deepspeed.utils.safe_get_full_grad(p).float(), ours.get_parameter(n).grad.float(),
+                     what=f"bf16 grad {n}")
