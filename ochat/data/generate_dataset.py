@@ -27,8 +27,10 @@ import json
 import math
 import multiprocessing as mp
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -184,23 +186,57 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
-def _stop_signals_blocked():
-    """Block SIGINT and SIGTERM in this thread meanwhile (a signal that comes is delivered on exit). Workers
-    forked meanwhile start with them blocked, so the parent's handler (Interrupted) never runs in a worker
-    that has not set its own yet: pool.terminate() would make it print a traceback."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+def _stop_signals_held():
+    """Hold SIGINT and SIGTERM meanwhile: one that comes is handled on exit, by the handler of then. Workers
+    started meanwhile keep them blocked until they set their own handlers, so the parent's (Interrupted) never
+    runs in one. The handlers are swapped too: blocking the signals in this thread does not keep it from running
+    its handler when another thread (numpy's) takes one, and an Interrupted raised inside Process.start leaks a
+    worker, or is dropped with the signal by os.fork's callbacks."""
+    held = []
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in STOP_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited by spawned workers too
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one pending for this thread is held now
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if held:
+            signal.raise_signal(held[0])
 
 
-def _init_pool_worker(*init):
-    # Ctrl-C reaches the whole process group: the main process alone handles it (and terminates the pool)
+def _init_worker_process(*init):
+    # Ctrl-C reaches the whole process group: the main process alone handles it (and stops the workers)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent while it forked us
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent while it started us
     _init_worker(*init)
+
+
+def _worker(conn, init) -> None:
+    """A tokenizer process: tokenizes the chunks that come through `conn`, in order, and sends back each one's
+    Tokenized, until the parent is gone. Threads receive and send meanwhile, so neither process ever waits on
+    the other's work: the parent's send of a chunk returns once this process is running, and a result waits
+    here, not in a full pipe, until the parent reads it."""
+    _init_worker_process(*init)
+    tasks, results = queue.SimpleQueue(), queue.SimpleQueue()
+    threading.Thread(target=_receive_tasks, args=(conn, tasks), daemon=True).start()
+    threading.Thread(target=_send_results, args=(conn, results), daemon=True).start()
+    for convs in iter(tasks.get, None):
+        results.put(_tokenize_chunk(convs))
+
+
+def _receive_tasks(conn, tasks: queue.SimpleQueue) -> None:
+    with contextlib.suppress(EOFError, OSError):  # the parent is gone: end the worker
+        while True:
+            tasks.put(conn.recv())
+    tasks.put(None)
+
+
+def _send_results(conn, results: queue.SimpleQueue) -> None:
+    with contextlib.suppress(OSError):  # the parent is gone
+        while True:
+            conn.send(results.get())
 
 
 @dataclass
@@ -359,24 +395,33 @@ def _tokenized(chunks, workers: int, init):
             yield chunk, _tokenize_chunk(chunk.convs)
         return
     ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
-    pool = None
+    procs, conns = [], []
     try:
-        with _stop_signals_blocked():
-            pool = ctx.Pool(workers, initializer=_init_pool_worker, initargs=init)
-        in_flight = deque()
-        for chunk in chunks:
-            in_flight.append((chunk, pool.apply_async(_tokenize_chunk, (chunk.convs,))))
+        with _stop_signals_held():
+            for _ in range(workers):
+                conn, worker_conn = ctx.Pipe()
+                procs.append(ctx.Process(target=_worker, args=(worker_conn, init), daemon=True))
+                procs[-1].start()
+                worker_conn.close()  # the worker's end lives in the worker alone: its exit reads as EOF here
+                conns.append(conn)
+        in_flight = deque()  # (chunk, the connection of the worker tokenizing it)
+        for conn, chunk in zip(itertools.cycle(conns), chunks):
+            conn.send(chunk.convs)
+            in_flight.append((chunk, conn))
             if len(in_flight) >= IN_FLIGHT_PER_WORKER * workers:
-                done, result = in_flight.popleft()
-                yield done, result.get()
-        while in_flight:
-            done, result = in_flight.popleft()
-            yield done, result.get()
-        pool.close()
-        pool.join()
+                done, conn = in_flight.popleft()
+                yield done, conn.recv()
+        for done, conn in in_flight:
+            yield done, conn.recv()
+    except (EOFError, ConnectionError):  # on a worker's connection (reading errors are InputErrors)
+        raise RuntimeError("a tokenizer worker stopped unexpectedly (its error, if any, is above)") from None
     finally:
-        if pool is not None:
-            pool.terminate()
+        # no thread of this process can be blocked: killing and reaping the workers always returns at once
+        with _stop_signals_held():
+            for proc in procs:
+                proc.kill()
+            for proc in procs:
+                proc.join()
 
 
 # ----------------------------------------------------------------------------- main
@@ -468,7 +513,7 @@ def _write_splits(plan: Plan, args, tmp: Path, tally: Tally) -> dict:
             init = (plan.mt.name, plan.weights, plan.default_condition, args.tokenizer, plan.max_length,
                     args.chat_template, args.special_tokens_in_content)
             tokens_written = 0
-            with contextlib.closing(_tokenized(chunks, plan.workers, init)) as results:  # stops the pool
+            with contextlib.closing(_tokenized(chunks, plan.workers, init)) as results:  # stops the workers
                 for chunk, result in results:
                     tokens_written += _write_chunk(chunk, result, writers, skip_log, plan, tally, args)
                     progress.update(len(chunk.convs) + len(chunk.skips), tally.records_read,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ochat.config import get_model_type
-from ochat.data import open_dataset
+from ochat.data import generate_dataset, open_dataset
 from ochat.data.generate_dataset import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,31 +83,32 @@ def test_signal_cleans_up(tmp_path, sig, workers):
 
 
 SLOW_WORKERS = r"""
-import sys, time
+import os, sys, time
 from pathlib import Path
 from ochat.data import generate_dataset
 
-init = generate_dataset._init_pool_worker
+init = generate_dataset._init_worker_process
 
 def slow_init(*args):  # a worker the loaded machine runs late: the stop comes before it set its handlers
-    Path(sys.argv[1], str(time.time())).touch()
-    time.sleep(1)
+    Path(sys.argv[1], str(os.getpid())).touch()
+    time.sleep(float(sys.argv[2]))
     init(*args)
 
-generate_dataset._init_pool_worker = slow_init
-sys.exit(generate_dataset.main(sys.argv[2:]))
+generate_dataset._init_worker_process = slow_init
+sys.exit(generate_dataset.main(sys.argv[3:]))
 """
 
 
-def test_signal_before_workers_set_their_handlers(tmp_path):
-    # pool.terminate() sends SIGTERM to workers that may not have run their initializer yet: they must not
-    # run the parent's handler (Interrupted, a traceback on stderr)
+@pytest.mark.parametrize("startup", [1, 3600])  # seconds before a worker sets its handlers: late, or never
+def test_signal_before_workers_set_their_handlers(tmp_path, startup):
+    # the stop comes while the workers still hold the signals (until they set their own handlers) and read no
+    # chunk: they must not run the parent's handler (a traceback), nor keep the run from ending
     big = many_conversations(tmp_path / "big.jsonl", 5_000)
     out, started = tmp_path / "out", tmp_path / "started"
     started.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_WORKERS, str(started), "--in-files", big, "--out-dir", str(out),
-                             "--workers", "2", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WORKERS, str(started), str(startup), "--in-files", big,
+                             "--out-dir", str(out), "--workers", "2", "--quiet"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + START_LIMIT
     while len(list(started.iterdir())) < 2:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -115,6 +116,20 @@ def test_signal_before_workers_set_their_handlers(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert_interrupted(proc, signal.SIGTERM, out, [])
     assert temporaries(tmp_path, "out") == [] and not out.exists()
+    for worker in started.iterdir():  # stopped and reaped
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(worker.name), 0)
+
+
+def test_failing_worker_stops_the_run(tmp_path, monkeypatch):
+    def tokenizer_bug(convs):
+        raise ValueError("tokenizer bug")
+
+    monkeypatch.setattr(generate_dataset, "_tokenize_chunk", tokenizer_bug)  # raises in the workers
+    big = many_conversations(tmp_path / "big.jsonl", 1_200)
+    with pytest.raises(RuntimeError, match=r"a tokenizer worker stopped unexpectedly \(its error, if any, is above\)"):
+        main(["--in-files", big, "--out-dir", str(tmp_path / "out"), "--workers", "2", "--quiet"])
+    assert temporaries(tmp_path, "out") == [] and not (tmp_path / "out").exists()
 
 
 def test_killed_run_leftovers_are_cleaned_by_the_next_run(tmp_path):
