@@ -66,6 +66,25 @@ def loss_of(model, batch):
     return out.weighted_loss + (0 if out.aux_loss is None else out.aux_loss)
 
 
+def step_both(engine, ours, optimizer, batch, trained: list[str], what: str, after=lambda phase: None) -> None:
+    """One optimizer step of the ZeRO-3 `engine` and of `ours` (the model without DeepSpeed, with `optimizer`) on
+    `batch`: the losses and the gradients of the `trained` parameters equal; `after("forward")` and
+    `after("backward")` run after the engine's."""
+    loss = loss_of(engine, batch)
+    after("forward")
+    engine.backward(loss)
+    after("backward")
+    ref = loss_of(ours, batch)
+    ref.backward()
+    assert_close(loss.detach(), ref.detach(), what=f"{what} loss")
+    params = dict(engine.module.named_parameters())
+    for n in trained:
+        assert_close(deepspeed.utils.safe_get_full_grad(params[n]), ours.get_parameter(n).grad, what=f"{what} grad {n}")
+    engine.step()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
 @pytest.mark.parametrize("name", ["tied", "qwen3_moe", "gpt_oss"])
 def test_zero3_trains_token_rows_and_expert_adapters_as_without_deepspeed(one_rank, name, tmp_path):
     """tied: one set of rows, read by the embedding and by lm_head; qwen3_moe, gpt_oss (biased experts, fused
@@ -96,19 +115,8 @@ def test_zero3_trains_token_rows_and_expert_adapters_as_without_deepspeed(one_ra
             got, want = (m.get_submodule(module)(x) for m in (engine.module, ours))
             for a, b in zip(*(((t,) if torch.is_tensor(t) else t) for t in (got, want))):  # an expert block: 2 outputs
                 assert_close(a, b, what=f"{name} {module} before training")
-    params = dict(engine.module.named_parameters())
     for step in range(2):
-        loss = loss_of(engine, batch)
-        engine.backward(loss)
-        ref = loss_of(ours, batch)
-        ref.backward()
-        assert_close(loss.detach(), ref.detach(), what=f"{name} step {step} loss")
-        for n in trained:
-            assert_close(deepspeed.utils.safe_get_full_grad(params[n]), ours.get_parameter(n).grad,
-                         what=f"{name} step {step} grad {n}")
-        engine.step()
-        optimizer.step()
-        optimizer.zero_grad()
+        step_both(engine, ours, optimizer, batch, trained, f"{name} step {step}")
         if step == 0:
             engine.save_checkpoint(str(tmp_path), tag="s", exclude_frozen_parameters=True)  # what --resume loads
             first = hf_weights.full_state_dict(engine.module, only=lora.is_adapter_weight)
@@ -183,22 +191,12 @@ def test_zero3_runs_each_lora_layer_as_one_node_as_without_deepspeed(one_rank, c
 
     monkeypatch.setattr(kernel, "lora_linear", watched)
     trained = [n for n, p in ours.named_parameters() if p.requires_grad]
-    params = dict(engine.module.named_parameters())
     batch = (ids, pos, cu, mx, *weighted_labels(cfg, len(ids)))
     for step in range(2):
-        loss = loss_of(engine, batch)
-        assert not gathered(engine.module), f"step {step}: whole after the forward"
-        engine.backward(loss)
-        assert not gathered(engine.module), f"step {step}: whole after the backward"
-        ref = loss_of(ours, batch)
-        ref.backward()
-        assert_close(loss.detach(), ref.detach(), what=f"step {step} loss")
-        for n in trained:
-            assert_close(deepspeed.utils.safe_get_full_grad(params[n]), ours.get_parameter(n).grad,
-                         what=f"step {step} grad {n}")
-        engine.step()
-        optimizer.step()
-        optimizer.zero_grad()
+        def nothing_whole(after: str, step=step):
+            assert not gathered(engine.module), f"step {step}: whole after the {after}"
+
+        step_both(engine, ours, optimizer, batch, trained, f"step {step}", after=nothing_whole)
 
     runs = 2 * (2 if checkpointing else 1)  # each step's forward, and its recompute
     assert Counter(n for n, _ in seen["forward"]) == Counter({n: runs for n in names.values()})
