@@ -2,6 +2,7 @@
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -86,8 +87,6 @@ def _group_alive(pgid: int) -> bool:
 def model_like_tiny(tiny: str, out, config) -> str:
     """The tiny Llama's folder `tiny` (its tokenizer) copied to `out` with the weights of a random PackedCausalLM of
     `config` (seed 0) in place of its own."""
-    import shutil
-
     import torch
 
     from ochat.model.decoder import PackedCausalLM
