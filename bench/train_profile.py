@@ -10,14 +10,18 @@ Makes bench/train_run.py's model and synthetic dataset, then, each in a fresh pr
   VARIANT    `ochat.training.train` in one process (no launcher) with a DeepSpeed config: zero2 (shipped), zero2
              without overlap_comm, zero1, zero0 (DeepSpeed's bf16 optimizer: fp32 master weights and gradients),
              zero2_bf16_master (the shipped config with --master-dtype bf16: bf16 master weights, gradients, moments);
+             zero2_deepspeed_step, zero2_bf16_master_deepspeed_step: those with DeepSpeed's own ZeRO step (without
+             ochat.training.zero_step's gradient norm and clip);
              each also as VARIANT_no_check: bf16.check_grad_overflow off (no inf/nan scan of every gradient)
 Each reports wall-clock tokens/s/GPU over the steps after the first 11 but the last 5 (data loading and logging
 included), one step under torch.profiler split by kernel category (bench/throughput.py's) with the idle rest, and
 over the last 5 steps the time of each phase (forward, backward, optimizer step, the rest of the step) with the GPU
-synchronised between phases. Writes
-train_profile.json, train_profile.md and profile_VARIANT.txt into --out; prints the table last.
+synchronised between phases. Writes train_profile.json, train_profile.md, profile_VARIANT.txt (with the profiled
+step's phases broken down: kernels, launches, CPU ops) and trace_VARIANT.json.gz (its chrome trace) into --out;
+prints the table last.
 """
 import argparse
+import gzip
 import json
 import os
 import subprocess
@@ -35,6 +39,7 @@ import train_run  # noqa: E402  same folder: the model and the dataset
 from throughput import PEAK, profile_categories  # noqa: E402
 
 WARMUP = 10
+PHASE_PREFIX = "phase."  # the record_function names of the timed phases in the profiled step
 PHASE_STEPS = 5  # the last steps: each phase (forward, backward, optimizer step) timed between synchronisations
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -54,6 +59,9 @@ VARIANTS = {  # DeepSpeed config sections replaced in the shipped zero2.json
 VARIANTS.update({f"{name}_no_check": dict(sections, **NO_CHECK) for name, sections in list(VARIANTS.items())})
 VARIANT_FLAGS = {"zero2_bf16_master": ["--master-dtype", "bf16"]}  # the shipped config with these trainer flags
 VARIANTS.update({name: {} for name in VARIANT_FLAGS})
+DEEPSPEED_STEP = {"zero2_deepspeed_step": [], "zero2_bf16_master_deepspeed_step": ["--master-dtype", "bf16"]}
+VARIANTS.update({name: {} for name in DEEPSPEED_STEP})  # DeepSpeed's own ZeRO step (ochat.training.zero_step off)
+VARIANT_FLAGS.update(DEEPSPEED_STEP)
 
 
 class StepClock:
@@ -80,7 +88,11 @@ class StepClock:
             averages = prof.key_averages()
             (self.out_dir / f"profile_{self.tag}.txt").write_text(
                 averages.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70) + "\n\n"
-                + averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+                + averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70) + "\n\n"
+                + phase_breakdown(prof))
+            with gzip.open(self.out_dir / f"trace_{self.tag}.json.gz", "wt") as fh:
+                prof.export_chrome_trace("/tmp/ochat_trace.json")
+                fh.write(Path("/tmp/ochat_trace.json").read_text())
             self.profile = dict(wall_seconds=wall, seconds_by_category=profile_categories(prof, wall))
             self.last = time.perf_counter()
             return out
@@ -112,6 +124,12 @@ class StepClock:
         method = getattr(owner, name)
 
         def timed(*args, **kwargs):
+            if self.n == WARMUP + 1:  # the profiled step: named and synchronised, for phase_breakdown
+                sync()
+                with torch.profiler.record_function(PHASE_PREFIX + label):
+                    out = method(*args, **kwargs)
+                    sync()
+                return out
             if not self.in_phases():
                 return method(*args, **kwargs)
             sync()
@@ -131,6 +149,35 @@ class StepClock:
                     mfu=step_flops(config, tokens, sum_len_sq) / seconds / PEAK,
                     peak_gib=torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else 0.0,
                     profile=self.profile, phase_seconds=phases)
+
+
+def phase_breakdown(prof) -> str:
+    """Per phase of the profiled step (its record_function window): wall ms, GPU kernel ms and launches inside it,
+    the top kernels and the top CPU ops by self time, so that the gap between two runs' phases can be named."""
+    from torch.autograd import DeviceType
+    events = list(prof.events())
+    windows = [(e.name[len(PHASE_PREFIX):], e.time_range.start, e.time_range.end) for e in events
+               if e.name.startswith(PHASE_PREFIX) and e.device_type == DeviceType.CPU]
+    lines = []
+    for label, start, end in windows:
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA and start <= e.time_range.start < end]
+        cpu = [e for e in events if e.device_type == DeviceType.CPU and start <= e.time_range.start < end
+               and not e.name.startswith(PHASE_PREFIX)]
+        by_kernel, by_cpu = {}, {}
+        for e in kernels:
+            n, t = by_kernel.get(e.name[:90], (0, 0.0))
+            by_kernel[e.name[:90]] = (n + 1, t + e.time_range.elapsed_us())
+        for e in cpu:
+            n, t = by_cpu.get(e.name[:90], (0, 0.0))
+            by_cpu[e.name[:90]] = (n + 1, t + e.self_cpu_time_total)
+        gpu_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+        lines.append(f"== phase {label}: wall {(end - start) / 1e3:.1f} ms (CPU window), kernels {len(kernels)}, "
+                     f"kernel time {gpu_ms:.1f} ms")
+        for name, (n, t) in sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[:15]:
+            lines.append(f"  gpu {t / 1e3:8.2f} ms {n:5d}x  {name}")
+        for name, (n, t) in sorted(by_cpu.items(), key=lambda kv: -kv[1][1])[:15]:
+            lines.append(f"  cpu {t / 1e3:8.2f} ms {n:5d}x  {name}")
+    return "\n".join(lines) + "\n"
 
 
 def _sum_len_sq(micro_batches) -> float:
@@ -189,6 +236,9 @@ def child_trainer(a) -> dict:
         return out
 
     trainer.train_step = timed_step
+    if a.variant in DEEPSPEED_STEP:
+        from ochat.training import zero_step
+        zero_step.streamline = lambda zero_optimizer: []
     argv = ["--model-path", a.model, "--data-path", a.data, "--save-path", os.path.join(a.out, "run_" + a.variant),
             "--epochs", "1", "--max-steps", str(a.steps), "--batch-max-len", str(a.batch_max_len), "--lr", "3e-4",
             "--lr-warmup-steps", "5", "--log-every", "10", "--eval-every", "0", "--no-save", "--overwrite",

@@ -11,6 +11,7 @@ from ochat.config.train_config import TrainConfig
 from ochat.model import expert_parallel, lora, sequence_parallel
 from ochat.model.decoder import PackedCausalLM
 from ochat.model.transforms import apply_transforms
+from ochat.training import zero_step
 from ochat.training.runtime import Runtime, TrainError
 from ochat.training.schedule import lr_at
 from ochat.utils.log import log
@@ -69,7 +70,8 @@ def build_engine(cfg: TrainConfig, rt: Runtime, model: PackedCausalLM, ds_config
                  warmup_steps: int):
     """The DeepSpeed engine: AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded), the warmup + cosine
     schedule of ochat.training.schedule, and with --sequence-parallel DeepSpeed's sequence-parallel groups (which
-    apply_transforms made; ZeRO shards over all ranks)."""
+    apply_transforms made; ZeRO shards over all ranks); under ZeRO 1-2 its gradient norm and clip streamlined
+    (ochat.training.zero_step)."""
     import deepspeed
 
     groups = weight_decay_groups(model, cfg.weight_decay)
@@ -94,4 +96,7 @@ def build_engine(cfg: TrainConfig, rt: Runtime, model: PackedCausalLM, ds_config
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
                                       mpu=sequence_parallel.deepspeed_mpu(cfg.sequence_parallel))
+    streamlined = zero_step.streamline(engine.optimizer)
+    if streamlined:
+        log(f"optimizer step: ZeRO's {' and '.join(streamlined)}")
     return engine
