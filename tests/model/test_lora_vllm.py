@@ -157,7 +157,8 @@ def vllm_deltas(manager, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             out[f"{hf}.down_proj"] = layer.w2_lora_b_stacked[0][0] @ layer.w2_lora_a_stacked[0][0]
         elif isinstance(layer, BaseLinearLayerWithLoRA):
             prefix, leaf = hf.rsplit(".", 1)
-            for part, a, b in zip(SLICES.get(leaf, (leaf,)), layer.lora_a_stacked, layer.lora_b_stacked, strict=True):
+            slices = zip(SLICES.get(leaf, (leaf,)), layer.lora_a_stacked, layer.lora_b_stacked, strict=True)
+            for part, a, b in slices:
                 out[f"{prefix}.{part}"] = b[0, 0] @ a[0, 0]
         else:
             out[hf] = torch.cat([t.flatten() for t in (layer.lora_a_stacked, layer.lora_b_stacked)])
