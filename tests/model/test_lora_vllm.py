@@ -108,7 +108,8 @@ def vllm_load(folder, mixed_moe_format: bool):
 
     vc = VllmConfig(model_config=VllmModelConfig(model=str(folder), skip_tokenizer_init=True, dtype="float32",
                                                  max_model_len=64),
-                    lora_config=LoRAConfig(max_lora_rank=RANK, max_loras=1, enable_mixed_moe_lora_format=mixed_moe_format),
+                    lora_config=LoRAConfig(max_lora_rank=RANK, max_loras=1,
+                                           enable_mixed_moe_lora_format=mixed_moe_format),
                     load_config=LoadConfig(load_format="dummy"), device_config=DeviceConfig("cpu"))
     with _vllm_config(vc):
         model = get_model(vllm_config=vc)
