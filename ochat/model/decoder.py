@@ -244,9 +244,14 @@ class DecoderLayer(nn.Module):
         self.norm_of_role = dict(c.arch.norms)  # attn_in / attn_out / mlp_in / mlp_out -> Hugging Face module name
         for name in self.norm_of_role.values():
             setattr(self, name, RMSNorm(c.hidden_size, c))
-        # only the residual add follows the down projection: a selective checkpoint need not keep its output
-        self.last_gemm_unused = not self.has_experts and "mlp_out" not in self.norm_of_role
         self.gemms_per_forward = None  # counted by the first selective checkpoint
+
+    @property
+    def last_gemm_unused(self) -> bool:
+        """Whether a selective checkpoint need not keep the down projection's output: only the residual add follows
+        it, and it is a plain linear layer, whose GEMM the recompute stops before (the GEMM saves its input first).
+        LoRA's and QLoRA's layers are autograd Functions, which save theirs after their GEMMs."""
+        return not self.has_experts and "mlp_out" not in self.norm_of_role and type(self.mlp.down_proj) is nn.Linear
 
     def _norm(self, role, x):
         name = self.norm_of_role.get(role)

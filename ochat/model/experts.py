@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from ochat.kernels.swiglu import glu
 from ochat.model import qlora
 from ochat.model.config import ModelConfig
+from ochat.model.recompute import rerun_gemms
 
 
 class Router(nn.Module):
@@ -134,7 +135,9 @@ def _run_experts(x, counts, gate_up, down, act, gate_up_bias, down_bias, adapter
         out = _plus_bias(base, bias, counts)
         if name in adapters:
             a, b, scale = adapters[name]
-            out = out + linear(linear(rows, a), b) * scale
+            low = linear(rows, a)
+            with rerun_gemms():  # B's rank-r GEMM: rerun by a selective recompute, not kept (recompute.py)
+                out = out + linear(low, b) * scale
         return out
 
     gate_up_out = project(x, gate_up, gate_up_bias, "gate_up_proj")

@@ -11,6 +11,12 @@ the base's output by the matmul, no weight gradient for the frozen base) instead
 passes, where nothing needs peft's: no dropout and one dtype (under ZeRO-3 too, below); otherwise peft's forward
 runs.
 
+Selective recompute (ochat.model.recompute) keeps a wrapped layer's base GEMM output and the adapter's rank-r product
+x A^T, and reruns the GEMM of B on that product (as large as the output, r multiply-adds per value) and the add:
+inside a selective checkpoint the one-node layer adds the adapter's product out of place (the kept output must stay
+as the GEMM wrote it), and B's GEMM runs inside `recompute.rerun_gemms`, in the one-node layer, in peft's forward
+(B's module) and for the experts' adapters (experts.py).
+
 Mixture-of-experts models: where the preset takes the MLP, the stacked experts of each expert block
 (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]) are targeted as peft's
 `target_parameters` (nested `ParamWrapper`s around `mlp.experts`, peft's names and init, a rank-R adapter per expert);
@@ -62,7 +68,7 @@ import torch
 import torch.nn as nn
 
 from ochat.kernels.linear_cross_entropy import Rows, replace_rows
-from ochat.model import expert_parallel
+from ochat.model import expert_parallel, recompute
 from ochat.model.config import ModelConfig
 from ochat.model.experts import Experts, interleave
 from ochat.model.qlora import is_nf4
@@ -150,8 +156,10 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
             p.data = p.data.to(dtype)
             trainable += p.numel()
     partitioned = _partitioned(model)
-    if not dropout:
-        for layer in wrapped_layers(model):
+    for layer in wrapped_layers(model):
+        b = layer.lora_B[ADAPTER]  # in peft's forward, B's GEMM on the rank-r product: rerun by a selective recompute
+        b.forward = functools.partial(_rerun_in_selective_recompute, b)
+        if not dropout:
             layer.forward = functools.partial(_one_node_forward, layer)
             if partitioned:  # _one_node_forward reads the base layer's and the adapters' weights
                 _gather_in_forward(layer, _linear_weights(layer))
@@ -281,7 +289,16 @@ def _one_node_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if layer.merged or layer.disable_adapters or not (x.dtype == a.dtype == b.dtype and
                                                       (quantized or base.weight.dtype == x.dtype)):
         return type(layer).forward(layer, x)
-    return lora_linear(x, base.weight, base.bias, a, b, layer.scaling[ADAPTER])
+    # a selective checkpoint keeps the base GEMM's output: the adapter's product joins it out of place, its GEMM
+    # (B on the rank-r product, the output's size) rerun rather than kept
+    out_of_place = recompute.rerun_gemms() if recompute.in_selective_checkpoint() else None
+    return lora_linear(x, base.weight, base.bias, a, b, layer.scaling[ADAPTER], out_of_place)
+
+
+def _rerun_in_selective_recompute(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module`'s forward, its GEMMs rerun by a selective recompute rather than kept (recompute.rerun_gemms)."""
+    with recompute.rerun_gemms():
+        return type(module).forward(module, x)
 
 
 def _linear_weights(layer: nn.Module) -> list[nn.Parameter]:

@@ -20,6 +20,14 @@ kept by `attend`, not by the policy: in the forward it runs with its saved tenso
 identity `saved_tensors_hooks`), and in the recompute it is skipped, its output taken from the forward. The
 recompute reruns the same ops on the same inputs, so gradients are exactly those without recompute.
 
+LoRA (ochat.model.lora) and QLoRA: a wrapped layer keeps its base GEMM's output and the adapter's rank-r product
+x A^T (r values per token); the GEMM expanding that product to the layer's width (B, r multiply-adds per output: as
+cheap as the ops selective reruns, and as large as the base output) runs inside `rerun_gemms` and is rerun, as is
+the add. torch refuses a kept output changed in place, so inside a selective checkpoint (`in_selective_checkpoint`)
+the adapter's product is added out of place: one more pass over the output, there only. An NF4 weight is
+dequantised by ordinary ops, which the policy does not keep: no dequantised weight is held (it would cost the whole
+bf16 weight per layer), the recompute dequantises once more and the backward again, as with full recompute.
+
 `--gradient-checkpointing auto`: the least recompute that fits the GPU, chosen from measured first steps. The
 first two steps run with every decoder layer fully checkpointed (what fits if anything does) and the second one's
 peak memory is read: the optimizer allocates its states during the first step, after that step's activations are
@@ -62,7 +70,8 @@ class _Region:
         self.recomputing = False
         self.in_attention = False
         self.next = 0  # the next kept attention output the recompute takes
-        self.gemms = 0  # GEMMs run so far (outside attention)
+        self.gemms = 0  # GEMMs run so far, but those inside attention or `rerun_gemms`
+        self.rerun_gemms = False  # inside `rerun_gemms`
         # the layer's last GEMM, once its count is known, need not be kept when nothing after it saves a tensor
         # (only a residual add follows): the recompute stops as soon as it has recreated the last saved tensor
         # (torch's early stop), before that GEMM; were it reached, it would be rerun, as any uncached op
@@ -73,13 +82,15 @@ _regions: list[_Region] = []  # the selective checkpoint running now (forward or
 
 
 def _policy(ctx, op, *args, **kwargs):
-    """Cache GEMM outputs, except inside attention (which `attend` keeps or reruns whole)."""
+    """Cache GEMM outputs, except inside attention (which `attend` keeps or reruns whole) and `rerun_gemms`."""
     if op in GEMMS:
         region = _regions[-1]
         if region.in_attention:
             if region.keep_attention:  # the recompute skips attention: its GEMMs would shift the cache's order
                 raise RuntimeError(f"--gradient-checkpointing selective: the attention backend runs {op}, which "
                                    f"the kept attention cannot skip in the recompute; use selective-attention")
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        if region.rerun_gemms:
             return CheckpointPolicy.PREFER_RECOMPUTE
         region.gemms += 1
         if region.gemms == region.last_gemm:
@@ -109,9 +120,31 @@ def _contexts(layer, keep_attention: bool):
 
 def checkpoint_selectively(layer, mode: str, *inputs):
     """One decoder layer under selective recompute (`mode`: selective or selective-attention). A layer whose
-    `last_gemm_unused` is true promises that its last GEMM's output is saved by no later op."""
+    `last_gemm_unused` is true promises that the recompute stops before its last GEMM: no op from that GEMM on saves
+    a tensor for the backward."""
     return checkpoint(layer, *inputs, use_reentrant=False,
                       context_fn=partial(_contexts, layer, mode == "selective"))
+
+
+def in_selective_checkpoint() -> bool:
+    """Whether a selective checkpoint is running (its forward or its recompute): its GEMMs' outputs are kept, so no op
+    may change one in place."""
+    return bool(_regions)
+
+
+@contextmanager
+def rerun_gemms():
+    """Inside a selective checkpoint: the GEMMs run in this context are rerun by the recompute rather than kept (for
+    cheap GEMMs with large outputs: a LoRA adapter's B on its rank-r product). Nothing to do elsewhere."""
+    region = _regions[-1] if _regions else None
+    if region is None:
+        yield
+        return
+    was, region.rerun_gemms = region.rerun_gemms, True
+    try:
+        yield
+    finally:
+        region.rerun_gemms = was
 
 
 def _identity(t):

@@ -7,7 +7,8 @@ in this order:
 0. LoRA           the decoder layers' linear layers chosen by --lora-targets (and an expert model's stacked experts)
                   get LoRA adapters (lora.py, peft's layers; float32, under ZeRO-3 in the partitioned weights'
                   dtype) and every other parameter is frozen. First, so
-                  that the later steps see the wrapped layers: recompute, tiled MLP (its tiles' params include the
+                  that the later steps see the wrapped layers: recompute (every mode, selective too: the adapters'
+                  rank-r products kept, their B GEMMs rerun), tiled MLP (its tiles' params include the
                   adapters), compile and sequence parallelism act on an adapted model (tested: the same loss and
                   adapter gradients); fp8 and offload are refused with it (not yet tested together), compile also
                   with --qlora or --lora-dropout, sequence parallelism with --qlora. With --qlora the frozen linear
@@ -22,8 +23,9 @@ in this order:
                   evenly spread, fully; every layer selectively (GEMM outputs kept; the norms, RoPE, GLU and, with
                   selective-attention, attention recomputed); or `auto`: all of them fully, until
                   recompute.AutoRecompute settles each layer on none, selective or full after two steps. Selective
-                  recompute is refused with LoRA, fp8, compile, tiled MLP, offload, sequence and expert parallelism
-                  and ZeRO-3 (`selective_refusals`); auto then chooses between none and full only.
+                  recompute takes LoRA and QLoRA (no dequantised weight kept) and is refused with fp8, compile,
+                  tiled MLP, offload, sequence and expert parallelism and ZeRO-3 (`selective_refusals`); auto then
+                  chooses between none and full only.
 3. tiled MLP      each decoder layer's MLP runs over N slices of the tokens (memory.py, DeepSpeed's TiledMLP; an
                   expert block through memory.TiledExperts, its routing sums added up over the slices).
 4. offload        the inputs of checkpointed layers wait in CPU memory (memory.py, DeepSpeed's checkpointing).
@@ -86,8 +88,6 @@ def selective_refusals(t: ModelTransforms, zero_stage: int | None = None) -> lis
     """Why the decoder layers cannot take selective recompute beside the other transforms of `t` (empty: they can),
     one line each."""
     reasons = (
-        ("--lora-rank", t.lora_rank, "LoRA's fused linear adds the adapter in place into the base GEMM's output, "
-                                     "which the selective recompute keeps"),
         ("--fp8", t.fp8, "float8 linears run compiled, their GEMMs not the aten.mm the selective recompute keeps"),
         ("--compile", t.compile, "a compiled layer already recomputes its norms, RoPE and GLU (the compiler's "
                                  "min-cut partitioner): use a fraction or auto"),

@@ -20,16 +20,16 @@ from tests.helpers.models import VARIANTS, assert_close, make_pack, make_pair
 from tests.model.test_moe import MOE, padded
 
 
-def lora_pair(name, targets="all", rank=4, tokens=(), qlora=False):
+def lora_pair(name, targets="all", rank=4, tokens=(), qlora=False, dropout=0.0):
     """ochat's tiny model with LoRA adapters (B random, not peft's zeros, so every gradient is non-trivial) and its
     transformers twin wrapped by peft with the same adapter weights (a dense model of VARIANTS or an expert one of
     MOE); with `tokens`, their embedding and lm_head rows trained too (moved off the base rows, so that a base row
     read in their place would show); `qlora`: the decoder's frozen linears and expert stacks in NF4, the twin holding
-    the weights they stand for."""
+    the weights they stand for; `dropout`: on the adapters' input (peft's forward)."""
     cfg, ours, hf = make_pair(name, variants=MOE if name in MOE else VARIANTS)
     plain = ours.state_dict()
     apply_transforms(ours, ModelTransforms(lora_rank=rank, lora_targets=targets, lora_trainable_tokens=tuple(tokens),
-                                           qlora=qlora))
+                                           qlora=qlora, lora_dropout=dropout))
     if qlora:
         from tests.model.test_qlora import dequantized, load_into_transformers
 

@@ -1,9 +1,12 @@
 """Recompute modes of the decoder layers (ochat.model.recompute): selective recompute gives the loss and gradients of
 no recompute (bit-exact on the CPU in float32, the fused Triton kernels interpreted included), keeps packs isolated,
-holds less than no recompute and more than full recompute, reruns no GEMM; and `auto`'s plan for a given memory
-budget (which step is measured, the second, once the optimizer's states exist, needs a GPU: checked on an H100, see
-bench/RESULTS.md)."""
+holds less than no recompute and more than full recompute, reruns no GEMM; with LoRA and QLoRA the loss and adapter
+gradients of no recompute, rerunning only the adapters' rank-r GEMMs and keeping no dequantised weight; and `auto`'s
+plan for a given memory budget (which step is measured, the second, once the optimizer's states exist, needs a GPU:
+checked on an H100, see bench/RESULTS.md)."""
+import contextlib
 import gc
+from collections import Counter
 
 import pytest
 import torch
@@ -12,8 +15,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ochat.model import recompute
-from ochat.model.recompute import MEMORY_BUDGET, Plan, layer_modes, recompute_plan
+from ochat.model.recompute import MEMORY_BUDGET, SELECTIVE, Plan, layer_modes, recompute_plan
+from ochat.model.transforms import ModelTransforms, apply_transforms
 from tests.helpers.models import make_pack, make_pair
+from tests.model.test_lora import lora_pair
 from tests.model.test_moe import MOE
 
 GiB = 2**30
@@ -27,17 +32,33 @@ def set_mode(model, mode):
         model.gradient_checkpointing_enable(1.0, mode)
 
 
-def loss_and_grads(model, pack, mode):
+def loss_and_grads(model, pack, mode, watch=None):
+    """The loss and the gradients of one step in `mode` (None: the layers' modes as they are), the backward run
+    inside `watch` (a dispatch mode) when given."""
     _, ids, pos, cu, mx = pack
     model.train()
     model.zero_grad()
-    if mode is not None:  # None: the layers' modes as they are
+    if mode is not None:
         set_mode(model, mode)
     labels = torch.cat([torch.roll(ids[a:b], -1) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])  # per conversation
     out = model(ids, pos, cu, mx, labels=labels, label_weights=torch.ones(len(ids)))
     loss = out.weighted_loss + (out.aux_loss if out.aux_loss is not None else 0.0)
-    loss.backward()
+    with watch or contextlib.nullcontext():
+        loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+class Gemms(TorchDispatchMode):
+    """The GEMMs run while active, each as (op, reduction length K)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ran = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in recompute.GEMMS:
+            self.ran.append((func, (args[1] if func == torch.ops.aten.addmm.default else args[0]).shape[-1]))
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("name", ["llama2", "qwen2_bias", "qwen3_qk_norm", "gemma2", "phi3_longrope", "olmo2",
@@ -143,18 +164,61 @@ def test_selective_recompute_reruns_no_gemm():
     loss_and_grads(model, pack, "selective")
     _, ids, pos, cu, mx = pack
     hidden = model.hidden_states(ids, pos, cu, mx)
-
-    class Gemms(TorchDispatchMode):
-        ran = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Gemms.ran += func in recompute.GEMMS
-            return func(*args, **(kwargs or {}))
-
-    with Gemms():
+    with Gemms() as gemms:
         hidden.sum().backward()
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.model.layers.modules())
-    assert Gemms.ran == 2 * linears
+    assert len(gemms.ran) == 2 * linears
+
+
+# ------------------------------------------------------------------------------------------------ LoRA, QLoRA
+def max_relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.parametrize("name,quantized,dropout", [("llama2", False, 0.0), ("qwen2_bias", False, 0.1),
+                                                    ("qwen3_moe", True, 0.0)])
+def test_lora_under_selective_recompute_gives_the_loss_and_adapter_grads_of_none(name, quantized, dropout):
+    """LoRA on every linear layer and the routed experts (QLoRA: over the NF4 base, expert stacks too; dropout:
+    peft's forward, the masks drawn alike): in each selective mode the loss and adapter gradients of no recompute
+    within 1e-5, none for the base. The backward's GEMMs are those without recompute plus one per adapter (a wrapped
+    linear layer or an expert stack's grouped GEMM) on its rank-r product: B's, rerun, not kept; no base GEMM is
+    rerun."""
+    rank = 4
+    cfg, model, _ = lora_pair(name, rank=rank, qlora=quantized, dropout=dropout)
+    pack = make_pack(cfg)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    # peft's forward saves B's input before B's GEMM: in the down projection, the layer's last, the recompute stops
+    # there (torch's early stop)
+    reruns = sum(".lora_B." in n for n in trained) - (cfg.num_hidden_layers if dropout else 0)
+    torch.manual_seed(0)
+    plain = Gemms()
+    loss, grads = loss_and_grads(model, pack, "none", watch=plain)
+    assert grads.keys() == trained
+    for mode in SELECTIVE:  # one step each: no layer here drops its last GEMM's output (no plain down projection)
+        torch.manual_seed(0)
+        gemms = Gemms()
+        got_loss, got = loss_and_grads(model, pack, mode, watch=gemms)
+        assert got.keys() == trained, mode
+        assert max_relative_error(got_loss, loss) <= 1e-5, mode
+        for n in grads:
+            assert max_relative_error(got[n], grads[n]) <= 1e-5, (mode, n)
+        rerun = Counter(gemms.ran) - Counter(plain.ran)
+        assert not Counter(plain.ran) - Counter(gemms.ran)
+        assert [k for _, k in rerun.elements()] == [rank] * reruns, (mode, rerun)
+
+
+def test_selective_qlora_layers_hold_what_lora_layers_do():
+    """Beyond a fully checkpointed layer, a selective QLoRA layer holds exactly what a LoRA layer does: no
+    dequantised weight is kept (the parameters' storages, held either way, cancel out)."""
+    held = []
+    for quantized in (False, True):
+        cfg, model, _ = lora_pair("llama2", qlora=quantized)
+        pack = make_pack(cfg)
+        model.train()
+        for mode in ("selective", "full"):
+            set_mode(model, mode)
+            held.append(held_for_backward(model, pack))
+    assert held[0] - held[1] == held[2] - held[3] > 0
 
 
 # ------------------------------------------------------------------------------------------------ auto
@@ -195,10 +259,20 @@ def test_layer_modes_spread_full_then_selective_layers():
     assert sorted(modes.values()) == ["full"] * 2 + ["selective"] * 3 and len(modes) == 5
 
 
-def test_a_mixed_plan_gives_the_gradients_of_none():
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_a_mixed_plan_gives_the_gradients_of_none(lora_rank):
+    """Layers none, selective and full side by side, as auto may choose them (with LoRA too: its adapters'
+    gradients, B drawn at random so that A's are not zero)."""
     cfg, model, _ = make_pair("four_layers", variants={"four_layers": dict(num_hidden_layers=4)})
+    if lora_rank:
+        apply_transforms(model, ModelTransforms(lora_rank=lora_rank))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ".lora_B." in n:
+                    p.normal_(std=0.1)
     pack = make_pack(cfg)
     loss, grads = loss_and_grads(model, pack, "none")
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
     model.layer_recompute = layer_modes(Plan(1, 2, 1))
     for _ in range(2):
         got_loss, got = loss_and_grads(model, pack, None)

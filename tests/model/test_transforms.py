@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ochat.model import ModelConfig, ModelTransforms, PackedCausalLM, apply_transforms
-from ochat.model.transforms import refusals
+from ochat.model.transforms import refusals, selective_refusals
 
 
 MOE = dict(model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
@@ -97,7 +97,7 @@ def test_tiled_mlp_keeps_the_result():
     (ModelTransforms(lora_rank=8, lora_trainable_tokens=(5, 128)), {"model": ModelConfig.debug()},
      "--lora-trainable-tokens: token id 128 is outside the model's vocabulary (128 rows)"),
     *[(ModelTransforms(recompute="selective", **kw), {}, f"selective: selective recompute is not supported with {flag}")
-      for flag, kw in (("--lora-rank", dict(lora_rank=8)), ("--fp8", dict(fp8="rowwise")),
+      for flag, kw in (("--fp8", dict(fp8="rowwise")),
                        ("--compile", dict(compile=True)), ("--tiled-mlp", dict(tiled_mlp=2)),
                        ("--offload-activations", dict(offload_activations=True)),
                        ("--sequence-parallel", dict(sequence_parallel=2)))],
@@ -126,6 +126,14 @@ def test_combinations_that_work_are_not_refused():
     assert refusals(ModelTransforms(lora_rank=8, compile=True, recompute=0.5), zero_stage=2, cuda=True,
                     model=ModelConfig.debug()) == []
     assert refusals(ModelTransforms(lora_rank=8, qlora=True, tiled_mlp=4), zero_stage=2, model=ModelConfig.debug()) == []
+    # LoRA and QLoRA (an expert model's adapters too) under selective recompute, which auto may then choose
+    # (test_recompute.py)
+    for mode in ("selective", "selective-attention"):
+        for quantized in (False, True):
+            assert refusals(ModelTransforms(lora_rank=8, qlora=quantized, recompute=mode), zero_stage=2, cuda=True,
+                            model=ModelConfig.debug(**MOE)) == []
+    assert selective_refusals(ModelTransforms(lora_rank=8, qlora=True, lora_dropout=0.1, recompute="auto"),
+                              zero_stage=2) == []
     # QLoRA on an expert model, its experts' adapters beside NF4 stacks, recomputed and tiled (test_qlora.py, test_lora.py)
     assert refusals(ModelTransforms(lora_rank=8, qlora=True, recompute=1.0, tiled_mlp=4), zero_stage=2,
                     model=ModelConfig.debug(**MOE)) == []
