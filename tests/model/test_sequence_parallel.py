@@ -1,5 +1,6 @@
 """Sequence parallelism: the slicing of a pack over the ranks of a group, and (on 2 gloo ranks) DeepSpeed Ulysses
-attention and the whole model against the per-conversation SDPA reference and the unsharded model."""
+attention and the whole model against the per-conversation SDPA reference and the unsharded model (also with LoRA
+and with QLoRA's NF4 base, on a dense and an expert model)."""
 import json
 import os
 import subprocess
