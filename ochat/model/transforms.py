@@ -132,10 +132,6 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
             out.append(f"--lora-rank is not yet supported with {', '.join(others)}: drop one or the other")
         if t.compile and (t.qlora or t.lora_dropout):
             out.append("--compile with LoRA is not yet supported with --qlora or --lora-dropout: drop one or the other")
-        parallel = [flag for flag, on in (("--sequence-parallel", t.sequence_parallel > 1),
-                                          ("--expert-parallel", t.expert_parallel > 1)) if on]
-        if t.qlora and parallel:
-            out.append(f"--qlora is not yet supported with {', '.join(parallel)} (LoRA is): drop one or the other")
         outside = [i for i in t.lora_trainable_tokens if isinstance(i, int) and model is not None
                    and i >= model.vocab_size]
         if outside:

@@ -267,8 +267,8 @@ def test_refusals():
     t = ModelTransforms(expert_parallel=2)
     assert not refusals(t, model=moe, world_size=4, zero_stage=2)
     assert not refusals(ModelTransforms(expert_parallel=2, lora_rank=4), model=moe, world_size=4, zero_stage=2)
-    assert refusals(ModelTransforms(expert_parallel=2, lora_rank=4, qlora=True), model=moe, world_size=4) == [
-        "--qlora is not yet supported with --expert-parallel (LoRA is): drop one or the other"]
+    assert not refusals(ModelTransforms(expert_parallel=2, lora_rank=4, qlora=True), model=moe, world_size=4,
+                        zero_stage=2)
     assert refusals(ModelTransforms(expert_parallel=3), model=moe) == [
         "--expert-parallel 3 must divide the model's 8 experts per layer"]
     assert refusals(t, world_size=3) == ["--expert-parallel 2 must divide the number of ranks (3)"]

@@ -217,14 +217,10 @@ def test_refused_combinations():
     assert refusals(ModelTransforms(qlora=True)) == [
         "--qlora quantises the frozen base under LoRA adapters: add --lora-rank"]
     assert refusals(ModelTransforms(lora_rank=8, qlora=True), zero_stage=2) == []
-    moe = ModelConfig.debug(**MOE["qwen3_moe"])  # an expert model: QLoRA yes, not with expert or sequence parallelism
-    assert refusals(ModelTransforms(lora_rank=8, qlora=True), zero_stage=2, model=moe) == []
-    assert refusals(ModelTransforms(lora_rank=8, qlora=True, expert_parallel=2), zero_stage=2, world_size=2,
-                    model=moe) == ["--qlora is not yet supported with --expert-parallel (LoRA is): drop one or the "
-                                   "other"]
-    assert refusals(ModelTransforms(lora_rank=8, qlora=True, sequence_parallel=2), zero_stage=2, world_size=2,
-                    model=moe) == ["--qlora is not yet supported with --sequence-parallel (LoRA is): drop one or the "
-                                   "other"]
+    moe = ModelConfig.debug(**MOE["qwen3_moe"])  # an expert model: also with expert and sequence parallelism
+    for parallel in ({}, dict(expert_parallel=2), dict(sequence_parallel=2)):
+        assert refusals(ModelTransforms(lora_rank=8, qlora=True, **parallel), zero_stage=2, world_size=2,
+                        model=moe) == []
     assert refusals(ModelTransforms(lora_rank=8, qlora=True), zero_stage=3)[0].startswith(
         "--qlora needs ZeRO stage 2 or lower")
     base = ["--model-path", "m", "--data-path", "d", "--save-path", "s", "--lora-rank", "8", "--qlora"]
