@@ -16,13 +16,13 @@ would cost E calls (128 for Qwen3-30B-A3B) per projection and a copy to stack th
 64 are 64 consecutive weights of the stack, none mixing two experts (out x in must be a multiple of 64: the Hub's
 expert models' H and I are), and so are the groups of 256 scales of the double quantisation (fewer where an
 expert's scales are not a multiple of 256: tiny test models); only the one mean scale that the double quantisation
-subtracts first spans the stack (`quantize_stack`: its own arithmetic, torchao's but for that mean, a float64 sum per
-expert). Under expert parallelism (ochat.model.expert_parallel) a rank holds some experts of each layer and
+subtracts first spans the stack (`quantize_stack`: torchao's arithmetic but for that mean, from a float64 sum
+per expert). Under expert parallelism (ochat.model.expert_parallel) a rank holds some experts of each layer and
 quantises only those, with the whole layer's mean scale (the per-expert sums gathered from the expert-parallel
 group): its NF4 stack holds exactly what the whole layer's quantised on one rank holds of its experts, so ranks
-train the model one rank would. The backward dequantises again for the input gradient (no weight gradient); under gradient checkpointing the
-recompute dequantises again too. The router (`mlp.gate`), Qwen2-MoE's `shared_expert_gate` and gpt-oss's expert
-biases stay as they are: they are tiny, and routing must not flip.
+train the model one rank would. The backward dequantises again for the input gradient (no weight gradient); under
+gradient checkpointing the recompute dequantises again too. The router (`mlp.gate`), Qwen2-MoE's
+`shared_expert_gate` and gpt-oss's expert biases stay as they are: they are tiny, and routing must not flip.
 
 The NF4 weight is a non-persistent buffer, not a parameter: DeepSpeed casts, broadcasts and checkpoints
 parameters, none of which an NF4Tensor supports, while buffers it leaves alone (and resume states carry only the
