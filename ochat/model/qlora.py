@@ -13,12 +13,16 @@ H, I]) becomes one NF4Tensor of the stack viewed as [E x out, in] (`quantize_exp
 One tensor per stack, not one per expert: `stacked_linear` dequantises the whole stack right before the grouped GEMM
 (or the per-expert loop), a few kernels per 16M weights (`dequantize_stack`), and frees it after, where E tensors
 would cost E calls (128 for Qwen3-30B-A3B) per projection and a copy to stack them for the grouped GEMM. Blocks of
-64 are 64 consecutive weights of the stack, so none mixes two experts where out x in is a multiple of 64 (the Hub's
-expert models: H and I are multiples of 64), and a stack is quantised as its experts would be one by one but for the
-scales' double quantisation, whose groups of 256 scales and one mean scale (torchao subtracts it first) span the
-stack. The backward dequantises again for the input gradient (no weight gradient); under gradient checkpointing the
-recompute dequantises again too. The router (`mlp.gate`), Qwen2-MoE's `shared_expert_gate` and gpt-oss's expert
-biases stay as they are: they are tiny, and routing must not flip.
+64 are 64 consecutive weights of the stack, none mixing two experts (out x in must be a multiple of 64: the Hub's
+expert models' H and I are), and so are the groups of 256 scales of the double quantisation (fewer where an
+expert's scales are not a multiple of 256: tiny test models); only the one mean scale that the double quantisation
+subtracts first spans the stack (`quantize_stack`: torchao's arithmetic but for that mean, from a float64 sum
+per expert). Under expert parallelism (ochat.model.expert_parallel) a rank holds some experts of each layer and
+quantises only those, with the whole layer's mean scale (the per-expert sums gathered from the expert-parallel
+group): its NF4 stack holds exactly what the whole layer's quantised on one rank holds of its experts, so ranks
+train the model one rank would. The backward dequantises again for the input gradient (no weight gradient); under
+gradient checkpointing the recompute dequantises again too. The router (`mlp.gate`), Qwen2-MoE's
+`shared_expert_gate` and gpt-oss's expert biases stay as they are: they are tiny, and routing must not flip.
 
 The NF4 weight is a non-persistent buffer, not a parameter: DeepSpeed casts, broadcasts and checkpoints
 parameters, none of which an NF4Tensor supports, while buffers it leaves alone (and resume states carry only the
@@ -30,6 +34,7 @@ factors) = 0.516 bytes per weight, against 2 in bf16 (3.9x less).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -94,9 +99,35 @@ def is_nf4(t: torch.Tensor) -> bool:
     return type(t).__name__ == "NF4Tensor"
 
 
-def quantize_stack(weight: torch.Tensor) -> torch.Tensor:
-    """A stacked expert weight [E, out, in] as one NF4Tensor [E x out, in]."""
-    return quantize(weight.reshape(-1, weight.shape[-1]))
+def quantize_stack(weight: torch.Tensor, group=None) -> torch.Tensor:
+    """A stacked expert weight [E, out, in] (any float dtype, cast to bf16 first) as one NF4Tensor [E x out, in]:
+    each expert in its own blocks and groups of scales, the scales' mean the whole layer's. `group`: the
+    expert-parallel group whose ranks hold the layer's other experts, in order (`weight` holds this rank's); its
+    per-expert scale sums are gathered from it (collective), so the result is the whole layer's NF4 stack cut to
+    these experts."""
+    experts, out, inp = weight.shape
+    if (out * inp) % BLOCK:
+        raise ValueError(f"--qlora: an expert of shape {(out, inp)} has {out * inp} weights, not a multiple of the "
+                         f"NF4 block of {BLOCK}")
+    per_expert = out * inp // BLOCK  # scales
+    scaler_block = SCALER_BLOCK
+    while per_expert % scaler_block:  # small test models: fewer scales per factor, never spanning two experts
+        scaler_block //= 2
+    flat = weight.to(torch.bfloat16).reshape(-1, inp).contiguous()
+    nf4 = _to_nf4()(flat, BLOCK, scaler_block)  # the codes, each block scaled by its absmax
+    scales = flat.view(-1, BLOCK).abs().amax(1)  # torchao's first quantisation: one bf16 absmax per block
+    sums = scales.view(experts, per_expert).double().sum(1)
+    if group is not None:
+        parts = [torch.empty_like(sums) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, sums, group=group)
+        sums = torch.cat(parts)
+    mean = (sums.sum() / (len(sums) * per_expert)).to(torch.bfloat16)
+    # torchao's double quantisation (NF4Tensor.double_quantize_scalers) about that mean
+    centred = (scales - mean).view(-1, scaler_block)
+    factor = 256 / (2 * centred.abs().amax(1, keepdim=True))
+    nf4.quantized_scalers = (centred * factor).round().clamp(-128, 127).to(torch.int8).flatten()
+    nf4.quantization_factor, nf4.scaler_mean = factor[:, 0].contiguous(), mean
+    return nf4
 
 
 def dequantize_stack(weight: torch.Tensor, experts: int, dtype: torch.dtype) -> torch.Tensor:
@@ -144,13 +175,18 @@ def stacked_linear(x: torch.Tensor, weight: torch.Tensor, experts: int, linear) 
 
 
 def quantize_experts(experts: nn.Module) -> int:
-    """Hold the stacked weights of `experts` (an experts.Experts) as non-persistent NF4 buffers [E x out, in] of the
-    same names, in place (their biases stay frozen parameters); returns how many weights that quantised."""
+    """Hold the stacked weights of `experts` (an experts.Experts, or this rank's share of them: ShardedExperts,
+    quantised as the whole layer's, collective over its expert-parallel group) as non-persistent NF4 buffers
+    [E x out, in] of the same names, in place (their biases stay frozen parameters); returns how many weights that
+    quantised."""
+    from ochat.model.expert_parallel import ShardedExperts
+
+    group = experts.group if isinstance(experts, ShardedExperts) else None
     count = 0
     for name in ("gate_up_proj", "down_proj"):
         stack = getattr(experts, name).detach()
         delattr(experts, name)
-        experts.register_buffer(name, quantize_stack(stack), persistent=False)
+        experts.register_buffer(name, quantize_stack(stack, group), persistent=False)
         count += stack.numel()
     return count
 

@@ -11,10 +11,12 @@ in this order:
                   rank-r products kept, their B GEMMs rerun), tiled MLP (its tiles' params include the
                   adapters), compile and sequence parallelism act on an adapted model (tested: the same loss and
                   adapter gradients); fp8 and offload are refused with it (not yet tested together), compile also
-                  with --qlora or --lora-dropout, sequence parallelism with --qlora. With --qlora the frozen linear
-                  layers of the decoder layers and an expert model's stacked experts then become 4-bit NF4
-                  (qlora.py; the routers stay). --lora-trainable-tokens also trains the embedding and lm_head rows
-                  of the tokens it names (lora.TokenRows). Under ZeRO-3 the parameters ochat reads outside their
+                  with --qlora or --lora-dropout. With --qlora the frozen linear layers of the decoder layers and
+                  an expert model's stacked experts then become 4-bit NF4 (qlora.py; the routers stay; under
+                  expert parallelism each rank quantises only its experts, as the whole layer's would be: tested,
+                  as with sequence parallelism, to give the one-rank QLoRA loss and adapter gradients).
+                  --lora-trainable-tokens also trains the embedding and lm_head rows of the tokens it names
+                  (lora.TokenRows). Under ZeRO-3 the parameters ochat reads outside their
                   own modules (the wrapped layers' weights and adapters, the rows, the experts' adapters) are
                   registered with the module whose forward reads them (lora.py).
 1. fp8            the decoder layers' linear layers become torchao Float8Linear (fp8.py); each one's forward is
@@ -37,13 +39,13 @@ in this order:
 7. expert parallelism     each expert layer keeps only this rank's share of the experts, the rows routed to them
                   exchanged by all-to-all over an expert-parallel group (expert_parallel.py); done before step 0
                   when the model was not sharded at load, so that LoRA's expert adapters cover this rank's experts
-                  only. Composes with recompute and LoRA (tested), is refused with sequence parallelism, tiled MLP,
-                  compile, --qlora (not yet tested together) and ZeRO-3.
+                  only. Composes with recompute, LoRA and QLoRA (tested), is refused with sequence parallelism,
+                  tiled MLP, compile (not yet tested together) and ZeRO-3.
 
 The load-balancing loss's coefficient (`--router-aux-loss-coef`) replaces config.json's on an expert model (any
 time: it is read at each forward). Mixture-of-experts models take recompute, LoRA (attention, shared experts and
 the routed experts' stacked weights, under ZeRO-2 or ZeRO-3, also with --expert-parallel; not with --lora-dropout
-on the experts), QLoRA (the stacked experts in NF4 too, with or without their adapters; not with sequence or expert
+on the experts), QLoRA (the stacked experts in NF4 too, with or without their adapters; also with sequence or expert
 parallelism), tiled MLP, compile (not with LoRA on the experts) and sequence parallelism (tested: the same loss,
 load-balancing loss and gradients as without them); fp8 and offload are refused with them (not yet built or
 tested on expert blocks).
@@ -132,10 +134,6 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
             out.append(f"--lora-rank is not yet supported with {', '.join(others)}: drop one or the other")
         if t.compile and (t.qlora or t.lora_dropout):
             out.append("--compile with LoRA is not yet supported with --qlora or --lora-dropout: drop one or the other")
-        parallel = [flag for flag, on in (("--sequence-parallel", t.sequence_parallel > 1),
-                                          ("--expert-parallel", t.expert_parallel > 1)) if on]
-        if t.qlora and parallel:
-            out.append(f"--qlora is not yet supported with {', '.join(parallel)} (LoRA is): drop one or the other")
         outside = [i for i in t.lora_trainable_tokens if isinstance(i, int) and model is not None
                    and i >= model.vocab_size]
         if outside:

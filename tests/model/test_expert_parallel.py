@@ -2,7 +2,8 @@
 gradient after DeepSpeed's reduction (dense over all ranks, experts over the expert-data-parallel group, both divided
 by the world size), with idle experts; the all-to-all's backward; loading a rank's experts and gathering them back;
 LoRA on every target (each rank's expert adapters as one rank starts them, the same loss and adapter gradients, the
-gathered adapters and merged weights one rank's); the refusals; saving and restoring a rank's experts."""
+gathered adapters and merged weights one rank's); QLoRA (each rank's NF4 experts exactly the one-rank model's, the
+same loss, load-balancing loss and adapter gradients); the refusals; saving and restoring a rank's experts."""
 import json
 import os
 import subprocess
@@ -26,7 +27,7 @@ import numpy as np, torch
 import torch.distributed as dist
 from deepspeed.utils import groups
 from deepspeed.moe.utils import is_moe_param
-from ochat.model import expert_parallel, hf_weights, lora
+from ochat.model import expert_parallel, hf_weights, lora, qlora
 from ochat.model.config import ModelConfig
 from ochat.model.decoder import PackedCausalLM
 from ochat.model.transforms import ModelTransforms, apply_transforms
@@ -91,11 +92,11 @@ def local(n, p, whole):
 
 
 def forward(m, b, logits=False):
+    """The logits, or the output with the weighted loss, the load-balancing loss and the tokens per expert."""
     if logits:
         return m(b["input_ids"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"])
-    o = m(b["input_ids"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"], labels=b["labels"],
-          label_weights=b["label_weights"], target_index=b["target_index"], real_tokens=b["real_tokens"])
-    return o.weighted_loss + o.aux_loss, o.expert_tokens
+    return m(b["input_ids"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"], labels=b["labels"],
+             label_weights=b["label_weights"], target_index=b["target_index"], real_tokens=b["real_tokens"])
 
 
 def compare(tag, ref, model, lengths, same=False):
@@ -105,14 +106,15 @@ def compare(tag, ref, model, lengths, same=False):
     packs = [packs[0]] * world if same else packs
     ref.zero_grad()
     model.zero_grad()
-    want = sum(forward(ref, b)[0] for b in packs)
-    want.backward()
-    idle = sum(forward(ref, b)[1] for b in packs).eq(0).sum().item()
+    outs = [forward(ref, b) for b in packs]
+    want = torch.stack([sum(o.weighted_loss for o in outs), sum(o.aux_loss for o in outs)])
+    want.sum().backward()
+    idle = sum(o.expert_tokens for o in outs).eq(0).sum().item()
     with torch.no_grad():
         res[tag + " logits"] = rel(forward(model, packs[rank], True), forward(ref, packs[rank], True))
-    got, _ = forward(model, packs[rank])
-    got.backward()
-    total = got.detach().clone()
+    got = forward(model, packs[rank])
+    (got.weighted_loss + got.aux_loss).backward()
+    total = torch.stack([got.weighted_loss, got.aux_loss]).detach()
     dist.all_reduce(total)
     errors, wants = {}, dict(ref.named_parameters())
     for n, p in model.named_parameters():  # DeepSpeed's reduction of MoE and other parameters
@@ -123,8 +125,8 @@ def compare(tag, ref, model, lengths, same=False):
         assert is_moe_param(p) == (held is not None) and getattr(p, "group_name", name) == name, n
         dist.all_reduce(p.grad, group=edp if held is not None else None)
         errors[n] = rel(p.grad / world, local(n, p, wants[n].grad) / world)
-    res[tag] = dict(loss=[total.item(), want.item()], grad=max(errors.values()), worst=max(errors, key=errors.get),
-                    idle=idle, trained=len(errors))
+    res[tag] = dict(loss=[total[0].item(), want[0].item()], aux=[total[1].item(), want[1].item()],
+                    grad=max(errors.values()), worst=max(errors, key=errors.get), idle=idle, trained=len(errors))
 
 
 compare("packs", ref, model, [[7, 20, 1], [1], [30, 5, 9], [13, 2]][:world])
@@ -134,21 +136,44 @@ model.gradient_checkpointing_enable(1.0)  # the all-to-alls rerun in the backwar
 compare("recompute", ref, model, [[3, 11], [6], [9, 1], [4]][:world])
 
 
-def lora_checks():
-    """LoRA on every target: the unsharded copy sharded first (apply_transforms' order), its expert adapters cut to
-    this rank's experts as one rank starts them (A drawn for the whole layer), then set to random values (B = 0
-    would leave A without a gradient)."""
+def adapted(tag, **flags):
+    """LoRA on every target (with `flags`) by apply_transforms on the one-rank model and on this rank's (sharded
+    first: apply_transforms' order), its expert adapters cut to this rank's experts as one rank starts them (A drawn
+    for the whole layer: res[tag + " init"]), then set to random values (B = 0 would leave A without a gradient);
+    -> (the one-rank model, this rank's, the adapters' names)."""
     lref, lmodel = copy.deepcopy(plain), copy.deepcopy(plain)
-    apply_transforms(lref, ModelTransforms(lora_rank=4, seed=3))
-    apply_transforms(lmodel, ModelTransforms(lora_rank=4, seed=3, expert_parallel=size))
+    apply_transforms(lref, ModelTransforms(lora_rank=4, seed=3, **flags))
+    apply_transforms(lmodel, ModelTransforms(lora_rank=4, seed=3, expert_parallel=size, **flags))
     lref_params, lparams = dict(lref.named_parameters()), dict(lmodel.named_parameters())
     adapters = [n for n in lparams if lora.is_adapter_weight(n)]
-    res["lora init"] = all(torch.equal(lparams[n], local(n, lparams[n], lref_params[n])) for n in adapters)
+    res[tag + " init"] = all(torch.equal(lparams[n], local(n, lparams[n], lref_params[n])) for n in adapters)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for n in adapters:
             lref_params[n].copy_(torch.randn(lref_params[n].shape, generator=g) * 0.2)
             lparams[n].copy_(local(n, lparams[n], lref_params[n]))
+    return lref, lmodel, adapters
+
+
+def qlora_checks():
+    """QLoRA: each rank quantises only its experts, and its NF4 stacks hold exactly what the one-rank model's hold of
+    them (the whole layer's mean scale, gathered); the same loss, load-balancing loss and adapter gradients."""
+    qref, qmodel, _ = adapted("qlora", qlora=True)
+    whole, stacks = dict(qref.named_buffers()), {}
+    for n, t in qmodel.named_buffers():
+        if qlora.is_nf4(t) and ".experts." in n:
+            held = qmodel.get_submodule(n.rsplit(".", 1)[0]).held
+            mine = qlora.dequantize_stack(t, len(held), torch.float32)
+            stacks[n] = torch.equal(mine, qlora.dequantize_stack(whole[n], cfg.num_experts, torch.float32)[
+                held.start:held.stop])
+    res["qlora stacks"] = stacks
+    res["qlora nf4"] = sum(map(qlora.is_nf4, qmodel.buffers()))
+    compare("qlora packs", qref, qmodel, [[9, 17], [3, 1, 12], [25], [6, 6]][:world])
+
+
+def lora_checks():
+    lref, lmodel, adapters = adapted("lora")
+    lparams = dict(lmodel.named_parameters())
     compare("lora packs", lref, lmodel, [[9, 17], [3, 1, 12], [25], [6, 6]][:world])
     # 3 tokens (2 make attention's float32 gradients ill-conditioned: v_proj's A 1e-4 off float64 on one rank alone)
     compare("lora idle experts", lref, lmodel, [[3]] * world, same=True)
@@ -169,6 +194,7 @@ def lora_checks():
 
 if os.environ["LORA"] == "1":  # importing peft costs each rank seconds: one of the two layouts
     lora_checks()
+    qlora_checks()
 
 # checkpoints: each rank reads only its experts; gathering them gives the whole layer again
 for n, p in model.named_parameters():
@@ -209,11 +235,13 @@ def test_expert_parallel_ranks_equal_one_rank(tmp_path, ranks, size, lora):
         a2a = res["all_to_all"]
         assert a2a["grad"] and a2a["sources"], (rank, a2a)
         assert a2a["adjoint"][0] == pytest.approx(a2a["adjoint"][1], rel=1e-6)
-        tags = ["packs", "one token each", "recompute"] + (["lora packs", "lora idle experts"] if lora else [])
+        tags = ["packs", "one token each", "recompute"] + (["lora packs", "lora idle experts", "qlora packs"]
+                                                           if lora else [])
         for tag in tags:
             assert res[tag + " logits"] < 1e-5, (rank, tag)
-            got, want = res[tag]["loss"]
-            assert got == pytest.approx(want, rel=1e-5) and want > 1.0, (rank, tag)
+            for what, least in (("loss", 1.0), ("aux", 0.1)):
+                got, want = res[tag][what]
+                assert got == pytest.approx(want, rel=1e-5) and want > least, (rank, tag, what)
             assert res[tag]["grad"] < 1e-5, (rank, tag, res[tag])
         assert res["one token each"]["idle"] > 0  # some experts got no token at all
         assert res["loaded"] and res["marks kept"], rank
@@ -223,6 +251,11 @@ def test_expert_parallel_ranks_equal_one_rank(tmp_path, ranks, size, lora):
             # MLP is left without adapters: lora.peft_remapped_names)
             assert res["lora packs"]["trained"] == 2 * 12 + 8 and len(res["lora expert adapters"]) == 8, rank
             assert res["lora shards"] == res["lora expert adapters"], rank
+            # QLoRA: the same adapters; 4 attention projections in 3 layers, the dense layer's MLP (3), 2 expert stacks
+            # in 2 layers in NF4, each of the 4 stacks this rank's experts of the one-rank model's, bit for bit
+            assert res["qlora init"] and res["qlora packs"]["trained"] == res["lora packs"]["trained"], rank
+            assert res["qlora nf4"] == 4 * 3 + 3 + 2 * 2 and len(res["qlora stacks"]) == 4, rank
+            assert all(res["qlora stacks"].values()), (rank, res["qlora stacks"])
     res = json.loads((tmp_path / "res.0").read_text())
     assert res["gathered"]
     if lora:
@@ -234,8 +267,8 @@ def test_refusals():
     t = ModelTransforms(expert_parallel=2)
     assert not refusals(t, model=moe, world_size=4, zero_stage=2)
     assert not refusals(ModelTransforms(expert_parallel=2, lora_rank=4), model=moe, world_size=4, zero_stage=2)
-    assert refusals(ModelTransforms(expert_parallel=2, lora_rank=4, qlora=True), model=moe, world_size=4) == [
-        "--qlora is not yet supported with --expert-parallel (LoRA is): drop one or the other"]
+    assert not refusals(ModelTransforms(expert_parallel=2, lora_rank=4, qlora=True), model=moe, world_size=4,
+                        zero_stage=2)
     assert refusals(ModelTransforms(expert_parallel=3), model=moe) == [
         "--expert-parallel 3 must divide the model's 8 experts per layer"]
     assert refusals(t, world_size=3) == ["--expert-parallel 2 must divide the number of ranks (3)"]

@@ -132,15 +132,27 @@ def test_expert_stacks_are_nf4_buffers_and_the_routers_stay():
 
 @pytest.mark.parametrize("chunk", [1, qlora.DEQUANTIZE_CHUNK])
 def test_dequantize_stack_is_torchaos_dequantisation_bit_for_bit(chunk, monkeypatch):
-    """In chunks of one scale factor's weights (64 x 128 here: the stack's 384 scales are not a multiple of 256) or
-    whole, in bf16 and cast to float32."""
+    """In chunks of one scale factor's weights (64 x 32 here: an expert's 96 scales are not a multiple of 256, and a
+    factor's never span two experts) or whole, in bf16 and cast to float32."""
     monkeypatch.setattr(qlora, "DEQUANTIZE_CHUNK", chunk)
     w = torch.randn(4, 96, 64) * 0.05
     nf4 = qlora.quantize_stack(w)
-    assert nf4.scaler_block_size == 128 and nf4.shape == (4 * 96, 64)
+    assert nf4.scaler_block_size == 32 and nf4.shape == (4 * 96, 64)
     for dtype in (torch.bfloat16, torch.float32):
         want = qlora.dequantize(nf4).to(dtype).view(4, 96, 64)
         assert torch.equal(qlora.dequantize_stack(nf4, 4, dtype), want)
+
+
+def test_a_stack_is_torchaos_nf4_of_it_with_the_mean_scale_summed_per_expert():
+    """quantize_stack's own double quantisation is torchao's (`to_nf4` of the stack as [E x out, in]) wherever the
+    scales' mean comes out the same (here: torchao's bf16 mean of the 4 x 96 scales equals the float64 sum per
+    expert rounded to bf16); only that mean is computed differently, so that expert parallelism can gather it."""
+    w = (torch.randn(4, 96, 64) * 0.05).bfloat16()
+    ours, ref = qlora.quantize_stack(w), qlora._to_nf4()(w.view(-1, 64), qlora.BLOCK, 32)
+    for part in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4"):
+        assert torch.equal(getattr(ours, part), getattr(ref, part)), part
+    with pytest.raises(ValueError, match="an expert of shape \\(3, 7\\) has 21 weights, not a multiple of the NF4 block"):
+        qlora.quantize_stack(torch.randn(64, 3, 7))
 
 
 def test_no_dequantised_expert_stack_is_kept_for_the_backward():
@@ -205,14 +217,10 @@ def test_refused_combinations():
     assert refusals(ModelTransforms(qlora=True)) == [
         "--qlora quantises the frozen base under LoRA adapters: add --lora-rank"]
     assert refusals(ModelTransforms(lora_rank=8, qlora=True), zero_stage=2) == []
-    moe = ModelConfig.debug(**MOE["qwen3_moe"])  # an expert model: QLoRA yes, not with expert or sequence parallelism
-    assert refusals(ModelTransforms(lora_rank=8, qlora=True), zero_stage=2, model=moe) == []
-    assert refusals(ModelTransforms(lora_rank=8, qlora=True, expert_parallel=2), zero_stage=2, world_size=2,
-                    model=moe) == ["--qlora is not yet supported with --expert-parallel (LoRA is): drop one or the "
-                                   "other"]
-    assert refusals(ModelTransforms(lora_rank=8, qlora=True, sequence_parallel=2), zero_stage=2, world_size=2,
-                    model=moe) == ["--qlora is not yet supported with --sequence-parallel (LoRA is): drop one or the "
-                                   "other"]
+    moe = ModelConfig.debug(**MOE["qwen3_moe"])  # an expert model: also with expert and sequence parallelism
+    for parallel in ({}, dict(expert_parallel=2), dict(sequence_parallel=2)):
+        assert refusals(ModelTransforms(lora_rank=8, qlora=True, **parallel), zero_stage=2, world_size=2,
+                        model=moe) == []
     assert refusals(ModelTransforms(lora_rank=8, qlora=True), zero_stage=3)[0].startswith(
         "--qlora needs ZeRO stage 2 or lower")
     base = ["--model-path", "m", "--data-path", "d", "--save-path", "s", "--lora-rank", "8", "--qlora"]

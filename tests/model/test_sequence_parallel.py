@@ -1,5 +1,6 @@
 """Sequence parallelism: the slicing of a pack over the ranks of a group, and (on 2 gloo ranks) DeepSpeed Ulysses
-attention and the whole model against the per-conversation SDPA reference and the unsharded model."""
+attention and the whole model against the per-conversation SDPA reference and the unsharded model (also with LoRA
+and with QLoRA's NF4 base, on a dense and an expert model)."""
 import json
 import os
 import subprocess
@@ -94,6 +95,7 @@ from ochat.training import preflight
 from ochat.model.memory import tile_mlp
 from ochat.model.decoder import PackedCausalLM
 from ochat.model.lora import add_lora
+from ochat.model.qlora import is_nf4, quantize_base
 from ochat.model.config import ModelConfig
 from ochat.training.runtime import TrainError, init_distributed
 from ochat.model.sequence_parallel import Layout, UlyssesAttention
@@ -173,32 +175,43 @@ def adapt(m, tokens=()):
                 p.normal_(std=0.3)
 
 
-# LoRA adapters and the embedding and lm_head rows of three tokens of the pack on the sliced model: the same loss and
-# adapter (and row) gradients
-lora_ref = PackedCausalLM(ModelConfig.debug(), attn_impl="sdpa")
-lora_ref.reset_parameters(std=0.3)
-adapt(lora_ref, list(dict.fromkeys(items[1][0].tolist()))[:3])
-lora_model = copy.deepcopy(lora_ref)
-sequence_parallel.enable(lora_model, size)
-tile_mlp(lora_model, 3)
-res["lora loss"] = sliced_and_whole_losses(lora_model, lora_ref)
-adapters = [(p, q) for p, q in zip(lora_model.parameters(), lora_ref.parameters()) if p.requires_grad]
-for p, _ in adapters:
-    dist.all_reduce(p.grad)  # what DeepSpeed's reduction sums within a sequence-parallel group (ochat.training.loss)
-res["lora grad"] = max(rel(p.grad, q.grad) for p, q in adapters)
-res["lora adapters"] = len(adapters)
-res["lora frozen grads"] = sum(p.grad is not None for p in lora_model.parameters() if not p.requires_grad)
+def adapt_both(m, quantized, tokens=()):
+    """(`m` adapted, a copy of it): with `quantized`, both then given QLoRA's NF4 base (quantised alike: a copy of
+    an NF4 model cannot be made)."""
+    adapt(m, tokens)
+    twin = copy.deepcopy(m)
+    if quantized:
+        quantize_base(m)
+        quantize_base(twin)
+    return m, twin
+
+
+# LoRA adapters (on a bf16 base or QLoRA's NF4 one) and the embedding and lm_head rows of three tokens of the pack on
+# the sliced model: the same loss and adapter (and row) gradients
+for case, quantized in (("lora", False), ("qlora", True)):
+    lora_ref = PackedCausalLM(ModelConfig.debug(), attn_impl="sdpa")
+    lora_ref.reset_parameters(std=0.3)
+    lora_ref, lora_model = adapt_both(lora_ref, quantized, list(dict.fromkeys(items[1][0].tolist()))[:3])
+    sequence_parallel.enable(lora_model, size)
+    tile_mlp(lora_model, 3)
+    res[f"{case} loss"] = sliced_and_whole_losses(lora_model, lora_ref)
+    adapters = [(p, q) for p, q in zip(lora_model.parameters(), lora_ref.parameters()) if p.requires_grad]
+    for p, _ in adapters:
+        dist.all_reduce(p.grad)  # what DeepSpeed's reduction sums within a sequence-parallel group (ochat.training.loss)
+    res[f"{case} grad"] = max(rel(p.grad, q.grad) for p, q in adapters)
+    res[f"{case} adapters"] = len(adapters)
+    res[f"{case} frozen grads"] = sum(p.grad is not None for p in lora_model.parameters() if not p.requires_grad)
+    res[f"{case} nf4"] = sum(map(is_nf4, lora_model.buffers()))
 
 # expert models: each rank's share of the load-balancing loss (the pack's tokens per expert, its slice's router
 # probabilities) adds up to the unsliced model's, and so do the gradients, over a pack with a filler (odd length);
-# the group's tokens per expert are the pack's. qwen3_moe tiled (its dense layer too) and with LoRA (on the stacked
-# experts too), gpt-oss with its sinks.
-for case, (name, tiles, lora_rank) in {"qwen3_moe tiled": ("qwen3_moe", 3, 0), "gpt_oss": ("gpt_oss", 1, 0),
-                                      "qwen3_moe lora": ("qwen3_moe", 1, 4)}.items():
+# the group's tokens per expert are the pack's. qwen3_moe tiled (its dense layer too), with LoRA (on the stacked
+# experts too) and with QLoRA (the stacked experts in NF4 too), gpt-oss with its sinks.
+for case, (name, tiles, adapted, quantized) in {
+        "qwen3_moe tiled": ("qwen3_moe", 3, False, False), "gpt_oss": ("gpt_oss", 1, False, False),
+        "qwen3_moe lora": ("qwen3_moe", 1, True, False), "qwen3_moe qlora": ("qwen3_moe", 1, True, True)}.items():
     _, moe_ref, _ = make_pair(name, variants=MOE)
-    if lora_rank:
-        adapt(moe_ref)
-    moe = copy.deepcopy(moe_ref)
+    moe_ref, moe = adapt_both(moe_ref, quantized) if adapted else (moe_ref, copy.deepcopy(moe_ref))
     sequence_parallel.enable(moe, size)
     tile_mlp(moe, tiles)
     items = [(g.integers(0, 128, m).astype(np.int32), g.random(m).astype(np.float32)) for m in (13, 30, 6)]
@@ -214,7 +227,8 @@ for case, (name, tiles, lora_rank) in {"qwen3_moe tiled": ("qwen3_moe", 3, 0), "
     res[f"moe {case}"] = dict(loss=[total[0].item(), want.weighted_loss.item()],
                               aux=[total[1].item(), want.aux_loss.item()],
                               expert_tokens=torch.equal(total[2:], want.expert_tokens.flatten()),
-                              grad=max(rel(p.grad, q.grad) for p, q in trained), trained=len(trained))
+                              grad=max(rel(p.grad, q.grad) for p, q in trained), trained=len(trained),
+                              nf4=sum(map(is_nf4, moe.buffers())))
 
 # the self-check runs sliced, and refuses a leak across conversations
 preflight.self_check(model, 128, torch.device("cpu"), bf16=False, sequence_parallel_size=size)
@@ -247,15 +261,20 @@ def test_two_ranks_match_the_reference_and_the_unsliced_model(tmp_path):
         got, want = res["loss"]
         assert got == pytest.approx(want, rel=1e-5) and want > 1.0
         assert res["grad"] < 1e-5
-        got, want = res["lora loss"]
-        assert got == pytest.approx(want, rel=1e-5) and want > 1.0
-        assert res["lora grad"] < 1e-5 and res["lora adapters"] == 2 * 7 * 2 + 2 and res["lora frozen grads"] == 0
-        for case in ("qwen3_moe tiled", "gpt_oss", "qwen3_moe lora"):
+        for case in ("lora", "qlora"):  # A and B of the 7 projections of both layers, and the token rows
+            got, want = res[f"{case} loss"]
+            assert got == pytest.approx(want, rel=1e-5) and want > 1.0, (case, got, want)
+            assert res[f"{case} grad"] < 1e-5 and res[f"{case} adapters"] == 2 * 7 * 2 + 2, (case, res)
+            assert res[f"{case} frozen grads"] == 0
+        assert res["lora nf4"] == 0 and res["qlora nf4"] == 2 * 7
+        for case in ("qwen3_moe tiled", "gpt_oss", "qwen3_moe lora", "qwen3_moe qlora"):
             moe = res[f"moe {case}"]
             for what in ("loss", "aux"):
                 got, want = moe[what]
                 assert got == pytest.approx(want, rel=1e-5) and want > 0.01, (case, what, got, want)
             assert moe["expert_tokens"] and moe["grad"] < 1e-5, (case, moe)
         # A and B of q/k/v/o in both layers and of the stacked experts' gate_up/down (the dense layer's MLP has none)
-        assert res["moe qwen3_moe lora"]["trained"] == 2 * (4 * 2 + 2)
+        assert res["moe qwen3_moe lora"]["trained"] == res["moe qwen3_moe qlora"]["trained"] == 2 * (4 * 2 + 2)
+        # q/k/v/o in both layers, the dense layer's MLP (3) and the expert layer's 2 stacks
+        assert res["moe qwen3_moe lora"]["nf4"] == 0 and res["moe qwen3_moe qlora"]["nf4"] == 2 * 4 + 3 + 2
         assert res["leak refused"]

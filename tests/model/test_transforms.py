@@ -80,8 +80,6 @@ def test_tiled_mlp_keeps_the_result():
     (ModelTransforms(lora_rank=8, compile=True, lora_dropout=0.1), {}, "not yet supported with --qlora or --lora-dropout"),
     (ModelTransforms(lora_rank=8, offload_activations=True, recompute=1.0), {},
      "--lora-rank is not yet supported with --offload-activations"),
-    (ModelTransforms(lora_rank=8, qlora=True, expert_parallel=2), {}, "--qlora is not yet supported with --expert"),
-    (ModelTransforms(lora_rank=8, qlora=True, sequence_parallel=2), {}, "--qlora is not yet supported with --sequence"),
     (ModelTransforms(lora_rank=8, lora_dropout=0.1), {"model": ModelConfig.debug(**MOE)},
      "--lora-dropout: the adapters of qwen3_moe's experts have none"),
     (ModelTransforms(fp8="rowwise", offload_activations=True, recompute=1.0), {"model": ModelConfig.debug(**MOE)},
@@ -137,6 +135,14 @@ def test_combinations_that_work_are_not_refused():
     # QLoRA on an expert model, its experts' adapters beside NF4 stacks, recomputed and tiled (test_qlora.py, test_lora.py)
     assert refusals(ModelTransforms(lora_rank=8, qlora=True, recompute=1.0, tiled_mlp=4), zero_stage=2,
                     model=ModelConfig.debug(**MOE)) == []
+    # QLoRA with sequence parallelism on a dense and an expert model (test_sequence_parallel.py), and with expert
+    # parallelism (test_expert_parallel.py)
+    assert refusals(ModelTransforms(lora_rank=8, qlora=True, sequence_parallel=2, tiled_mlp=4), zero_stage=2,
+                    world_size=2, model=ModelConfig.debug()) == []
+    assert refusals(ModelTransforms(lora_rank=8, qlora=True, sequence_parallel=2), zero_stage=2, world_size=2,
+                    model=ModelConfig.debug(**MOE)) == []
+    assert refusals(ModelTransforms(lora_rank=8, qlora=True, expert_parallel=2, recompute=1.0), zero_stage=2,
+                    world_size=4, model=ModelConfig.debug(**MOE)) == []
     # trainable tokens beside an NF4 base (test_lora.py) and with sequence parallelism (test_sequence_parallel.py)
     assert refusals(ModelTransforms(lora_rank=8, qlora=True, lora_trainable_tokens=(5, 127, "<|end_of_turn|>")),
                     zero_stage=2, model=ModelConfig.debug()) == []
