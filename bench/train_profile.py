@@ -160,7 +160,8 @@ def phase_breakdown(prof) -> str:
                if e.name.startswith(PHASE_PREFIX) and e.device_type == DeviceType.CPU]
     lines = []
     for label, start, end in windows:
-        kernels = [e for e in events if e.device_type == DeviceType.CUDA and start <= e.time_range.start < end]
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA and start <= e.time_range.start < end
+                   and not getattr(e, "is_user_annotation", False)]  # the GPU-side copies of record_function names
         cpu = [e for e in events if e.device_type == DeviceType.CPU and start <= e.time_range.start < end
                and not e.name.startswith(PHASE_PREFIX)]
         by_kernel, by_cpu = {}, {}
