@@ -20,7 +20,8 @@ gate, up, down), alpha 2 x rank, no dropout:
   ochat_full       full fine-tuning of the same model (AdamW over every weight), for LoRA's speedup over it
 Both sides: bf16 base; adapters held, computed and stepped in bf16 by AdamW over the adapters alone (the trainer's
 DeepSpeed engine computes them in bf16 too, from a float32 master copy whose step, a few MB here, is not timed);
-activation checkpointing of every decoder layer on both sides or on neither (--ckpt).
+activation checkpointing of every decoder layer on both sides or on neither (--ckpt on/off), or selective on ochat's
+LoRA models against every layer on the peer's (--ckpt selective: the peer has no selective mode).
 MFU counts LoRA's FLOPs: 4 N per token for the frozen base (forward and input gradient of every matmul weight
 outside the embedding, lm_head included; no weight gradient) + causal attention forward and backward (as
 ModelConfig.flops_per_token) + 6 per adapter weight; ochat_full counts 6 N. Peak memory:
@@ -58,6 +59,9 @@ def lora_flops(config: ModelConfig, packs, model) -> float:
     return throughput.model_flops(config, packs) - 2 * n_matmul * tokens + 6 * adapters * tokens
 
 
+OCHAT_RECOMPUTE = {"off": 0.0, "on": 1.0, "selective": "selective"}  # --ckpt: ochat's LoRA models' recompute
+
+
 def adapters_to_bf16(model) -> None:
     """Hold the trainable adapters in bf16, as the trainer's DeepSpeed engine computes them."""
     for p in model.parameters():
@@ -65,15 +69,16 @@ def adapters_to_bf16(model) -> None:
             p.data = p.data.bfloat16()
 
 
-def build_ochat_lora(config: ModelConfig, device, ckpt: bool, rank: int, *, qlora=False, peft_forward=False,
+def build_ochat_lora(config: ModelConfig, device, ckpt: str, rank: int, *, qlora=False, peft_forward=False,
                      attn_impl="auto"):
-    """ochat's model with LoRA adapters of `rank` on every decoder linear (and --qlora's NF4 base)."""
+    """ochat's model with LoRA adapters of `rank` on every decoder linear (and --qlora's NF4 base), its decoder
+    layers checkpointed as --ckpt says."""
     from ochat.model import ModelTransforms, PackedCausalLM, apply_transforms
 
     torch.manual_seed(0)
     with torch.device(device):
         model = PackedCausalLM(config, attn_impl=attn_impl).to(torch.bfloat16)
-    apply_transforms(model, ModelTransforms(lora_rank=rank, qlora=qlora, recompute=1.0 if ckpt else 0.0))
+    apply_transforms(model, ModelTransforms(lora_rank=rank, qlora=qlora, recompute=OCHAT_RECOMPUTE[ckpt]))
     if peft_forward:
         for layer in lora.wrapped_layers(model):
             del layer.forward  # back to peft's lora.Linear.forward
@@ -82,11 +87,11 @@ def build_ochat_lora(config: ModelConfig, device, ckpt: bool, rank: int, *, qlor
     return model
 
 
-def build_hf_peft(config: ModelConfig, device, ckpt: bool, rank: int, attn: str):
+def build_hf_peft(config: ModelConfig, device, ckpt: str, rank: int, attn: str):
     """transformers' Llama wrapped by peft with the adapters ochat's --lora-rank makes."""
     import peft
 
-    model = throughput.build_hf(config, attn, device, ckpt)  # checkpointing non-reentrant: no input gradient needed
+    model = throughput.build_hf(config, attn, device, ckpt != "off")  # non-reentrant: no input gradient needed
     cfg = lora.lora_config(model, rank, lora.default_alpha(rank), 0.0, "all")  # ochat's: the same layer names
     model = peft.get_peft_model(model, cfg, autocast_adapter_dtype=False)
     adapters_to_bf16(model)
@@ -112,7 +117,7 @@ def liger_applied() -> bool:
     return True
 
 
-def runs_of(shape: str, config: ModelConfig, configs: list[str], ranks: list[int], device: str, ckpt: bool,
+def runs_of(shape: str, config: ModelConfig, configs: list[str], ranks: list[int], device: str, ckpt: str,
             fa4: bool, peer: tuple[str, str], liger: bool, pack_tokens: int):
     """(name, rank, build, make_step, flops) of every configuration asked for one shape."""
     attn_impl = "flash_attn_4" if fa4 else "auto"
@@ -131,7 +136,7 @@ def runs_of(shape: str, config: ModelConfig, configs: list[str], ranks: list[int
             out.append((f"{shape} r{rank} {label}", key, rank, build, make_step, lora_flops))
     if "ochat_full" in configs:
         out.append((f"{shape} full fine-tuning", "ochat_full", 0,
-                    partial(throughput.build_ochat, config, device, ckpt, attn_impl), ochat_step, None))
+                    partial(throughput.build_ochat, config, device, ckpt != "off", attn_impl), ochat_step, None))
     return out
 
 
@@ -161,8 +166,9 @@ def main():
     ap.add_argument("--shapes", default="1b,8b", help=f"comma-separated, of {', '.join(sorted(SHAPES))}")
     ap.add_argument("--ranks", default="16,64", help="comma-separated LoRA ranks")
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, of {', '.join(CONFIGS)}")
-    ap.add_argument("--ckpt", choices=("off", "on"), default="off",
-                    help="activation checkpointing of every decoder layer, on both sides")
+    ap.add_argument("--ckpt", choices=sorted(OCHAT_RECOMPUTE), default="off",
+                    help="activation checkpointing of every decoder layer, on both sides; selective: ochat's LoRA "
+                         "layers selectively, the peer and full fine-tuning fully (the peer has no selective mode)")
     ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per configuration")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--pack-tokens", type=int, default=16384)
@@ -184,7 +190,7 @@ def main():
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fa4 = available("flash_attn_4", device)
-    ckpt = args.ckpt == "on"
+    ckpt = args.ckpt
     peer = peer_attention(device, fa4)
     liger = "hf_peft" in configs and liger_applied()  # ochat's model is not transformers': Liger leaves it alone
     info = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__,
@@ -223,7 +229,7 @@ def main():
     lines = [f"# LoRA speed ({info['device']}, {info['date']}, torch {info['torch']}, transformers "
              f"{info['transformers']}, peft {info['peft']})", "",
              f"{args.steps} timed steps of <= {args.pack_tokens}-token packs after {args.warmup} warm-up; "
-             f"activation checkpointing {'on' if ckpt else 'off'} on both sides; peer attention {peer[1]}, "
+             f"activation checkpointing {ckpt} (peer: {'on' if ckpt != 'off' else 'off'}); peer attention {peer[1]}, "
              f"Liger {'on' if liger else 'absent'}; MFU on LoRA's 4N + attention basis (ochat_full: 6N).", "",
              *table(results)]
     out = Path(args.out)
