@@ -3,9 +3,9 @@
 On one H200 (1.1B shape, 16k-token packs) DeepSpeed's ZeRO-2 step took 34 ms where AdamW itself took 9: its gradient
 norm turns each of the ~200 gradient partitions into a float64 copy before taking its norm (a copy and a reduction
 per tensor, ~600 launches and 20 GB of memory traffic), and clipping multiplies the float32 gradient partition in a
-pass of its own before AdamW reads it again. ZeRO-3's step does the same per sub-group (its norm: ~3 kernels per
-parameter partition; its clip: a multiplication of each sub-group's float32 gradient before AdamW steps it).
-`streamline` changes the two methods of the engine's ZeRO optimizer that do this:
+pass of its own before AdamW reads it again. ZeRO-3's step does the same one sub-group at a time (a float64 copy
+and a reduction per parameter partition for the norm, a multiplication of the sub-group's float32 gradient before
+AdamW steps it). `streamline` changes the two methods of the engine's ZeRO optimizer that do this:
 
 - the gradient norm: one `torch._foreach_norm` over the partitions, accumulating in float32 (the same norm: the
   square root of the sum of the per-tensor norms' squares, summed over the ranks that partition them as before,
