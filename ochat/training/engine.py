@@ -70,7 +70,7 @@ def build_engine(cfg: TrainConfig, rt: Runtime, model: PackedCausalLM, ds_config
                  warmup_steps: int):
     """The DeepSpeed engine: AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded), the warmup + cosine
     schedule of ochat.training.schedule, and with --sequence-parallel DeepSpeed's sequence-parallel groups (which
-    apply_transforms made; ZeRO shards over all ranks); under ZeRO 1-2 its gradient norm and clip streamlined
+    apply_transforms made; ZeRO shards over all ranks); under ZeRO 1-3 its gradient norm and clip streamlined
     (ochat.training.zero_step)."""
     import deepspeed
 

@@ -1,6 +1,7 @@
-"""ochat's streamlined ZeRO 1-2 optimizer step (ochat.training.zero_step) against DeepSpeed's own, on two gloo
-ranks: the same gradient norms and the same weights after steps whose gradients are clipped, in float32 and bf16
-(float32 and bf16 master weights), with torch's fused AdamW (the clip inside it) and its plain one (the norm only)."""
+"""ochat's streamlined ZeRO optimizer step (ochat.training.zero_step) against DeepSpeed's own, under ZeRO-2 and
+ZeRO-3 (partitioned by zero.Init, several sub-groups per parameter group) on two gloo ranks: the same gradient norms
+and the same weights after steps whose gradients are clipped, in float32 and bf16 (float32 and bf16 master weights),
+with torch's fused AdamW (the clip inside it) and its plain one (the norm only)."""
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 from tests.helpers.train import REPO, _port
 
 WORKER = r'''
-import json, sys
+import contextlib, json, sys
 import deepspeed, torch
 from ochat.config.deepspeed import load_deepspeed_config
 from ochat.model import PackedCausalLM
@@ -28,12 +29,28 @@ rank = torch.distributed.get_rank()
 CLIP, STEPS = 0.05, 3  # every step's norm is above CLIP: each update is clipped
 
 
-def engine_of(model, fused, bf16, master, streamlined):
-    ds = load_deepspeed_config("zero2", grad_accum=1, grad_clip=CLIP, bf16=bf16, bf16_master=master)
+def engine_of(stage, fused, bf16, master, streamlined):
+    ds = load_deepspeed_config(stage, grad_accum=1, grad_clip=CLIP, bf16=bf16, bf16_master=master)
     ds["zero_allow_untested_optimizer"] = True
+    torch.manual_seed(0)
+    model = PackedCausalLM(ModelConfig.debug())
+    if stage == "zero3":  # partitioned from the start and filled a parameter at a time, as ochat loads it
+        ds["zero_optimization"]["sub_group_size"] = 20_000  # several sub-groups (clip + AdamW step) per param group
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            model, whole = PackedCausalLM(ModelConfig.debug()), dict(model.named_parameters())
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if rank == 0:
+                    p.data.copy_(whole[name])
     opt = torch.optim.AdamW(weight_decay_groups(model, 0.1), lr=3e-3, betas=(0.9, 0.95), eps=1e-5, fused=fused)
     engine = deepspeed.initialize(model=model, optimizer=opt, config=ds)[0]
     return engine, zero_step.streamline(engine.optimizer) if streamlined else []
+
+
+def weights(engine):
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params) if hasattr(params[0], "ds_id") else contextlib.nullcontext():
+        return torch.cat([p.detach().float().flatten() for p in params])
 
 
 def packs(step):
@@ -43,17 +60,19 @@ def packs(step):
 
 
 res = {}
-for fused, bf16, master in ((True, False, False), (False, False, False), (True, True, False), (True, True, True)):
-    runs = []
-    for streamlined in (True, False):
-        torch.manual_seed(0)
-        engine, parts = engine_of(PackedCausalLM(ModelConfig.debug()), fused, bf16, master, streamlined)
-        norms = [train_step(engine, [collate_pack(packs(s))], 2).grad_norm for s in range(STEPS)]
-        runs.append((parts, norms, torch.cat([p.detach().float().flatten() for p in engine.module.parameters()])))
-    (parts, norms, weights), (_, ds_norms, ds_weights) = runs
-    res[f"fused={fused} bf16={bf16} master={master}"] = dict(
-        parts=parts, norms=norms, ds_norms=ds_norms, max_diff=(weights - ds_weights).abs().max().item(),
-        equal_fraction=(weights == ds_weights).float().mean().item())
+# ZeRO-3 last: its zero.Init leaves its own F.linear in place for the rest of the process
+for stage in ("zero2", "zero3"):
+    for fused, bf16, master in ((True, False, False), (False, False, False), (True, True, False), (True, True, True)):
+        runs = []
+        for streamlined in (True, False):
+            engine, parts = engine_of(stage, fused, bf16, master, streamlined)
+            norms = [train_step(engine, [collate_pack(packs(s))], 2).grad_norm for s in range(STEPS)]
+            runs.append((parts, norms, weights(engine), len(engine.optimizer.param_groups),
+                         len(getattr(engine.optimizer, "fp16_groups", ()))))
+        (parts, norms, ours, groups, sub_groups), (_, ds_norms, theirs, _, _) = runs
+        res[f"{stage} fused={fused} bf16={bf16} master={master}"] = dict(
+            parts=parts, norms=norms, ds_norms=ds_norms, max_diff=(ours - theirs).abs().max().item(),
+            equal_fraction=(ours == theirs).float().mean().item(), groups=groups, sub_groups=sub_groups)
 if rank == 0:
     with open(out + "/res.json", "w") as fh:
         json.dump(res, fh)
@@ -61,7 +80,7 @@ if rank == 0:
 
 
 @pytest.mark.slow
-def test_streamlined_zero2_step_equals_deepspeeds(tmp_path):
+def test_streamlined_zero_step_equals_deepspeeds(tmp_path):
     (tmp_path / "worker.py").write_text(WORKER)
     port = str(_port())
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(tmp_path)], stdout=subprocess.PIPE,
@@ -73,9 +92,12 @@ def test_streamlined_zero2_step_equals_deepspeeds(tmp_path):
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     res = json.loads((tmp_path / "res.json").read_text())
+    assert len(res) == 8, res.keys()
     for case, r in res.items():
         assert r["parts"][0].startswith("gradient norm"), case
-        assert (len(r["parts"]) == 2) == case.startswith("fused=True"), (case, r["parts"])
+        assert (len(r["parts"]) == 2) == ("fused=True" in case), (case, r["parts"])
+        if case.startswith("zero3"):  # each parameter group split in sub-groups, each clipped and stepped on its own
+            assert r["sub_groups"] > r["groups"], (case, r)
         assert all(n > 0.05 for n in r["ds_norms"]), (case, r["ds_norms"])  # the clip acts
         float32 = "bf16=False" in case
         # the first step's norm is of the same gradients; later ones of weights as equal as the updates were
