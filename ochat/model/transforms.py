@@ -162,8 +162,7 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
         out += [f"{flag} {what} mixture-of-experts models; {model.model_type} has no experts" for flag, what, on in (
             ("--router-aux-loss-coef", "weighs the load-balancing loss of", t.router_aux_loss_coef is not None),
             ("--expert-parallel", "splits the experts of", t.expert_parallel > 1)) if on]
-    untested = [flag for flag, on in (("--sequence-parallel", t.sequence_parallel > 1),
-                                      ("--tiled-mlp", t.tiled_mlp > 1), ("--compile", t.compile)) if on]
+    untested = [flag for flag, on in (("--tiled-mlp", t.tiled_mlp > 1), ("--compile", t.compile)) if on]
     if t.expert_parallel > 1 and untested:
         out.append(f"--expert-parallel is not yet supported with {', '.join(untested)}: drop one or the other")
     if t.expert_parallel > 1 and zero_stage is not None and (zero_stage != 2 or not reduce_scatter):
