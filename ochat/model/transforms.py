@@ -39,8 +39,10 @@ in this order:
 7. expert parallelism     each expert layer keeps only this rank's share of the experts, the rows routed to them
                   exchanged by all-to-all over an expert-parallel group (expert_parallel.py); done before step 0
                   when the model was not sharded at load, so that LoRA's expert adapters cover this rank's experts
-                  only. Composes with recompute, LoRA and QLoRA (tested), is refused with sequence parallelism,
-                  tiled MLP, compile (not yet tested together) and ZeRO-3.
+                  only. Composes with recompute, LoRA, QLoRA and sequence parallelism (tested; with sequence
+                  parallelism DeepSpeed's expert-parallel groups of N consecutive ranks may lie inside or across
+                  the sequence-parallel groups: expert_parallel.py), is refused with tiled MLP, compile (not yet
+                  tested together) and ZeRO-3.
 
 The load-balancing loss's coefficient (`--router-aux-loss-coef`) replaces config.json's on an expert model (any
 time: it is read at each forward). Mixture-of-experts models take recompute, LoRA (attention, shared experts and

@@ -3,7 +3,8 @@ gradient after DeepSpeed's reduction (dense over all ranks, experts over the exp
 by the world size), with idle experts; the all-to-all's backward; loading a rank's experts and gathering them back;
 LoRA on every target (each rank's expert adapters as one rank starts them, the same loss and adapter gradients, the
 gathered adapters and merged weights one rank's); QLoRA (each rank's NF4 experts exactly the one-rank model's, the
-same loss, load-balancing loss and adapter gradients); the refusals; saving and restoring a rank's experts."""
+same loss, load-balancing loss and adapter gradients); with sequence parallelism of 2 (expert parallelism 2 and 4)
+through ochat's engine and trainer step; the refusals; saving and restoring a rank's experts."""
 import json
 import os
 import subprocess
