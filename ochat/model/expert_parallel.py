@@ -34,6 +34,20 @@ over every rank's tokens, so the averaged gradients equal those of the same pack
 DeepSpeed's engine does this only for a model it finds a `deepspeed.moe.layer.MoE` in: `show_deepspeed` adds one
 that holds nothing (where an expert shard or adapter trains: `trains_experts`).
 
+With sequence parallelism (ochat.model.sequence_parallel, M consecutive ranks sharing each pack) the groups stay as
+above, made without regard to the sequence-parallel ones: an expert-parallel group may lie inside a
+sequence-parallel group, be one, or span several packs' ranks.
+
+    4 ranks, M = 2:   sequence-parallel groups     [0 1] [2 3]   (two packs at a time, each sliced over 2 ranks)
+                      N = 2: expert-parallel [0 1] [2 3], expert-data-parallel [0 2] [1 3]
+                      N = 4: expert-parallel [0 1 2 3], expert-data-parallel [0] [1] [2] [3]
+
+Every layout is exact: a rank routes its slice's tokens and the exchange does not care which pack a row came from;
+the Ulysses all-to-all's backward brings each shard the whole step loss's gradient for every row it computed, and
+the expert-data-parallel group holds one rank of each expert-parallel group, all ranks together. ZeRO-2 divides
+every bucket, expert shards included, by world / M under sequence parallelism, the R of
+ochat.training.loss.grad_average_ranks, so the loss scaling stays exact (tested through ochat's engine and step).
+
 LoRA (ochat.model.lora): the experts' adapters cover this rank's experts only (A's rows, B's columns of them, in
 peft's layout), made as for the whole layer (`whole_experts`: the same random A as one rank draws) and then cut to
 the held experts; they run with the local experts after the dispatch and are marked as the expert weights are,

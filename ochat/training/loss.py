@@ -20,6 +20,11 @@ group, an average over the groups), under ZeRO-3 by world_size (its reduce-scatt
 rank). With that R the formula above holds unchanged, the sum running over all ranks' slices:
 
     (1/R) * sum_all_ranks sum_m (1/G) * (R * G / W) * grad(S_rm) = grad(sum of all S_rm) / W
+
+Expert parallelism (ochat.model.expert_parallel) changes where the sums of an expert's gradient are taken, not R:
+ZeRO-2 sums an expert shard's gradient over its expert-data-parallel group instead of all ranks (that group's
+shards together computed every rank's rows of those experts), and divides every bucket by the same R, with or
+without sequence parallelism.
 """
 import torch
 

@@ -3,7 +3,8 @@ gradient after DeepSpeed's reduction (dense over all ranks, experts over the exp
 by the world size), with idle experts; the all-to-all's backward; loading a rank's experts and gathering them back;
 LoRA on every target (each rank's expert adapters as one rank starts them, the same loss and adapter gradients, the
 gathered adapters and merged weights one rank's); QLoRA (each rank's NF4 experts exactly the one-rank model's, the
-same loss, load-balancing loss and adapter gradients); the refusals; saving and restoring a rank's experts."""
+same loss, load-balancing loss and adapter gradients); with sequence parallelism of 2 (expert parallelism 2 and 4)
+through ochat's engine and trainer step; the refusals; saving and restoring a rank's experts."""
 import json
 import os
 import subprocess
@@ -262,6 +263,126 @@ def test_expert_parallel_ranks_equal_one_rank(tmp_path, ranks, size, lora):
         assert res["lora gathered"] and res["lora peft file"] and res["lora merged"]
 
 
+SP_WORKER = r"""
+import copy, json, os, sys
+import numpy as np, torch
+import torch.distributed as dist
+import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
+from deepspeed.utils import groups, safe_get_full_grad
+from ochat.config.deepspeed import load_deepspeed_config
+from ochat.config.train_config import TrainConfig
+from ochat.model import expert_parallel
+from ochat.model.config import ModelConfig
+from ochat.model.decoder import PackedCausalLM
+from ochat.model.sequence_parallel import Layout
+from ochat.model.transforms import apply_transforms
+from ochat.training.collate import collate_for_rank
+from ochat.training.engine import build_engine
+from ochat.training.loss import grad_average_ranks
+from ochat.training.runtime import Runtime, init_distributed
+from ochat.training.step import forward_loss, train_step
+
+out, config = sys.argv[1], json.loads(sys.argv[2])
+torch.set_num_threads(1)
+init_distributed(cuda=False)
+rank, world = dist.get_rank(), dist.get_world_size()
+SP = 2
+cfg = ModelConfig.debug(**config)
+torch.manual_seed(0)
+ref = PackedCausalLM(cfg, attn_impl="sdpa")
+with torch.no_grad():  # routers far from ties
+    for n, p in ref.named_parameters():
+        if n.endswith("mlp.gate.weight"):
+            p.mul_(50.0)
+plain = copy.deepcopy(ref)
+
+# two packs, one per data-parallel group (each shared by its 2 sequence-parallel ranks); 29 tokens: one filler
+g = np.random.default_rng(7)
+packs = [[(g.integers(0, cfg.vocab_size, n).astype(np.int32), g.random(n).astype(np.float32)) for n in lengths]
+         for lengths in ([7, 20, 2], [30, 5, 9])]
+layout = Layout(world, rank, SP)
+mine = collate_for_rank(packs[layout.data_parallel_rank], 0, layout)
+wholes = [collate_for_rank(p, 0, token_multiple=SP) for p in packs]
+
+# the exact step loss on one rank: sum(w CE) / sum(w) + coef x the token-weighted mean load-balancing loss
+outs = [forward_loss(ref, b, torch.device("cpu")) for b in wholes]
+weights, tokens = sum(float(b["label_weights"].sum()) for b in wholes), sum(b["real_tokens"] for b in wholes)
+loss, aux = sum(o.weighted_loss for o in outs) / weights, sum(o.aux_loss for o in outs) / tokens
+(loss + aux).backward()
+want = {n: p.grad for n, p in ref.named_parameters()}
+norm = torch.stack([t.norm() for t in want.values()]).norm().item()
+res = {}
+
+
+def ranks(group):
+    return sorted(dist.get_global_rank(group, r) for r in range(dist.get_world_size(group)))
+
+
+for size in (2, 4):
+    model = copy.deepcopy(plain)
+    tc = TrainConfig(model_path="-", data_path="-", save_path="-", sequence_parallel=SP, expert_parallel=size)
+    apply_transforms(model, tc.transforms)
+    ds = load_deepspeed_config("zero2", grad_accum=1, grad_clip=1.0, bf16=False, transforms=tc.transforms)
+    engine = build_engine(tc, Runtime(rank, world, torch.device("cpu"), False, True), model, ds, total_steps=1,
+                          warmup_steps=0)
+    name = expert_parallel.group_name(size)
+    ep_group = groups._get_expert_parallel_group(name)
+    got = {}
+
+    def reduced_gradients(step=engine.step):
+        # what ZeRO-2 reduced (each expert shard over its expert-data-parallel group), the experts joined back
+        for n, p in engine.module.named_parameters():
+            if p.requires_grad:
+                grad = safe_get_full_grad(p)
+                if expert_parallel.held_experts(p) is not None:
+                    parts = [torch.empty_like(grad) for _ in range(size)]
+                    dist.all_gather(parts, grad.contiguous(), group=ep_group)
+                    grad = torch.cat(parts)
+                got[n] = grad
+        step()
+
+    engine.step = reduced_gradients
+    stats = train_step(engine, [mine], grad_average_ranks(ds, world))  # the trainer's step
+    errors = {n: ((got[n] - want[n]).abs().max() / want[n].abs().max()).item() for n in want}
+    res[f"ep {size}"] = dict(
+        loss=[stats.loss, loss.item()], aux=[stats.aux_loss, aux.item()], norm=[stats.grad_norm, norm],
+        grad=max(errors.values()), worst=max(errors, key=errors.get), trained=len(got), expected=len(want),
+        average_ranks=grad_average_ranks(ds, world),
+        groups=dict(sp=ranks(mpu.get_sequence_parallel_group()), ep=ranks(ep_group),
+                    edp=ranks(groups._get_expert_data_parallel_group(name))))
+with open(f"{out}.{rank}", "w") as fh:
+    json.dump(res, fh)
+dist.barrier()
+os._exit(0)  # see tests/model/test_hf_weights.py: gloo's thread may outlive interpreter teardown
+"""
+
+
+@pytest.mark.slow
+def test_sequence_and_expert_parallel_ranks_equal_one_rank(tmp_path):
+    """4 gloo ranks, --sequence-parallel 2 (two packs, each shared by 2 ranks) with --expert-parallel 2 (the
+    expert-parallel groups are the sequence-parallel groups) and 4 (one group across both): through ochat's engine
+    (DeepSpeed ZeRO-2, its MoE reduction) and trainer step, the step's loss, load-balancing loss, gradient norm and
+    every reduced gradient (the experts gathered) are one rank's over the two whole packs."""
+    (tmp_path / "worker.py").write_text(SP_WORKER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+                        str(tmp_path / "worker.py"), str(tmp_path / "res"), json.dumps(QWEN3_MOE)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    layouts = {2: dict(sp=[[0, 1], [2, 3]], ep=[[0, 1], [2, 3]], edp=[[0, 2], [1, 3]]),
+               4: dict(sp=[[0, 1], [2, 3]], ep=[[0, 1, 2, 3]], edp=[[0], [1], [2], [3]])}
+    for rank in range(4):
+        res = json.loads((tmp_path / f"res.{rank}").read_text())
+        for size, layout in layouts.items():
+            got = res[f"ep {size}"]
+            assert got["groups"] == {k: next(g for g in v if rank in g) for k, v in layout.items()}, (rank, got)
+            assert got["average_ranks"] == 2 and got["trained"] == got["expected"], (rank, got)
+            for what, least in (("loss", 1.0), ("aux", 0.01), ("norm", 0.1)):
+                value, reference = got[what]
+                assert value == pytest.approx(reference, rel=1e-5) and reference > least, (rank, size, what, got)
+            assert got["grad"] < 1e-5, (rank, size, got)
+
+
 def test_refusals():
     moe = ModelConfig.debug(**QWEN3_MOE)
     t = ModelTransforms(expert_parallel=2)
@@ -274,7 +395,8 @@ def test_refusals():
     assert refusals(t, world_size=3) == ["--expert-parallel 2 must divide the number of ranks (3)"]
     assert refusals(t, model=ModelConfig.debug()) == [
         "--expert-parallel splits the experts of mixture-of-experts models; llama has no experts"]
-    assert any("--sequence-parallel" in p for p in refusals(ModelTransforms(expert_parallel=2, sequence_parallel=2)))
+    assert not refusals(ModelTransforms(expert_parallel=2, sequence_parallel=2), model=moe, world_size=4, zero_stage=2)
+    assert any("--tiled-mlp" in p for p in refusals(ModelTransforms(expert_parallel=2, tiled_mlp=2)))
     assert any("ZeRO-3" in p for p in refusals(t, zero_stage=3))
     assert any("reduce_scatter" in p for p in refusals(t, zero_stage=2, reduce_scatter=False))
 
