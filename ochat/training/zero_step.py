@@ -7,7 +7,7 @@ pass of its own before AdamW reads it again. ZeRO-3's step does the same one sub
 and a reduction per parameter partition for the norm, a multiplication of the sub-group's float32 gradient before
 AdamW steps it). `streamline` changes the two methods of the engine's ZeRO optimizer that do this:
 
-- the gradient norm: one `torch._foreach_norm` over the partitions, accumulating in float32 (the same norm: the
+- the gradient norm: one `torch._foreach_norm` over the partitions, accumulating in float64 (the same norm: the
   square root of the sum of the per-tensor norms' squares, summed over the ranks that partition them as before,
   counting the same partitions under model parallelism, sequence parallelism's included);
 - the clip: the clip factor becomes torch's fused AdamW's `grad_scale` (the gradient divided by it inside the
@@ -111,9 +111,9 @@ def _l2_norm(self, grads: list[torch.Tensor], group, *, across_model_parallel: b
     from deepspeed import comm as dist
     from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
 
-    if grads:
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        total = torch.stack(norms).double().pow(2).sum().to(dtype)
+    if grads:  # float64 accumulation as DeepSpeed's (in registers: no float64 copies); float32's on CPU is serial
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
+        total = torch.stack(norms).pow(2).sum().to(dtype)
     else:
         total = torch.zeros((), dtype=dtype, device=self.device)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
