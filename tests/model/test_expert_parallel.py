@@ -22,6 +22,16 @@ from tests.helpers.train import REPO
 QWEN3_MOE = dict(model_type="qwen3_moe", num_hidden_layers=3, num_experts=8, num_experts_per_tok=4,
                  moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=(1,), router_aux_loss_coef=0.1)
 
+REFERENCE_MODEL = """cfg = ModelConfig.debug(**config)
+torch.manual_seed(0)
+ref = PackedCausalLM(cfg, attn_impl="sdpa")
+with torch.no_grad():  # routers far from ties
+    for n, p in ref.named_parameters():
+        if n.endswith("mlp.gate.weight"):
+            p.mul_(50.0)
+plain = copy.deepcopy(ref)
+"""  # the one-rank model both workers build (the same weights on every rank)
+
 WORKER = r'''
 import copy, json, os, sys
 import numpy as np, torch
@@ -63,15 +73,7 @@ res["all_to_all"] = dict(grad=torch.equal(x.grad, want), sources=came == [j for 
                          adjoint=adjoint.tolist())
 
 # the model: the same weights on every rank; rank r trains pack r
-cfg = ModelConfig.debug(**config)
-torch.manual_seed(0)
-ref = PackedCausalLM(cfg, attn_impl="sdpa")
-with torch.no_grad():  # routers far from ties
-    for n, p in ref.named_parameters():
-        if n.endswith("mlp.gate.weight"):
-            p.mul_(50.0)
-plain = copy.deepcopy(ref)
-model = copy.deepcopy(ref)
+{REFERENCE_MODEL}model = copy.deepcopy(ref)
 expert_parallel.enable(model, size)
 name = expert_parallel.group_name(size)
 edp = groups._get_expert_data_parallel_group(name)
@@ -218,7 +220,7 @@ with open(f"{out}.{rank}", "w") as fh:
     json.dump(res, fh)
 dist.barrier()
 os._exit(0)  # see tests/model/test_hf_weights.py: gloo's thread may outlive interpreter teardown
-'''
+'''.replace("{REFERENCE_MODEL}", REFERENCE_MODEL)
 
 
 # 4 on 2: two groups, expert data parallel over 2; LoRA there
@@ -287,15 +289,7 @@ torch.set_num_threads(1)
 init_distributed(cuda=False)
 rank, world = dist.get_rank(), dist.get_world_size()
 SP = 2
-cfg = ModelConfig.debug(**config)
-torch.manual_seed(0)
-ref = PackedCausalLM(cfg, attn_impl="sdpa")
-with torch.no_grad():  # routers far from ties
-    for n, p in ref.named_parameters():
-        if n.endswith("mlp.gate.weight"):
-            p.mul_(50.0)
-plain = copy.deepcopy(ref)
-
+{REFERENCE_MODEL}
 # two packs, one per data-parallel group (each shared by its 2 sequence-parallel ranks); 29 tokens: one filler
 g = np.random.default_rng(7)
 packs = [[(g.integers(0, cfg.vocab_size, n).astype(np.int32), g.random(n).astype(np.float32)) for n in lengths]
@@ -354,7 +348,7 @@ with open(f"{out}.{rank}", "w") as fh:
     json.dump(res, fh)
 dist.barrier()
 os._exit(0)  # see tests/model/test_hf_weights.py: gloo's thread may outlive interpreter teardown
-"""
+""".replace("{REFERENCE_MODEL}", REFERENCE_MODEL)
 
 
 @pytest.mark.slow
