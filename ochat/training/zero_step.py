@@ -17,9 +17,11 @@ AdamW steps it). `streamline` changes the two methods of the engine's ZeRO optim
 The norm and the clip are one implementation for both optimizers; a small adapter per stage picks the partitions
 that count and the group that sums them, as each stage's own get_grad_norm_direct does. Applied only where the step
 is the one these replace: DeepSpeed's `DeepSpeedZeroOptimizer` (stages 1-2) or `DeepSpeedZeroOptimizer_Stage3`
-itself (no subclass), the optimizer and (ZeRO-3) the parameters on the device, no expert-parallel or AutoEP groups
-(their norms are reduced over other groups), no Muon, no fp16 loss scaling; the clip part only with a fused torch
-Adam/AdamW. Anything else keeps DeepSpeed's step untouched.
+itself (no subclass), the optimizer and (ZeRO-3) the parameters on the device, no AutoEP groups under ZeRO-3, no
+Muon, no fp16 loss scaling; the clip part only with a fused torch Adam/AdamW. Anything else keeps DeepSpeed's step
+untouched. Under ZeRO 1-2 with expert parallelism each expert group's norm is summed over the data-parallel group as
+DeepSpeed's is (every rank's expert partitions, each expert once), then DeepSpeed's own averaging over the
+expert-data-parallel group runs on it unchanged.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def _norm_adapter(zero_optimizer):
               and not getattr(zo, "zenflow", False)
               and all(hasattr(zo, m) for m in ("get_grad_norm_direct", "unscale_and_clip_grads", "_optimizer_step",
                                                  "_model_parallel_all_reduce")))
-    if type(zo) is DeepSpeedZeroOptimizer and common and not zo.cpu_offload and not zo.has_moe_layers:
+    if type(zo) is DeepSpeedZeroOptimizer and common and not zo.cpu_offload:
         return _grad_norm_stage_1_2
     if (type(zo) is DeepSpeedZeroOptimizer_Stage3 and common and not zo.offload_optimizer and not zo.offload_param
             and not getattr(zo, "use_muon", False)
