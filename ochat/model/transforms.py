@@ -39,10 +39,12 @@ in this order:
 7. expert parallelism     each expert layer keeps only this rank's share of the experts, the rows routed to them
                   exchanged by all-to-all over an expert-parallel group (expert_parallel.py); done before step 0
                   when the model was not sharded at load, so that LoRA's expert adapters cover this rank's experts
-                  only. Composes with recompute, LoRA, QLoRA and sequence parallelism (tested; with sequence
+                  only. Composes with recompute, LoRA, QLoRA, sequence parallelism (tested; with sequence
                   parallelism DeepSpeed's expert-parallel groups of N consecutive ranks may lie inside or across
-                  the sequence-parallel groups: expert_parallel.py), is refused with tiled MLP, compile (not yet
-                  tested together) and ZeRO-3.
+                  the sequence-parallel groups: expert_parallel.py) and tiled MLP (tested: every rank runs each
+                  expert block over exactly N slices, each with its own all-to-alls, so the same count on every
+                  rank, in the tiled backward's recompute too); is refused with compile (not yet tested together)
+                  and ZeRO-3.
 
 The load-balancing loss's coefficient (`--router-aux-loss-coef`) replaces config.json's on an expert model (any
 time: it is read at each forward). Mixture-of-experts models take recompute, LoRA (attention, shared experts and
@@ -164,9 +166,8 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
         out += [f"{flag} {what} mixture-of-experts models; {model.model_type} has no experts" for flag, what, on in (
             ("--router-aux-loss-coef", "weighs the load-balancing loss of", t.router_aux_loss_coef is not None),
             ("--expert-parallel", "splits the experts of", t.expert_parallel > 1)) if on]
-    untested = [flag for flag, on in (("--tiled-mlp", t.tiled_mlp > 1), ("--compile", t.compile)) if on]
-    if t.expert_parallel > 1 and untested:
-        out.append(f"--expert-parallel is not yet supported with {', '.join(untested)}: drop one or the other")
+    if t.expert_parallel > 1 and t.compile:
+        out.append("--expert-parallel is not yet supported with --compile: drop one or the other")
     if t.expert_parallel > 1 and zero_stage is not None and (zero_stage != 2 or not reduce_scatter):
         out.append("--expert-parallel needs ZeRO stage 2 with reduce_scatter (DeepSpeed's reduction of MoE gradients; "
                    "ZeRO-3 would partition each rank's experts over all ranks, stages 0-1 are untested)")
