@@ -372,7 +372,8 @@ class PackedCausalLM(nn.Module):
         the norms, RoPE and the GLU are their PyTorch definitions, which the compiler fuses with the residual adds
         and with float8 casts (`--fp8`); attention runs its own kernel between two compiled pieces. So does an
         expert block, uncompiled as a whole: torch._grouped_mm's shape function (what the compiler traces) takes bf16
-        only, though its CPU kernel takes float32 too; the per-expert loop reads the tokens per expert on the host; and
+        only, though its CPU kernel takes float32 too; the per-expert loop reads the tokens per expert on the host, as
+        expert parallelism's all-to-alls read their splits (eager, they make the same exchanges on every rank); and
         with only the experts left out, the router and the sort around them split the layer into more graphs to
         compile (9 against 5 in a two-layer Mixtral, twice the compile time on a CPU). Recompute (gradient
         checkpointing) reruns the compiled forward."""

@@ -41,10 +41,11 @@ in this order:
                   when the model was not sharded at load, so that LoRA's expert adapters cover this rank's experts
                   only. Composes with recompute, LoRA, QLoRA, sequence parallelism (tested; with sequence
                   parallelism DeepSpeed's expert-parallel groups of N consecutive ranks may lie inside or across
-                  the sequence-parallel groups: expert_parallel.py) and tiled MLP (tested: every rank runs each
+                  the sequence-parallel groups: expert_parallel.py), tiled MLP (tested: every rank runs each
                   expert block over exactly N slices, each with its own all-to-alls, so the same count on every
-                  rank, in the tiled backward's recompute too); is refused with compile (not yet tested together)
-                  and ZeRO-3.
+                  rank, in the tiled backward's recompute too) and compile (tested: the expert block, all-to-alls
+                  included, runs uncompiled between the compiled pieces, so every rank makes the same exchanges); is
+                  refused with ZeRO-3.
 
 The load-balancing loss's coefficient (`--router-aux-loss-coef`) replaces config.json's on an expert model (any
 time: it is read at each forward). Mixture-of-experts models take recompute, LoRA (attention, shared experts and
@@ -166,8 +167,6 @@ def refusals(t: ModelTransforms, *, zero_stage: int | None = None, reduce_scatte
         out += [f"{flag} {what} mixture-of-experts models; {model.model_type} has no experts" for flag, what, on in (
             ("--router-aux-loss-coef", "weighs the load-balancing loss of", t.router_aux_loss_coef is not None),
             ("--expert-parallel", "splits the experts of", t.expert_parallel > 1)) if on]
-    if t.expert_parallel > 1 and t.compile:
-        out.append("--expert-parallel is not yet supported with --compile: drop one or the other")
     if t.expert_parallel > 1 and zero_stage is not None and (zero_stage != 2 or not reduce_scatter):
         out.append("--expert-parallel needs ZeRO stage 2 with reduce_scatter (DeepSpeed's reduction of MoE gradients; "
                    "ZeRO-3 would partition each rank's experts over all ranks, stages 0-1 are untested)")

@@ -1,7 +1,8 @@
 """Expert parallelism of 4 and 2 on 4 gloo CPU ranks against the unsharded model on the same packs: logits, loss and every
 gradient after DeepSpeed's reduction (dense over all ranks, experts over the expert-data-parallel group, both divided
 by the world size), with idle experts, with recompute, with tiled MLP (4 slices, ranks of fewer tokens, the same count
-of all-to-alls on every rank); the all-to-all's backward; loading a rank's experts and gathering them back;
+of all-to-alls on every rank), compiled (--compile, one expert layer recomputed: no collective in a graph, the same
+count of all-to-alls on every rank); the all-to-all's backward; loading a rank's experts and gathering them back;
 LoRA on every target (each rank's expert adapters as one rank starts them, the same loss and adapter gradients, the
 gathered adapters and merged weights one rank's); QLoRA (each rank's NF4 experts exactly the one-rank model's, the
 same loss, load-balancing loss and adapter gradients); with sequence parallelism of 2 (expert parallelism 2 and 4)
@@ -34,7 +35,8 @@ plain = copy.deepcopy(ref)
 """  # the one-rank model both workers build (the same weights on every rank)
 
 WORKER = r'''
-import copy, json, os, sys
+import copy, functools, json, os, sys
+from unittest import mock
 import numpy as np, torch
 import torch.distributed as dist
 from deepspeed.utils import groups
@@ -103,7 +105,9 @@ def forward(m, b, logits=False):
              label_weights=b["label_weights"], target_index=b["target_index"], real_tokens=b["real_tokens"])
 
 
-def compare(tag, ref, model, lengths, same=False):
+def compare(tag, ref, model, lengths, same=False, logits_grad=False):
+    """res[tag]: `model` on this rank's pack against `ref` on every rank's; `logits_grad`: the logits with gradients
+    enabled (a compiled model: the loss's graphs, not a second compile for no-grad mode)."""
     g = np.random.default_rng(len(tag))
     packs = [collate_for_rank([(g.integers(0, cfg.vocab_size, n).astype(np.int32), g.random(n).astype(np.float32))
                                for n in pack], 0) for pack in lengths]
@@ -114,8 +118,8 @@ def compare(tag, ref, model, lengths, same=False):
     want = torch.stack([sum(o.weighted_loss for o in outs), sum(o.aux_loss for o in outs)])
     want.sum().backward()
     idle = sum(o.expert_tokens for o in outs).eq(0).sum().item()
-    with torch.no_grad():
-        res[tag + " logits"] = rel(forward(model, packs[rank], True), forward(ref, packs[rank], True))
+    with torch.set_grad_enabled(logits_grad):
+        res[tag + " logits"] = rel(forward(model, packs[rank], True).detach(), forward(ref, packs[rank], True).detach())
     got = forward(model, packs[rank])
     (got.weighted_loss + got.aux_loss).backward()
     total = torch.stack([got.weighted_loss, got.aux_loss]).detach()
@@ -155,6 +159,27 @@ res["tiled recompute all-to-alls"] = len(exchanges)
 model.gradient_checkpointing_disable()
 compare("tiled", ref, model, [[1], [5, 8], [17], [2, 1]][:world])
 res["tiled all-to-alls"] = len(exchanges) - res["tiled recompute all-to-alls"]
+# --compile as the trainer does it (each decoder layer compiled, dynamic shapes), layer 0 recomputed: the expert
+# blocks and their all-to-alls run eagerly between the compiled pieces, in the checkpointed layer's rerun too
+if size == world:  # compiling costs each rank seconds: one of the two layouts
+    from torch._dynamo.backends.registry import lookup_backend
+
+    graphs = []
+
+    def backend(gm, inputs):
+        """The trainer's graphs (dynamo's capture and breaks) through AOT autograd, without inductor's code
+        generation (a minute of 4 ranks' compiling on 2 cores; its numerics: tests/model/test_moe.py)."""
+        graphs.append(gm.code)
+        return lookup_backend("aot_eager")(gm, inputs)
+
+    compiled = copy.deepcopy(plain)
+    with mock.patch.object(torch, "compile", functools.partial(torch.compile, backend=backend)):
+        apply_transforms(compiled, ModelTransforms(compile=True, recompute=0.5, expert_parallel=size))
+    before = len(exchanges)
+    compare("compile", ref, compiled, [[3, 11], [6], [9, 1], [4]][:world], logits_grad=True)
+    res["compile all-to-alls"] = len(exchanges) - before
+    res["compile graphs"] = len(graphs)
+    res["compile collectives"] = sum("all_to_all" in code or "c10d" in code for code in graphs)
 dist.all_to_all_single = exchange
 
 
@@ -257,8 +282,8 @@ def test_expert_parallel_ranks_equal_one_rank(tmp_path, ranks, size, lora):
         a2a = res["all_to_all"]
         assert a2a["grad"] and a2a["sources"], (rank, a2a)
         assert a2a["adjoint"][0] == pytest.approx(a2a["adjoint"][1], rel=1e-6)
-        tags = ["packs", "one token each", "recompute", "tiled recompute", "tiled"] + (["lora packs", "lora idle experts", "qlora packs"]
-                                                           if lora else [])
+        tags = ["packs", "one token each", "recompute", "tiled recompute", "tiled"] + (
+            ["lora packs", "lora idle experts", "qlora packs"] if lora else ["compile"])
         for tag in tags:
             assert res[tag + " logits"] < 1e-5, (rank, tag)
             for what, least in (("loss", 1.0), ("aux", 0.1)):
@@ -269,6 +294,12 @@ def test_expert_parallel_ranks_equal_one_rank(tmp_path, ranks, size, lora):
         # 2 expert layers x 4 slices x 3 exchanges (counts, dispatch, combine) in each forward (the logits', the
         # loss's, a checkpointed layer's rerun, the tiled backward's recompute), x 2 in the backward (the reverse)
         assert res["tiled recompute all-to-alls"] == 24 * 4 + 16 and res["tiled all-to-alls"] == 24 * 3 + 16, rank
+        if not lora:  # compiled: 2 expert layers x 3 exchanges in each forward (the logits', the loss's), layer 0's 3
+            # again in its rerun, 2 x 2 reverse ones in the backward; graphs compiled (the layers broken at attention
+            # and at the expert block), none holding a collective
+            assert res["compile all-to-alls"] == 6 * 2 + 3 + 4 and res["compile graphs"] >= 2, (
+                rank, res["compile all-to-alls"], res["compile graphs"])
+            assert res["compile collectives"] == 0, rank
         assert res["loaded"] and res["marks kept"], rank
         if lora:
             assert res["lora init"] and res["lora idle experts"]["idle"] > 0, rank
@@ -413,8 +444,8 @@ def test_refusals():
         "--expert-parallel splits the experts of mixture-of-experts models; llama has no experts"]
     assert not refusals(ModelTransforms(expert_parallel=2, sequence_parallel=2), model=moe, world_size=4, zero_stage=2)
     assert not refusals(ModelTransforms(expert_parallel=2, tiled_mlp=2), model=moe, world_size=4, zero_stage=2)
-    assert refusals(ModelTransforms(expert_parallel=2, compile=True)) == [
-        "--expert-parallel is not yet supported with --compile: drop one or the other"]
+    assert not refusals(ModelTransforms(expert_parallel=2, compile=True, recompute=0.5), model=moe, world_size=4,
+                        zero_stage=2)
     assert any("ZeRO-3" in p for p in refusals(t, zero_stage=3))
     assert any("reduce_scatter" in p for p in refusals(t, zero_stage=2, reduce_scatter=False))
 

@@ -86,7 +86,6 @@ def test_tiled_mlp_keeps_the_result():
      "--fp8, --offload-activations not yet supported with a mixture-of-experts model (qwen3_moe)"),
     (ModelTransforms(lora_rank=8, compile=True), {"model": ModelConfig.debug(**MOE)},
      "--compile is not yet supported with LoRA on qwen3_moe's experts: drop it or use --lora-targets attention"),
-    (ModelTransforms(expert_parallel=2, compile=True), {}, "--expert-parallel is not yet supported with --compile"),
     (ModelTransforms(lora_alpha=16.0), {}, "--lora-alpha and --lora-dropout configure LoRA adapters: add --lora-rank"),
     (ModelTransforms(lora_trainable_tokens=(5,)), {}, "--lora-trainable-tokens trains embedding and lm_head rows "
                                                       "beside LoRA adapters: add --lora-rank"),
