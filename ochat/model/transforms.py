@@ -42,10 +42,10 @@ in this order:
                   only. Composes with recompute, LoRA, QLoRA, sequence parallelism (tested; with sequence
                   parallelism DeepSpeed's expert-parallel groups of N consecutive ranks may lie inside or across
                   the sequence-parallel groups: expert_parallel.py), tiled MLP (tested: every rank runs each
-                  expert block over exactly N slices, each with its own all-to-alls, so the same count on every
-                  rank, in the tiled backward's recompute too) and compile (tested: the expert block, all-to-alls
-                  included, runs uncompiled between the compiled pieces, so every rank makes the same exchanges); is
-                  refused with ZeRO-3.
+                  expert block over exactly K slices of --tiled-mlp K, each with its own all-to-alls, so the same
+                  count on every rank, in the tiled backward's recompute too) and compile (tested: the expert
+                  block, all-to-alls included, runs uncompiled between the compiled pieces, so every rank makes the
+                  same exchanges); is refused with ZeRO-3.
 
 The load-balancing loss's coefficient (`--router-aux-loss-coef`) replaces config.json's on an expert model (any
 time: it is read at each forward). Mixture-of-experts models take recompute, LoRA (attention, shared experts and

@@ -8,9 +8,6 @@ gathered adapters and merged weights one rank's); QLoRA (each rank's NF4 experts
 same loss, load-balancing loss and adapter gradients); with sequence parallelism of 2 (expert parallelism 2 and 4)
 through ochat's engine and trainer step; the refusals; saving and restoring a rank's experts."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +15,7 @@ import torch
 from ochat.model import expert_parallel
 from ochat.model.config import ModelConfig
 from ochat.model.transforms import ModelTransforms, refusals
-from tests.helpers.train import REPO
+from tests.helpers.ranks import run_ranks
 
 # 8 experts, top-4 renormalised; layers 0 and 2 with experts, layer 1 dense
 QWEN3_MOE = dict(model_type="qwen3_moe", num_hidden_layers=3, num_experts=8, num_experts_per_tok=4,
@@ -270,15 +267,9 @@ os._exit(0)  # see tests/model/test_hf_weights.py: gloo's thread may outlive int
 # 4 on 2: two groups, expert data parallel over 2; LoRA there
 @pytest.mark.parametrize("ranks, size, lora", [(4, 4, False), (4, 2, True)])
 def test_expert_parallel_ranks_equal_one_rank(tmp_path, ranks, size, lora):
-    (tmp_path / "worker.py").write_text(WORKER)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), EP=str(size),
-               LORA=str(int(lora)), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-                        str(tmp_path / "worker.py"), str(tmp_path / "res"), json.dumps(QWEN3_MOE)],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for rank in range(ranks):
-        res = json.loads((tmp_path / f"res.{rank}").read_text())
+    results = run_ranks(tmp_path, WORKER, ranks, json.dumps(QWEN3_MOE), EP=str(size), LORA=str(int(lora)),
+                        OMP_NUM_THREADS="1")
+    for rank, res in enumerate(results):
         a2a = res["all_to_all"]
         assert a2a["grad"] and a2a["sources"], (rank, a2a)
         assert a2a["adjoint"][0] == pytest.approx(a2a["adjoint"][1], rel=1e-6)
@@ -410,16 +401,10 @@ def test_sequence_and_expert_parallel_ranks_equal_one_rank(tmp_path):
     expert-parallel groups are the sequence-parallel groups) and 4 (one group across both): through ochat's engine
     (DeepSpeed ZeRO-2, its MoE reduction) and trainer step, the step's loss, load-balancing loss, gradient norm and
     every reduced gradient (the experts gathered) are one rank's over the two whole packs."""
-    (tmp_path / "worker.py").write_text(SP_WORKER)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-                        str(tmp_path / "worker.py"), str(tmp_path / "res"), json.dumps(QWEN3_MOE)],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = run_ranks(tmp_path, SP_WORKER, 4, json.dumps(QWEN3_MOE), OMP_NUM_THREADS="1")
     layouts = {2: dict(sp=[[0, 1], [2, 3]], ep=[[0, 1], [2, 3]], edp=[[0, 2], [1, 3]]),
                4: dict(sp=[[0, 1], [2, 3]], ep=[[0, 1, 2, 3]], edp=[[0], [1], [2], [3]])}
-    for rank in range(4):
-        res = json.loads((tmp_path / f"res.{rank}").read_text())
+    for rank, res in enumerate(results):
         for size, layout in layouts.items():
             got = res[f"ep {size}"]
             assert got["groups"] == {k: next(g for g in v if rank in g) for k, v in layout.items()}, (rank, got)

@@ -3,8 +3,6 @@
 equals the trained weights."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from ochat.model.config import ModelConfig
 from ochat.model.decoder import PackedCausalLM
 from ochat.training.engine import weight_decay_groups
 from tests.helpers.hostile import CodeRunningPickle
-from tests.helpers.train import REPO
+from tests.helpers.ranks import run_ranks
 
 
 def random_model(tied: bool, seed: int = 3) -> PackedCausalLM:
@@ -114,7 +112,7 @@ from ochat.training.engine import weight_decay_groups
 from ochat.training.runtime import init_distributed
 from ochat.training.step import train_step
 
-path, out = sys.argv[1], sys.argv[2]
+out, path = sys.argv[1], sys.argv[2]
 init_distributed(cuda=False)
 ds = load_deepspeed_config("zero3", grad_accum=1, grad_clip=1.0, bf16=False)
 ds["zero_allow_untested_optimizer"] = True
@@ -157,13 +155,7 @@ os._exit(0)
 def test_zero3_load_and_export_equal_the_weights(tmp_path, tied):
     model = random_model(tied)
     model.save_pretrained(tmp_path / "ckpt")
-    (tmp_path / "worker.py").write_text(WORKER)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(tmp_path / "worker.py"), str(tmp_path / "ckpt"), str(tmp_path / "res")],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"res.{i}").read_text()) for i in range(2)]
+    ranks = run_ranks(tmp_path, WORKER, 2, str(tmp_path / "ckpt"))
     names = [n for n, _ in model.named_parameters()]
     for res in ranks:
         assert res["load_mismatched"] == [] and res["tied"] == tied and res["n"] == len(names)

@@ -1,10 +1,6 @@
 """Sequence parallelism: the slicing of a pack over the ranks of a group, and (on 2 gloo ranks) DeepSpeed Ulysses
 attention and the whole model against the per-conversation SDPA reference and the unsharded model (also with LoRA
 and with QLoRA's NF4 base, on a dense and an expert model)."""
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +8,7 @@ import torch
 
 from ochat.model.sequence_parallel import Layout, kv_repeats
 from ochat.training.collate import collate_for_rank, collate_pack
-from tests.helpers.train import REPO
+from tests.helpers.ranks import run_ranks
 
 
 def _items(lengths, seed=0):
@@ -247,14 +243,7 @@ os._exit(0)  # see tests/model/test_hf_weights.py: gloo's thread may outlive int
 
 @pytest.mark.slow
 def test_two_ranks_match_the_reference_and_the_unsliced_model(tmp_path):
-    (tmp_path / "worker.py").write_text(WORKER)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(tmp_path / "worker.py"), str(tmp_path / "res")],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for rank in range(2):
-        res = json.loads((tmp_path / f"res.{rank}").read_text())
+    for rank, res in enumerate(run_ranks(tmp_path, WORKER, 2)):
         for name, errors in res.items():
             if name.startswith("attn"):
                 assert max(errors) < 1e-5, (rank, name, errors)
