@@ -81,7 +81,7 @@ def test_query_heads_must_divide():
 
 
 WORKER = r'''
-import copy, json, os, sys
+import copy, sys
 import numpy as np, torch
 import torch.distributed as dist
 from ochat.kernels.attention import varlen_attention_sdpa
@@ -234,10 +234,6 @@ try:
     res["leak refused"] = False
 except TrainError as e:
     res["leak refused"] = "changed the logits of the others" in str(e)
-with open(f"{out}.{rank}", "w") as fh:
-    json.dump(res, fh)
-dist.barrier()
-os._exit(0)  # see tests/model/test_hf_weights.py: gloo's thread may outlive interpreter teardown
 '''
 
 
